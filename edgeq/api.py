@@ -1,0 +1,135 @@
+"""The Python API: thin orchestration over the stages (export, validate; more to come)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeq import sources
+from edgeq.errors import InputError
+from edgeq.export import ExportResult, export_torch
+from edgeq.export.torch_export import DEFAULT_OPSET
+from edgeq.specs import TensorSpec, check_feeds
+from edgeq.validate import Thresholds, ValidationReport, compare, open_runner
+from edgeq.validate.feeds import load_feeds
+from edgeq.validate.runners import Runner, TorchRunner
+
+
+def resolve_model(model) -> tuple[object, sources.Sample | None]:
+    """An ``nn.Module`` (or a path/Runner, returned as is) and the sample it came from, if any.
+
+    ``model`` may be a module, a :class:`~edgeq.sources.Sample`, a sample name, a
+    ``package.module:callable`` factory, or a path to a model file.
+    """
+    if isinstance(model, sources.Sample):
+        return model, model
+    if isinstance(model, (str, os.PathLike)):
+        text = str(model)
+        if Path(text).exists():
+            return Path(text), None
+        if sources.is_sample(text):
+            s = sources.get_sample(text)
+            return s, s
+        if ":" in text and not text.endswith((".onnx", ".ort")):
+            return sources.load_factory(text), None
+        if text.endswith((".onnx", ".ort", ".mlpackage")):
+            raise InputError(f"model file not found: {text}", hint="check the path")
+        raise InputError(
+            f"cannot find a model called {text!r}",
+            hint=f"give a model file, a package.module:callable factory, or a sample ({', '.join(sources.sample_names())})",
+        )
+    return model, None
+
+
+def export(
+    model,
+    output: str | os.PathLike,
+    *,
+    inputs: Sequence[TensorSpec | str] | None = None,
+    example_inputs: Mapping[str, np.ndarray] | None = None,
+    sizes: Mapping[str, int] | None = None,
+    output_names: Sequence[str] | None = None,
+    opset: int = DEFAULT_OPSET,
+    fallback: bool = True,
+    check: bool = True,
+    force: bool = False,
+    verbose: bool = False,
+) -> ExportResult:
+    """Export a PyTorch model (module, sample name or factory) to ONNX and check it against torch.
+
+    ``inputs`` are :class:`TensorSpec` or their text form ``name:dtype[dims]``; a sample brings
+    its own specs, example inputs and output names.
+    """
+    specs = [TensorSpec.parse(s) if isinstance(s, str) else s for s in inputs or []]
+    obj, sample = resolve_model(model)
+    if isinstance(obj, Path):
+        raise InputError(f"{obj} is already a model file", hint="export takes a PyTorch model, a factory or a sample")
+    if sample is not None:
+        output_names = output_names or sample.output_names
+        if not specs:
+            specs = sample.input_specs()
+            example_inputs = example_inputs if example_inputs is not None else sample.example_inputs()
+        obj = sample.load_model()
+    if not specs:
+        raise InputError("no input specs given", hint="describe each input, e.g. --input x:float32[batch,3,224,224]")
+    return export_torch(
+        obj, specs, output, example_inputs=example_inputs, sizes=sizes, output_names=output_names,
+        opset=opset, fallback=fallback, check=check, force=force, verbose=verbose,
+    )
+
+
+def _open(model, specs: Sequence[TensorSpec] | None, output_names: Sequence[str] | None) -> tuple[Runner, sources.Sample | None]:
+    obj, sample = resolve_model(model)
+    if sample is not None:
+        module = sample.load_model()
+        return TorchRunner(module, input_specs=sample.input_specs(), output_names=sample.output_names,
+                           label=f"sample {sample.name}"), sample
+    if isinstance(obj, Path):
+        return open_runner(obj), None
+    return open_runner(obj, input_specs=specs, output_names=output_names), None
+
+
+def validate(
+    candidates,
+    reference,
+    data=None,
+    *,
+    task: str = "auto",
+    thresholds: Thresholds = Thresholds(),
+    intermediates: bool = True,
+    limit: int | None = None,
+    inputs: Sequence[TensorSpec | str] | None = None,
+    output_names: Sequence[str] | None = None,
+    progress: bool = True,
+) -> ValidationReport:
+    """Compare one or more candidate models with a reference on real inputs.
+
+    ``reference`` is an ``nn.Module``, a sample name, a factory or a model file; ``candidates``
+    one or a list of model files (or runners). ``data`` is a sample name, an ``.npz`` file or
+    folder, or an iterable of feeds; it defaults to the reference sample's evaluation set.
+    """
+    if task not in ("auto", *sources.TASKS):
+        raise InputError(f"unknown task {task!r}", hint=f"use auto, {', '.join(sources.TASKS)}")
+    specs = [TensorSpec.parse(s) if isinstance(s, str) else s for s in inputs or []] or None
+    ref, sample = _open(reference, specs, output_names)
+    if isinstance(candidates, (str, os.PathLike, Runner)) or not isinstance(candidates, Sequence):
+        candidates = [candidates]
+    cands = [_open(c, specs, output_names)[0] for c in candidates]
+    if task == "auto":
+        task = sample.task if sample is not None else "generic"
+    if data is None:
+        if sample is None:
+            raise InputError("no inputs to validate on", hint="give --data (a sample name, an .npz file or a folder)")
+        data = sample
+    check_specs = next((r.input_specs for r in [*cands, ref] if r.input_specs), None)
+    if check_specs is None:
+        raise InputError("input names are unknown", hint="give input specs (--input) for a torch-only comparison")
+    feeds, desc = load_feeds(data, check_specs, split="evaluation", limit=limit)
+    for r in [ref, *cands]:  # each model must accept the feeds, before anything runs
+        if r.input_specs and r.input_specs is not check_specs:
+            check_feeds([dict(f) for f in feeds], r.input_specs, source=f"{desc} for {r.label}")
+    return compare(ref, cands, feeds, data_desc=desc, task=task, thresholds=thresholds,
+                   intermediates=intermediates, progress=progress)

@@ -1,0 +1,175 @@
+"""The ``edgeq`` command.
+
+Exit codes: 0 success, 1 a validation threshold failed, 2 bad input or a model edgeq cannot
+handle (one line on stderr naming the problem), 3 an internal error, 130 interrupted.
+Nothing is written when a command fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from edgeq import __version__
+from edgeq.errors import EdgeqError, InputError, ValidationFailed
+
+
+def _sizes(items: Sequence[str]) -> dict[str, int]:
+    out = {}
+    for item in items or []:
+        name, eq, val = item.partition("=")
+        if not eq or not val.strip().isdigit():
+            raise InputError(f"cannot read --dim {item!r}", hint="write NAME=SIZE, e.g. --dim batch=4")
+        out[name.strip()] = int(val)
+    return out
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def cmd_export(args) -> int:
+    from edgeq import api
+
+    res = api.export(
+        args.model, args.output, inputs=args.input, sizes=_sizes(args.dim), output_names=args.output_name or None,
+        opset=args.opset, fallback=not args.no_fallback, check=not args.no_check, force=args.force,
+        verbose=args.verbose,
+    )
+    size = sum(f.stat().st_size for f in res.files) / 1e6
+    _say(f"exported {args.model} -> {res.path} ({res.exporter} exporter, opset {res.opset}, {size:.1f} MB) "
+         f"in {res.seconds:.1f} s")
+    if res.fallback_reason:
+        _say(f"note: torch.export failed ({res.fallback_reason}); used the TorchScript exporter instead")
+    for f in res.files[1:]:
+        _say(f"weights: {f} (external data: the model is over 2 GB)")
+    if res.checks:
+        _say("ONNX Runtime vs torch:")
+        for c in res.checks:
+            _say(f"  {c.feed:<36} {c.output:<16} shape {'x'.join(map(str, c.shape)):<14} "
+                 f"SQNR {c.sqnr_db:7.1f} dB  max abs err {c.max_abs_err:.3g}")
+    if args.json:
+        from edgeq.validate.report import write_json
+
+        write_json({
+            "edgeq_version": __version__, "model": str(args.model), "files": [str(f) for f in res.files],
+            "exporter": res.exporter, "fallback_reason": res.fallback_reason, "opset": res.opset,
+            "inputs": [str(s) for s in res.inputs], "outputs": list(res.output_names),
+            "checks": [c.__dict__ for c in res.checks], "seconds": round(res.seconds, 2),
+        }, args.json)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from edgeq import api
+    from edgeq.validate import Thresholds
+    from edgeq.validate.report import format_report, write_json
+
+    if args.json:
+        from edgeq.onnx_io import check_output_path
+
+        check_output_path(args.json, force=True)  # an unwritable report path fails before the run
+    th = Thresholds(args.min_sqnr, args.min_cosine, args.min_top1_agreement)
+    report = api.validate(
+        args.candidates, args.reference, args.data, task=args.task, thresholds=th,
+        intermediates=not args.no_intermediates, limit=args.limit, inputs=args.input or None,
+        progress=not args.no_progress,
+    )
+    _say(format_report(report))
+    if args.json:
+        write_json(report.as_dict(), args.json)
+        _say(f"wrote {args.json}")
+    if not report.passed:
+        failed = [f"{c.runner['label']}: {k['check']}" for c in report.candidates for k in c.checks if not k["passed"]]
+        raise ValidationFailed(f"validation failed: {'; '.join(failed)}")
+    return 0
+
+
+def cmd_samples(args) -> int:
+    from edgeq import sources
+
+    for name in sources.sample_names():
+        s = sources.get_sample(name)
+        _say(f"{name:<20} {s.task:<15} {s.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--verbose", action="store_true", help="let third-party tools print their output")
+
+    p = argparse.ArgumentParser(prog="edgeq", description="Quantize models for phones and prove them on the host.")
+    p.add_argument("--version", action="version", version=f"edgeq {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    e = sub.add_parser("export", parents=[common], help="export a PyTorch model to ONNX, checked against torch",
+                       description="Export a PyTorch model to ONNX (torch.export + onnxscript; TorchScript "
+                                   "fallback) and check the ONNX against torch on example and random inputs.")
+    e.add_argument("model", help="a sample name (see `edgeq samples`) or a package.module:callable factory")
+    e.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    e.add_argument("--input", action="append", metavar="SPEC",
+                   help="an input as name:dtype[dims], dynamic axes named (e.g. x:float32[batch,3,224,224]); "
+                        "repeat in forward() order (samples bring their own)")
+    e.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a dynamic axis in example inputs")
+    e.add_argument("--output-name", action="append", metavar="NAME", help="names of the outputs, in order")
+    e.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21: blocked INT4 needs it)")
+    e.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to TorchScript")
+    e.add_argument("--no-check", action="store_true", help="skip the ONNX vs torch check")
+    e.add_argument("--force", action="store_true", help="overwrite an existing output")
+    e.add_argument("--json", metavar="PATH", help="also write what happened as JSON")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("validate", parents=[common], help="compare models on real inputs",
+                       description="Run a reference and candidate models on the same inputs and compare "
+                                   "outputs (SQNR, cosine, max abs error), task metrics and intermediates.")
+    v.add_argument("candidates", nargs="+", metavar="CANDIDATE", help="model files to check (.onnx, ...)")
+    v.add_argument("-r", "--reference", required=True,
+                   help="the float reference: a sample name, a package.module:callable factory, or an .onnx file")
+    v.add_argument("--data", help="inputs: a sample name (optionally name:key=value,...), an .npz file, or a folder "
+                                  "of .npz files (default: the reference sample's evaluation set)")
+    v.add_argument("--task", default="auto", choices=["auto", "generic", "classification", "embedding"],
+                   help="which task metrics to add (default: the sample's)")
+    v.add_argument("--input", action="append", metavar="SPEC", help="input specs for a torch factory reference")
+    v.add_argument("--limit", type=int, help="use only the first N feeds")
+    v.add_argument("--no-intermediates", action="store_true", help="skip the per-tensor comparison")
+    v.add_argument("--min-sqnr", type=float, metavar="DB", help="fail if any output's SQNR is below this")
+    v.add_argument("--min-cosine", type=float, metavar="C", help="fail if any output's mean cosine is below this")
+    v.add_argument("--min-top1-agreement", type=float, metavar="F", help="fail if top-1 agreement is below this")
+    v.add_argument("--json", metavar="PATH", help="write the full results as JSON")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("samples", parents=[common], help="list the bundled samples")
+    s.set_defaults(func=cmd_samples)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["EDGEQ_VERBOSE"] = "1"
+    try:
+        return args.func(args)
+    except EdgeqError as e:
+        if args.debug:
+            raise
+        print(f"edgeq: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgeq: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"edgeq: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

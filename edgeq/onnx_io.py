@@ -1,0 +1,154 @@
+"""Reading and writing ONNX files: clear errors in, atomic writes out.
+
+Writes go to a temporary folder beside the destination and are moved into place only when
+complete, so a failure or an interrupt never leaves a half-written model. Models whose tensors
+pass the 2 GB protobuf limit are saved with their weights in an external data file
+``<model file name>.data`` next to the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from edgeq.errors import InputError
+from edgeq.specs import DTYPES, TensorSpec
+
+# Protobuf cannot serialize a message past 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**26
+# With external data, tensors smaller than this stay inline.
+_INLINE_TENSOR_BYTES = 1024
+
+
+def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file (with its external data) or raise :class:`InputError` saying why not."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"ONNX file not found: {p}", hint="check the path")
+    if p.is_dir():
+        raise InputError(f"{p} is a folder, not an ONNX file")
+    try:
+        model = onnx.load(str(p), load_external_data=True)
+    except Exception as e:  # protobuf DecodeError, missing external data, ...
+        raise InputError(
+            f"cannot read {p} as ONNX: {_first_line(e)}",
+            hint="the file is corrupt or not an ONNX model; export it again",
+        ) from e
+    if not model.graph.output or (not model.graph.node and not model.graph.input):
+        raise InputError(
+            f"{p} holds no ONNX graph (no nodes, no outputs)",
+            hint="the file is corrupt or not an ONNX model; export it again",
+        )
+    return model
+
+
+def load_ir(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX file as an ``onnx_ir`` model, with the errors of :func:`read_onnx`."""
+    return ir.from_proto(read_onnx(path))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def io_specs(model: onnx.ModelProto | ir.Model, *, outputs: bool = False) -> list[TensorSpec]:
+    """The graph inputs (or outputs) of a model as :class:`TensorSpec`, unknown dims named."""
+    proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+    init_names = {t.name for t in proto.graph.initializer}
+    values = proto.graph.output if outputs else [v for v in proto.graph.input if v.name not in init_names]
+    specs = []
+    for v in values:
+        tt = v.type.tensor_type
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else None
+        dtype = str(np_dtype) if np_dtype is not None and str(np_dtype) in DTYPES else "float32"
+        dims: list[int | str] = []
+        for i, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            else:
+                dims.append(d.dim_param or f"{v.name}_dim{i}")
+        specs.append(TensorSpec(v.name, tuple(dims), dtype))
+    return specs
+
+
+def check_output_path(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Fail early, before any work, if ``path`` cannot be written (or exists without ``force``)."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise InputError(f"output {p} already exists", hint="choose another path or pass --force")
+    if p.exists() and p.is_dir() and p.suffix == ".onnx":
+        raise InputError(f"output {p} is a folder")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.exists():
+        raise InputError(f"cannot write {p}: folder {parent} does not exist", hint="create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {p}: folder {parent} is not writable", hint="choose another output path")
+    return p
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes held by the initializers of the main graph."""
+    total = 0
+    for v in model.graph.initializers.values():
+        if v.const_value is not None:
+            total += v.const_value.nbytes
+    return total
+
+
+@contextlib.contextmanager
+def atomic_output(dest: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success move its files to ``dest``'s folder, else delete it.
+
+    The file named like ``dest`` inside the folder is moved last, so readers never see a model
+    whose external data is missing.
+    """
+    dest = check_output_path(dest, force=force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        others = sorted(f for f in tmp.iterdir() if f.name != dest.name)
+        if not force:
+            clash = [dest.parent / f.name for f in others if (dest.parent / f.name).exists()]
+            if clash:
+                raise InputError(f"output {clash[0]} already exists", hint="choose another path or pass --force")
+        for f in others:
+            os.replace(f, dest.parent / f.name)
+        os.replace(tmp / dest.name, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_ir(model: ir.Model, path: Path, *, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES) -> list[Path]:
+    """Write ``model`` to ``path`` (no atomicity: see :func:`save_ir`); return the files written."""
+    path = Path(path)
+    if tensor_bytes(model) > external_data_threshold:
+        data_name = f"{path.name}.data"
+        ir.save(model, path, external_data=data_name, size_threshold_bytes=_INLINE_TENSOR_BYTES)
+        return [path, path.parent / data_name]
+    ir.save(model, path)
+    return [path]
+
+
+def save_ir(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
+) -> list[Path]:
+    """Save atomically; past ``external_data_threshold`` bytes of weights use external data.
+
+    Returns the files written (the model, and the data file when one is used).
+    """
+    dest = Path(path)
+    with atomic_output(dest, force=force) as tmp:
+        files = write_ir(model, tmp / dest.name, external_data_threshold=external_data_threshold)
+    return [dest.parent / f.name for f in files]

@@ -1,0 +1,130 @@
+"""Where models come from: bundled samples and ``package.module:callable`` factories.
+
+A sample knows its model factory, its input specs, example inputs, a calibration set, a
+disjoint evaluation set, and its natural metric (``task``). The bundled ones live in the
+top-level ``samples`` package; :func:`get_sample` looks them up by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import numpy as np
+
+from edgeq.errors import InputError
+from edgeq.specs import TensorSpec
+
+TASKS = ("generic", "classification", "embedding")
+
+
+class Sample(ABC):
+    """A real (or tiny) model with its data, runnable offline."""
+
+    name: str = ""
+    description: str = ""
+    task: str = "generic"
+    output_names: tuple[str, ...] = ("output",)
+    # which splits exist; calibration and evaluation are disjoint by construction
+    splits: tuple[str, ...] = ("calibration", "evaluation")
+
+    @abstractmethod
+    def load_model(self):
+        """The float ``nn.Module`` (eval mode)."""
+
+    @abstractmethod
+    def input_specs(self) -> list[TensorSpec]:
+        """Inputs of the model, in ``forward`` order, with dynamic axes named."""
+
+    @abstractmethod
+    def feeds(self, split: str, **options) -> list[dict[str, np.ndarray]]:
+        """The ``calibration`` or ``evaluation`` set as a list of feeds."""
+
+    def example_inputs(self) -> dict[str, np.ndarray]:
+        """Inputs used to trace the model: the first evaluation feed by default."""
+        return self.feeds("evaluation")[0]
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise InputError(f"sample {self.name} has no {split!r} set", hint=f"use one of {', '.join(self.splits)}")
+
+    @staticmethod
+    def int_option(options: Mapping[str, str], key: str, default: int | None) -> int | None:
+        if key not in options:
+            return default
+        try:
+            return int(options[key])
+        except ValueError as e:
+            raise InputError(f"data option {key}={options[key]!r} must be an integer") from e
+
+
+def _registry() -> dict[str, str]:
+    try:
+        import samples
+    except ImportError as e:  # installed without the samples package
+        raise InputError("the bundled samples are not installed", hint="install edgeq from its source tree") from e
+    return dict(samples.REGISTRY)
+
+
+def sample_names() -> list[str]:
+    return sorted(_registry())
+
+
+def is_sample(name: str) -> bool:
+    try:
+        return name in _registry()
+    except InputError:
+        return False
+
+
+def get_sample(name: str, *, missing_hint: str | None = None) -> Sample:
+    """The bundled sample called ``name``."""
+    reg = _registry()
+    if name not in reg:
+        hint = f"known samples: {', '.join(sorted(reg))}"
+        raise InputError(f"unknown sample {name!r}" + (f" ({missing_hint})" if missing_hint else ""), hint=hint)
+    obj = _import_target(reg[name])
+    return obj()
+
+
+def _import_target(ref: str):
+    mod_name, _, attr = ref.partition(":")
+    if not mod_name or not attr:
+        raise InputError(f"cannot read factory {ref!r}", hint="write it as package.module:callable")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)  # like `python -m`: modules in the current folder are found
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        raise InputError(
+            f"cannot import module {mod_name!r} for factory {ref!r}: {e}",
+            hint="check the module name and that it is importable from the current folder",
+        ) from e
+    except Exception as e:
+        raise InputError(f"importing {mod_name!r} for factory {ref!r} failed: {type(e).__name__}: {e}") from e
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise InputError(f"module {mod_name!r} has no attribute {attr!r}", hint=f"check the factory {ref!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_factory(ref: str):
+    """Call the ``package.module:callable`` factory ``ref`` and return the ``nn.Module`` it builds."""
+    fn = _import_target(ref)
+    if not callable(fn):
+        raise InputError(f"factory {ref!r} is not callable")
+    try:
+        model = fn()
+    except Exception as e:
+        raise InputError(f"factory {ref!r} raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"factory {ref!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,108 @@
+"""Where validation and calibration inputs come from: samples, .npz files, or Python iterables.
+
+Every feed is loaded and checked against the model's input specs before any model runs.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import InputError
+from edgeq.specs import TensorSpec, check_feeds
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """One feed from an ``.npz`` file (array names are input names)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"cannot read {path} as .npz: {str(e).splitlines()[0][:200]}",
+                         hint="save feeds with numpy.savez(path, name=array, ...)") from e
+
+
+def npz_feeds(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
+    """Feeds from one ``.npz`` file or every ``*.npz`` in a folder (sorted by name)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.npz"))
+        if not files:
+            raise InputError(f"folder {p} holds no .npz files", hint="write one feed per .npz file")
+    elif p.is_file():
+        files = [p]
+    else:
+        raise InputError(f"data not found: {p}", hint="give a sample name, an .npz file or a folder of them")
+    feeds = []
+    for f in files:
+        feed = read_npz(f)
+        feed["__source__"] = str(f)
+        feeds.append(feed)
+    return feeds
+
+
+def parse_sample_ref(text: str) -> tuple[str, dict[str, str]]:
+    """``name`` or ``name:key=value,key=value`` → (name, options)."""
+    name, _, rest = text.partition(":")
+    opts: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        k, eq, v = part.partition("=")
+        if not eq:
+            raise InputError(f"cannot read data option {part!r} in {text!r}", hint="write name:key=value")
+        opts[k.strip()] = v.strip()
+    return name, opts
+
+
+def load_feeds(
+    data,
+    specs: Sequence[TensorSpec],
+    *,
+    split: str = "evaluation",
+    limit: int | None = None,
+) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Resolve ``data`` to a checked list of feeds and a description of where they came from.
+
+    ``data`` is a sample (object or name, optionally ``name:key=value``), a path to an ``.npz``
+    file or a folder of them, or an iterable of feeds. ``split`` picks the sample's
+    ``evaluation`` or ``calibration`` set.
+    """
+    from edgeq import sources
+
+    if isinstance(data, (str, os.PathLike)):
+        p = Path(data)
+        if p.exists():
+            raw, desc = npz_feeds(p), f"{p}"
+        else:
+            name, opts = parse_sample_ref(str(data))
+            sample = sources.get_sample(name, missing_hint=f"no file or folder {p} either")
+            raw, desc = sample.feeds(split, **opts), f"sample {name} ({split} set)"
+    elif isinstance(data, sources.Sample):
+        raw, desc = data.feeds(split), f"sample {data.name} ({split} set)"
+    elif isinstance(data, Mapping):
+        raw, desc = [data], "one feed"
+    elif isinstance(data, Iterable):
+        raw, desc = data, "feeds from Python"
+    else:
+        raise InputError(f"cannot read inputs from a {type(data).__name__}",
+                         hint="give a sample name, an .npz file or folder, or an iterable of dicts")
+    feeds = []
+    for feed in raw:
+        feeds.append(feed)
+        if limit is not None and len(feeds) >= limit:
+            break
+    return check_feeds(feeds, specs, source=desc), desc
+
+
+def shapes_seen(feeds: Iterable[Mapping[str, np.ndarray]]) -> dict[str, list[list[int]]]:
+    """Distinct input shapes across feeds, per input (to show which dynamic sizes were run)."""
+    seen: dict[str, list[list[int]]] = {}
+    for feed in feeds:
+        for k, v in feed.items():
+            shp = list(v.shape)
+            if shp not in seen.setdefault(k, []):
+                seen[k].append(shp)
+    return seen
