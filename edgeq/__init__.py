@@ -5,20 +5,13 @@ __version__ = "0.1.0"
 
 from edgeq.errors import EdgeqError, ExportError, InputError, UnsupportedError, ValidationFailed  # noqa: E402
 from edgeq.specs import TensorSpec  # noqa: E402
+from edgeq.validate import Thresholds  # noqa: E402
+from edgeq import api as _api  # noqa: E402
 
-
-def __getattr__(name):
-    # The API pulls in onnxruntime and friends; load it on first use so `import edgeq` stays light.
-    if name in ("export", "validate"):
-        from edgeq import api
-
-        return getattr(api, name)
-    if name == "Thresholds":
-        from edgeq.validate import Thresholds
-
-        return Thresholds
-    raise AttributeError(f"module 'edgeq' has no attribute {name!r}")
-
+# Bound after the subpackages are imported: `edgeq.export` is the function, the exporter
+# package stays reachable as `edgeq.export.torch_export` through sys.modules.
+export = _api.export
+validate = _api.validate
 
 __all__ = [
     "EdgeqError",

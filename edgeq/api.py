@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from edgeq.specs import TensorSpec, check_feeds
 from edgeq.validate import Thresholds, ValidationReport, compare, open_runner
 from edgeq.validate.feeds import load_feeds
 from edgeq.validate.runners import Runner, TorchRunner
+
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 def resolve_model(model) -> tuple[object, sources.Sample | None]:
@@ -33,9 +37,10 @@ def resolve_model(model) -> tuple[object, sources.Sample | None]:
         if sources.is_sample(text):
             s = sources.get_sample(text)
             return s, s
-        if ":" in text and not text.endswith((".onnx", ".ort")):
+        if _FACTORY_RE.match(text):
             return sources.load_factory(text), None
-        if text.endswith((".onnx", ".ort", ".mlpackage")):
+        looks_like_path = "/" in text or os.sep in text or Path(text).suffix != ""
+        if looks_like_path:
             raise InputError(f"model file not found: {text}", hint="check the path")
         raise InputError(
             f"cannot find a model called {text!r}",

@@ -89,8 +89,15 @@ def check_output_path(path: str | os.PathLike, *, force: bool = False) -> Path:
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise InputError(f"cannot write {p}: folder {parent} does not exist", hint="create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {p}: folder {parent} is not writable", hint="choose another output path")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {p}: {parent} is not a folder", hint="choose another output path")
+    try:  # the real test of writability (permissions, read-only mounts, root or not)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise InputError(
+            f"cannot write {p}: folder {parent} is not writable ({e.strerror})", hint="choose another output path"
+        ) from e
     return p
 
 

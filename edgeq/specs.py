@@ -64,7 +64,15 @@ class TensorSpec:
         for part in (p.strip() for p in m["dims"].split(",")):
             if not part:
                 continue
-            dims.append(int(part) if part.isdigit() else part)
+            if part.isdigit():
+                dims.append(int(part))
+            elif part.isidentifier():
+                dims.append(part)
+            else:
+                raise InputError(
+                    f"input spec {text!r}: dimension {part!r} is neither a size nor an axis name",
+                    hint="use a non-negative integer or a name such as batch",
+                )
         return cls(m["name"], tuple(dims), m["dtype"])
 
     def __str__(self) -> str:

@@ -10,6 +10,7 @@ against torch is below ``min_sqnr_db`` fails the export, and nothing is written.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,7 +79,8 @@ def summarize_exception(e: BaseException, limit: int = 400) -> str:
             text = rest[0]
     else:
         text = next((ln for ln in lines if ln), type(e).__name__)
-    text = text.replace("\x1b[96m", "").replace("\x1b[0m", "")
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    text = re.sub(r"^<class '([\w.]+)'>: ", lambda m: m.group(1).rsplit(".", 1)[-1] + ": ", text)
     return (text[: limit - 3] + "...") if len(text) > limit else text
 
 
@@ -90,9 +92,13 @@ def _flatten_outputs(out) -> tuple[list, list[str] | None]:
     if isinstance(out, Mapping):
         names, tensors = [], []
         for k, v in out.items():
-            if isinstance(v, torch.Tensor):
-                names.append(str(k))
-                tensors.append(v)
+            if not isinstance(v, torch.Tensor):
+                raise ExportError(
+                    f"the model returned a dict whose value {k!r} is a {type(v).__name__}; edgeq exports "
+                    "models that return tensors, tuples/lists of tensors or a dict of tensors"
+                )
+            names.append(str(k))
+            tensors.append(v)
         return tensors, names
     if isinstance(out, (tuple, list)):
         tensors = []

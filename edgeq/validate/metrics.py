@@ -74,7 +74,7 @@ class TensorStats:
         same_nonfinite = ~finite & ((r == c) | (np.isnan(r) & np.isnan(c)))
         self.nonfinite += int(np.count_nonzero(~finite & ~same_nonfinite))
         rf = np.where(finite, r, 0.0)
-        err = np.where(finite, r - c, 0.0)
+        err = rf - np.where(finite, c, 0.0)
         self.signal += float(np.sum(rf * rf))
         self.noise += float(np.sum(err * err))
         if err.size:

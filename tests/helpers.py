@@ -1,0 +1,33 @@
+"""Builders shared by tests: tiny ONNX models from text."""
+
+import numpy as np
+import onnx
+
+
+def make_onnx(text: str, path) -> str:
+    """Parse ONNX text (onnx.parser syntax), check it, save it, return the path."""
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+MLP_TEXT = """
+<ir_version: 10, opset_import: ["" : 21]>
+mlp (float[batch, 4] x) => (float[batch, 3] y) <float[4, 8] w1 = {%s}, float[8] b1 = {%s}, float[8, 3] w2 = {%s}>
+{
+    h = MatMul(x, w1)
+    hb = Add(h, b1)
+    r = Relu(hb)
+    y = MatMul(r, w2)
+}
+"""
+
+
+def mlp_text(scale2: float = 1.0, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal(32).round(3)
+    b1 = rng.standard_normal(8).round(3)
+    w2 = (rng.standard_normal(24) * scale2).round(3)
+    fmt = lambda a: ", ".join(f"{v:.3f}" for v in a)  # noqa: E731
+    return MLP_TEXT % (fmt(w1), fmt(b1), fmt(w2))

@@ -1,0 +1,107 @@
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from edgeq import onnx_io
+from edgeq.errors import InputError
+
+
+def test_read_errors_name_the_file(tmp_path):
+    with pytest.raises(InputError, match="not found: .*missing.onnx"):
+        onnx_io.read_onnx(tmp_path / "missing.onnx")
+    bad = tmp_path / "corrupt.onnx"
+    bad.write_bytes(b"\x08\x07garbage that is not protobuf" * 10)
+    with pytest.raises(InputError, match="corrupt.onnx"):
+        onnx_io.read_onnx(bad)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="no ONNX graph"):
+        onnx_io.read_onnx(empty)
+    with pytest.raises(InputError, match="folder"):
+        onnx_io.read_onnx(tmp_path)
+
+
+def test_io_specs_reads_dynamic_axes(mlp_onnx):
+    (spec,) = onnx_io.io_specs(onnx.load(mlp_onnx))
+    assert spec.name == "x" and spec.shape == ("batch", 4) and spec.dtype == "float32"
+    (out,) = onnx_io.io_specs(onnx.load(mlp_onnx), outputs=True)
+    assert out.name == "y"
+
+
+def test_save_refuses_existing_and_unwritable(tmp_path, mlp_onnx):
+    model = onnx_io.load_ir(mlp_onnx)
+    with pytest.raises(InputError, match="already exists"):
+        onnx_io.save_ir(model, mlp_onnx)
+    with pytest.raises(InputError, match="does not exist"):
+        onnx_io.save_ir(model, tmp_path / "no" / "such" / "m.onnx")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(InputError, match="is not a folder"):
+        onnx_io.save_ir(model, afile / "m.onnx")
+    with pytest.raises(InputError, match="not writable"):
+        onnx_io.save_ir(model, "/proc/m.onnx")  # a mount nobody can create files in, root included
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that can write anywhere (root): permission check not observable")
+        with pytest.raises(InputError, match="not writable"):
+            onnx_io.save_ir(model, ro / "m.onnx")
+    finally:
+        os.chmod(ro, 0o700)
+    onnx_io.save_ir(model, mlp_onnx, force=True)
+
+
+def test_failed_write_leaves_nothing(tmp_path, mlp_onnx):
+    dest = tmp_path / "out.onnx"
+    with pytest.raises(RuntimeError):
+        with onnx_io.atomic_output(dest) as tmp:
+            (tmp / dest.name).write_bytes(b"partial")
+            raise RuntimeError("interrupted")
+    assert sorted(os.listdir(tmp_path)) == ["mlp.onnx"]
+
+
+def _big_model(n_tensors: int, elements: int) -> ir.Model:
+    """y = x + sum of n constant vectors; zeros cost no RAM until written."""
+    x = ir.Value(name="x", shape=ir.Shape([elements]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph(inputs=[x], outputs=[], nodes=[], opset_imports={"": 21}, name="big")
+    prev = x
+    for i in range(n_tensors):
+        w = ir.Value(name=f"w{i}", const_value=ir.tensor(np.zeros(elements, np.float32), name=f"w{i}"))
+        graph.register_initializer(w)
+        node = ir.node("Add", [prev, w], name=f"add{i}")
+        graph.append(node)
+        prev = node.outputs[0]
+    prev.name = "y"
+    prev.shape = ir.Shape([elements])
+    prev.type = ir.TensorType(ir.DataType.FLOAT)
+    graph.outputs.append(prev)
+    return ir.Model(graph, ir_version=10)
+
+
+def test_small_threshold_routes_through_external_data(tmp_path):
+    model = _big_model(2, 1000)
+    files = onnx_io.save_ir(model, tmp_path / "m.onnx", external_data_threshold=4000)
+    assert [f.name for f in files] == ["m.onnx", "m.onnx.data"]
+    assert (tmp_path / "m.onnx.data").stat().st_size >= 8000
+    out = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": np.ones(1000, np.float32)})[0]
+    assert (out == 1).all()
+
+
+def test_model_over_2gb_is_saved_with_external_data(tmp_path):
+    # 3 x 760 MB of weights: past protobuf's 2 GiB limit, so it must go to external data.
+    elements = 190_000_000
+    model = _big_model(3, elements)
+    assert onnx_io.tensor_bytes(model) > 2**31
+    files = onnx_io.save_ir(model, tmp_path / "big.onnx")
+    assert [f.name for f in files] == ["big.onnx", "big.onnx.data"]
+    assert (tmp_path / "big.onnx").stat().st_size < 1_000_000
+    assert (tmp_path / "big.onnx.data").stat().st_size >= 3 * elements * 4
+    proto = onnx.load(str(tmp_path / "big.onnx"), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
