@@ -12,6 +12,7 @@ from edgeq import api as _api  # noqa: E402
 # package stays reachable as `edgeq.export.torch_export` through sys.modules.
 export = _api.export
 validate = _api.validate
+quantize = _api.quantize
 
 __all__ = [
     "EdgeqError",
@@ -23,5 +24,6 @@ __all__ = [
     "ValidationFailed",
     "__version__",
     "export",
+    "quantize",
     "validate",
 ]

@@ -86,6 +86,25 @@ def export(
     )
 
 
+def quantize(
+    model: str | os.PathLike,
+    output: str | os.PathLike | None,
+    recipe="w8a16",
+    *,
+    block: int | None = None,
+    profile=None,
+    calib=None,
+    force: bool = False,
+):
+    """Quantize an ONNX model with a recipe (preset name, TOML path or Recipe) into a QDQ ONNX.
+
+    ``output=None`` only makes the plan. Returns a result with the plan and the sizes.
+    """
+    from edgeq.quant.quantize import quantize_model
+
+    return quantize_model(model, output, recipe, block=block, profile=profile, calib=calib, force=force)
+
+
 def _open(model, specs: Sequence[TensorSpec] | None, output_names: Sequence[str] | None) -> tuple[Runner, sources.Sample | None]:
     obj, sample = resolve_model(model)
     if sample is not None:

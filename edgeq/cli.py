@@ -87,6 +87,30 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from edgeq import api
+
+    if args.output is None and not args.explain:
+        raise InputError("no output given", hint="pass -o OUT.onnx, or --explain to print the plan only")
+    res = api.quantize(args.model, args.output, args.recipe, block=args.block, profile=args.profile,
+                       calib=args.calib, force=args.force)
+    if args.explain:
+        _say(res.plan.explain(all_nodes=args.all_nodes))
+    if res.path is not None:
+        _say(f"quantized {args.model} -> {res.path} ({res.plan.recipe}): {res.float_bytes / 1e6:.1f} MB of float "
+             f"weights -> {res.quantized_bytes / 1e6:.1f} MB file in {res.seconds:.1f} s")
+        s = res.plan.summary()
+        _say(f"weights: {', '.join(f'{k} {v}' for k, v in s['weights'].items()) or 'none'}; "
+             f"{s['fallbacks']} fell back; {s['float_nodes']} nodes float")
+    if args.json:
+        from edgeq.validate.report import write_json
+
+        write_json({"edgeq_version": __version__, "model": str(args.model), "output": str(res.path),
+                    "summary": res.plan.summary(), "plan": res.plan.rows(), "float_bytes": res.float_bytes,
+                    "file_bytes": res.quantized_bytes, "seconds": round(res.seconds, 2)}, args.json)
+    return 0
+
+
 def cmd_samples(args) -> int:
     from edgeq import sources
 
@@ -143,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.set_defaults(func=cmd_validate)
 
+    q = sub.add_parser("quantize", parents=[common], help="quantize an ONNX model into a QDQ ONNX",
+                       description="Plan (recipe + target profile) and apply QDQ quantization to an ONNX model.")
+    q.add_argument("model", help="the float .onnx file")
+    q.add_argument("-o", "--output", help="the QDQ .onnx file to write")
+    q.add_argument("--recipe", default="w8a16", help="w8a8, w8a16, w4a16, mxfp4, or a .toml recipe (default w8a16)")
+    q.add_argument("--block", type=int, help="block size for w4a16 (32, 64 or 128; default 32)")
+    q.add_argument("--profile", help="target profile that decides what runs (default onnxruntime-cpu)")
+    q.add_argument("--calib", help="calibration data for activation recipes (sample name, .npz file or folder)")
+    q.add_argument("--explain", action="store_true", help="print the plan: each node's format or why it stays float")
+    q.add_argument("--all-nodes", action="store_true", help="with --explain, list nodes without weights too")
+    q.add_argument("--force", action="store_true", help="overwrite an existing output")
+    q.add_argument("--json", metavar="PATH", help="also write the plan and sizes as JSON")
+    q.set_defaults(func=cmd_quantize)
+
     s = sub.add_parser("samples", parents=[common], help="list the bundled samples")
     s.set_defaults(func=cmd_samples)
     return p
@@ -159,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"edgeq: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("edgeq: interrupted; nothing was written", file=sys.stderr)
         return 130

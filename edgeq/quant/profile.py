@@ -1,0 +1,69 @@
+"""Target profiles: which weight and activation formats a runtime can run, per op, as data.
+
+The plan asks a profile, never an ``if target == ...``: a format the profile does not list for
+an op falls back along ``FALLBACK`` (mxfp4 → int4 → int8 → float), and the plan records why.
+Targets define their own profiles; the host profile here describes ONNX Runtime CPU, the
+runtime edgeq validates with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from edgeq.quant.recipes import ActFormat, WeightFormat
+
+FALLBACK = {
+    WeightFormat.MXFP4: WeightFormat.INT4,
+    WeightFormat.INT4: WeightFormat.INT8,
+    WeightFormat.INT8: WeightFormat.FLOAT,
+}
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """What one runtime runs: weight formats per op type, activation formats, opset."""
+
+    name: str
+    weight_formats: Mapping[str, frozenset[WeightFormat]]
+    activation_formats: frozenset[ActFormat] = frozenset({ActFormat.FLOAT, ActFormat.UINT8, ActFormat.INT8})
+    max_opset: int = 23
+    # Gather weights in these formats are emitted as com.microsoft.GatherBlockQuantized
+    # instead of DequantizeLinear → Gather (the runtime runs one and not the other).
+    gather_block_quantized: frozenset[WeightFormat] = frozenset()
+    notes: Mapping[tuple[str, WeightFormat], str] = field(default_factory=dict)
+
+    def supports(self, op_type: str, fmt: WeightFormat) -> bool:
+        return fmt == WeightFormat.FLOAT or fmt in self.weight_formats.get(op_type, frozenset())
+
+    def why_not(self, op_type: str, fmt: WeightFormat) -> str:
+        note = self.notes.get((op_type, fmt))
+        return note or f"{self.name} does not run {fmt.value} weights for {op_type}"
+
+
+_I8, _I4, _FP4 = WeightFormat.INT8, WeightFormat.INT4, WeightFormat.MXFP4
+
+ONNXRUNTIME_CPU = TargetProfile(
+    name="onnxruntime-cpu",
+    weight_formats=MappingProxyType({
+        "MatMul": frozenset({_I8, _I4}),
+        "Gemm": frozenset({_I8, _I4}),
+        "Conv": frozenset({_I8, _I4}),
+        "Gather": frozenset({_I8, _I4, _FP4}),
+    }),
+    gather_block_quantized=frozenset({_FP4}),
+    notes=MappingProxyType({
+        ("MatMul", _FP4): "mxfp4 not runnable here: ONNX Runtime CPU has no DequantizeLinear for float4e2m1",
+        ("Gemm", _FP4): "mxfp4 not runnable here: ONNX Runtime CPU has no DequantizeLinear for float4e2m1",
+        ("Conv", _FP4): "mxfp4 not runnable here: ONNX Runtime CPU has no DequantizeLinear for float4e2m1",
+    }),
+)
+
+# onnx.reference.ReferenceEvaluator runs DequantizeLinear on float4e2m1 (opset 23): the DQ-23 form.
+ONNX_REFERENCE = TargetProfile(
+    name="onnx-reference",
+    weight_formats=MappingProxyType({op: frozenset({_I8, _I4, _FP4}) for op in ("MatMul", "Gemm", "Conv", "Gather")}),
+)
+
+PROFILES = {p.name: p for p in (ONNXRUNTIME_CPU, ONNX_REFERENCE)}

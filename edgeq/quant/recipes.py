@@ -1,0 +1,227 @@
+"""Recipes: what to quantize and how, as frozen data.
+
+A recipe has a default :class:`QuantSpec` and ordered rules; a rule matches a node by op type
+and/or a regular expression on its name, and the first match wins. A rule whose spec is
+``FLOAT`` excludes the node. Presets: ``w8a8``, ``w8a16``, ``w4a16`` (block 32/64/128) and
+``mxfp4``. TOML recipes load through :func:`load_recipe`, which rejects unknown keys by name.
+
+TOML form::
+
+    name = "my-recipe"
+    [default]
+    weights = "int4"        # float | int8 | int4 | mxfp4
+    block = 32              # int4/mxfp4 block size along the reduction axis
+    activations = "float"   # float | uint8 | int8
+    [calibration]
+    method = "minmax"       # minmax | percentile | entropy | mse
+    percentile = 99.99
+    [[rules]]
+    op = ["Gather"]         # optional: op types
+    name = "embeddings"     # optional: regex searched in the node name
+    weights = "int8"        # the spec fields; weights = "float" keeps the node float
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from edgeq.errors import InputError
+
+
+class WeightFormat(str, enum.Enum):
+    FLOAT = "float"
+    INT8 = "int8"  # symmetric, per output channel
+    INT4 = "int4"  # symmetric, blocks along the reduction axis
+    MXFP4 = "mxfp4"  # float4e2m1 with a power-of-two scale per 32 (OCP MX)
+
+
+class ActFormat(str, enum.Enum):
+    FLOAT = "float"
+    UINT8 = "uint8"  # asymmetric per tensor
+    INT8 = "int8"  # symmetric per tensor
+
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+OBSERVERS = ("minmax", "percentile", "entropy", "mse")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one node is quantized: its weight format and its activation format."""
+
+    weights: WeightFormat = WeightFormat.INT8
+    block: int = 32
+    activations: ActFormat = ActFormat.FLOAT
+    clip_search: bool = True  # int4: per-block MSE-optimal clipping instead of plain max
+
+    def __post_init__(self) -> None:
+        if self.weights in (WeightFormat.INT4, WeightFormat.MXFP4) and self.block not in BLOCK_SIZES:
+            raise InputError(f"block size {self.block} is not supported", hint=f"use one of {BLOCK_SIZES}")
+        if self.weights == WeightFormat.MXFP4 and self.block != 32:
+            raise InputError("mxfp4 uses blocks of 32 (the OCP MX rule)", hint="drop block or set block = 32")
+
+    @property
+    def is_float(self) -> bool:
+        return self.weights == WeightFormat.FLOAT and self.activations == ActFormat.FLOAT
+
+    def describe(self) -> str:
+        w = self.weights.value + (f"/b{self.block}" if self.weights in (WeightFormat.INT4, WeightFormat.MXFP4) else "")
+        return f"w:{w} a:{self.activations.value}"
+
+
+FLOAT = QuantSpec(weights=WeightFormat.FLOAT, activations=ActFormat.FLOAT)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Match by op type (any of ``op_types``; empty = any) and name regex; first match wins."""
+
+    spec: QuantSpec
+    op_types: tuple[str, ...] = ()
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            try:
+                re.compile(self.name)
+            except re.error as e:
+                raise InputError(f"rule name pattern {self.name!r} is not a valid regular expression: {e}") from e
+
+    def matches(self, op_type: str, node_name: str) -> bool:
+        if self.op_types and op_type not in self.op_types:
+            return False
+        return self.name is None or re.search(self.name, node_name) is not None
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    method: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if self.method not in OBSERVERS:
+            raise InputError(f"unknown calibration method {self.method!r}", hint=f"use one of {', '.join(OBSERVERS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise InputError(f"percentile {self.percentile} must be in (50, 100]")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    default: QuantSpec
+    rules: tuple[Rule, ...] = ()
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def spec_for(self, op_type: str, node_name: str) -> tuple[QuantSpec, int | None]:
+        """The spec for a node and the 1-based index of the rule that chose it (None: default)."""
+        for i, rule in enumerate(self.rules, start=1):
+            if rule.matches(op_type, node_name):
+                return rule.spec, i
+        return self.default, None
+
+    @property
+    def needs_calibration(self) -> bool:
+        specs = [self.default, *(r.spec for r in self.rules)]
+        return any(s.activations != ActFormat.FLOAT for s in specs)
+
+
+def preset(name: str, *, block: int | None = None) -> Recipe:
+    """A built-in recipe: ``w8a8``, ``w8a16``, ``w4a16`` (``block`` 32/64/128) or ``mxfp4``."""
+    if name == "w8a8":
+        return Recipe("w8a8", QuantSpec(WeightFormat.INT8, activations=ActFormat.UINT8))
+    if name == "w8a16":
+        return Recipe("w8a16", QuantSpec(WeightFormat.INT8))
+    if name == "w4a16":
+        return Recipe(f"w4a16-b{block or 32}", QuantSpec(WeightFormat.INT4, block=block or 32))
+    if name == "mxfp4":
+        if block not in (None, 32):
+            raise InputError("mxfp4 uses blocks of 32 (the OCP MX rule)")
+        return Recipe("mxfp4", QuantSpec(WeightFormat.MXFP4, block=32))
+    raise InputError(f"unknown recipe {name!r}", hint="use w8a8, w8a16, w4a16, mxfp4 or a .toml file")
+
+
+PRESETS = ("w8a8", "w8a16", "w4a16", "mxfp4")
+
+_SPEC_KEYS = {"weights", "block", "activations", "clip_search"}
+_RULE_KEYS = _SPEC_KEYS | {"op", "name"}
+_TOP_KEYS = {"name", "default", "calibration", "rules"}
+_CAL_KEYS = {"method", "percentile"}
+
+
+def _strict(table: Mapping, allowed: set[str], where: str, path: Path) -> None:
+    for key in table:
+        if key not in allowed:
+            raise InputError(
+                f"{path}: unknown key {key!r} in {where}", hint=f"allowed keys: {', '.join(sorted(allowed))}"
+            )
+
+
+def _enum(cls, value, key: str, where: str, path: Path):
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in cls)
+        raise InputError(f"{path}: {where}: {key} = {value!r} is not one of {allowed}") from None
+
+
+def _spec(table: Mapping, where: str, path: Path, base: QuantSpec | None = None) -> QuantSpec:
+    base = base or QuantSpec()
+    kwargs = {}
+    if "weights" in table:
+        kwargs["weights"] = _enum(WeightFormat, table["weights"], "weights", where, path)
+    if "activations" in table:
+        kwargs["activations"] = _enum(ActFormat, table["activations"], "activations", where, path)
+    if "block" in table:
+        if not isinstance(table["block"], int):
+            raise InputError(f"{path}: {where}: block must be an integer")
+        kwargs["block"] = table["block"]
+    if "clip_search" in table:
+        kwargs["clip_search"] = bool(table["clip_search"])
+    try:
+        return replace(base, **kwargs)
+    except InputError as e:
+        raise InputError(f"{path}: {where}: {e}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load a TOML recipe; unknown keys and bad values are errors that name them."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise InputError(f"recipe file not found: {p}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{p} is not valid TOML: {e}") from None
+    _strict(data, _TOP_KEYS, "the recipe", p)
+    default_table = data.get("default", {})
+    _strict(default_table, _SPEC_KEYS, "[default]", p)
+    default = _spec(default_table, "[default]", p)
+    rules = []
+    for i, table in enumerate(data.get("rules", []), start=1):
+        _strict(table, _RULE_KEYS, f"rule {i}", p)
+        ops = table.get("op", [])
+        ops = (ops,) if isinstance(ops, str) else tuple(ops)
+        spec = _spec(table, f"rule {i}", p, base=default)
+        rules.append(Rule(spec, ops, table.get("name")))
+    cal_table = data.get("calibration", {})
+    _strict(cal_table, _CAL_KEYS, "[calibration]", p)
+    try:
+        cal = CalibrationConfig(**cal_table)
+    except InputError as e:
+        raise InputError(f"{p}: [calibration]: {e}") from None
+    return Recipe(str(data.get("name", p.stem)), default, tuple(rules), cal)
+
+
+def resolve_recipe(recipe: str | Path | Recipe, *, block: int | None = None) -> Recipe:
+    """A recipe from a preset name, a TOML path or a Recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    text = str(recipe)
+    if text.endswith(".toml") or Path(text).exists():
+        return load_recipe(text)
+    return preset(text, block=block)

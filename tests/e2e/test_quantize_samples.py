@@ -1,0 +1,52 @@
+"""Weight-only quantization of the real samples: the QDQ models run in ORT at the expected size
+and fidelity (thresholds are below what was measured on this machine, stated per test)."""
+
+import json
+
+import onnx
+import pytest
+from conftest import cli
+
+pytestmark = pytest.mark.e2e
+
+
+def test_minilm_w4a16_with_embeddings(minilm_onnx, e2e_dir, capsys):
+    out = e2e_dir / "minilm.w4a16.onnx"
+    text = cli(capsys, "quantize", minilm_onnx, "--recipe", "w4a16", "--block", "32", "-o", out,
+               "--json", e2e_dir / "q.json")
+    assert "int4 39" in text  # 36 MatMuls and the 3 embedding tables
+    plan = json.loads((e2e_dir / "q.json").read_text())["plan"]
+    gathers = [r for r in plan if r["op"] == "Gather" and r["format"] == "int4"]
+    assert len(gathers) == 3
+    assert out.stat().st_size < 15.5e6  # measured 15.0 MB (float: 90.3 MB)
+    report = e2e_dir / "w4.json"
+    cli(capsys, "validate", out, "-r", minilm_onnx, "--data", "minilm", "--json", report, "--no-intermediates")
+    out_stats = json.loads(report.read_text())["candidates"][0]["outputs"]["embeddings"]
+    assert out_stats["cosine_mean"] >= 0.955  # measured 0.964 (RTN + per-block clip search)
+
+
+def test_minilm_mxfp4_embeddings_run_in_ort(minilm_onnx, e2e_dir, capsys):
+    out = e2e_dir / "minilm.mxfp4.onnx"
+    text = cli(capsys, "quantize", minilm_onnx, "--recipe", "mxfp4", "-o", out)
+    assert "mxfp4 3" in text and "36 fell back" in text
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "GatherBlockQuantized" in ops
+    report = e2e_dir / "fp4.json"
+    cli(capsys, "validate", out, "-r", minilm_onnx, "--data", "minilm:batch=50", "--json", report,
+        "--no-intermediates")
+    assert json.loads(report.read_text())["candidates"][0]["outputs"]["embeddings"]["cosine_mean"] >= 0.95  # measured 0.964
+
+
+def test_efficientnet_w8a16_and_w4a16(effnet_onnx, e2e_dir, capsys):
+    w8 = e2e_dir / "eff.w8a16.onnx"
+    cli(capsys, "quantize", effnet_onnx, "--recipe", "w8a16", "-o", w8)
+    report = e2e_dir / "eff8.json"
+    cli(capsys, "validate", w8, "-r", effnet_onnx, "--data", "efficientnet_lite0", "--json", report,
+        "--no-intermediates")
+    cand = json.loads(report.read_text())["candidates"][0]
+    assert cand["outputs"]["logits"]["sqnr_db"] >= 16  # measured 18.2 dB (no bias correction yet)
+    w4 = e2e_dir / "eff.w4a16.onnx"
+    text = cli(capsys, "quantize", effnet_onnx, "--recipe", "w4a16", "-o", w4, "--explain")
+    assert "depthwise Conv has one input channel per group" in text
+    assert w4.stat().st_size <= 4e6  # measured 3.3 MB
+    cli(capsys, "validate", w4, "-r", effnet_onnx, "--data", "efficientnet_lite0:crops=1", "--no-intermediates")
