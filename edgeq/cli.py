@@ -98,7 +98,8 @@ def cmd_quantize(args) -> int:
         _say(res.plan.explain(all_nodes=args.all_nodes))
     if res.path is not None:
         _say(f"quantized {args.model} -> {res.path} ({res.plan.recipe}): {res.float_bytes / 1e6:.1f} MB of float "
-             f"weights -> {res.quantized_bytes / 1e6:.1f} MB file in {res.seconds:.1f} s")
+             f"weights -> {res.quantized_bytes / 1e6:.1f} MB file (ideal {res.ideal_bytes / 1e6:.1f} MB) "
+             f"in {res.seconds:.1f} s")
         s = res.plan.summary()
         _say(f"weights: {', '.join(f'{k} {v}' for k, v in s['weights'].items()) or 'none'}; "
              f"{s['fallbacks']} fell back; {s['float_nodes']} nodes float")
@@ -107,7 +108,7 @@ def cmd_quantize(args) -> int:
 
         write_json({"edgeq_version": __version__, "model": str(args.model), "output": str(res.path),
                     "summary": res.plan.summary(), "plan": res.plan.rows(), "float_bytes": res.float_bytes,
-                    "file_bytes": res.quantized_bytes, "seconds": round(res.seconds, 2)}, args.json)
+                    "file_bytes": res.quantized_bytes, "ideal_bytes": res.ideal_bytes, "seconds": round(res.seconds, 2)}, args.json)
     return 0
 
 

@@ -151,7 +151,7 @@ def make_plan(model: ir.Model, recipe: Recipe, *, profile: TargetProfile = ONNXR
     floats: list[NodeNote] = []
     seen_weights: dict[str, str] = {}
     for node in model.graph:
-        name = node.name or f"{node.op_type}_{len(weights) + len(floats)}"
+        name = node.name or f"{node.op_type}_{len(weights) + len(floats)}"  # callers name nodes first
         site = _weight_site(node)
         if site is None:
             floats.append(NodeNote(name, node.op_type, "no constant weight"))

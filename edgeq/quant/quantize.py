@@ -14,7 +14,7 @@ from edgeq.errors import UnsupportedError
 from edgeq.passes.weight_qdq import WeightQDQPass
 from edgeq.quant.plan import QuantPlan, make_plan
 from edgeq.quant.profile import ONNXRUNTIME_CPU, PROFILES, TargetProfile
-from edgeq.quant.recipes import Recipe, resolve_recipe
+from edgeq.quant.recipes import Recipe, WeightFormat, resolve_recipe
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class QuantizeResult:
     plan: QuantPlan
     float_bytes: int
     quantized_bytes: int
+    ideal_bytes: int  # every weight at its planned bit width plus scales; the rest float32
     seconds: float
 
 
@@ -59,9 +60,11 @@ def quantize_model(
         onnx_io.check_output_path(output, force=force)
     model = onnx_io.load_ir(model_path)
     float_bytes = onnx_io.tensor_bytes(model)
+    name_nodes(model)
     plan = make_plan(model, rec, profile=prof)
+    ideal = ideal_bytes(plan, model)
     if output is None:
-        return QuantizeResult(None, plan, float_bytes, 0, time.perf_counter() - t0)
+        return QuantizeResult(None, plan, float_bytes, 0, ideal, time.perf_counter() - t0)
     if rec.needs_calibration:
         raise UnsupportedError(
             f"recipe {rec.name} quantizes activations, which needs calibration: not available in this version yet",
@@ -72,13 +75,24 @@ def quantize_model(
     model.metadata_props["edgeq.profile"] = prof.name
     files = onnx_io.save_ir(model, output, force=force)
     size = sum(f.stat().st_size for f in files)
-    return QuantizeResult(Path(output), plan, float_bytes, size, time.perf_counter() - t0)
+    return QuantizeResult(Path(output), plan, float_bytes, size, ideal, time.perf_counter() - t0)
+
+
+def name_nodes(model: ir.Model) -> None:
+    """Give every unnamed (or duplicate-named) node a unique name: plans and reports refer to nodes by name."""
+    taken: set[str] = set()
+    for i, node in enumerate(model.graph):
+        if not node.name or node.name in taken:
+            base = f"{node.op_type}_{i}"
+            name, k = base, 1
+            while name in taken:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+        taken.add(node.name)
 
 
 def ideal_bytes(plan: QuantPlan, model: ir.Model) -> int:
     """Bytes of the weights at their planned bit width (scales included), the rest float32."""
-    from edgeq.quant.plan import WeightFormat
-
     bits = {WeightFormat.INT8: 8, WeightFormat.INT4: 4, WeightFormat.MXFP4: 4}
     planned = {d.weight: d for d in plan.weights}
     total = 0
@@ -89,6 +103,6 @@ def ideal_bytes(plan: QuantPlan, model: ir.Model) -> int:
             total += v.const_value.nbytes if v.const_value is not None else 0
             continue
         total += n * bits[d.format] // 8
-        groups = n // d.block if d.block else d.shape[d.axis]
+        groups = -(-n // d.block) if d.block else d.shape[d.axis]
         total += groups * (1 if d.format == WeightFormat.MXFP4 else 4)
     return total
