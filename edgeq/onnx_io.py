@@ -84,8 +84,8 @@ def check_output_path(path: str | os.PathLike, *, force: bool = False) -> Path:
     p = Path(path)
     if p.exists() and not force:
         raise InputError(f"output {p} already exists", hint="choose another path or pass --force")
-    if p.exists() and p.is_dir() and p.suffix == ".onnx":
-        raise InputError(f"output {p} is a folder")
+    if p.is_dir():
+        raise InputError(f"output {p} is a folder", hint="give a file path")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise InputError(f"cannot write {p}: folder {parent} does not exist", hint="create it first")

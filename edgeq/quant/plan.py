@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from edgeq.quant.profile import FALLBACK, ONNXRUNTIME_CPU, TargetProfile
-from edgeq.quant.recipes import ActFormat, Recipe, WeightFormat
+from edgeq.quant.recipes import Recipe, WeightFormat
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,3 @@ def make_plan(model: ir.Model, recipe: Recipe, *, profile: TargetProfile = ONNXR
         ))
     return QuantPlan(recipe.name, profile.name, tuple(weights), tuple(floats))
 
-
-def activation_formats(recipe: Recipe) -> set[ActFormat]:
-    specs = [recipe.default, *(r.spec for r in recipe.rules)]
-    return {s.activations for s in specs}
