@@ -1,4 +1,4 @@
-"""The Python API: thin orchestration over the stages (export, validate; more to come)."""
+"""The Python API: thin orchestration over the stages (export, quantize, package, validate)."""
 
 from __future__ import annotations
 
@@ -95,14 +95,36 @@ def quantize(
     profile=None,
     calib=None,
     force: bool = False,
+    progress: bool = True,
 ):
     """Quantize an ONNX model with a recipe (preset name, TOML path or Recipe) into a QDQ ONNX.
 
-    ``output=None`` only makes the plan. Returns a result with the plan and the sizes.
+    ``calib`` (sample name, ``.npz`` file or folder, or an iterable of feed dicts) is needed by
+    recipes that quantize activations (w8a8). ``output=None`` only makes the plan. Returns a
+    result with the plan, the sizes and the calibration table.
     """
     from edgeq.quant.quantize import quantize_model
 
-    return quantize_model(model, output, recipe, block=block, profile=profile, calib=calib, force=force)
+    return quantize_model(model, output, recipe, block=block, profile=profile, calib=calib, force=force,
+                          progress=progress)
+
+
+def package(model: str | os.PathLike, target, output: str | os.PathLike, *, force: bool = False):
+    """Package a (QDQ) ONNX model for a deployment target into the folder ``output``.
+
+    ``target`` is a target name (``edgeq.plugins.target_names()``, e.g. ``android``) or a
+    :class:`targets.base.Target`. Pre-flight runs first and nothing is written when the model
+    cannot run on the target; the folder appears complete or not at all. Returns the target's
+    ``PackageResult`` (path, model file, files, manifest).
+    """
+    from edgeq import plugins
+
+    tgt = plugins.load_target(target) if isinstance(target, str) else target
+    path = Path(model)
+    if not path.is_file():
+        raise InputError(f"model file not found: {path}" if not path.exists() else f"{path} is not an ONNX file",
+                         hint="give the QDQ .onnx written by `edgeq quantize` (or any .onnx)")
+    return tgt.package(path, output, force=force)
 
 
 def _open(model, specs: Sequence[TensorSpec] | None, output_names: Sequence[str] | None) -> tuple[Runner, sources.Sample | None]:

@@ -112,6 +112,30 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_package(args) -> int:
+    from edgeq import api
+
+    if args.json:
+        from edgeq.onnx_io import check_output_path
+
+        check_output_path(args.json, force=True)  # an unwritable report path fails before the build
+    res = api.package(args.model, args.target, args.output, force=args.force)
+    m = res.manifest
+    _say(f"packaged {args.model} for {res.target} -> {res.path} in {res.seconds:.1f} s")
+    for rel, size in m.get("file_bytes", {}).items():
+        _say(f"  {rel:<28} {size / 1e6:8.2f} MB  sha256 {m['files'][rel][:12]}")
+    rt = m.get("runtime", {})
+    if rt.get("minimum_onnxruntime_version"):
+        _say(f"runtime: {rt.get('package', 'onnxruntime')} >= {rt['minimum_onnxruntime_version']}")
+    if args.json:
+        from edgeq.validate.report import write_json
+
+        write_json({"path": str(res.path), "model_file": str(res.model_file), "seconds": round(res.seconds, 2),
+                    "manifest": m}, args.json)
+        _say(f"wrote {args.json}")
+    return 0
+
+
 def cmd_samples(args) -> int:
     from edgeq import sources
 
@@ -181,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="overwrite an existing output")
     q.add_argument("--json", metavar="PATH", help="also write the plan and sizes as JSON")
     q.set_defaults(func=cmd_quantize)
+
+    k = sub.add_parser("package", parents=[common], help="package a QDQ ONNX model for a device target",
+                       description="Check a (QDQ) ONNX model against a target (pre-flight), convert it, and write "
+                                   "the package folder atomically: model, manifest.json with hashes, README.")
+    k.add_argument("model", help="the QDQ .onnx written by `edgeq quantize` (or any .onnx)")
+    k.add_argument("--target", required=True, help="the target to package for (e.g. android)")
+    k.add_argument("-o", "--output", required=True, help="the package folder to write")
+    k.add_argument("--force", action="store_true", help="replace an existing output folder")
+    k.add_argument("--json", metavar="PATH", help="also write the manifest and timings as JSON")
+    k.set_defaults(func=cmd_package)
 
     s = sub.add_parser("samples", parents=[common], help="list the bundled samples")
     s.set_defaults(func=cmd_samples)

@@ -8,6 +8,32 @@ from helpers import make_onnx, mlp_text
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session")
+def e2e_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e")
+
+
+def _export(e2e_dir, name):
+    from edgeq.cli import main
+
+    path = e2e_dir / f"{name}.onnx"
+    if not path.exists():
+        assert main(["export", name, "-o", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(e2e_dir):
+    """all-MiniLM-L6-v2 exported once per session with the CLI, as a user would (e2e tests only)."""
+    return _export(e2e_dir, "minilm")
+
+
+@pytest.fixture(scope="session")
+def effnet_onnx(e2e_dir):
+    """EfficientNet-Lite0 exported once per session with the CLI (e2e tests only)."""
+    return _export(e2e_dir, "efficientnet_lite0")
+
+
 @pytest.fixture
 def mlp_onnx(tmp_path):
     """A 2-layer MLP as ONNX (input x: float[batch,4], output y: float[batch,3])."""

@@ -33,6 +33,18 @@ class TargetProfile:
     # instead of DequantizeLinear → Gather (the runtime runs one and not the other).
     gather_block_quantized: frozenset[WeightFormat] = frozenset()
     notes: Mapping[tuple[str, WeightFormat], str] = field(default_factory=dict)
+    # W8A8 placement, as data. Anchors take quantized inputs (weighted ops with int8 weights);
+    # integer ops have integer kernels and are quantized when their output feeds a quantized
+    # input; same-scale ops run on the integers unchanged (input and output share one scale);
+    # fused activations (Relu, Clip) disappear into the anchor before them, with the output
+    # range kept inside the clip range.
+    anchor_ops: frozenset[str] = frozenset({"Conv", "MatMul", "Gemm"})
+    integer_ops: frozenset[str] = frozenset()
+    same_scale_ops: frozenset[str] = frozenset()
+    fused_activations: frozenset[str] = frozenset({"Relu", "Clip"})
+    # int4 weights of these ops store float16 scales (DequantizeLinear-23 with output_dtype float).
+    # Not for ops ORT fuses into MatMulNBits: its fusion fails on float16 scales (ORT 1.32).
+    fp16_scale_ops: frozenset[str] = frozenset()
 
     def supports(self, op_type: str, fmt: WeightFormat) -> bool:
         return fmt == WeightFormat.FLOAT or fmt in self.weight_formats.get(op_type, frozenset())
@@ -44,6 +56,12 @@ class TargetProfile:
 
 _I8, _I4, _FP4 = WeightFormat.INT8, WeightFormat.INT4, WeightFormat.MXFP4
 
+# ORT's QDQ fusions (checked on 1.32 CPU): QLinearAdd/Mul/Concat/AveragePool/GlobalAveragePool/
+# Sigmoid/LeakyRelu/Softmax; the QDQ pairs around MaxPool, Reshape, Transpose, ... are dropped
+# and the op runs on the int8 tensor.
+ORT_INTEGER_OPS = frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax"})
+ORT_SAME_SCALE_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Resize"})
+
 ONNXRUNTIME_CPU = TargetProfile(
     name="onnxruntime-cpu",
     weight_formats=MappingProxyType({
@@ -53,6 +71,9 @@ ONNXRUNTIME_CPU = TargetProfile(
         "Gather": frozenset({_I8, _I4, _FP4}),
     }),
     gather_block_quantized=frozenset({_FP4}),
+    integer_ops=ORT_INTEGER_OPS,
+    same_scale_ops=ORT_SAME_SCALE_OPS,
+    fp16_scale_ops=frozenset({"Gather"}),
     notes=MappingProxyType({
         ("MatMul", _FP4): "mxfp4 not runnable here: ONNX Runtime CPU has no DequantizeLinear for float4e2m1",
         ("Gemm", _FP4): "mxfp4 not runnable here: ONNX Runtime CPU has no DequantizeLinear for float4e2m1",
@@ -64,6 +85,8 @@ ONNXRUNTIME_CPU = TargetProfile(
 ONNX_REFERENCE = TargetProfile(
     name="onnx-reference",
     weight_formats=MappingProxyType({op: frozenset({_I8, _I4, _FP4}) for op in ("MatMul", "Gemm", "Conv", "Gather")}),
+    integer_ops=ORT_INTEGER_OPS,
+    same_scale_ops=ORT_SAME_SCALE_OPS,
 )
 
 PROFILES = {p.name: p for p in (ONNXRUNTIME_CPU, ONNX_REFERENCE)}

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+import onnx
 import onnx_ir as ir
 
 from edgeq import onnx_io
-from edgeq.errors import UnsupportedError
+from edgeq.errors import InputError
+from edgeq.passes.activation_qdq import ActivationQDQPass
+from edgeq.passes.smooth_quant import SmoothQuantPass
 from edgeq.passes.weight_qdq import WeightQDQPass
-from edgeq.quant.plan import QuantPlan, make_plan
+from edgeq.quant.activations import decide_activations, place_activations
+from edgeq.quant.calibrate import CalibrationTable, calibrate
+from edgeq.quant.plan import NodeNote, QuantPlan, make_plan
 from edgeq.quant.profile import ONNXRUNTIME_CPU, PROFILES, TargetProfile
 from edgeq.quant.recipes import Recipe, WeightFormat, resolve_recipe
+from edgeq.quant.smooth import smoothing_candidates, smoothing_scales
+from edgeq.validate.feeds import open_feeds
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,7 @@ class QuantizeResult:
     quantized_bytes: int
     ideal_bytes: int  # every weight at its planned bit width plus scales; the rest float32
     seconds: float
+    calibration: CalibrationTable | None = None
 
 
 def resolve_profile(profile: str | TargetProfile | None) -> TargetProfile:
@@ -32,11 +42,14 @@ def resolve_profile(profile: str | TargetProfile | None) -> TargetProfile:
         return ONNXRUNTIME_CPU
     if isinstance(profile, TargetProfile):
         return profile
-    if profile not in PROFILES:
-        from edgeq.errors import InputError
+    if profile in PROFILES:
+        return PROFILES[profile]
+    from edgeq import plugins
 
-        raise InputError(f"unknown target profile {profile!r}", hint=f"use one of {', '.join(PROFILES)}")
-    return PROFILES[profile]
+    if profile in plugins.target_names():  # a target's own profile: android, ios17, ios18, ...
+        return plugins.load_target(profile).profile
+    raise InputError(f"unknown target profile {profile!r}",
+                     hint=f"use one of {', '.join([*PROFILES, *plugins.target_names()])}")
 
 
 def quantize_model(
@@ -48,34 +61,114 @@ def quantize_model(
     profile: str | TargetProfile | None = None,
     calib=None,
     force: bool = False,
+    progress: bool = True,
 ) -> QuantizeResult:
     """Quantize the ONNX file at ``model_path`` with ``recipe``; write the QDQ model to ``output``.
 
-    With ``output=None`` only the plan is made (``--explain``).
+    ``calib`` (a sample name, ``.npz`` file or folder, or an iterable of feeds) is streamed once
+    through the float model for recipes that quantize activations. With ``output=None`` only
+    the plan is made (``--explain``), without calibration.
     """
     t0 = time.perf_counter()
     rec = resolve_recipe(recipe, block=block)
     prof = resolve_profile(profile)
     if output is not None:
         onnx_io.check_output_path(output, force=force)
+    if output is not None and rec.needs_calibration and calib is None:
+        raise InputError(f"recipe {rec.name} quantizes activations and needs calibration data",
+                         hint="pass --calib (a sample name such as minilm, an .npz file or a folder of them)")
     model = onnx_io.load_ir(model_path)
     float_bytes = onnx_io.tensor_bytes(model)
     name_nodes(model)
     plan = make_plan(model, rec, profile=prof)
+    _check_weights_finite(model, plan)
     ideal = ideal_bytes(plan, model)
+    placement = place_activations(model, plan, rec, prof) if rec.quantizes_activations else None
     if output is None:
+        if placement is not None:
+            plan = replace(plan, floats=plan.floats + placement.notes)
         return QuantizeResult(None, plan, float_bytes, 0, ideal, time.perf_counter() - t0)
+    table = None
+    input_means: dict[str, np.ndarray] = {}
     if rec.needs_calibration:
-        raise UnsupportedError(
-            f"recipe {rec.name} quantizes activations, which needs calibration: not available in this version yet",
-            hint="use a weight-only recipe (w8a16, w4a16, mxfp4)",
-        )
-    WeightQDQPass(plan)(model)
+        if placement is not None and rec.smoothing != "off":
+            candidates = smoothing_candidates(model, placement)
+            if candidates:
+                raw, desc = open_feeds(calib, split="calibration")
+                proto = ir.to_proto(model)
+                pre = calibrate(proto, [], raw, specs=onnx_io.io_specs(proto), config=rec.calibration, source=desc,
+                                progress=progress, channels=[t for t, _ in candidates])
+                # a tensor with masking constants stays float later anyway: do not smooth it
+                candidates = [(t, c) for t, c in candidates if t not in pre.channel_masked]
+                SmoothQuantPass(smoothing_scales(model, candidates, pre.channel_absmax, rec.smoothing,
+                                                 rec.smoothing_alpha))(model)
+                placement = place_activations(model, plan, rec, prof)
+        mean_of = _bias_correction_inputs(model, plan) if rec.bias_correction else {}
+        raw, desc = open_feeds(calib, split="calibration")
+        proto = ir.to_proto(model)
+        tensors = placement.tensors if placement is not None else []
+        table = calibrate(proto, tensors, raw, specs=onnx_io.io_specs(proto), config=rec.calibration,
+                          source=desc, progress=progress, dtypes={t: onnx.TensorProto.FLOAT for t in tensors},
+                          means=sorted(set(mean_of.values())))
+        del proto
+        input_means = {node: table.channel_mean[t] for node, t in mean_of.items() if t in table.channel_mean}
+        if placement is not None:
+            decisions, dropped = decide_activations(placement, table)
+            op_of = {n.name: n.op_type for n in model.graph}
+            dropped = tuple(replace(n, op_type=n.op_type or op_of.get(n.node, "")) for n in dropped)
+            plan = replace(plan, activations=decisions, floats=plan.floats + placement.notes + dropped,
+                           integer_nodes=_still_integer(placement.integer_nodes, decisions))
+    weight_pass = WeightQDQPass(plan, input_means=input_means)
+    weight_pass(model)
+    plan = replace(plan, bias_corrected=tuple(weight_pass.bias_corrected))
+    if plan.activations:
+        act_pass = ActivationQDQPass(plan.activations)
+        act_pass(model)
+        if act_pass.float_biases:
+            plan = replace(plan, floats=plan.floats + tuple(
+                NodeNote(n, "", "bias kept float: it does not fit int32 at scale s_in*s_w") for n in act_pass.float_biases))
     model.metadata_props["edgeq.recipe"] = rec.name
     model.metadata_props["edgeq.profile"] = prof.name
+    model.metadata_props["edgeq.summary"] = json.dumps(plan.summary(), sort_keys=True)
+    if table is not None:
+        model.metadata_props["edgeq.calibration_sha256"] = table.data_sha256
+        model.metadata_props["edgeq.calibration"] = json.dumps(
+            {"method": rec.calibration.method, "batches": table.batches, "samples": table.samples}, sort_keys=True)
     files = onnx_io.save_ir(model, output, force=force)
     size = sum(f.stat().st_size for f in files)
-    return QuantizeResult(Path(output), plan, float_bytes, size, ideal, time.perf_counter() - t0)
+    return QuantizeResult(Path(output), plan, float_bytes, size, ideal, time.perf_counter() - t0, table)
+
+
+def _bias_correction_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, str]:
+    """node -> the input tensor whose channel means bias correction needs (Conv/Gemm with a constant bias)."""
+    nodes = {n.name: n for n in model.graph}
+    out = {}
+    for d in plan.weights:
+        n = nodes[d.node]
+        if n.op_type in ("Conv", "Gemm") and len(n.inputs) > 2 and n.inputs[2] is not None \
+                and n.inputs[2].const_value is not None and n.inputs[0] is not None and n.inputs[0].const_value is None:
+            out[d.node] = n.inputs[0].name
+    return out
+
+
+def _still_integer(integer_nodes, decisions) -> tuple[str, ...]:
+    """Integer ops all of whose quantized inputs survived calibration."""
+    fed: dict[str, int] = {}
+    for d in decisions:
+        for c in d.consumers:
+            fed[c] = fed.get(c, 0) + 1
+    return tuple(n for n in integer_nodes if n in fed)
+
+
+def _check_weights_finite(model: ir.Model, plan: QuantPlan) -> None:
+    for d in plan.weights:
+        v = model.graph.initializers.get(d.weight)
+        if v is None or v.const_value is None:
+            continue
+        w = v.const_value.numpy()
+        if not np.all(np.isfinite(w)):
+            raise InputError(f"weight {d.weight} of node {d.node} ({d.op_type}) has NaN or infinite values",
+                             hint="fix the model's weights (or exclude the node with a recipe rule)")
 
 
 def name_nodes(model: ir.Model) -> None:
@@ -92,7 +185,7 @@ def name_nodes(model: ir.Model) -> None:
 
 
 def ideal_bytes(plan: QuantPlan, model: ir.Model) -> int:
-    """Bytes of the weights at their planned bit width (scales included), the rest float32."""
+    """Bytes of the weights at their planned bit width (scales and int4 zero points included), the rest float32."""
     bits = {WeightFormat.INT8: 8, WeightFormat.INT4: 4, WeightFormat.MXFP4: 4}
     planned = {d.weight: d for d in plan.weights}
     total = 0
@@ -104,5 +197,6 @@ def ideal_bytes(plan: QuantPlan, model: ir.Model) -> int:
             continue
         total += n * bits[d.format] // 8
         groups = -(-n // d.block) if d.block else d.shape[d.axis]
-        total += groups * (1 if d.format == WeightFormat.MXFP4 else 4)
+        scale_bytes = 1 if d.format == WeightFormat.MXFP4 else 2 if d.scale_dtype == "float16" else 4
+        total += groups * scale_bytes + (0 if d.symmetric else -(-groups // 2))  # int4 zero points: 4 bits
     return total

@@ -57,14 +57,8 @@ def parse_sample_ref(text: str) -> tuple[str, dict[str, str]]:
     return name, opts
 
 
-def load_feeds(
-    data,
-    specs: Sequence[TensorSpec],
-    *,
-    split: str = "evaluation",
-    limit: int | None = None,
-) -> tuple[list[dict[str, np.ndarray]], str]:
-    """Resolve ``data`` to a checked list of feeds and a description of where they came from.
+def open_feeds(data, *, split: str = "evaluation"):
+    """Resolve ``data`` to an (unchecked, possibly lazy) iterable of feeds and a description.
 
     ``data`` is a sample (object or name, optionally ``name:key=value``), a path to an ``.npz``
     file or a folder of them, or an iterable of feeds. ``split`` picks the sample's
@@ -75,20 +69,29 @@ def load_feeds(
     if isinstance(data, (str, os.PathLike)):
         p = Path(data)
         if p.exists():
-            raw, desc = npz_feeds(p), f"{p}"
-        else:
-            name, opts = parse_sample_ref(str(data))
-            sample = sources.get_sample(name, missing_hint=f"no file or folder {p} either")
-            raw, desc = sample.feeds(split, **opts), f"sample {name} ({split} set)"
-    elif isinstance(data, sources.Sample):
-        raw, desc = data.feeds(split), f"sample {data.name} ({split} set)"
-    elif isinstance(data, Mapping):
-        raw, desc = [data], "one feed"
-    elif isinstance(data, Iterable):
-        raw, desc = data, "feeds from Python"
-    else:
-        raise InputError(f"cannot read inputs from a {type(data).__name__}",
-                         hint="give a sample name, an .npz file or folder, or an iterable of dicts")
+            return npz_feeds(p), f"{p}"
+        name, opts = parse_sample_ref(str(data))
+        sample = sources.get_sample(name, missing_hint=f"no file or folder {p} either")
+        return sample.feeds(split, **opts), f"sample {name} ({split} set)"
+    if isinstance(data, sources.Sample):
+        return data.feeds(split), f"sample {data.name} ({split} set)"
+    if isinstance(data, Mapping):
+        return [data], "one feed"
+    if isinstance(data, Iterable):
+        return data, "feeds from Python"
+    raise InputError(f"cannot read inputs from a {type(data).__name__}",
+                     hint="give a sample name, an .npz file or folder, or an iterable of dicts")
+
+
+def load_feeds(
+    data,
+    specs: Sequence[TensorSpec],
+    *,
+    split: str = "evaluation",
+    limit: int | None = None,
+) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Resolve ``data`` (see :func:`open_feeds`) to a checked list of feeds and its description."""
+    raw, desc = open_feeds(data, split=split)
     feeds = []
     for feed in raw:
         feeds.append(feed)

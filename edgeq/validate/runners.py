@@ -203,7 +203,7 @@ def open_runner(model, **torch_kwargs) -> Runner:
     if _is_torch_module(model):
         return TorchRunner(model, **torch_kwargs)
     if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
+        path = package_model_file(Path(model))
         suffix = path.suffix.lower()
         factory = _BY_SUFFIX.get(suffix)
         if factory is None:
@@ -218,6 +218,28 @@ def open_runner(model, **torch_kwargs) -> Runner:
             raise InputError(f"model file not found: {path}", hint="check the path")
         return factory(path)
     raise InputError(f"cannot run a {type(model).__name__}", hint="give a path to a model file or an nn.Module")
+
+
+def package_model_file(path: Path) -> Path:
+    """The runnable model of a package folder (its ``manifest.json`` names it); other paths unchanged.
+
+    A folder whose suffix has a runner (``.mlpackage``) is a model itself, not a package.
+    """
+    suffix = path.suffix.lower()
+    if not path.is_dir() or suffix in _BY_SUFFIX or suffix in _plugin_factories():
+        return path
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        raise InputError(f"{path} is a folder without manifest.json",
+                         hint="give a model file, or a package folder written by `edgeq package`")
+    import json
+
+    try:
+        model_file = json.loads(manifest.read_text())["model_file"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"cannot read the model file name from {manifest}: {e}",
+                         hint="package the model again with `edgeq package`") from e
+    return path / model_file
 
 
 def _is_torch_module(obj) -> bool:

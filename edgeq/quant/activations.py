@@ -1,0 +1,291 @@
+"""Where activation Q/DQ pairs go (W8A8), decided as data in two steps.
+
+:func:`place_activations` is structural (no numbers): it starts from the *anchors* — nodes whose
+weights the plan quantizes to int8 and whose recipe spec quantizes activations (Conv, MatMul,
+Gemm) — and marks their activation inputs. It then walks backwards from every marked tensor:
+
+- produced by a *fused activation* (Relu/Clip) right after an anchor: the anchor's output gets
+  no Q/DQ (ONNX Runtime folds the activation into the integer kernel) and the range is kept
+  inside the clip range;
+- produced by an *integer op* (Add, Concat, pooling, ...; the profile lists them): the op is
+  quantized too and its float inputs are marked — so integer ops are quantized exactly where
+  their result feeds a quantized input, never as a dead end that only adds a requantize;
+- produced by a *same-scale op* (Reshape, Transpose, MaxPool, ...): its input is marked and
+  shares the output's scale, as does every input of a Concat;
+- otherwise (a float op, a graph input): the tensor is quantized where it is.
+
+Only the consumers that need a quantized input read the dequantized tensor; other readers keep
+the float value (e.g. a residual branch beside a quantized MatMul).
+
+:func:`decide_activations` turns calibrated ranges into scales and zero points. A tensor whose
+calibration saw masking constants (|x| >= 1e30, e.g. an attention mask of finfo.min) or no
+finite value stays float, with its whole scale group, and the reason is recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from edgeq.quant import formats
+from edgeq.quant.calibrate import CalibrationTable
+from edgeq.quant.plan import NodeNote, QuantPlan
+from edgeq.quant.profile import TargetProfile
+from edgeq.quant.recipes import ActFormat, Recipe, WeightFormat
+
+
+@dataclass(frozen=True)
+class ActivationSite:
+    """A tensor that will be quantized, before calibration."""
+
+    tensor: str
+    consumers: tuple[str, ...]  # node names that read the dequantized value
+    group: str  # tensors with the same group share one scale and zero point
+    format: ActFormat
+    clip: tuple[float, float] | None = None  # a fused Relu/Clip bounds the range
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class ActivationDecision:
+    """A quantized activation tensor with its parameters."""
+
+    tensor: str
+    consumers: tuple[str, ...]
+    group: str
+    format: ActFormat
+    scale: float
+    zero_point: int
+    lo: float  # the range the parameters represent (after widening to 0 and clipping)
+    hi: float
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Placement:
+    sites: tuple[ActivationSite, ...]
+    integer_nodes: tuple[str, ...]  # integer ops that run quantized
+    notes: tuple[NodeNote, ...]  # anchors and integer ops left float, with the reason
+    relays: tuple[tuple[str, str], ...] = ()  # (integer or same-scale node, the quantized tensor it produces)
+
+    @property
+    def tensors(self) -> list[str]:
+        return [s.tensor for s in self.sites]
+
+
+def _is_float(v: ir.Value | None) -> bool:
+    if v is None or v.const_value is not None:
+        return False
+    return v.dtype in (None, ir.DataType.FLOAT)
+
+
+def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    if node.op_type == "Relu":
+        return 0.0, math.inf
+    lo, hi = -math.inf, math.inf
+    ins = list(node.inputs)
+    if len(ins) > 1 and ins[1] is not None:
+        if ins[1].const_value is None:
+            return None
+        lo = float(ins[1].const_value.numpy())
+    if len(ins) > 2 and ins[2] is not None:
+        if ins[2].const_value is None:
+            return None
+        hi = float(ins[2].const_value.numpy())
+    if "min" in node.attributes:  # Clip before opset 11
+        lo = node.attributes.get_float("min", lo)
+        hi = node.attributes.get_float("max", hi)
+    return lo, hi
+
+
+class _Groups:
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+def place_activations(model: ir.Model, plan: QuantPlan, recipe: Recipe, profile: TargetProfile) -> Placement:
+    """Choose the tensors to quantize (structure only; see the module docstring)."""
+    nodes = {n.name: n for n in model.graph}
+    int8_weights = {d.node for d in plan.weights if d.format == WeightFormat.INT8}
+    blocked = {d.node for d in plan.weights if d.format != WeightFormat.INT8}
+    notes: list[NodeNote] = []
+    need: dict[str, list[str]] = {}  # tensor -> consumer node names
+    why: dict[str, str] = {}
+    fmt: dict[str, ActFormat] = {}
+    clip: dict[str, tuple[float, float]] = {}
+    values: dict[str, ir.Value] = {}
+    groups = _Groups()
+    integer_nodes: list[str] = []
+    relays: dict[str, str] = {}
+    anchors: set[str] = set()
+    work: list[str] = []
+
+    def mark(v: ir.Value, consumer: ir.Node, reason: str, f: ActFormat) -> None:
+        if v.is_graph_input() and not recipe.quantize_model_inputs:
+            return
+        if v.name not in need:
+            need[v.name], why[v.name], fmt[v.name], values[v.name] = [], reason, f, v
+            groups.find(v.name)
+            work.append(v.name)
+        if consumer.name not in need[v.name]:
+            need[v.name].append(consumer.name)
+
+    for node in model.graph:
+        if node.op_type not in profile.anchor_ops:
+            continue
+        spec, _ = recipe.spec_for(node.op_type, node.name)
+        if spec.activations == ActFormat.FLOAT:
+            continue
+        if node.name in blocked:
+            notes.append(NodeNote(node.name, node.op_type, "activations stay float: quantized activations need int8 "
+                                                           "weights, this node has blocked weights"))
+            continue
+        if node.name not in int8_weights:
+            continue  # no constant weight, or the weight stays float: the plan already says why
+        if profile.activation_formats and spec.activations not in profile.activation_formats:
+            notes.append(NodeNote(node.name, node.op_type, f"{profile.name} does not run {spec.activations.value} activations"))
+            continue
+        anchors.add(node.name)
+        x = node.inputs[0]
+        if x is not None and x.is_graph_input() and not recipe.quantize_model_inputs:
+            notes.append(NodeNote(node.name, node.op_type, f"reads model input {x.name} in float "
+                                                           "(recipe: quantize_model_inputs = false)"))
+            continue
+        if _is_float(x):
+            mark(x, node, f"input of {node.op_type} {node.name}", spec.activations)
+
+    while work:
+        name = work.pop()
+        v = values[name]
+        p = v.producer()
+        if p is None:
+            continue
+        if p.op_type in profile.fused_activations and p.inputs and p.inputs[0] is not None:
+            src = p.inputs[0].producer()
+            bounds = _clip_bounds(p)
+            if (src is not None and src.name in anchors and bounds is not None and len(p.inputs[0].uses()) == 1
+                    and not p.inputs[0].is_graph_output()):
+                clip[name] = bounds
+                why[name] += f"; {p.op_type} {p.name} fused into {src.op_type} {src.name}"
+                continue
+        if (p.op_type in profile.integer_ops and p.domain in ("", "ai.onnx")
+                and p.metadata_props.get("edgeq.role") != "smoothing"):
+            spec, rule = recipe.spec_for(p.op_type, p.name)
+            ins = [i for i in p.inputs if i is not None]
+            if spec.activations == ActFormat.FLOAT:
+                notes.append(NodeNote(p.name, p.op_type, f"excluded by rule {rule}" if rule else "recipe default is float"))
+                continue
+            if any(i.const_value is not None or i.is_initializer() for i in ins):
+                notes.append(NodeNote(p.name, p.op_type, "has a constant operand: left float, its output is quantized"))
+                continue
+            if not all(_is_float(i) for i in ins):
+                continue
+            if p.name not in integer_nodes:
+                integer_nodes.append(p.name)
+            relays[p.name] = name
+            for i in ins:
+                mark(i, p, f"input of {p.op_type} {p.name}", fmt[name])
+                if p.op_type == "Concat":
+                    groups.union(name, i.name)
+            continue
+        if p.op_type in profile.same_scale_ops and p.inputs and _is_float(p.inputs[0]):
+            src = p.inputs[0]
+            mark(src, p, f"input of {p.op_type} {p.name} (same scale as its output)", fmt[name])
+            groups.union(name, src.name)
+            relays[p.name] = name
+            continue
+
+    sites = tuple(
+        ActivationSite(t, tuple(need[t]), groups.find(t), fmt[t], clip.get(t), why[t])
+        for t in _graph_order(model, need)
+    )
+    return Placement(sites, tuple(integer_nodes), tuple(notes), tuple(relays.items()))
+
+
+def _graph_order(model: ir.Model, names) -> list[str]:
+    order = [v.name for v in model.graph.inputs if v.name in names]
+    for node in model.graph:
+        order += [o.name for o in node.outputs if o.name in names]
+    return order
+
+
+def decide_activations(placement: Placement, table: CalibrationTable) -> tuple[tuple[ActivationDecision, ...], tuple[NodeNote, ...]]:
+    """Scales and zero points from calibrated ranges.
+
+    A group with masking constants (or no finite value) stays float; then every quantized input
+    that only existed to feed it — through an integer or same-scale op — stays float too.
+    """
+    by_group: dict[str, list[ActivationSite]] = {}
+    for s in placement.sites:
+        by_group.setdefault(s.group, []).append(s)
+    notes: list[NodeNote] = []
+    dropped: set[str] = set()
+    for group, sites in by_group.items():
+        ranges = [table.ranges[s.tensor] for s in sites]
+        bad = next((r for r in ranges if r.ignored or r.seen == 0), None)
+        if bad is None:
+            continue
+        if bad.seen == 0:
+            reason = f"tensor {bad.name} received no finite calibration value"
+        else:
+            reason = (f"tensor {bad.name} carries masking constants or non-finite values ({bad.ignored} of "
+                      f"{bad.ignored + bad.seen} values, |x| >= 1e30): left float so the mask keeps its effect")
+        for s in sites:
+            dropped.add(s.tensor)
+            notes += [NodeNote(c, "", f"input {s.tensor} left float: {reason}") for c in s.consumers]
+    # Propagate: a consumer that relays into a dropped tensor no longer needs a quantized input.
+    relay = dict(placement.relays)
+    consumers = {s.tensor: list(s.consumers) for s in placement.sites}
+    changed = True
+    while changed:
+        changed = False
+        for s in placement.sites:
+            if s.tensor in dropped:
+                continue
+            keep = [c for c in consumers[s.tensor] if relay.get(c) not in dropped]
+            if len(keep) != len(consumers[s.tensor]):
+                gone = [c for c in consumers[s.tensor] if c not in keep]
+                notes += [NodeNote(c, "", f"runs in float: its output {relay[c]} stays float") for c in gone]
+                consumers[s.tensor] = keep
+                changed = True
+            if not keep:
+                dropped.add(s.tensor)
+    notes = list(dict.fromkeys(notes))
+    decisions: list[ActivationDecision] = []
+    for group, sites in by_group.items():
+        sites = [s for s in sites if s.tensor not in dropped]
+        if not sites:
+            continue
+        ranges = [table.ranges[s.tensor] for s in sites]
+        lo, hi = min(r.lo for r in ranges), max(r.hi for r in ranges)
+        for s in sites:
+            if s.clip is not None:  # keep the representable range inside the fused clip range
+                lo, hi = max(lo, s.clip[0]), min(hi, s.clip[1])
+        hi = max(hi, lo)
+        fmt = sites[0].format
+        if fmt == ActFormat.INT8:
+            scale, zp = formats.quantize_int8_symmetric_per_tensor(lo, hi), 0
+            q_lo, q_hi = -128 * scale, 127 * scale
+        else:
+            scale, zp = formats.quantize_uint8_per_tensor(lo, hi)
+            q_lo, q_hi = (0 - zp) * scale, (255 - zp) * scale
+        for s in sites:
+            decisions.append(ActivationDecision(s.tensor, tuple(consumers[s.tensor]), group, fmt, scale, zp,
+                                                q_lo, q_hi, s.why))
+    order = {s.tensor: i for i, s in enumerate(placement.sites)}
+    decisions.sort(key=lambda d: order[d.tensor])
+    return tuple(decisions), tuple(notes)

@@ -1,0 +1,116 @@
+"""ONNX → ORT format, the way ONNX Runtime's own converter does it, with reproducible bytes.
+
+The settings are those of ``python -m onnxruntime.tools.convert_onnx_models_to_ort
+--optimization_style Fixed --target_platform arm`` (``_convert`` in that module): every graph
+optimization applied when converting, the x86-only NCHWc transformer disabled, int8 QDQ allowed
+(arm kernels run it). The same settings can save an ONNX file instead (:func:`optimize_to_onnx`):
+pre-flight uses it to see which 4-bit weights ORT packs into MatMulNBits, and tests use it to
+check ``required_operators.config`` independently of the ``.ort`` reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import onnx
+
+from edgeq._quiet import quiet
+from edgeq.errors import UnsupportedError
+from targets.android import ortformat
+from targets.android.ortformat import type_name
+from targets.android.profile import DISABLED_OPTIMIZERS, SESSION_CONFIG
+
+
+def session_options(output: Path, *, ort_format: bool = True):
+    """The SessionOptions ORT's converter uses for a Fixed-style, arm .ort (or the same graph as ONNX)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(output)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in SESSION_CONFIG.items():
+        so.add_session_config_entry(key, value)
+    if ort_format:
+        so.add_session_config_entry("session.save_model_format", "ORT")
+    return so
+
+
+def _optimize(model, output: Path, *, ort_format: bool) -> None:
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+    with quiet():
+        ort.InferenceSession(source, session_options(output, ort_format=ort_format),
+                             providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
+
+
+def optimize_to_onnx(model: onnx.ModelProto | Path, output: Path) -> onnx.ModelProto:
+    """The graph the conversion produces, saved as ONNX (4-bit tensors allowed) and loaded back."""
+    _optimize(model, Path(output), ort_format=False)
+    return onnx.load(str(output))
+
+
+def convert(onnx_file: Path, ort_file: Path) -> None:
+    """ONNX → ORT format with ORT's converter settings, then canonical bytes."""
+    try:
+        _optimize(onnx_file, ort_file, ort_format=True)
+    except Exception as e:
+        raise UnsupportedError(f"ONNX Runtime cannot convert {onnx_file.name} to the ORT format: {_first_line(e)}",
+                               hint="run `edgeq validate` on the QDQ model to see whether ORT loads it") from e
+    ortformat.canonicalize_file(ort_file)
+
+
+def check_converted(data: bytes, model: onnx.ModelProto) -> None:
+    """Fail, naming tensors and nodes, if the .ort holds tensors the format cannot store."""
+    bad = ortformat.unstorable_tensors(data)
+    if not bad:
+        return
+    users: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(f"{node.name} ({node.op_type})")
+        if node.op_type == "DequantizeLinear":  # name the op the weight is for, not only its DequantizeLinear
+            users.setdefault(node.input[0], []).extend(
+                f"{c.name} ({c.op_type})" for c in model.graph.node if node.output[0] in c.input)
+    listed = "; ".join(
+        f"{t.name!r} ({type_name(t.data_type)}) used by {', '.join(users.get(t.name, ['?']))}" for t in bad[:10]
+    )
+    raise UnsupportedError(
+        f"the converted model keeps {len(bad)} tensor(s) of a type the ORT format cannot store: {listed}",
+        hint="ONNX Runtime did not pack these 4-bit weights into MatMulNBits; "
+             "quantize the float model again with `--profile android` (they fall back to int8)",
+    )
+
+
+def load_ort(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise UnsupportedError(f"the converted {path.name} does not load in ONNX Runtime: {_first_line(e)}",
+                               hint="report this model; the QDQ ONNX itself may still run") from e
+
+
+def write_config(ort_file: Path, config: Path) -> None:
+    """ORT's required_operators.config for ``ort_file``, with the file named relatively (reproducible)."""
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # its "Created config in ..." line
+    tmp = config.with_name(config.name + ".tmp")
+    with quiet():
+        create_config_from_models([ort_file], tmp, enable_type_reduction=False)
+    lines = []
+    for line in tmp.read_text().splitlines():
+        lines.append(f"# - {ort_file.name}" if line.startswith("# - ") else line)
+    config.write_text("\n".join(lines) + "\n")
+    os.remove(tmp)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -1,0 +1,69 @@
+"""Run an ``.ort`` file on the host, for ``edgeq validate`` (entry point ``edgeq.runners: .ort``).
+
+The host ONNX Runtime package is a full build: it loads ORT format models with the same CPU
+kernels the ``onnxruntime-android`` package runs. Optimizations were applied when the file was
+converted (Fixed style), so the session runs the graph as stored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edgeq.errors import InputError
+from edgeq.specs import DTYPES, TensorSpec
+from edgeq.validate.runners import Runner
+
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16", "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8", "tensor(bool)": "bool",
+}
+
+
+class OrtFormatRunner(Runner):
+    """Runs an ORT format model in ONNX Runtime (CPU)."""
+
+    kind = "onnxruntime-ort-format"
+
+    def __init__(self, path: str | os.PathLike):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        in_package = (self.path.parent / "manifest.json").is_file()
+        super().__init__(f"{self.path.parent.name}/{self.path.name}" if in_package else self.path.name)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.load_model_format", "ORT")
+        try:
+            self._sess = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise InputError(f"ONNX Runtime cannot load {self.path} as an ORT format model: {first}",
+                             hint="package the QDQ model again with `edgeq package --target android`") from e
+        self._specs = [_spec(i) for i in self._sess.get_inputs()]
+        self._outputs = [o.name for o in self._sess.get_outputs()]
+
+    @property
+    def input_specs(self):
+        return self._specs
+
+    @property
+    def output_names(self):
+        return self._outputs
+
+    def run(self, feed):
+        return dict(zip(self._outputs, self._sess.run(self._outputs, dict(feed))))
+
+    def describe(self):
+        import onnxruntime as ort
+
+        return {"kind": self.kind, "label": self.label, "path": str(self.path), "onnxruntime": ort.__version__}
+
+
+def _spec(arg) -> TensorSpec:
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None or dtype not in DTYPES:
+        raise InputError(f"input {arg.name!r} has type {arg.type}, which edgeq cannot feed")
+    dims = tuple(d if isinstance(d, int) else (d or f"{arg.name}_dim{i}") for i, d in enumerate(arg.shape))
+    return TensorSpec(arg.name, dims, dtype)

@@ -1,0 +1,132 @@
+"""The Android target: a QDQ ONNX model → an ONNX Runtime Mobile package.
+
+``build`` writes, into the folder :func:`targets.base.package` gives it:
+
+- ``model.onnx``: the QDQ model, byte for byte as given (the source of truth);
+- ``model.ort``: the ORT format model, converted by ONNX Runtime itself with the settings of
+  ``convert_onnx_models_to_ort --optimization_style Fixed --target_platform arm`` (why Fixed: see
+  ``targets/android/README.md``), then made byte-reproducible (:mod:`targets.android.ortformat`);
+- ``required_operators.config``: the operators of ``model.ort``, as ORT's converter writes it,
+  for a reduced-size ONNX Runtime build (``--include_ops_by_config``).
+
+After writing, the ``.ort`` is checked: no tensor of a type the format cannot hold, and it
+loads in ONNX Runtime with the inputs and outputs of the QDQ model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnx
+
+from edgeq import onnx_io
+from edgeq.errors import UnsupportedError
+from edgeq.quant.profile import TargetProfile
+from targets.android import ortformat
+from targets.android.convert import check_converted, convert, load_ort, write_config
+from targets.android.preflight import nnapi_partitions, preflight
+from targets.android.profile import ANDROID, DISABLED_OPTIMIZERS, OPTIMIZATION_LEVEL, SESSION_CONFIG
+from targets.base import Problem, Target
+
+MODEL_ORT = "model.ort"
+MODEL_ONNX = "model.onnx"
+CONFIG = "required_operators.config"
+ANDROID_PACKAGE = "com.microsoft.onnxruntime:onnxruntime-android"
+
+
+class AndroidTarget(Target):
+    """ONNX Runtime Mobile (``onnxruntime-android``), CPU execution provider."""
+
+    name = "android"
+    description = "ONNX Runtime Mobile on Android: .ort + required_operators.config"
+
+    @property
+    def profile(self) -> TargetProfile:
+        return ANDROID
+
+    def preflight(self, model: onnx.ModelProto) -> list[Problem]:
+        return preflight(model, self.profile)
+
+    def build(self, model_path: Path, model: onnx.ModelProto, folder: Path) -> tuple[Path, dict]:
+        import onnxruntime as ort
+
+        onnx_file = copy_model(Path(model_path), folder, MODEL_ONNX)
+        ort_file = folder / MODEL_ORT
+        convert(onnx_file, ort_file)
+        data = ort_file.read_bytes()
+        check_converted(data, model)
+        check_io(load_ort(ort_file), model)
+        write_config(ort_file, folder / CONFIG)
+        facts = {
+            "runtime": {
+                "package": ANDROID_PACKAGE,
+                "execution_provider": "CPU",
+                "converted_with_onnxruntime": ort.__version__,
+                "minimum_onnxruntime_version": minimum_ort_version(ort.__version__),
+                "minimum_version_reason": "ONNX Runtime loads .ort files written by the same or an older release, "
+                                          "not newer ones, and this file holds operators this release fused",
+                "ort_format_version": ortformat.format_version(data),
+            },
+            "conversion": {
+                "tool": "onnxruntime.tools.convert_onnx_models_to_ort (its session options)",
+                "optimization_style": "Fixed",
+                "optimization_level": OPTIMIZATION_LEVEL,
+                "target_platform": "arm",
+                "disabled_optimizers": list(DISABLED_OPTIMIZERS),
+                "session_config": dict(SESSION_CONFIG),
+            },
+            "tools": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
+            "inputs": [_spec(s) for s in onnx_io.io_specs(model)],
+            "outputs": [_spec(s) for s in onnx_io.io_specs(model, outputs=True)],
+            "operators": operators(data),
+            "nnapi_partitions": nnapi_partitions(model),
+        }
+        return ort_file, facts
+
+    def readme(self, manifest: dict) -> str:
+        from targets.android.readme import render
+
+        return render(manifest)
+
+
+def _spec(s) -> dict:
+    return {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)}
+
+
+def minimum_ort_version(version: str) -> str:
+    major, minor = (version.split("+")[0].split(".") + ["0", "0"])[:2]
+    return f"{major}.{minor}.0"
+
+
+def copy_model(src: Path, folder: Path, name: str) -> Path:
+    """Copy the ONNX file (and its external data files, under their own names) into ``folder``."""
+    dst = folder / name
+    shutil.copyfile(src, dst)
+    proto = onnx.load(str(src), load_external_data=False)
+    locations = {
+        e.value
+        for t in proto.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+    for loc in sorted(locations):
+        (folder / loc).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src.parent / loc, folder / loc)
+    return dst
+
+
+def check_io(session, model: onnx.ModelProto) -> None:
+    want = ([s.name for s in onnx_io.io_specs(model)], [s.name for s in onnx_io.io_specs(model, outputs=True)])
+    got = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    if want != got:
+        raise UnsupportedError(f"the converted model's inputs/outputs {got} differ from the QDQ model's {want}")
+
+
+def operators(data: bytes) -> dict[str, list[str]]:
+    """Operators of the .ort by domain (``required_operators.config`` adds their versions)."""
+    out: dict[str, set[str]] = {}
+    for domain, _, op in ortformat.node_ops(data):
+        out.setdefault(domain, set()).add(op)
+    return {d: sorted(ops) for d, ops in sorted(out.items())}

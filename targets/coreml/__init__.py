@@ -1,0 +1,13 @@
+"""iOS: Core ML packages (``.mlpackage``) lowered from the QDQ ONNX by edgeq itself.
+
+- :mod:`.lower` — ONNX (QDQ) → MIL program, one module per op family, with partial evaluation
+  of Shape-driven subgraphs; weights keep the QDQ graph's integers and scales exactly.
+- :mod:`.build` — ``ct.convert`` of that program, metadata, save.
+- :mod:`.executor` — runs a saved ``.mlpackage`` op by op in numpy (the ``.mlpackage`` runner
+  of ``edgeq validate``); :mod:`.runner` wraps it.
+- :mod:`.profile` — what iOS 17 and iOS 18 run, for the quantization plan.
+"""
+
+from targets.coreml.target import CoreMLTarget, IOS17Target, IOS18Target
+
+__all__ = ["CoreMLTarget", "IOS17Target", "IOS18Target"]

@@ -1,0 +1,140 @@
+"""From a QDQ ONNX to a saved ``.mlpackage``: lower, convert (no precision pass), describe, save.
+
+The program is built in the precision edgeq chose (see :mod:`targets.coreml.lower.context`), so
+``ct.convert`` runs with ``compute_precision=FLOAT32`` (no automatic fp16 casts that would
+round the weight scales) and the cleanup pass pipeline only (dead code, constant folding of
+non-weight constants, name dedup): what is saved is what the reference executor runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgeq import __version__
+from edgeq._quiet import quiet
+from targets.coreml.lower import Lowered, lower_model
+
+META_PREFIX = "edgeq."
+
+
+def quantization_summary(model: onnx.ModelProto) -> dict:
+    """What the QDQ graph quantized: weight formats by count, activation pairs, recipe and profile."""
+    inits = {i.name: i for i in model.graph.initializer}
+    weights: Counter = Counter()
+    acts = 0
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            t = onnx.TensorProto.DataType.Name(inits[n.input[0]].data_type).lower()
+            if t != "int32":
+                weights[t] += 1
+        elif n.op_type == "QuantizeLinear":
+            acts += 1
+    props = {p.key: p.value for p in model.metadata_props}
+    return {
+        "recipe": props.get("edgeq.recipe", "unknown"),
+        "profile": props.get("edgeq.profile", "unknown"),
+        "weights": dict(sorted(weights.items())),
+        "activation_qdq": acts,
+    }
+
+
+def _input_types(ct, low: Lowered) -> list:
+    out = []
+    for spec in low.inputs:
+        dims = []
+        for d in spec.shape:
+            if isinstance(d, int):
+                dims.append(d)
+            else:
+                lo, hi = low.flexible[d]
+                dims.append(ct.RangeDim(lower_bound=lo, upper_bound=hi, default=lo))
+        dtype = np.float32 if spec.coreml_dtype == "float32" else np.int32
+        out.append(ct.TensorType(name=spec.mil_name, shape=ct.Shape(dims), dtype=dtype))
+    return out
+
+
+def build_mlpackage(
+    model: onnx.ModelProto,
+    dest: Path,
+    *,
+    deployment: int,
+    compute: str = "fp16",
+    shapes: Mapping | None = None,
+    source_name: str = "",
+) -> tuple[Lowered, dict]:
+    """Lower ``model`` and save it as ``dest`` (a ``.mlpackage`` folder). Returns the lowering and facts."""
+    with quiet():
+        import coremltools as ct
+
+    t0 = time.perf_counter()
+    low = lower_model(model, compute=compute, deployment=deployment, shapes=shapes)
+    t_lower = time.perf_counter() - t0
+    target = {17: ct.target.iOS17, 18: ct.target.iOS18}[deployment]
+    with quiet():
+        ml = ct.convert(
+            low.program, convert_to="mlprogram", minimum_deployment_target=target,
+            compute_precision=ct.precision.FLOAT32, pass_pipeline=ct.PassPipeline.CLEANUP,
+            inputs=_input_types(ct, low), skip_model_load=True,
+        )
+    summary = quantization_summary(model)
+    ml.short_description = (f"{source_name or 'model'} lowered by edgeq {__version__} from its QDQ ONNX "
+                            f"({summary['recipe']}), {compute} compute, iOS {deployment}+")
+    ml.version = __version__
+    for spec in low.inputs:
+        ml.input_description[spec.mil_name] = _describe(spec, low.flexible, "input")
+    for spec in low.outputs:
+        ml.output_description[spec.mil_name] = _describe(spec, low.flexible, "output")
+    meta = {
+        "version": __version__,
+        "source_model": source_name,
+        "compute_precision": compute,
+        "deployment_target": f"iOS{deployment}",
+        "inputs": json.dumps([_io(s) for s in low.inputs]),
+        "outputs": json.dumps([_io(s) for s in low.outputs]),
+        "flexible_axes": json.dumps({k: list(v) for k, v in low.flexible.items()}),
+        "quantization": json.dumps(summary, sort_keys=True),
+    }
+    for k, v in meta.items():
+        ml.user_defined_metadata[META_PREFIX + k] = str(v)
+    with quiet():
+        ml.save(str(dest))
+    facts = {
+        "coremltools_version": ct.__version__,
+        "deployment_target": f"iOS{deployment}",
+        "compute_precision": compute,
+        "inputs": [_io(s) for s in low.inputs],
+        "outputs": [_io(s) for s in low.outputs],
+        "flexible_axes": {k: list(v) for k, v in low.flexible.items()},
+        "qdq_summary": summary,
+        "mil_ops": dict(sorted(low.mil_ops.items())),
+        "folded_onnx_nodes": low.folded,
+        "lower_seconds": round(t_lower, 2),
+        "convert_seconds": round(time.perf_counter() - t0 - t_lower, 2),
+    }
+    return low, facts
+
+
+def _io(spec) -> dict:
+    return {"name": spec.name, "coreml_name": spec.mil_name, "onnx_dtype": spec.onnx_dtype,
+            "coreml_dtype": spec.coreml_dtype, "shape": list(spec.shape)}
+
+
+def _describe(spec, flexible: Mapping, kind: str) -> str:
+    dims = []
+    for d in spec.shape:
+        if isinstance(d, int):
+            dims.append(str(d))
+        else:
+            lo, hi = flexible.get(d, (1, -1))
+            dims.append(f"{d} {lo}..{'∞' if hi == -1 else hi}")
+    text = f"{spec.coreml_dtype} [{', '.join(dims)}]"
+    if spec.onnx_dtype != spec.coreml_dtype:
+        text += f" (the ONNX {kind} is {spec.onnx_dtype})"
+    return text

@@ -1,0 +1,224 @@
+"""ONNX (QDQ) → MIL lowering: a registry of op lowerings, one module per op family.
+
+``lower_model`` walks the (topologically sorted) ONNX graph once. For each node:
+
+1. ``DequantizeLinear`` of constant integers becomes a constexpr weight op carrying the QDQ
+   graph's integers and float32 scales unchanged (see :mod:`.quant`); activation
+   ``QuantizeLinear``/``DequantizeLinear`` become MIL ``quantize``/``dequantize``.
+2. A node whose inputs are all known at conversion time is folded in numpy (ONNX reference
+   semantics): with fixed input shapes, every Shape-driven subgraph disappears this way.
+3. Anything else goes to the lowering registered for its op type, which emits MIL ops.
+
+Every failure names the ONNX node; :func:`unsupported_nodes` lists, without building anything,
+the nodes no lowering exists for (the target's pre-flight).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from targets.coreml.lower.context import Context, LoweringError, WeightRecord, is_known, mil_name  # noqa: F401
+
+# importing the families fills the registry
+from targets.coreml.lower import elementwise, linear, norm, quant, shape  # noqa: E402,F401
+from targets.coreml.lower.registry import CHECKS, LOWERINGS, fold  # noqa: E402
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    name: str  # ONNX name
+    mil_name: str  # Core ML feature name
+    onnx_dtype: str  # numpy dtype name as the ONNX model declares it
+    coreml_dtype: str  # float32 | int32
+    shape: tuple  # ints, "name" for a flexible axis
+
+
+@dataclass
+class Lowered:
+    program: object  # coremltools MIL Program
+    inputs: list[IOSpec]
+    outputs: list[IOSpec]
+    flexible: dict[str, tuple[int, int]]  # flexible axis name -> (lower, upper)
+    weights: list[WeightRecord] = field(default_factory=list)
+    folded: int = 0
+    mil_ops: dict[str, int] = field(default_factory=dict)
+
+
+DEFAULT_RANGE = (1, 1024)
+
+
+def unsupported_nodes(model: onnx.ModelProto, *, deployment: int) -> list[tuple[onnx.NodeProto, str, str]]:
+    """(node, reason, hint) for every node that cannot be lowered, from its op type and attributes."""
+    problems = []
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            hint = ("quantize for this target: edgeq quantize --profile ios18"
+                    if node.op_type == "GatherBlockQuantized" else "")
+            problems.append((node, f"custom-domain op {node.domain}.{node.op_type} has no Core ML lowering", hint))
+            continue
+        if node.op_type not in LOWERINGS:
+            problems.append((node, f"no Core ML lowering for ONNX {node.op_type}",
+                             "replace the op in the model, or exclude it from the export"))
+            continue
+        check = CHECKS.get(node.op_type)
+        reason = check(node) if check else None
+        if reason:
+            problems.append((node, reason, ""))
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            init = inits[node.input[0]]
+            why = quant.weight_problem(init, deployment)
+            if why:
+                problems.append((node, why[0], why[1]))
+
+    return problems
+
+
+def _known_inputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+_ONNX_TO_NP = {
+    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT16: "int16",
+}
+
+
+def lower_model(
+    model: onnx.ModelProto,
+    *,
+    compute: str = "fp16",
+    deployment: int = 18,
+    shapes: Mapping[str, int | tuple[int, int]] | None = None,
+) -> Lowered:
+    """Build the MIL program for ``model``.
+
+    ``shapes`` maps a named dynamic axis (``dim_param``) to a fixed size (folds every
+    Shape-driven subgraph) or to a ``(lower, upper)`` range. Axes not listed stay flexible in
+    :data:`DEFAULT_RANGE` (an ML program needs a finite upper bound).
+    """
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import Function, Program, types
+    from coremltools.converters.mil.mil.program import get_new_symbol
+
+    shapes = dict(shapes or {})
+    target = {17: ct.target.iOS17, 18: ct.target.iOS18}[deployment]
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    ctx = Context(mb=mb, types=types, compute=compute, opset=opset, deployment=deployment)
+    inits = _known_inputs(model)
+
+    symbols: dict[str, object] = {}
+    flexible: dict[str, tuple[int, int]] = {}
+    placeholders, in_specs = {}, []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        np_dtype = _ONNX_TO_NP.get(tt.elem_type)
+        if np_dtype is None:
+            raise LoweringError(None, f"input {vi.name!r} has ONNX type {onnx.TensorProto.DataType.Name(tt.elem_type)}, "
+                                      "which Core ML inputs cannot carry")
+        dims, spec_dims = [], []
+        for i, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+                spec_dims.append(int(d.dim_value))
+                continue
+            axis = d.dim_param or f"{vi.name}_dim{i}"
+            want = shapes.get(axis)
+            if isinstance(want, int):
+                dims.append(want)
+                spec_dims.append(want)
+                continue
+            if axis not in symbols:
+                symbols[axis] = get_new_symbol(mil_name(axis))
+                flexible[axis] = tuple(int(w) for w in want) if want is not None else DEFAULT_RANGE
+            dims.append(symbols[axis])
+            spec_dims.append(axis)
+        coreml_dtype = "float32" if np_dtype.startswith("float") else "int32"
+        mil_dtype = types.fp32 if coreml_dtype == "float32" else types.int32
+        placeholders[mil_name(vi.name)] = mb.placeholder(shape=tuple(dims), dtype=mil_dtype)
+        in_specs.append(IOSpec(vi.name, mil_name(vi.name), np_dtype, coreml_dtype, tuple(spec_dims)))
+
+    out_specs: list[IOSpec] = []
+    folded = 0
+    with Function(placeholders, opset_version=target) as func:
+        for spec in in_specs:
+            ctx.name_free(spec.mil_name)
+            v = func.inputs[spec.mil_name]
+            if spec.onnx_dtype.startswith("float") and compute == "fp16":
+                v = mb.cast(x=v, dtype="fp16", name=f"{spec.mil_name}_to_fp16")
+            elif spec.onnx_dtype == "bool":
+                v = mb.cast(x=v, dtype="bool", name=f"{spec.mil_name}_to_bool")
+            ctx.set(spec.name, v)
+        for name, arr in inits.items():
+            ctx.set(name, arr)
+        for node in model.graph.node:
+            folded += _lower_node(ctx, node)
+        outs = []
+        for vo in model.graph.output:
+            v = ctx.get(vo.name)
+            name = mil_name(vo.name)
+            np_dtype = _ONNX_TO_NP.get(vo.type.tensor_type.elem_type, "float32")
+            if is_known(v):
+                v = ctx.const(v)
+            coreml_dtype = "float32" if ctx.is_float(v) else "int32"
+            want = "fp32" if coreml_dtype == "float32" else "int32"
+            if types.builtin_to_string(v.dtype) != want:
+                v = mb.cast(x=v, dtype=want, name=name)
+            elif v.name != name or v in outs or v in func.inputs.values():
+                v = mb.identity(x=v, name=name)
+            dims = tuple(_dim_name(d, symbols) for d in v.shape)
+            out_specs.append(IOSpec(vo.name, name, np_dtype, coreml_dtype, dims))
+            outs.append(v)
+        func.set_outputs(outs)
+    prog = Program()
+    prog.add_function("main", func)
+    counts: dict[str, int] = {}
+    for op in func.operations:
+        counts[op.op_type] = counts.get(op.op_type, 0) + 1
+    return Lowered(prog, in_specs, out_specs, flexible, ctx.weights, folded, counts)
+
+
+def _dim_name(d, symbols: dict) -> int | str:
+    for axis, sym in symbols.items():
+        if d is sym or str(d) == str(sym):
+            return axis
+    try:
+        return int(d)
+    except TypeError:
+        return str(d)
+
+
+def _lower_node(ctx: Context, node: onnx.NodeProto) -> int:
+    """Lower (or fold) one node; returns 1 when it was folded."""
+    ins = [ctx.get(n) for n in node.input]
+    try:
+        if node.op_type not in quant.HANDLED and all(x is None or is_known(x) for x in ins):
+            outs = fold(node, ins, ctx.opset)
+            for name, val in zip(node.output, outs):
+                ctx.set(name, val)
+            return 1
+        fn = LOWERINGS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if fn is None:
+            raise LoweringError(node, "no Core ML lowering for this op")
+        outs = fn(ctx, node, ins)
+    except LoweringError:
+        raise
+    except Exception as e:  # a builder type check: name the node
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise LoweringError(node, f"lowering failed: {type(e).__name__}: {first}") from e
+    before = {id(v) for v in ins if v is not None and not is_known(v)}
+    for name, val in zip(node.output, outs):
+        if name:
+            if not is_known(val) and id(val) not in before and ctx.name_free(mil_name(name)):
+                val.set_name(mil_name(name))  # the ONNX value's name: intermediates can be matched
+            ctx.set(name, val)
+    return 0

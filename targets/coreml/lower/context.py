@@ -1,0 +1,167 @@
+"""The state of one ONNX → MIL lowering: values by ONNX name, the compute precision, helpers.
+
+Partial evaluation: an ONNX value is either *known* at conversion time (a numpy array: an
+initializer, a ``Constant``, or anything computed only from those and from static shapes) or
+a MIL ``Var`` of the program being built. Op lowerings fold known inputs with numpy and emit MIL
+only for what depends on the model's inputs; so with fixed input shapes every Shape-driven
+subgraph becomes a constant, and with flexible ones it becomes MIL shape arithmetic.
+
+Types in the program: float tensors are in the compute dtype (fp16 by default, fp32 on
+request), ONNX int64 is int32 (Core ML has no int64 tensors), bool stays bool. Quantized weights
+are the exception: their integers and float32 scales are stored exactly as the QDQ ONNX holds
+them, and the dequantized tensor is cast to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from edgeq.errors import UnsupportedError
+
+FP16_MAX = 65504.0
+FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
+
+
+class LoweringError(UnsupportedError):
+    """One ONNX node cannot be lowered; carries the node so callers can name it."""
+
+    def __init__(self, node: onnx.NodeProto | None, message: str, *, hint: str | None = None):
+        where = f"node {node.name!r} ({node.op_type}): " if node is not None else ""
+        super().__init__(where + message, hint=hint)
+        self.node = node
+        self.reason = message
+
+
+def mil_name(name: str) -> str:
+    """The MIL name edgeq gives an ONNX value (letters, digits and underscores only)."""
+    safe = re.sub(r"[^0-9A-Za-z_]", "_", name)
+    return safe if safe and not safe[0].isdigit() else f"v_{safe}"
+
+
+def is_known(x) -> bool:
+    return isinstance(x, np.ndarray)
+
+
+@dataclass
+class WeightRecord:
+    """A quantized weight as written into the program (read back by the bit-exactness test)."""
+
+    onnx_node: str  # the DequantizeLinear node
+    mil_op: str  # the constexpr op's name
+    dtype: str  # int8 | uint8 | int4
+    shape: tuple[int, ...]
+    block_size: int | None
+    padded: int = 0  # zero codes appended along the block axis to make whole blocks
+
+
+@dataclass
+class Context:
+    """Everything an op lowering needs: the builder, values, precision, opset."""
+
+    mb: object  # coremltools.converters.mil.Builder
+    types: object  # coremltools.converters.mil.mil.types
+    compute: str  # "fp16" | "fp32"
+    opset: int
+    deployment: int  # 17 or 18 (iOS major version)
+    values: dict = field(default_factory=dict)
+    weights: list[WeightRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    _taken: set = field(default_factory=set)
+
+    # --- values ----------------------------------------------------------------------------
+
+    def get(self, name: str):
+        if name == "":
+            return None
+        try:
+            return self.values[name]
+        except KeyError:
+            raise UnsupportedError(f"value {name!r} is read before it is written (graph not sorted?)") from None
+
+    def set(self, name: str, value) -> None:
+        self.values[name] = value
+
+    @property
+    def float_np(self):
+        return np.float16 if self.compute == "fp16" else np.float32
+
+    def const(self, arr: np.ndarray, *, name: str | None = None, keep_float32: bool = False):
+        """A known array as a MIL const of the program's type for it."""
+        arr = np.asarray(arr)
+        if arr.dtype.kind == "f":
+            if keep_float32 or self.compute == "fp32":
+                arr = arr.astype(np.float32)
+            else:
+                arr = to_fp16(arr)
+        elif arr.dtype == np.int64 or arr.dtype.kind in "iu" and arr.dtype not in (np.int8, np.uint8, np.int32):
+            if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
+                arr = np.clip(arr, np.iinfo(np.int32).min, np.iinfo(np.int32).max)  # INT64_MAX slice ends
+            arr = arr.astype(np.int32)
+        elif arr.dtype.kind == "b":
+            arr = arr.astype(bool)
+        kwargs = {"name": name} if name else {}
+        return self.mb.const(val=arr, **kwargs)
+
+    def var(self, x):
+        """``x`` as a MIL Var (known arrays become consts)."""
+        if is_known(x):
+            return self.const(x)
+        return x
+
+    def name_free(self, name: str) -> bool:
+        """Claim ``name`` for one MIL value (False if another value has it)."""
+        if name in self._taken:
+            return False
+        self._taken.add(name)
+        return True
+
+    # --- MIL types --------------------------------------------------------------------------
+
+    def np_dtype(self, x) -> np.dtype:
+        """The numpy dtype of a value as the program holds it."""
+        if is_known(x):
+            return x.dtype
+        return np.dtype(self.types.nptype_from_builtin(x.dtype))
+
+    def is_float(self, x) -> bool:
+        return self.np_dtype(x).kind == "f"
+
+    def is_bool(self, x) -> bool:
+        return self.np_dtype(x).kind == "b"
+
+    def shape(self, x) -> tuple:
+        """Static shape: ints, or None for a symbolic dimension."""
+        if is_known(x):
+            return tuple(int(d) for d in x.shape)
+        return tuple(None if self.types.symbolic.is_symbolic(d) else int(d) for d in x.shape)
+
+    def rank(self, x) -> int:
+        return len(x.shape)
+
+    def static_shape(self, x) -> tuple[int, ...] | None:
+        s = self.shape(x)
+        return None if any(d is None for d in s) else s
+
+
+def to_fp16(arr: np.ndarray) -> np.ndarray:
+    """float → fp16, saturating finite values to ±65504 (an fp32 "minus infinity" mask stays finite)."""
+    a = np.asarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        h = a.astype(np.float16)
+    over = np.isfinite(a) & ~np.isfinite(h)
+    if over.any():
+        h = np.where(over, np.sign(a) * np.float16(FP16_MAX), h).astype(np.float16)
+    return h
+
+
+def attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def attr_str(node: onnx.NodeProto, name: str, default: str) -> str:
+    v = attrs(node).get(name, default)
+    return v.decode() if isinstance(v, bytes) else v

@@ -1,0 +1,164 @@
+"""QDQ patterns: weights as constexpr ops with the QDQ graph's integers, activations as quantize/dequantize.
+
+- ``DequantizeLinear(int8/uint8 constant, scale, axis)``: iOS 17 → ``constexpr_affine_dequantize``
+  (zero point stored explicitly, zeros when the ONNX has none); iOS 18 →
+  ``constexpr_blockwise_shift_scale`` (scale reshaped to the data's rank, the same numbers).
+- ``DequantizeLinear(int4 constant, scale, axis, block_size)`` (iOS 18 only):
+  ``constexpr_blockwise_shift_scale`` with int4 data and the [.., K/block, ..] scale.
+- A partial last block (ONNX allows it, Core ML infers whole blocks from the shapes) is stored
+  padded with zero codes and sliced back to the weight's shape after dequantization.
+- Scales stay float32 exactly as the ONNX initializer holds them; the dequantized weight is cast
+  to the compute dtype after. The constexpr op is named after the DequantizeLinear output, so
+  the saved package can be read back and compared with the ONNX initializers.
+- ``DequantizeLinear(int32 constant)`` (a W8A8 bias) is folded to float32 with ONNX semantics.
+- Activation ``QuantizeLinear``/``DequantizeLinear`` (iOS 17+ ``quantize``/``dequantize``) run in
+  the compute dtype; in fp16 their scale is rounded to fp16, unless it is outside fp16's normal
+  range, where the pair runs in fp32 around casts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from targets.coreml.lower.registry import fold, lowers
+from targets.coreml.lower.context import Context, LoweringError, WeightRecord, attrs, is_known, mil_name
+
+HANDLED = frozenset({"DequantizeLinear", "QuantizeLinear"})
+_FP16_NORMAL = (float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max))
+_WEIGHT_TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT4: "int4",
+                 onnx.TensorProto.INT32: "int32"}
+
+
+def weight_problem(init: onnx.TensorProto, deployment: int) -> tuple[str, str] | None:
+    """Why the constant a DequantizeLinear reads cannot be a Core ML weight on ``deployment``, or None."""
+    kind = _WEIGHT_TYPES.get(init.data_type)
+    name = onnx.TensorProto.DataType.Name(init.data_type).lower()
+    if init.data_type in (onnx.TensorProto.FLOAT4E2M1,):
+        return ("mxfp4 (float4e2m1) weights: Core ML has no 4-bit float type",
+                f"quantize for this target: edgeq quantize --profile ios{deployment} (falls back to "
+                f"{'int4' if deployment >= 18 else 'int8'})")
+    if kind is None:
+        return f"{name} weights have no Core ML constexpr form", f"quantize with --profile ios{deployment}"
+    if kind == "int4" and deployment < 18:
+        return ("int4 block weights need iOS 18 (constexpr_blockwise_shift_scale)",
+                "package for ios18, or quantize with --profile ios17 (int4 falls back to int8)")
+    return None
+
+
+def _qparams(ctx: Context, node, ins):
+    scale = ins[1]
+    zp = ins[2] if len(ins) > 2 else None
+    if not is_known(scale) or (zp is not None and not is_known(zp)):
+        raise LoweringError(node, "quantization parameters computed at run time are not supported")
+    a = attrs(node)
+    axis = int(a.get("axis", 1))
+    block = int(a.get("block_size", 0))
+    return scale.astype(np.float32), zp, axis, block
+
+
+@lowers("DequantizeLinear")
+def _dequantize(ctx, node, ins):
+    x = ins[0]
+    scale, zp, axis, block = _qparams(ctx, node, ins)
+    if is_known(x):
+        if x.dtype == np.int32:
+            return fold(node, ins, ctx.opset)
+        return [_weight(ctx, node, x, scale, zp, axis, block)]
+    if block:
+        raise LoweringError(node, "blocked dequantization of activations is not supported")
+    fp32 = _needs_fp32(ctx, scale)
+    kw = _axis_kw(ctx, x, scale, axis)
+    if zp is not None:
+        kw["zero_point"] = zp.astype(zp.dtype)
+    y = ctx.mb.dequantize(input=x, scale=scale if fp32 else scale.astype(ctx.float_np), **kw)
+    if fp32 and ctx.compute == "fp16":
+        y = ctx.mb.cast(x=y, dtype="fp16")
+    return [y]
+
+
+@lowers("QuantizeLinear")
+def _quantize(ctx, node, ins):
+    x = ins[0]
+    if is_known(x):
+        return fold(node, ins, ctx.opset)
+    scale, zp, axis, block = _qparams(ctx, node, ins)
+    if block:
+        raise LoweringError(node, "blocked quantization of activations is not supported")
+    out_dtype = np.dtype(zp.dtype) if zp is not None else np.dtype(np.uint8)
+    if out_dtype not in (np.dtype(np.uint8), np.dtype(np.int8)):
+        raise LoweringError(node, f"activation quantization to {out_dtype} is not supported (uint8, int8)")
+    fp32 = _needs_fp32(ctx, scale)
+    if fp32 and ctx.compute == "fp16":
+        x = ctx.mb.cast(x=x, dtype="fp32")
+    kw = _axis_kw(ctx, x, scale, axis)
+    if zp is not None:
+        kw["zero_point"] = zp
+    s = scale if fp32 or ctx.compute == "fp32" else scale.astype(np.float16)
+    return [ctx.mb.quantize(input=x, scale=s, output_dtype=str(out_dtype), **kw)]
+
+
+def _needs_fp32(ctx: Context, scale: np.ndarray) -> bool:
+    if ctx.compute == "fp32":
+        return True
+    a = np.abs(scale)
+    return bool(np.any(a < _FP16_NORMAL[0]) or np.any(a > _FP16_NORMAL[1]))
+
+
+def _axis_kw(ctx: Context, x, scale: np.ndarray, axis: int) -> dict:
+    return {} if scale.ndim == 0 else {"axis": axis}
+
+
+def _weight(ctx: Context, node, x: np.ndarray, scale: np.ndarray, zp, axis: int, block: int):
+    """A constant dequantization as a constexpr op carrying the integers and scales unchanged."""
+    import ml_dtypes
+
+    mb, types = ctx.mb, ctx.types
+    name = mil_name(node.output[0])
+    if x.dtype == np.dtype(ml_dtypes.int4):
+        kind, data = "int4", x.astype(np.int8)
+    elif x.dtype in (np.int8, np.uint8):
+        kind, data = str(x.dtype), x
+    else:
+        raise LoweringError(node, f"{x.dtype} weights have no Core ML constexpr form")
+    rank = data.ndim
+    axis = axis + rank if axis < 0 else axis
+    if kind == "int4" and ctx.deployment < 18:
+        raise LoweringError(node, "int4 block weights need iOS 18 (constexpr_blockwise_shift_scale)",
+                            hint="package for ios18, or quantize with --profile ios17")
+    shape = tuple(data.shape)
+    pad = 0
+    if block and data.shape[axis] % block and data.shape[axis] > block:
+        # Core ML infers the block from data/scale shapes: store whole blocks (zeros appended along
+        # the axis, the ONNX integers unchanged in front) and slice the weight back to its shape.
+        pad = -data.shape[axis] % block
+        widths = [(0, 0)] * rank
+        widths[axis] = (0, pad)
+        data = np.pad(data, widths)
+    if ctx.deployment >= 18:
+        if scale.ndim == 0:
+            s = scale.reshape([1] * rank)
+        elif block:
+            s = scale  # already [.., ceil(n/block), ..], the same rank as the data
+        else:
+            dims = [1] * rank
+            dims[axis] = scale.size
+            s = scale.reshape(dims)
+        kw = {}
+        if zp is not None:
+            off = zp.astype(np.int8) if kind == "int4" else zp
+            kw["offset"] = off.reshape(s.shape).astype(types.np_int4_dtype) if kind == "int4" else off.reshape(s.shape)
+        stored = data.astype(types.np_int4_dtype) if kind == "int4" else data
+        w = mb.constexpr_blockwise_shift_scale(data=stored, scale=s, name=name, **kw)
+    else:
+        if block:
+            raise LoweringError(node, "blocked weights need iOS 18 (constexpr_blockwise_shift_scale)")
+        z = zp if zp is not None else np.zeros(scale.shape, dtype=data.dtype)
+        w = mb.constexpr_affine_dequantize(quantized_data=data, zero_point=z, scale=scale, axis=axis, name=name)
+    if pad:
+        w = mb.slice_by_index(x=w, begin=np.zeros(rank, np.int32), end=np.array(shape, np.int32),
+                              name=f"{name}_unpadded")
+    ctx.weights.append(WeightRecord(node.name, name, kind, shape, block or None, pad))
+    if ctx.compute == "fp16":
+        w = mb.cast(x=w, dtype="fp16", name=f"{name}_fp16")
+    return w

@@ -1,0 +1,45 @@
+"""What Core ML runs, per deployment target, as data (the plan reads these; no ``if target``).
+
+- iOS 17: int8 per-channel weights (``constexpr_affine_dequantize``) for MatMul, Gemm, Conv and
+  Gather; activation ``quantize``/``dequantize`` (uint8/int8 per tensor). No int4: a blocked int4
+  weight falls back to int8 and the plan says why.
+- iOS 18: adds int4 blocks along the reduction axis (``constexpr_blockwise_shift_scale``).
+- Neither has a 4-bit float type: MXFP4 falls back (to int4 on iOS 18, to int8 on iOS 17).
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from edgeq.quant.profile import TargetProfile
+from edgeq.quant.recipes import ActFormat, WeightFormat
+
+_I8, _I4, _FP4 = WeightFormat.INT8, WeightFormat.INT4, WeightFormat.MXFP4
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
+MAX_OPSET = 21  # opset 21 DequantizeLinear (int4, block_size) is the newest form lowered
+
+_NO_FP4 = "Core ML has no 4-bit float type (float4e2m1)"
+_NO_INT4_17 = "iOS 17 Core ML has no int4 block weights (constexpr_blockwise_shift_scale is iOS 18+)"
+
+
+def _notes(extra: dict) -> MappingProxyType:
+    notes = {(op, _FP4): _NO_FP4 for op in WEIGHT_OPS}
+    notes.update(extra)
+    return MappingProxyType(notes)
+
+
+IOS17 = TargetProfile(
+    name="ios17",
+    weight_formats=MappingProxyType({op: frozenset({_I8}) for op in WEIGHT_OPS}),
+    activation_formats=frozenset({ActFormat.FLOAT, ActFormat.UINT8, ActFormat.INT8}),
+    max_opset=MAX_OPSET,
+    notes=_notes({(op, _I4): _NO_INT4_17 for op in WEIGHT_OPS}),
+)
+
+IOS18 = TargetProfile(
+    name="ios18",
+    weight_formats=MappingProxyType({op: frozenset({_I8, _I4}) for op in WEIGHT_OPS}),
+    activation_formats=frozenset({ActFormat.FLOAT, ActFormat.UINT8, ActFormat.INT8}),
+    max_opset=MAX_OPSET,
+    notes=_notes({}),
+)

@@ -1,0 +1,107 @@
+"""``.mlpackage`` files in ``edgeq validate``: the reference executor behind the Runner interface.
+
+The runner speaks the source model's language: its inputs are the ONNX inputs (names, dtypes,
+named dynamic axes, as recorded in the package's metadata), so the same feeds go to the QDQ
+ONNX and to the package. int64 feeds are narrowed to Core ML's int32 (an error when a value does
+not fit); float feeds are float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import InputError
+from edgeq.specs import TensorSpec
+from edgeq.validate.runners import Runner
+
+_INT32 = np.iinfo(np.int32)
+
+
+class MLPackageRunner(Runner):
+    """Runs a saved ``.mlpackage`` with the numpy reference executor (any OS)."""
+
+    kind = "coreml-reference"
+
+    def __init__(self, path: str | os.PathLike):
+        from targets.coreml.executor import Executor, load_program
+
+        self.path = Path(path)
+        super().__init__(self.path.name)
+        prog, spec = load_program(self.path)
+        self.executor = Executor(prog)
+        meta = dict(spec.description.metadata.userDefined)
+        self.precision = meta.get("edgeq.compute_precision", "unknown")
+        self._inputs = json.loads(meta["edgeq.inputs"]) if "edgeq.inputs" in meta else _from_spec(spec, "input")
+        self._outputs = json.loads(meta["edgeq.outputs"]) if "edgeq.outputs" in meta else _from_spec(spec, "output")
+        self._ranges = {k: tuple(v) for k, v in json.loads(meta.get("edgeq.flexible_axes", "{}")).items()}
+
+    @property
+    def input_specs(self):
+        return [TensorSpec(i["name"], tuple(i["shape"]), i["onnx_dtype"]) for i in self._inputs]
+
+    @property
+    def output_names(self):
+        return [o["name"] for o in self._outputs]
+
+    def run(self, feed):
+        feeds = {}
+        for i in self._inputs:
+            x = np.asarray(feed[i["name"]])
+            for axis, want in enumerate(i["shape"]):
+                if isinstance(want, str) and want in self._ranges:
+                    lo, hi = self._ranges[want]
+                    if not lo <= x.shape[axis] <= hi:
+                        raise InputError(f"{self.label}: input {i['name']!r} axis {want!r} is {x.shape[axis]}, "
+                                         f"outside the package's range {lo}..{hi}",
+                                         hint="package with shapes={...} covering it")
+            if i["coreml_dtype"] == "int32":
+                if x.size and (x.max() > _INT32.max or x.min() < _INT32.min):
+                    raise InputError(f"{self.label}: input {i['name']!r} has values outside int32, "
+                                     "which Core ML inputs cannot carry")
+                x = x.astype(np.int32)
+            else:
+                x = x.astype(np.float32)
+            feeds[i["coreml_name"]] = x
+        out = self.executor.run(feeds)
+        return {o["name"]: out[o["coreml_name"]].astype(np.float32 if o["coreml_dtype"] == "float32" else np.int64)
+                for o in self._outputs}
+
+    def describe(self):
+        return {"kind": self.kind, "label": self.label, "path": str(self.path), "compute_precision": self.precision}
+
+
+def _from_spec(spec, kind: str) -> list[dict]:
+    """I/O of a package edgeq did not write: names and dtypes from the Core ML description."""
+    items = spec.description.input if kind == "input" else spec.description.output
+    out = []
+    for f in items:
+        arr = f.type.multiArrayType
+        dtype = "int32" if arr.dataType == arr.INT32 else "float32"
+        shape = list(arr.shape) or [f"{f.name}_dim{i}" for i in range(len(arr.shape))]
+        out.append({"name": f.name, "coreml_name": f.name, "onnx_dtype": dtype, "coreml_dtype": dtype,
+                    "shape": shape})
+    return out
+
+
+def coreml_predict_available() -> tuple[bool, str]:
+    """Whether Core ML's own ``predict`` can run here, and why not."""
+    if sys.platform != "darwin":
+        return False, f"Core ML runs only on macOS (this is {sys.platform})"
+    try:
+        from coremltools import libcoremlpython  # noqa: F401
+    except ImportError as e:
+        return False, f"coremltools has no Core ML bindings here ({e})"
+    return True, ""
+
+
+def coreml_predict(path: str | os.PathLike, feeds: dict[str, np.ndarray], compute_units: str = "CPU_ONLY") -> dict:
+    """Core ML's own prediction (macOS only), by Core ML feature name."""
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
+    return model.predict(feeds)

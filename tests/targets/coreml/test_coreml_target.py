@@ -1,0 +1,193 @@
+"""The ios17/ios18 targets on tiny models: exact weights, pre-flight, shapes, metadata, runner."""
+
+import json
+import sys
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from coreml_models import ort_run, rng_array, single_op
+from onnx import numpy_helper
+
+from edgeq import api
+from edgeq.errors import InputError, UnsupportedError
+from edgeq.validate.metrics import sqnr_db
+from targets.coreml import IOS17Target, IOS18Target
+from targets.coreml.executor import load_program
+from targets.coreml.lower.context import mil_name
+from targets.coreml.runner import MLPackageRunner, coreml_predict_available
+
+TEXT = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (int64[batch, 5] ids, float[batch, 48, 6, 6] img) => (float[batch, 8] y, float[batch, 16, 4, 4] z)
+<float[50, 64] emb = {%s}, float[64, 96] w = {%s}, float[8, 96] g = {%s}, float[16, 48, 3, 3] k = {%s}>
+{
+    e = Gather <axis = 0> (emb, ids)
+    h = MatMul (e, w)
+    m = ReduceMean <keepdims = 0> (h, axes1)
+    y = Gemm <transB = 1> (m, g)
+    z = Conv (img, k)
+}
+"""
+
+
+def _tiny(tmp_path):
+    rng = np.random.default_rng(0)
+    vals = [rng.standard_normal(n).astype(np.float32) for n in (50 * 64, 64 * 96, 8 * 96, 16 * 48 * 9)]
+    text = TEXT % tuple(", ".join(f"{v:.4f}" for v in a) for a in vals)
+    text = text.replace("{\n    e =", "{\n    axes1 = Constant <value = int64[1] {1}> ()\n    e =")
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "tiny.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+FEED = {"ids": np.array([[1, 7, 3, 49, 0], [5, 5, 12, 30, 2]], np.int64), "img": rng_array((2, 48, 6, 6), 3)}
+
+
+def _weights_by_name(pkg):
+    prog, _ = load_program(pkg)
+    return {op.name: op for op in prog.functions["main"].operations if op.op_type.startswith("constexpr_")}
+
+
+@pytest.mark.parametrize("target_cls,recipe", [(IOS17Target, "w8a16"), (IOS18Target, "w8a16"), (IOS18Target, "w4a16")])
+def test_saved_package_carries_the_qdq_integers_and_scales_bit_for_bit(tmp_path, target_cls, recipe):
+    target = target_cls()
+    qdq = tmp_path / "tiny.qdq.onnx"
+    api.quantize(_tiny(tmp_path), qdq, recipe, profile=target.name)
+    res = target.package(qdq, tmp_path / "pkg")
+    constexprs = _weights_by_name(res.model_file)
+    model = onnx.load(str(qdq))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(dqs) == 4
+    for n in dqs:
+        op = constexprs[mil_name(n.output[0])]
+        data = inits[n.input[0]]
+        scale = inits[n.input[1]]
+        if target.deployment == 17:
+            assert op.op_type == "constexpr_affine_dequantize"
+            got_q, got_s = op.quantized_data.val, op.scale.val
+            assert not op.zero_point.val.any()
+        else:
+            assert op.op_type == "constexpr_blockwise_shift_scale"
+            got_q, got_s = op.data.val, op.scale.val
+        want_q = data.astype(np.int8) if data.dtype == np.dtype(ml_dtypes.int4) else data
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        got_q = got_q[tuple(slice(0, d) for d in want_q.shape)]  # a padded partial block ends in zeros
+        assert np.array_equal(np.asarray(got_q).astype(np.int8), want_q.astype(np.int8)), n.name
+        assert got_s.dtype == np.float32
+        assert np.array_equal(got_s.reshape(-1).view(np.uint32), scale.reshape(-1).view(np.uint32)), n.name
+        assert axis is not None
+    # and the package computes what the QDQ ONNX computes (fp16 compute: ≥ 45 dB)
+    runner = MLPackageRunner(res.model_file)
+    got = runner.run(FEED)
+    want = dict(zip(["y", "z"], ort_run(model, FEED)))
+    for k in ("y", "z"):
+        assert sqnr_db(want[k], got[k]) >= 45, k
+
+
+def test_int4_on_ios17_fails_preflight_naming_the_node_and_writes_nothing(tmp_path):
+    qdq = tmp_path / "tiny.w4.onnx"
+    api.quantize(_tiny(tmp_path), qdq, "w4a16")  # the default profile keeps int4
+    out = tmp_path / "pkg"
+    with pytest.raises(UnsupportedError, match="int4 block weights need iOS 18") as e:
+        IOS17Target().package(qdq, out)
+    assert "DequantizeLinear" in str(e.value) and "_dequantize" in str(e.value)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".pkg")]
+
+
+def test_ios17_profile_falls_back_int4_to_int8_and_says_why(tmp_path):
+    res = api.quantize(_tiny(tmp_path), None, "w4a16", profile="ios17")
+    assert {d.format.value for d in res.plan.weights} == {"int8"}
+    assert all("iOS 17" in d.reason and "fell back" in d.reason for d in res.plan.weights)
+    res = api.quantize(_tiny(tmp_path), None, "mxfp4", profile="ios18")
+    assert all("no 4-bit float" in d.reason for d in res.plan.weights)
+
+
+def test_unlowerable_op_is_named_before_anything_is_written(tmp_path):
+    model, _ = single_op("Det", {"x": ("input", rng_array((3, 3), 1))})
+    path = tmp_path / "det.onnx"
+    onnx.save(model, str(path))
+    problems = IOS18Target().preflight(model)
+    assert [(p.node, p.op_type) for p in problems] == [("det_node", "Det")]
+    with pytest.raises(UnsupportedError, match="det_node.*Det"):
+        IOS18Target().package(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+SHAPE_TEXT = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[batch, sequence, 8] x) => (float[batch, sequence, 2, 4] y)
+{
+    s = Shape <end = 2> (x)
+    tail = Constant <value = int64[2] {2, 4}> ()
+    shp = Concat <axis = 0> (s, tail)
+    y = Reshape (x, shp)
+}
+"""
+
+
+@pytest.mark.parametrize("shapes,has_shape_op", [(None, True), ({"batch": 2, "sequence": 3}, False)])
+def test_shape_subgraphs_fold_for_fixed_shapes_and_stay_dynamic_otherwise(tmp_path, shapes, has_shape_op):
+    path = tmp_path / "shape.onnx"
+    onnx.save(onnx.parser.parse_model(SHAPE_TEXT), str(path))
+    res = IOS18Target(shapes=shapes).package(path, tmp_path / "pkg")
+    assert ("shape" in res.manifest["mil_ops"]) is has_shape_op
+    x = rng_array((2, 3, 8), 1)
+    got = MLPackageRunner(res.model_file).run({"x": x})["y"]
+    assert np.array_equal(got, x.astype(np.float16).astype(np.float32).reshape(2, 3, 2, 4))
+
+
+def test_metadata_readme_and_manifest(tmp_path):
+    qdq = tmp_path / "tiny.qdq.onnx"
+    api.quantize(_tiny(tmp_path), qdq, "w8a16", profile="ios17")
+    res = api.package(qdq, "ios17", tmp_path / "pkg")
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(res.model_file))
+    meta = dict(spec.description.metadata.userDefined)
+    assert meta["edgeq.compute_precision"] == "fp16" and meta["edgeq.deployment_target"] == "iOS17"
+    assert json.loads(meta["edgeq.quantization"])["weights"] == {"int8": 4}
+    assert [i["name"] for i in json.loads(meta["edgeq.inputs"])] == ["ids", "img"]
+    assert {f.name: f.shortDescription for f in spec.description.input}["ids"].startswith("int32 [batch 1..1024, 5]")
+    readme = (res.path / "README.md").read_text()
+    assert "import CoreML" in readme and '"ids": MLFeatureValue' in readme and "iOS17" in readme
+    assert res.manifest["runtime"]["minimum_ios"] == "17.0"
+    assert set(res.manifest["files"]) >= {"tiny.mlpackage/Manifest.json", "README.md"}
+
+
+def test_fp32_compute_on_request(tmp_path):
+    model, feed = single_op("Gelu", {"x": ("input", rng_array((4, 5), 1))})
+    path = tmp_path / "gelu.onnx"
+    onnx.save(model, str(path))
+    res = IOS18Target(compute="fp32").package(path, tmp_path / "pkg")
+    assert "cast" not in res.manifest["mil_ops"]
+    assert sqnr_db(ort_run(model, feed)[0], MLPackageRunner(res.model_file).run(feed)["y"]) >= 90
+    with pytest.raises(InputError, match="compute precision"):
+        IOS18Target(compute="bf16")
+
+
+def test_runner_checks_flexible_ranges_and_int32(tmp_path):
+    path = tmp_path / "shape.onnx"
+    onnx.save(onnx.parser.parse_model(SHAPE_TEXT), str(path))
+    res = IOS18Target(shapes={"sequence": (1, 4)}).package(path, tmp_path / "pkg")
+    runner = MLPackageRunner(res.model_file)
+    assert [str(s) for s in runner.input_specs] == ["x:float32[batch,sequence,8]"]
+    with pytest.raises(InputError, match="outside the package's range 1..4"):
+        runner.run({"x": rng_array((1, 5, 8), 1)})
+
+
+@pytest.mark.skipif(not coreml_predict_available()[0], reason=coreml_predict_available()[1] or "n/a")
+def test_coreml_predict_matches_the_reference_executor(tmp_path):  # pragma: no cover - macOS only
+    from targets.coreml.runner import coreml_predict
+
+    qdq = tmp_path / "tiny.qdq.onnx"
+    api.quantize(_tiny(tmp_path), qdq, "w8a16", profile="ios18")
+    res = IOS18Target().package(qdq, tmp_path / "pkg")
+    ref = MLPackageRunner(res.model_file).run(FEED)
+    got = coreml_predict(res.model_file, {"ids": FEED["ids"].astype(np.int32), "img": FEED["img"]})
+    for k in ("y", "z"):
+        assert sqnr_db(ref[k], got[k]) >= 40
