@@ -103,6 +103,11 @@ def cmd_quantize(args) -> int:
         s = res.plan.summary()
         _say(f"weights: {', '.join(f'{k} {v}' for k, v in s['weights'].items()) or 'none'}; "
              f"{s['fallbacks']} fell back; {s['float_nodes']} nodes float")
+        if res.calibration is not None:
+            acts = ", ".join(f"{k} {v}" for k, v in s.get("activations", {}).items()) or "none"
+            _say(f"calibration: {res.calibration.batches} batches, {res.calibration.samples} samples; "
+                 f"activations quantized: {acts}; integer ops: {s.get('integer_ops', 0)}; "
+                 f"bias-corrected: {s.get('bias_corrected', 0)}")
     if args.json:
         from edgeq.validate.report import write_json
 

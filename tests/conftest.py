@@ -34,6 +34,27 @@ def effnet_onnx(e2e_dir):
     return _export(e2e_dir, "efficientnet_lite0")
 
 
+@pytest.fixture(scope="session")
+def qdq_model(e2e_dir, request):
+    """``qdq_model("minilm", "w8a8")``: a real sample quantized once per session with the CLI
+    (activation recipes calibrate on the sample's calibration split)."""
+    from edgeq.cli import main
+
+    sources = {"minilm": "minilm_onnx", "efficientnet_lite0": "effnet_onnx"}
+
+    def get(name: str, recipe: str):
+        path = e2e_dir / f"{name}.{recipe}.onnx"
+        if not path.exists():
+            src = request.getfixturevalue(sources[name])
+            argv = ["quantize", str(src), "--recipe", recipe, "-o", str(path)]
+            if recipe == "w8a8":
+                argv += ["--calib", name]
+            assert main(argv) == 0
+        return path
+
+    return get
+
+
 @pytest.fixture
 def mlp_onnx(tmp_path):
     """A 2-layer MLP as ONNX (input x: float[batch,4], output y: float[batch,3])."""

@@ -257,7 +257,7 @@ def _weight_problems(model: onnx.ModelProto, profile: TargetProfile) -> tuple[li
         fmt = _WEIGHT_FORMATS.get(dtype)
         unstorable = dtype not in storable
         for user in consumers.get(name, []):
-            if user.op_type == "DequantizeLinear" and user.input[0] == name:
+            if user.op_type == "DequantizeLinear" and name in (user.input[0], *user.input[2:3]):  # data, zero point
                 targets = [(c, c.op_type) for c in consumers.get(user.output[0], [])]
             elif user.op_type == "GatherBlockQuantized" and user.input[0] == name:
                 targets = [(user, "Gather")]
