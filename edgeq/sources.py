@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -19,6 +19,32 @@ from edgeq.errors import InputError
 from edgeq.specs import TensorSpec
 
 TASKS = ("generic", "classification", "embedding")
+
+
+class LazyFeeds:
+    """Feeds made batch by batch when iterated (again on every iteration), with a known length.
+
+    Calibration streams them, so a large data set never sits in memory at once.
+    """
+
+    def __init__(self, make: Callable[[], Iterator[dict[str, np.ndarray]]], length: int):
+        self._make = make
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self._make()
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not -self._length <= index < self._length:
+            raise IndexError(index)
+        index %= self._length
+        for i, feed in enumerate(self._make()):
+            if i == index:
+                return feed
+        raise IndexError(index)
 
 
 class Sample(ABC):
@@ -40,8 +66,8 @@ class Sample(ABC):
         """Inputs of the model, in ``forward`` order, with dynamic axes named."""
 
     @abstractmethod
-    def feeds(self, split: str, **options) -> list[dict[str, np.ndarray]]:
-        """The ``calibration`` or ``evaluation`` set as a list of feeds."""
+    def feeds(self, split: str, **options) -> Sequence[dict[str, np.ndarray]]:
+        """The ``calibration`` or ``evaluation`` set: a list of feeds, or a :class:`LazyFeeds`."""
 
     def example_inputs(self) -> dict[str, np.ndarray]:
         """Inputs used to trace the model: the first evaluation feed by default."""

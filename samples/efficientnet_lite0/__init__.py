@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import InputError
-from edgeq.sources import Sample
+from edgeq.sources import LazyFeeds, Sample
 from edgeq.specs import TensorSpec
 
 SIZE = 224
@@ -123,8 +123,22 @@ class EfficientNetLite0Sample(Sample):
         if unknown:
             raise InputError(f"sample efficientnet_lite0 has no data option {sorted(unknown)[0]!r}",
                              hint="options: crops, batch")
-        images = self.images(split, count)
-        return [{"image": images[i : i + batch]} for i in range(0, len(images), batch)]
+        self.check_split(split)
+        names = CALIBRATION_PHOTOS if split == "calibration" else EVALUATION_PHOTOS
+        seed = 0 if split == "calibration" else 1
+
+        def batches():  # one photo's crops in memory at a time
+            rng = np.random.default_rng(seed)
+            pending: list[np.ndarray] = []
+            for n in names:
+                pending += crops(photo(n), count, rng)
+                while len(pending) >= batch:
+                    yield {"image": np.stack(pending[:batch])}
+                    pending = pending[batch:]
+            if pending:
+                yield {"image": np.stack(pending)}
+
+        return LazyFeeds(batches, -(-len(names) * count // batch))
 
     def example_inputs(self):
         return {"image": self.images("calibration", 1)[:2]}
