@@ -24,6 +24,7 @@ from edgeq.quant.formats import (
     QuantizedTensor,
     pack_4bit,
     quantize_int4_blockwise,
+    quantize_int4_blockwise_asymmetric,
     quantize_int8_per_channel,
     quantize_int8_symmetric_per_tensor,
     quantize_mxfp4,
@@ -234,14 +235,18 @@ def test_block_larger_than_the_axis_is_one_block():
 
 def _dq_model(q: QuantizedTensor, opset: int, *, scale: np.ndarray | None = None, **extra) -> onnx.ModelProto:
     """One DequantizeLinear node over initializers holding ``q`` in its ONNX form."""
-    data = q.data.astype(ml_dtypes.int4) if q.dtype == "int4" else q.data
-    inits = [onh.from_array(data, "W"), onh.from_array(q.scale if scale is None else scale, "S")]
+    store = (lambda a: a.astype(ml_dtypes.int4)) if q.dtype == "int4" else (lambda a: a)
+    inits = [onh.from_array(store(q.data), "W"), onh.from_array(q.scale if scale is None else scale, "S")]
+    inputs = ["W", "S"]
+    if q.zero_point is not None:
+        inits.append(onh.from_array(store(q.zero_point), "Z"))
+        inputs.append("Z")
     attrs = dict(extra)
     if q.axis is not None:
         attrs["axis"] = q.axis
     if q.block_size is not None:
         attrs["block_size"] = q.block_size
-    node = oh.make_node("DequantizeLinear", ["W", "S"], ["Y"], **attrs)
+    node = oh.make_node("DequantizeLinear", inputs, ["Y"], **attrs)
     y = oh.make_tensor_value_info("Y", TensorProto.FLOAT, list(q.data.shape))
     graph = oh.make_graph([node], "dq", [], [y], initializer=inits)
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=10 if opset <= 21 else 11)
@@ -270,6 +275,9 @@ _INT4_CASES = {
     "matmul_k_axis0_partial": quantize_int4_blockwise(_rng.standard_normal((80, 24)).astype(np.float32), 0, 32),
     "embedding_d_axis1_partial": quantize_int4_blockwise(_rng.standard_normal((9, 72)).astype(np.float32), 1, 32),
     "clip_search": quantize_int4_blockwise(_rng.standard_normal((64, 16)).astype(np.float32), 0, 16, clip_search=True),
+    "asymmetric_partial": quantize_int4_blockwise_asymmetric(_rng.standard_normal((80, 24)).astype(np.float32), 0, 32),
+    "asymmetric_one_sided": quantize_int4_blockwise_asymmetric(np.abs(_rng.standard_normal((64, 8))).astype(np.float32),
+                                                               0, 32, clip_search=False),
 }
 
 
@@ -281,6 +289,38 @@ def test_dequantize_matches_onnx_reference_and_onnxruntime(case):
     # threshold: bit-exact in both (same float32 formula)
     np.testing.assert_array_equal(_reference(model), ours, strict=True)
     np.testing.assert_array_equal(_onnxruntime(model), ours, strict=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(weights, st.data())
+def test_asymmetric_int4_round_trip_within_half_a_step(w, data):
+    axis = data.draw(st.integers(0, w.ndim - 1))
+    block = data.draw(st.integers(1, 48))
+    q = quantize_int4_blockwise_asymmetric(w, axis, block, clip_search=False)
+    dq = q.dequantize()
+    assert q.zero_point is not None and q.zero_point.shape == q.scale.shape
+    assert q.data.min() >= -8 and q.data.max() <= 7 and q.zero_point.min() >= -8 and q.zero_point.max() <= 7
+    # threshold: without clipping every value lies in its block's grid: |w - dq| <= scale/2 (+ float32 slack)
+    err = np.abs(w.astype(np.float64) - dq)
+    slack = _rounding_slack(dq) + 1e-6 * _expanded_scale(q)  # the scale itself is rounded to float32
+    assert np.all(err <= _expanded_scale(q) / 2 + slack)
+
+
+def test_asymmetric_int4_beats_symmetric_on_one_sided_blocks():
+    w = np.abs(np.random.default_rng(11).standard_normal((256, 32))).astype(np.float32)  # e.g. after a ReLU
+    sym = sqnr_db(w, quantize_int4_blockwise(w, 0, 32, clip_search=True).dequantize())
+    asym = sqnr_db(w, quantize_int4_blockwise_asymmetric(w, 0, 32).dequantize())
+    assert asym >= sym + 4  # 16 levels over [0, max] instead of 8: measured about +6 dB
+
+
+def test_float16_scales_match_dequantize_linear_23_output_dtype():
+    w = np.random.default_rng(12).standard_normal((12, 96)).astype(np.float32)
+    q = quantize_int4_blockwise(w, 1, 32, clip_search=True, scale_dtype=np.float16)
+    assert q.scale.dtype == np.float16
+    model = _dq_model(q, 23, output_dtype=TensorProto.FLOAT)
+    # threshold: bit-exact in both (float16 scale widened to float32, then the same product)
+    np.testing.assert_array_equal(_reference(model), q.dequantize(), strict=True)
+    np.testing.assert_array_equal(_onnxruntime(model), q.dequantize(), strict=True)
 
 
 @settings(max_examples=30, deadline=None)
