@@ -66,6 +66,7 @@ class Bench:
         self.nncf_python: str | None = None
         self.nncf_status = "not requested"
         self.started = time.time()
+        self.env_start = environment()
 
     # ---- setup ----------------------------------------------------------------------------
 
@@ -128,8 +129,9 @@ class Bench:
                         "hint": res.get("hint"), "traceback": res.get("traceback")})
             return row
         row.update({
-            "ok": True, "time_s": res["quantize_s"], "prep_s": res.get("prep_s"), "rss_before_mb": res.get("rss_before_mb"),
-            "size_bytes": res["size_bytes"], "ideal_bytes": res["ideal_bytes"], "quantized_weights": res["quantized_weights"],
+            "ok": True, "time_s": res["quantize_s"], "prep_s": res.get("prep_s"),
+            "rss_before_mb": res.get("rss_before_mb"), "size_bytes": res["size_bytes"],
+            "ideal_bytes": res["ideal_bytes"], "quantized_weights": res["quantized_weights"],
             "tool_ideal_bytes": res.get("tool_ideal_bytes"), "notes": res.get("notes", []),
             "plan": res.get("plan"), "calibration": res.get("calibration"),
         })
@@ -152,8 +154,9 @@ class Bench:
             err = o.killed or (f"{r.get('error_type')}: {r.get('error')}" if r.get("error") else log_tail(o.log, 3))
             return {"eval_ok": False, "eval_error": f"ORT cannot run it: {err}"}
         r = o.result
-        return {"eval_ok": True, "fidelity": r["fidelity"], "latency": r["latency"], "optimized_ops": r["optimized_ops"],
-                "session_load_s": r["session_load_s"], "session_note": r.get("session_note")}
+        return {"eval_ok": True, "fidelity": r["fidelity"], "latency": r["latency"],
+                "optimized_ops": r["optimized_ops"], "session_load_s": r["session_load_s"],
+                "session_note": r.get("session_note")}
 
     def record(self, row: dict) -> None:
         self.rows.append(row)
@@ -163,7 +166,8 @@ class Bench:
     def run_model(self, model: str, methods: list[str]) -> None:
         say(f"\n== {model} ==")
         info = self.models[model]
-        fp32 = {"method": "fp32", "model": model, "tool": "-", "summary": "the float export (latency row: fp32 vs itself)",
+        fp32 = {"method": "fp32", "model": model, "tool": "-",
+                "summary": "the float export (latency row: fp32 against itself)",
                 "ok": True, "size_bytes": info["size_bytes"], "ideal_bytes": info["ideal_bytes"]}
         fp32.update(self.evaluate(model, info["path"], f"{model}-fp32-eval"))
         self.record(fp32)
@@ -204,7 +208,8 @@ class Bench:
             return
         out = {
             "config": {k: v for k, v in vars(self.args).items()},
-            "environment": environment(),
+            "environment": self.env_start,
+            "environment_now": environment(),  # the tree may change under a long run
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started)),
             "elapsed_s": time.time() - self.started,
             "nncf": self.nncf_status,
@@ -244,7 +249,8 @@ def format_row(row: dict) -> list[str]:
     lat = row.get("latency")
     speed = f"{lat['speedup']:.2f}x ({lat['cand_ms']:.1f} ms)" if lat else "-"
     if not row["ok"]:
-        return [name, row["model"], "-", _num(row.get("peak_rss_mb"), ".0f"), "-", "-", "FAILED: " + row["error"][:60], "-"]
+        return [name, row["model"], "-", _num(row.get("peak_rss_mb"), ".0f"), "-", "-",
+                "FAILED: " + row["error"][:60], "-"]
     fid = _fidelity(row) if row.get("eval_ok", True) else "FAILED to run: " + row["eval_error"][:50]
     return [name, row["model"], _num(row.get("time_s"), ".1f"), _num(row.get("peak_rss_mb"), ".0f"),
             _num(row["size_bytes"] / MB, ".2f"), _num(row["ideal_bytes"] / MB, ".2f"), fid, speed]
@@ -323,22 +329,28 @@ def report(bench: Bench) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="methods: " + ", ".join(METHODS))
-    ap.add_argument("--work", default="/tmp/edgeq-bench", help="work folder: exported models, data, outputs, logs (reused)")
+    ap.add_argument("--work", default="/tmp/edgeq-bench",
+                    help="work folder: exported models, data, outputs, logs (reused)")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated; default {','.join(MODELS)}")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated; default: all")
     ap.add_argument("--json", help="write the results as JSON here (updated after every row)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 3 evaluation batches, 10 latency runs, no RSS study")
-    ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for the latency/fidelity sessions (default 1)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 3 evaluation batches, 10 latency runs, no RSS study")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="ORT intra-op threads for the latency/fidelity sessions (default 1)")
     ap.add_argument("--latency-runs", type=int, help="timed batch-1 runs per model (default 100; --quick 10)")
     ap.add_argument("--eval-batches", type=int, help="limit evaluation batches (default all; --quick 3)")
     ap.add_argument("--rss-samples", default=None,
                     help="calibration sample counts for the peak-RSS study of edgeq-w8a8 and ort-static-minmax "
                          "(default 100,400; '' or --quick: skip)")
-    ap.add_argument("--max-rss-gb", type=float, default=10.0, help="kill a job whose resident memory passes this (default 10)")
+    ap.add_argument("--max-rss-gb", type=float, default=10.0,
+                    help="kill a job whose resident memory passes this (default 10)")
     ap.add_argument("--timeout", type=float, default=1800, help="kill a job running longer than this many seconds")
-    ap.add_argument("--nncf-python", help="a Python interpreter that imports nncf (default: this one, or <work>/nncf-venv)")
+    ap.add_argument("--nncf-python",
+                    help="a Python interpreter that imports nncf (default: this one, or <work>/nncf-venv)")
     ap.add_argument("--setup-nncf", action="store_true",
                     help="install NNCF into <work>/nncf-venv if pip can do it without replacing torch")
     args = ap.parse_args(argv)

@@ -111,6 +111,7 @@ def calibrate(
     unusable: set[str] = set()
     stream = stream_feeds(feeds, specs, source=source)
     first = next(stream)  # validates before the (slow) session build; raises on an empty source
+    _return_large_blocks_to_os()
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
@@ -143,15 +144,15 @@ def calibrate(
                 a = np.where(keep, a, 0.0).reshape(-1, a.shape[-1]).max(axis=0)
                 absmax[name] = a if name not in absmax else np.maximum(absmax[name], a)
             for name in means:
-                x = np.asarray(got[name], np.float64)
+                x = np.asarray(got[name])
                 if x.ndim < 2:
                     continue
-                x = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
                 if name in sums and sums[name].shape[0] != x.shape[1]:
                     unusable.add(name)  # axis 1 is not a channel axis here (it changes size)
                     continue
-                sums[name] = sums.get(name, 0.0) + x.sum(axis=0)
-                counts[name] = counts.get(name, 0) + x.shape[0]
+                other = tuple(i for i in range(x.ndim) if i != 1)
+                sums[name] = sums.get(name, 0.0) + np.add.reduce(x, axis=other, dtype=np.float64)
+                counts[name] = counts.get(name, 0) + x.size // x.shape[1]
             batches += 1
             first_input = next(iter(feed.values()))
             samples += int(first_input.shape[0]) if first_input.ndim else 1
@@ -168,6 +169,23 @@ def calibrate(
     state = sum(ob.state_nbytes() for ob in observers.values()) + sum(a.nbytes for a in absmax.values())
     mean = {k: (v / counts[k]).astype(np.float32) for k, v in sums.items() if k not in unusable}
     return CalibrationTable(ranges, batches, samples, digest.hexdigest(), state, absmax, mean, frozenset(masked))
+
+
+def _return_large_blocks_to_os() -> None:
+    """Ask glibc to mmap blocks above 128 KB, so each batch's activations go back to the OS on free.
+
+    Without it the heap fragments under batch-sized temporaries of varying size and the peak RSS
+    creeps up with the number of batches (measured: EfficientNet-Lite0 calibration 1.13 GB at
+    100 samples, 1.41 GB at 400; flat with this). Not glibc: nothing to do.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _chain(first, rest):

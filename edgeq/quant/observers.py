@@ -78,6 +78,15 @@ class Observer(ABC):
     def update(self, x: np.ndarray) -> None:
         """Fold one batch (any shape, any real dtype) into the statistics."""
         values = _as_float_array(x, self.name).reshape(-1)
+        if values.size == 0:
+            return
+        lo, hi = float(values.min()), float(values.max())  # NaN propagates into both
+        if -MASK_THRESHOLD < lo and hi < MASK_THRESHOLD:  # the common case: nothing to drop, no copy
+            self.seen += values.size
+            self._min = min(self._min, lo)
+            self._max = max(self._max, hi)
+            self._accumulate(values)
+            return
         # One comparison drops NaN, ±inf and masking constants alike (NaN compares False).
         keep = np.abs(values) < MASK_THRESHOLD
         kept = int(np.count_nonzero(keep))

@@ -56,21 +56,22 @@ class LazyFeeds:
                 yield {k: z[k] for k in z.files}
 
 
-def _write(folder: Path, feeds: list[dict[str, np.ndarray]], desc: str) -> dict:
+def _write(folder: Path, feeds, desc: str) -> dict:
+    """Write each feed of ``feeds`` (any iterable of dicts) as one .npz, then the meta; atomically."""
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     for old in tmp.glob("*.npz"):
         old.unlink()
+    count = samples = 0
+    shapes, dtypes = set(), set()
     for i, feed in enumerate(feeds):
         np.savez(tmp / f"{i:05d}.npz", **feed)
-    first = next(iter(feeds[0].values()))
-    meta = {
-        "desc": desc,
-        "feeds": len(feeds),
-        "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds)),
-        "shapes": sorted({str(list(next(iter(f.values())).shape)) for f in feeds}),
-        "dtype": str(first.dtype),
-    }
+        first = np.asarray(next(iter(feed.values())))
+        count, samples = count + 1, samples + int(first.shape[0])
+        shapes.add(str(list(first.shape)))
+        dtypes.add(str(first.dtype))
+    meta = {"desc": desc, "feeds": count, "samples": samples, "shapes": sorted(shapes),
+            "dtype": ",".join(sorted(dtypes))}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     tmp.rename(folder)
     return meta
@@ -102,7 +103,8 @@ def _minilm_sets(rss_counts: list[int]) -> dict:
     for n in rss_counts:
         chosen = [texts[i % len(texts)] for i in range(n)]
         sets[f"rss{n}"] = (lambda chosen=chosen: [minilm.tokenize(chosen[i : i + 8]) for i in range(0, len(chosen), 8)],
-                           f"{n} calibration sentences (the 200 {'repeated' if n > len(texts) else 'cut'}), batches of 8")
+                           f"{n} calibration sentences (the 200 {'repeated' if n > len(texts) else 'cut'}), "
+                           "batches of 8")
     return sets
 
 
@@ -114,8 +116,10 @@ def _efficientnet_sets(rss_counts: list[int]) -> dict:
     photos = len(eff.CALIBRATION_PHOTOS)
     sets = {
         "calib": (lambda: s.feeds("calibration"), f"calibration split: {photos} photos x 12 crops, batches of 8"),
-        "calib_b1": (lambda: s.feeds("calibration", batch="1"), f"calibration split: {photos} photos x 12 crops, one per feed"),
-        "eval": (lambda: s.feeds("evaluation"), f"evaluation split: {len(eff.EVALUATION_PHOTOS)} other photos x 12 crops, batches of 8"),
+        "calib_b1": (lambda: s.feeds("calibration", batch="1"),
+                     f"calibration split: {photos} photos x 12 crops, one per feed"),
+        "eval": (lambda: s.feeds("evaluation"),
+                 f"evaluation split: {len(eff.EVALUATION_PHOTOS)} other photos x 12 crops, batches of 8"),
         "latency": (lambda: [{"image": s.images("evaluation", 1)[:1]}], "one evaluation crop (batch 1)"),
     }
     for n in rss_counts:

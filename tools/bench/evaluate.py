@@ -68,7 +68,7 @@ def latency(ref, cand, feed: dict, runs: int, warmup: int = 5) -> dict:
     fp32_ms = statistics.median(times["fp32"]) * 1e3
     cand_ms = statistics.median(times["cand"]) * 1e3
     return {"fp32_ms": fp32_ms, "cand_ms": cand_ms, "speedup": fp32_ms / cand_ms, "runs": runs,
-            "cand_ms_p10_p90": [float(np.percentile(times["cand"], 10) * 1e3), float(np.percentile(times["cand"], 90) * 1e3)]}
+            "cand_ms_p10_p90": [float(np.percentile(times["cand"], q) * 1e3) for q in (10, 90)]}
 
 
 def optimized_ops(path: str, threads: int, level: str = "ORT_ENABLE_ALL", disabled=()) -> dict:

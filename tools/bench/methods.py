@@ -83,7 +83,8 @@ def _ort_preprocess(src: str, dst: Path) -> tuple[str, float, list[str]]:
         try:
             quant_pre_process(src, str(dst), skip_symbolic_shape=True)
         except Exception as e2:
-            notes.append(f"ORT pre-processing failed again ({type(e2).__name__}: {_first_line(e2)}); quantizing the raw export")
+            notes.append(f"ORT pre-processing failed again ({type(e2).__name__}: {_first_line(e2)}); "
+                         "quantizing the raw export")
             return src, time.perf_counter() - t0, notes
     return str(dst), time.perf_counter() - t0, notes
 
@@ -129,7 +130,8 @@ def _ort_with_prep(quantize: Callable[[str, dict], None]) -> Callable[[dict], di
 
 def _ort_static(method_name: str) -> Callable[[dict], dict]:
     def quantize(src: str, job: dict) -> None:
-        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                              quantize_static)
 
         reader = type("Reader", (_Reader, CalibrationDataReader), {})(job["calib_dir"])
         quantize_static(src, job["out_path"], reader, quant_format=QuantFormat.QDQ, per_channel=True,
@@ -188,7 +190,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _edgeq("w8a8"), calibrated=True),
     Method("edgeq-w8a16", "edgeq", "edgeq W8A16: int8 per-channel weights only", _edgeq("w8a16")),
     Method("edgeq-w4a16", "edgeq", "edgeq W4A16: int4 block 32 weights (embeddings too)", _edgeq("w4a16", block=32)),
-    Method("edgeq-mxfp4", "edgeq", "edgeq MXFP4: fp4 e2m1 + power-of-two scale per 32 (falls back where ORT can't run it)",
+    Method("edgeq-mxfp4", "edgeq",
+           "edgeq MXFP4: fp4 e2m1 + power-of-two scale per 32 (falls back where ORT can't run it)",
            _edgeq("mxfp4")),
     Method("ort-static-minmax", "onnxruntime", "ORT quantize_static QDQ per-channel, MinMax (w int8, a uint8)",
            _ort_static("MinMax"), calibrated=True),

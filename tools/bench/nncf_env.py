@@ -47,8 +47,8 @@ def setup(work: Path, log=print) -> tuple[str | None, str]:
     """Install NNCF into ``<work>/nncf-venv`` unless that would bring another torch."""
     report = work / "nncf-dry-run.json"
     log("  NNCF: asking pip (dry run) what `pip install nncf` would install beside this environment")
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report), "nncf"],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
+                        "nncf"], capture_output=True, text=True)
     if r.returncode != 0:
         return None, f"NNCF does not install here: pip (dry run) failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
     would = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}

@@ -78,7 +78,8 @@ def run_job(job: dict, job_dir: Path, *, python: str = sys.executable, max_rss_m
                 sampled_hwm[0] = max(sampled_hwm[0], st.get("VmHWM", 0) / 1024)
                 why = None
                 if rss > max_rss_mb:
-                    why = f"killed by the benchmark: resident memory passed the {max_rss_mb / 1024:.1f} GB cap (--max-rss-gb)"
+                    why = (f"killed by the benchmark: resident memory passed the {max_rss_mb / 1024:.1f} GB cap "
+                           "(--max-rss-gb)")
                 elif time.perf_counter() - t0 > timeout_s:
                     why = f"killed by the benchmark: still running after {timeout_s:.0f} s (--timeout)"
                 if why:
