@@ -124,9 +124,23 @@ def cmd_package(args) -> int:
         from edgeq.onnx_io import check_output_path
 
         check_output_path(args.json, force=True)  # an unwritable report path fails before the build
-    res = api.package(args.model, args.target, args.output, force=args.force)
+    target = args.target
+    options = _package_options(args)
+    if options:  # the target validates its own options; the core only passes them on
+        from edgeq import plugins
+
+        target = plugins.load_target(args.target)
+        if not callable(getattr(target, "configure", None)):
+            flags = ", ".join({"compute": "--compute", "shapes": "--shape"}[k] for k in options)
+            raise InputError(f"target {args.target} takes no packaging options (got {flags})",
+                             hint=f"drop {flags} for {args.target}")
+        target = target.configure(**options)
+    res = api.package(args.model, target, args.output, force=args.force)
     m = res.manifest
     _say(f"packaged {args.model} for {res.target} -> {res.path} in {res.seconds:.1f} s")
+    if m.get("compute_precision"):
+        flex = ", ".join(f"{k} {lo}..{hi}" for k, (lo, hi) in m.get("flexible_axes", {}).items())
+        _say(f"compute {m['compute_precision']}; flexible axes: {flex or 'none'}")
     for rel, size in m.get("file_bytes", {}).items():
         _say(f"  {rel:<28} {size / 1e6:8.2f} MB  sha256 {m['files'][rel][:12]}")
     rt = m.get("runtime", {})
@@ -139,6 +153,54 @@ def cmd_package(args) -> int:
                     "manifest": m}, args.json)
         _say(f"wrote {args.json}")
     return 0
+
+
+def cmd_build(args) -> int:
+    from edgeq.build import build, format_summary
+    from edgeq.validate import Thresholds
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    th = Thresholds(args.min_sqnr, args.min_cosine, args.min_top1_agreement)
+    res = build(args.model, targets=targets, recipe=args.recipe, calib=args.calib, data=args.data, output=args.output,
+                force=args.force, thresholds=th, inputs=args.input, limit=args.limit, calib_limit=args.calib_limit,
+                latency=not args.no_latency, verbose=args.verbose, progress=not args.no_progress, say=_say)
+    _say(format_summary(res))
+    if not res.passed:
+        failed = [f"{r['model']}: {', '.join(r['failed'])}" for r in res.summary if not r["passed"]]
+        raise ValidationFailed(f"validation failed: {'; '.join(failed)} (see {res.report})")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from edgeq.doctor import report
+
+    lines, _ = report()
+    _say("\n".join(lines))
+    return 0
+
+
+def _package_options(args) -> dict:
+    """Target options given on the command line (only those given): ``compute``, ``shapes``."""
+    options = {}
+    if args.compute is not None:
+        options["compute"] = args.compute
+    if args.shape:
+        shapes = {}
+        for text in args.shape:
+            name, sep, dims = text.partition("=")
+            lo, colon, hi = dims.partition(":")
+            try:
+                value = (int(lo), int(hi)) if colon else int(dims)
+            except ValueError:
+                value = None
+            if not sep or not name or value is None:
+                raise InputError(f"--shape {text!r} is not NAME=SIZE or NAME=LOWER:UPPER",
+                                 hint="e.g. --shape batch=1 --shape sequence=1:512")
+            if name in shapes:
+                raise InputError(f"--shape gives axis {name!r} twice")
+            shapes[name] = value
+        options["shapes"] = shapes
+    return options
 
 
 def cmd_samples(args) -> int:
@@ -219,7 +281,40 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("-o", "--output", required=True, help="the package folder to write")
     k.add_argument("--force", action="store_true", help="replace an existing output folder")
     k.add_argument("--json", metavar="PATH", help="also write the manifest and timings as JSON")
+    k.add_argument("--compute", metavar="PRECISION",
+                   help="compute precision, for targets that choose one (ios17/ios18: fp16, the default, or fp32)")
+    k.add_argument("--shape", action="append", metavar="AXIS=SIZE|AXIS=LO:HI",
+                   help="fix a named dynamic axis (batch=1) or bound its range (sequence=1:512), for targets "
+                        "that take shapes (ios17/ios18; axes not given stay flexible in 1..1024); repeatable")
     k.set_defaults(func=cmd_package)
+
+    b = sub.add_parser("build", parents=[common], help="model -> quantized, validated packages and a report",
+                       description="Export (PyTorch) or start from ONNX, quantize, package each target, validate "
+                                   "every package against the float model, and write an HTML report; all into "
+                                   "one folder, moved into place only when complete.")
+    b.add_argument("model", nargs="?", default=None,
+                   help="a sample name, a package.module:callable factory (with --input), or an .onnx file "
+                        "(default: the minilm sample)")
+    b.add_argument("--targets", default="android,ios18", help="comma-separated targets (default android,ios18)")
+    b.add_argument("--recipe", default="w8a8", help="w8a8, w8a16, w4a16, mxfp4, or a .toml recipe (default w8a8)")
+    b.add_argument("--calib", help="calibration data (default: the sample's calibration set)")
+    b.add_argument("--data", help="evaluation data (default: the sample's evaluation set)")
+    b.add_argument("-o", "--output", default="dist", help="the folder to write (default dist)")
+    b.add_argument("--input", action="append", metavar="SPEC", help="input specs for a PyTorch factory")
+    b.add_argument("--limit", type=int, help="validate on the first N evaluation feeds only")
+    b.add_argument("--calib-limit", type=int, help="calibrate on the first N calibration feeds only")
+    b.add_argument("--min-sqnr", type=float, metavar="DB", help="fail if any output's SQNR is below this")
+    b.add_argument("--min-cosine", type=float, metavar="C",
+                   help="fail if any output's mean cosine is below this (default: the recipe's, e.g. 0.99 for w8a8)")
+    b.add_argument("--min-top1-agreement", type=float, metavar="F",
+                   help="fail if top-1 agreement is below this (default 0.9 for a classifier)")
+    b.add_argument("--no-latency", action="store_true", help="skip the host latency measurement")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--force", action="store_true", help="replace an existing output folder")
+    b.set_defaults(func=cmd_build)
+
+    d = sub.add_parser("doctor", parents=[common], help="versions, targets, and what is missing")
+    d.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("samples", parents=[common], help="list the bundled samples")
     s.set_defaults(func=cmd_samples)

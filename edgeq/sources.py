@@ -37,7 +37,11 @@ class LazyFeeds:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self._make()
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            wanted = set(range(self._length)[index])
+            picked = {i: f for i, f in enumerate(self._make()) if i in wanted}
+            return [picked[i] for i in range(self._length)[index]]
         if not -self._length <= index < self._length:
             raise IndexError(index)
         index %= self._length

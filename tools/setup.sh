@@ -10,4 +10,13 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" -e ".[all]"
+# Debian's chromium: the HTML report's headless-browser test (tests/build/test_report_html.py)
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi
+    if ! { $SUDO apt-get install -y -qq chromium >/dev/null 2>&1 \
+           || { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq chromium >/dev/null 2>&1; }; }; then
+        echo "note: could not install chromium (apt-get install -y chromium); the report's browser test will skip"
+    fi
+fi
 echo "edgeq installed in .venv ($(.venv/bin/edgeq --version))"

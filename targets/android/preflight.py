@@ -257,7 +257,9 @@ def _weight_problems(model: onnx.ModelProto, profile: TargetProfile) -> tuple[li
         fmt = _WEIGHT_FORMATS.get(dtype)
         unstorable = dtype not in storable
         for user in consumers.get(name, []):
-            if user.op_type == "DequantizeLinear" and name in (user.input[0], *user.input[2:3]):  # data, zero point
+            if user.op_type == "DequantizeLinear" and name in user.input[2:3] and name != user.input[0]:
+                continue  # a zero point has its data's type: the data tensor speaks for both
+            if user.op_type == "DequantizeLinear" and user.input[0] == name:
                 targets = [(c, c.op_type) for c in consumers.get(user.output[0], [])]
             elif user.op_type == "GatherBlockQuantized" and user.input[0] == name:
                 targets = [(user, "Gather")]
@@ -303,6 +305,8 @@ def _unpacked_4bit(model: onnx.ModelProto, flagged: set[str]) -> list[Problem]:
         if name not in left or dtype in storable:
             continue
         for dq in consumers.get(name, []):
+            if dq.op_type == "DequantizeLinear" and dq.input[0] != name:
+                continue  # a zero point: reported with its data tensor
             for node in consumers.get(dq.output[0], []) if dq.op_type == "DequantizeLinear" else [dq]:
                 after = [c.op_type for c in consumers.get(node.output[0], [])]
                 why = (f" (ONNX Runtime does not fuse it when a {after[0]} follows)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from edgeq.errors import InputError
@@ -19,36 +20,63 @@ COMPUTE = ("fp16", "fp32")
 class CoreMLTarget(Target):
     """A Core ML ML program (``.mlpackage``) for one minimum iOS version.
 
-    Options: ``compute`` — ``"fp16"`` (default: what the GPU and Neural Engine run) or ``"fp32"``;
-    ``shapes`` — named dynamic axes fixed to a size (``{"batch": 1, "sequence": 128}``: every
-    Shape-driven subgraph folds away, the model can run on the Neural Engine) or given a
-    ``(lower, upper)`` range. Axes not listed stay flexible in 1..1024.
+    Options (keyword arguments; an unknown one is an :class:`InputError` naming it):
+
+    - ``compute`` — ``"fp16"`` (default: what the GPU and Neural Engine run) or ``"fp32"``.
+    - ``shapes`` — named dynamic axes (the ONNX ``dim_param``) fixed to a size
+      (``{"batch": 1, "sequence": 128}``: every Shape-driven subgraph folds away, the model can run
+      on the Neural Engine) or given a ``(lower, upper)`` range. Axes not listed stay flexible in
+      1..1024; naming an axis the model does not have fails in pre-flight.
+
+    ``edgeq package --compute fp32 --shape batch=1 --shape sequence=1:512`` passes these through
+    :meth:`configure`.
     """
 
     deployment = 18
+    OPTIONS = {"compute": "fp16 | fp32", "shapes": "{axis: size | (lower, upper)}"}
 
-    def __init__(self, *, compute: str = "fp16", shapes: Mapping[str, int | tuple[int, int]] | None = None):
+    def __init__(self, *, compute: str = "fp16", shapes: Mapping[str, int | tuple[int, int]] | None = None,
+                 **unknown):
+        if unknown:
+            raise InputError(f"target {self.name} has no option {', '.join(repr(k) for k in sorted(unknown))}",
+                             hint="options: " + "; ".join(f"{k} ({v})" for k, v in self.OPTIONS.items()))
         if compute not in COMPUTE:
-            raise InputError(f"unknown compute precision {compute!r}", hint="use fp16 or fp32")
+            raise InputError(f"unknown compute precision {compute!r} for target {self.name}", hint="use fp16 or fp32")
+        if shapes is not None and not isinstance(shapes, Mapping):
+            raise InputError(f"shapes must map axis names to sizes or ranges, got {shapes!r}")
+        fixed = {}
         for axis, v in (shapes or {}).items():
-            ok = isinstance(v, int) and v > 0 or (isinstance(v, (tuple, list)) and len(v) == 2
-                                                  and 0 < int(v[0]) <= int(v[1]))
-            if not ok:
-                raise InputError(f"shape for axis {axis!r} must be a size or a (lower, upper) range, got {v!r}")
+            fixed[axis] = _axis_option(axis, v)
         self.compute = compute
-        self.shapes = dict(shapes or {})
+        self.shapes = fixed
+
+    def configure(self, **options) -> "CoreMLTarget":
+        """A copy of this target with ``options`` changed (validated like the constructor's)."""
+        return type(self)(**{"compute": self.compute, "shapes": self.shapes, **options})
 
     @property
     def profile(self):
         return profiles.IOS18 if self.deployment >= 18 else profiles.IOS17
 
     def preflight(self, model: onnx.ModelProto) -> list[Problem]:
+        self._check_axes(model)
         problems = [Problem(n.name, n.op_type, reason, hint)
                     for n, reason, hint in unsupported_nodes(model, deployment=self.deployment)]
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         if opset > 23:
             problems.append(Problem("", "model", f"ONNX opset {opset} is newer than the lowering knows (≤ 23)"))
         return problems
+
+    def _check_axes(self, model: onnx.ModelProto) -> None:
+        """Every axis named in ``shapes`` must be a dynamic axis of a model input."""
+        inits = {i.name for i in model.graph.initializer}
+        axes = {d.dim_param or f"{vi.name}_dim{i}"
+                for vi in model.graph.input if vi.name not in inits
+                for i, d in enumerate(vi.type.tensor_type.shape.dim) if not d.HasField("dim_value")}
+        unknown = sorted(set(self.shapes) - axes)
+        if unknown:
+            raise InputError(f"the model has no dynamic axis {', '.join(repr(a) for a in unknown)} (shapes option)",
+                             hint=f"its dynamic axes: {', '.join(sorted(axes)) or 'none (every input shape is fixed)'}")
 
     def build(self, model_path: Path, model: onnx.ModelProto, folder: Path) -> tuple[Path, dict]:
         from targets.coreml.build import build_mlpackage
@@ -59,6 +87,8 @@ class CoreMLTarget(Target):
                                        shapes=self.shapes, source_name=Path(model_path).name)
         except LoweringError as e:
             raise LoweringError(e.node, f"cannot package for {self.name}: {e.reason}", hint=e.hint) from e
+        facts["options"] = {"compute": self.compute,
+                            "shapes": {k: list(v) if isinstance(v, tuple) else v for k, v in self.shapes.items()}}
         facts["runtime"] = {"package": "Core ML", "minimum_ios": f"{self.deployment}.0",
                             "minimum_macos": "14.0" if self.deployment == 17 else "15.0"}
         return dest, facts
@@ -67,6 +97,18 @@ class CoreMLTarget(Target):
         from targets.coreml.readme import render
 
         return render(manifest)
+
+
+def _axis_option(axis: str, v) -> int | tuple[int, int]:
+    """A fixed size (int > 0) or a (lower, upper) range with 0 < lower <= upper."""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0:
+        return int(v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(b, (int, np.integer)) for b in v):
+        lo, hi = int(v[0]), int(v[1])
+        if 0 < lo <= hi:
+            return (lo, hi) if lo < hi else lo
+    raise InputError(f"shape for axis {axis!r} must be a size > 0 or a (lower, upper) range with "
+                     f"0 < lower <= upper, got {v!r}", hint="e.g. --shape batch=1 --shape sequence=1:512")
 
 
 class IOS17Target(CoreMLTarget):

@@ -104,15 +104,33 @@ class Executor:
         name = self._types.builtin_to_string(builtin)
         return _DTYPES.get(name, np.int8 if name in ("int4", "uint4") else None)
 
-    def run(self, feeds: dict[str, np.ndarray], *, keep: set[str] | None = None) -> dict[str, np.ndarray]:
-        """Outputs (and the values named in ``keep``) for one set of inputs."""
+    def run(self, feeds: dict[str, np.ndarray], *, keep: set[str] | None = None,
+            force: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Outputs (and the values named in ``keep``) for one set of inputs.
+
+        ``force`` replaces the values it names as soon as they are computed (cast to the
+        program's dtype for them): a teacher-forced run, e.g. every activation ``dequantize``
+        output set to the reference run's, so that each segment between two quantization points
+        is compared on its own.
+        """
         env = dict(self._consts)
         for name, dtype in self.input_dtypes.items():
             if name not in feeds:
                 raise InputError(f"missing input {name!r}", hint=f"the model takes {', '.join(self.input_dtypes)}")
             env[name] = np.asarray(feeds[name]).astype(dtype, copy=False)
+        force = force or {}
+        unknown = sorted(set(force) - {v.name for op in self._steps for v in op.outputs})
+        if unknown:
+            raise InputError(f"cannot force {', '.join(unknown[:5])}: not computed by the program")
         for op in self._steps:
             self._execute(op, env)
+            for var in op.outputs:
+                if var.name in force:
+                    want = np.asarray(force[var.name])
+                    if want.shape != env[var.name].shape:
+                        raise InputError(f"forced value {var.name!r} has shape {want.shape}, "
+                                         f"the program computes {env[var.name].shape}")
+                    env[var.name] = want.astype(env[var.name].dtype)
         result = {n: env[n] for n in self.output_names}
         for n in keep or ():
             result[n] = env[n]

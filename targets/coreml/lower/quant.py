@@ -1,19 +1,33 @@
 """QDQ patterns: weights as constexpr ops with the QDQ graph's integers, activations as quantize/dequantize.
 
-- ``DequantizeLinear(int8/uint8 constant, scale, axis)``: iOS 17 → ``constexpr_affine_dequantize``
-  (zero point stored explicitly, zeros when the ONNX has none); iOS 18 →
-  ``constexpr_blockwise_shift_scale`` (scale reshaped to the data's rank, the same numbers).
-- ``DequantizeLinear(int4 constant, scale, axis, block_size)`` (iOS 18 only):
-  ``constexpr_blockwise_shift_scale`` with int4 data and the [.., K/block, ..] scale.
+- ``DequantizeLinear(int8/uint8 constant, scale, zero point, axis)``: iOS 17 →
+  ``constexpr_affine_dequantize`` (zero point stored explicitly, zeros when the ONNX has none);
+  iOS 18 → ``constexpr_blockwise_shift_scale`` (scale and zero point — its ``offset`` — reshaped to
+  the data's rank, the same numbers).
+- ``DequantizeLinear(int4 constant, scale, zero point, axis, block_size)`` (iOS 18 only):
+  ``constexpr_blockwise_shift_scale`` with int4 data, the [.., K/block, ..] scale and the int4 zero
+  point of each block as its int4 ``offset``.
 - A partial last block (ONNX allows it, Core ML infers whole blocks from the shapes) is stored
   padded with zero codes and sliced back to the weight's shape after dequantization.
-- Scales stay float32 exactly as the ONNX initializer holds them; the dequantized weight is cast
-  to the compute dtype after. The constexpr op is named after the DequantizeLinear output, so
-  the saved package can be read back and compared with the ONNX initializers.
-- ``DequantizeLinear(int32 constant)`` (a W8A8 bias) is folded to float32 with ONNX semantics.
-- Activation ``QuantizeLinear``/``DequantizeLinear`` (iOS 17+ ``quantize``/``dequantize``) run in
-  the compute dtype; in fp16 their scale is rounded to fp16, unless it is outside fp16's normal
-  range, where the pair runs in fp32 around casts.
+- Scales keep the dtype the ONNX initializer has: float32 scales are stored as float32 and the
+  dequantized weight is cast to the compute dtype after; float16 scales (DequantizeLinear-23 with
+  ``output_dtype=FLOAT``) are stored as float16 in fp16 compute — the constexpr op then yields
+  ``round_fp16((q - zp) * s)``, which is the fp16 rounding of the exact float32 product the ONNX
+  computes (≤ 8-bit codes times an 11-bit scale fit float32 exactly) — and widened exactly to
+  float32 in fp32 compute. The constexpr op is named after the DequantizeLinear output, so the
+  saved package can be read back and compared with the ONNX initializers.
+- ``DequantizeLinear(int32 constant)`` (a W8A8 bias, ``scale = s_in * s_w``) is folded to float32
+  with ONNX semantics — the values ORT computes, bit for bit — and stored like any float constant
+  (rounded to fp16 in fp16 compute).
+- Activation ``QuantizeLinear``/``DequantizeLinear`` (iOS 17+ ``quantize``/``dequantize``) keep
+  the ONNX zero point (uint8/int8, same integer) and run in the compute dtype: in fp32 the scale is
+  the ONNX float32 scale bit for bit; in fp16 it is rounded to fp16 (MIL requires the scale in the
+  input's dtype), unless it is outside fp16's normal range, where the pair runs in fp32 around
+  casts. Keeping the float32 scale in fp16 compute (casts to fp32 around every pair) was measured
+  and bought nothing: the codes that differ from the float32 QDQ run (≈ 1 % per quantize) come from
+  the fp16 rounding of the activation itself, not of the scale (MiniLM and EfficientNet-Lite0 W8A8,
+  teacher-forced: the same flip rates, the same SQNR), and the casts would break the fp16
+  dequantize → conv/matmul pattern Core ML runs in int8.
 """
 
 from __future__ import annotations
@@ -54,7 +68,13 @@ def _qparams(ctx: Context, node, ins):
     a = attrs(node)
     axis = int(a.get("axis", 1))
     block = int(a.get("block_size", 0))
-    return scale.astype(np.float32), zp, axis, block
+    out = int(a.get("output_dtype", 0))
+    if out not in (0, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+        raise LoweringError(node, f"output_dtype {onnx.TensorProto.DataType.Name(out)} is not supported "
+                                  "(float or float16)")
+    if scale.dtype not in (np.float32, np.float16):
+        raise LoweringError(node, f"{scale.dtype} scales are not supported (float32 or float16)")
+    return scale, zp, axis, block
 
 
 @lowers("DequantizeLinear")
@@ -71,7 +91,7 @@ def _dequantize(ctx, node, ins):
     kw = _axis_kw(ctx, x, scale, axis)
     if zp is not None:
         kw["zero_point"] = zp.astype(zp.dtype)
-    y = ctx.mb.dequantize(input=x, scale=scale if fp32 else scale.astype(ctx.float_np), **kw)
+    y = ctx.mb.dequantize(input=x, scale=scale.astype(np.float32 if fp32 else ctx.float_np), **kw)
     if fp32 and ctx.compute == "fp16":
         y = ctx.mb.cast(x=y, dtype="fp16")
     return [y]
@@ -94,14 +114,14 @@ def _quantize(ctx, node, ins):
     kw = _axis_kw(ctx, x, scale, axis)
     if zp is not None:
         kw["zero_point"] = zp
-    s = scale if fp32 or ctx.compute == "fp32" else scale.astype(np.float16)
+    s = scale.astype(np.float32 if fp32 else np.float16)
     return [ctx.mb.quantize(input=x, scale=s, output_dtype=str(out_dtype), **kw)]
 
 
 def _needs_fp32(ctx: Context, scale: np.ndarray) -> bool:
     if ctx.compute == "fp32":
         return True
-    a = np.abs(scale)
+    a = np.abs(scale.astype(np.float32))
     return bool(np.any(a < _FP16_NORMAL[0]) or np.any(a > _FP16_NORMAL[1]))
 
 
@@ -115,6 +135,8 @@ def _weight(ctx: Context, node, x: np.ndarray, scale: np.ndarray, zp, axis: int,
 
     mb, types = ctx.mb, ctx.types
     name = mil_name(node.output[0])
+    if scale.dtype == np.float16 and ctx.compute == "fp32":
+        scale = scale.astype(np.float32)  # exact: every float16 is a float32
     if x.dtype == np.dtype(ml_dtypes.int4):
         kind, data = "int4", x.astype(np.int8)
     elif x.dtype in (np.int8, np.uint8):
@@ -159,6 +181,6 @@ def _weight(ctx: Context, node, x: np.ndarray, scale: np.ndarray, zp, axis: int,
         w = mb.slice_by_index(x=w, begin=np.zeros(rank, np.int32), end=np.array(shape, np.int32),
                               name=f"{name}_unpadded")
     ctx.weights.append(WeightRecord(node.name, name, kind, shape, block or None, pad))
-    if ctx.compute == "fp16":
+    if ctx.compute == "fp16" and scale.dtype != np.float16:
         w = mb.cast(x=w, dtype="fp16", name=f"{name}_fp16")
     return w

@@ -99,3 +99,17 @@ def test_package_refuses_and_writes_nothing(tiny, tmp_path):
         AndroidTarget().package(tiny["conv.w4a16"], out)
     assert "node 'conv' (Conv)" in str(e.value) and "--profile android" in str(e.value)
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary folder
+
+
+def test_int4_zero_points_are_reported_with_their_weight(tiny):
+    # asymmetric int4: the zero point has the weight's type; one problem per node, about the weight
+    import numpy as np
+
+    model = onnx.load(str(tiny["conv.w4a16"]))
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
+    scale = next(i for i in model.graph.initializer if i.name == dq.input[1])
+    model.graph.initializer.append(helper.make_tensor("conv_w_zp", TensorProto.INT4, list(scale.dims),
+                                                      [1] * int(np.prod(scale.dims))))
+    dq.input.append("conv_w_zp")
+    found = AndroidTarget().preflight(model)
+    assert [(p.node, "conv_w_q" in p.message) for p in found] == [("conv", True)]

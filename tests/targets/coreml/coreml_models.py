@@ -37,15 +37,72 @@ def single_op(op: str, inputs: dict, attrs: dict | None = None, *, outputs: int 
     return model, feed
 
 
-def ort_run(model: onnx.ModelProto, feed: dict, *, basic: bool = True) -> list[np.ndarray]:
+def ort_session(model, *, exact: bool = True):
+    """ORT on ``model`` (a ModelProto or a path). ``exact``: no graph optimizations at all, i.e. the
+    QDQ graph's own semantics, DequantizeLinear + float op + QuantizeLinear. Even the basic level
+    changes them: ORT 1.32's WeightBiasQuantization (a basic-level QDQ pass) turns a float Conv
+    bias behind quantized input and weight into int32 with scale s_in * s_w, saturating it
+    (EfficientNet-Lite0 W8A8: a dead channel's bias -3.74 runs as -0.64; 33 dB off at the logits)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if basic:  # exact QDQ semantics: no fusions that change numerics
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feed)
+    if exact:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def ort_run(model: onnx.ModelProto, feed: dict, *, exact: bool = True) -> list[np.ndarray]:
+    return ort_session(model, exact=exact).run(None, feed)
+
+
+def ort_values(model: onnx.ModelProto, feed: dict, names) -> dict[str, np.ndarray]:
+    """Intermediate values of the exact ORT run, by ONNX name (added as graph outputs)."""
+    m = onnx.shape_inference.infer_shapes(model)
+    have = {o.name for o in m.graph.output}
+    types = {v.name: v for v in m.graph.value_info}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(types[n])
+    outs = ort_session(m).run(None, feed)
+    return dict(zip([o.name for o in m.graph.output], outs))
+
+
+def tiny_cnn(path, seed: int = 0) -> str:
+    """x[batch,3,12,12] → Conv3x3(+b) → Clip(0,6) → depthwise Conv(+b) → Clip → Conv1x1(+b) → GAP →
+    Flatten → Gemm(+b): W8A8 gives it activation Q/DQ pairs, int8 weights with zero points and int32
+    biases."""
+    rng = np.random.default_rng(seed)
+
+    def init(name, shape, scale):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    inits = [init("w1", (8, 3, 3, 3), 0.4), init("b1", (8,), 0.1), init("w2", (8, 1, 3, 3), 0.5),
+             init("b2", (8,), 0.1), init("w3", (12, 8, 1, 1), 0.4), init("b3", (12,), 0.1),
+             init("wf", (5, 12), 0.5), init("bf", (5,), 0.1),
+             numpy_helper.from_array(np.float32(0), "zero"), numpy_helper.from_array(np.float32(6), "six")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Clip", ["c1", "zero", "six"], ["r1"], name="clip1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], group=8, name="dwconv"),
+        helper.make_node("Clip", ["c2", "zero", "six"], ["r2"], name="clip2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="project"),
+        helper.make_node("GlobalAveragePool", ["c3"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def cnn_feeds(n: int = 3, seed: int = 1) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((4, 3, 12, 12)).astype(np.float32)} for _ in range(n)]
 
 
 def package_and_load(model: onnx.ModelProto, folder, *, deployment: int = 18, compute: str = "fp32", shapes=None):

@@ -1,16 +1,32 @@
 """The real samples packaged for iOS: the saved .mlpackage, run by the reference executor, against
 the QDQ ONNX in ONNX Runtime and against the float model.
 
-Reference for "matches the QDQ ONNX": ORT with basic graph optimizations, i.e. exact
-DequantizeLinear + float op semantics (ORT's default level fuses int8 DQ→MatMul into kernels that
-also quantize activations, ≈ 29 dB away from the exact QDQ math on MiniLM). Thresholds: SQNR ≥ 35
-dB to the QDQ ONNX (fp16 compute; measured 45–58 dB), fidelity to float within 1 dB and 0.002
-cosine of the QDQ ONNX (ORT default level, what `edgeq validate` runs).
+"The QDQ ONNX run" is ORT with graph optimizations *off*: DequantizeLinear + float op +
+QuantizeLinear, the graph's own semantics. ORT's default level fuses int8 DQ→MatMul/Conv into
+integer kernels (≈ 29 dB from the QDQ math on MiniLM W8A16); even its basic level is not exact any
+more: WeightBiasQuantization (ORT 1.32) re-quantizes float Conv biases to int32 at s_in * s_w and
+saturates them (EfficientNet-Lite0 W8A8: 33 dB off at the logits). See coreml_models.ort_session.
+
+Thresholds (fp16 compute, measured on this machine):
+- weight-only recipes: SQNR ≥ 35 dB to the QDQ ONNX (measured 45–58 dB);
+- W8A8: end to end ≥ 27 dB (measured 29.6–30.9 dB). The issue's 35 dB is not reachable for W8A8 by
+  any run that does not repeat ORT's float32 arithmetic exactly: an activation within rounding
+  distance of a code boundary gets the other code, and 24–59 quantized layers amplify each flip
+  (fp32 compute reaches only 35–37 dB; ORT's own integer kernels are 35.4 / 37.7 dB from the exact
+  QDQ run). So the lowering is checked segment by segment: every activation dequantize output of the
+  package forced to the QDQ run's values (teacher forcing), each quantize input must match the QDQ
+  run at ≥ 50 dB (measured ≥ 56 dB; fp32 compute: ≥ 124 dB) with ≤ 8 % of codes one step apart
+  (measured ≤ 1.3 % on MiniLM, 6.1 % on EfficientNet's stem where values sit on a fine grid).
+- fidelity to float within 1 dB and 0.002 cosine of the QDQ ONNX (its exact run).
 """
 
+import itertools
+
 import numpy as np
-import onnxruntime as ort
+import onnx
 import pytest
+from coreml_models import ort_session, ort_values
+from onnx import numpy_helper
 
 from edgeq import api, sources
 from edgeq.validate.metrics import per_sample_cosine, sqnr_db
@@ -22,55 +38,90 @@ from targets.coreml.runner import MLPackageRunner
 pytestmark = pytest.mark.e2e
 
 
-def _sess(path, basic):
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if basic:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+def _first(feeds, n):
+    return list(itertools.islice(feeds, n))  # samples may stream their feeds (LazyFeeds)
 
 
-def _check(float_onnx, tmp_path, target, recipe, feeds):
-    qdq = tmp_path / f"{recipe}.onnx"
-    api.quantize(float_onnx, qdq, recipe, profile=target.name)
-    res = target.package(qdq, tmp_path / f"pkg-{target.name}-{recipe}")
+def _check(float_onnx, qdq, tmp_path, target, feeds, *, min_sqnr):
+    res = target.package(qdq, tmp_path / f"pkg-{target.name}-{qdq.stem}")
     runner = MLPackageRunner(res.model_file)  # loads the saved package back
-    exact, default, flt = _sess(qdq, True), _sess(qdq, False), _sess(float_onnx, False)
-    out = {k: [] for k in ("exact", "default", "float", "pkg")}
+    exact, flt = ort_session(qdq), ort_session(float_onnx, exact=False)
+    out = {k: [] for k in ("exact", "float", "pkg")}
     for f in feeds:
         out["exact"].append(exact.run(None, f)[0])
-        out["default"].append(default.run(None, f)[0])
         out["float"].append(flt.run(None, f)[0])
         out["pkg"].append(next(iter(runner.run(f).values())))
     c = {k: np.concatenate(v) for k, v in out.items()}
-    assert sqnr_db(c["exact"], c["pkg"]) >= 35
-    assert sqnr_db(c["float"], c["pkg"]) >= sqnr_db(c["float"], c["default"]) - 1.0
-    cos_pkg = per_sample_cosine(c["float"], c["pkg"]).mean()
-    assert cos_pkg >= per_sample_cosine(c["float"], c["default"]).mean() - 0.002
-    return res, qdq
+    assert sqnr_db(c["exact"], c["pkg"]) >= min_sqnr
+    assert sqnr_db(c["float"], c["pkg"]) >= sqnr_db(c["float"], c["exact"]) - 1.0
+    cos = {k: per_sample_cosine(c["float"], c[k]).mean() for k in ("pkg", "exact")}
+    assert cos["pkg"] >= cos["exact"] - 0.002
+    return res, runner
+
+
+def _teacher_forced(qdq, runner, feed) -> tuple[float, float]:
+    """(worst SQNR of a quantize input, worst fraction of codes that differ) with every activation
+    dequantize output of the package forced to the exact QDQ run's value."""
+    model = onnx.load(str(qdq))
+    inits = {i.name for i in model.graph.initializer}
+    dq = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits]
+    q = [(n.input[0], n.output[0]) for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    want = ort_values(model, feed, dq + [name for pair in q for name in pair])
+    feeds = {i["coreml_name"]: np.asarray(feed[i["name"]]).astype(np.int32 if i["coreml_dtype"] == "int32" else np.float32)
+             for i in runner._inputs}
+    keep = {mil_name(n) for pair in q for n in pair}
+    got = runner.executor.run(feeds, keep=keep, force={mil_name(n): want[n] for n in dq})
+    sqnr = min(sqnr_db(want[x], got[mil_name(x)].astype(np.float32)) for x, _ in q)
+    flips = max(float(np.mean(want[y].astype(int) != got[mil_name(y)].astype(int))) for _, y in q)
+    return sqnr, flips
 
 
 def test_minilm_ios17_w8a16_and_ios18_w4a16(minilm_onnx, tmp_path):
-    feeds = sources.get_sample("minilm").feeds("evaluation")[:5]
-    _check(minilm_onnx, tmp_path, IOS17Target(), "w8a16", feeds)
-    res, qdq = _check(minilm_onnx, tmp_path, IOS18Target(), "w4a16", feeds)
-    # the int4 codes and float32 scales in the saved package are the QDQ ONNX's, bit for bit
-    import onnx
-    from onnx import numpy_helper
-
+    feeds = _first(sources.get_sample("minilm").feeds("evaluation"), 5)
+    for target, recipe in ((IOS17Target(), "w8a16"), (IOS18Target(), "w4a16")):
+        qdq = tmp_path / f"{recipe}.onnx"
+        api.quantize(minilm_onnx, qdq, recipe, profile=target.name)
+        res, _ = _check(minilm_onnx, qdq, tmp_path, target, feeds, min_sqnr=35)
+    # the int4 codes, their zero points and the float32 scales in the saved package are the QDQ ONNX's
     model = onnx.load(str(qdq))
-    inits = {i.name: i for i in model.graph.initializer}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     ops = {op.name: op for op in load_program(res.model_file)[0].functions["main"].operations}
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     assert len(dqs) == 39
     for n in dqs:
         op = ops[mil_name(n.output[0])]
-        assert np.array_equal(op.data.val.astype(np.int8), numpy_helper.to_array(inits[n.input[0]]).astype(np.int8))
-        scale = numpy_helper.to_array(inits[n.input[1]])
-        assert np.array_equal(op.scale.val.view(np.uint32), scale.view(np.uint32))
+        assert np.array_equal(op.data.val.astype(np.int8), inits[n.input[0]].astype(np.int8))
+        assert np.array_equal(op.scale.val.view(np.uint32), inits[n.input[1]].view(np.uint32))
+        if len(n.input) > 2:  # the MatMuls' asymmetric blocks
+            assert np.array_equal(op.offset.val.astype(np.int8), inits[n.input[2]].astype(np.int8))
+    assert sum(len(n.input) > 2 for n in dqs) == 36
 
 
 def test_efficientnet_ios17_w8a16_and_ios18_w4a16(effnet_onnx, tmp_path):
-    feeds = sources.get_sample("efficientnet_lite0").feeds("evaluation", crops="1")[:1]
-    _check(effnet_onnx, tmp_path, IOS17Target(), "w8a16", feeds)
-    _check(effnet_onnx, tmp_path, IOS18Target(), "w4a16", feeds)
+    feeds = _first(sources.get_sample("efficientnet_lite0").feeds("evaluation", crops="1"), 1)
+    for target, recipe in ((IOS17Target(), "w8a16"), (IOS18Target(), "w4a16")):
+        qdq = tmp_path / f"{recipe}.onnx"
+        api.quantize(effnet_onnx, qdq, recipe, profile=target.name)
+        _check(effnet_onnx, qdq, tmp_path, target, feeds, min_sqnr=35)
+
+
+def test_minilm_w8a8_ios17(minilm_onnx, tmp_path):
+    sample = sources.get_sample("minilm")
+    qdq = tmp_path / "w8a8.onnx"  # calibrated on 48 of the 200 calibration sentences, for time
+    api.quantize(minilm_onnx, qdq, "w8a8", profile="ios17", calib=_first(sample.feeds("calibration", batch=16), 3))
+    feeds = _first(sample.feeds("evaluation"), 4)
+    res, runner = _check(minilm_onnx, qdq, tmp_path, IOS17Target(), feeds, min_sqnr=27)
+    assert res.manifest["mil_ops"]["quantize"] == 24 and "constexpr_affine_dequantize" in res.manifest["mil_ops"]
+    sqnr, flips = _teacher_forced(qdq, runner, feeds[0])
+    assert sqnr >= 50 and flips <= 0.08, (sqnr, flips)
+
+
+def test_efficientnet_w8a8_ios18(effnet_onnx, tmp_path):
+    sample = sources.get_sample("efficientnet_lite0")
+    qdq = tmp_path / "w8a8.onnx"  # calibrated on the 8 crops of crops=1, for time
+    api.quantize(effnet_onnx, qdq, "w8a8", profile="ios18", calib=_first(sample.feeds("calibration", crops="1"), 1))
+    feeds = _first(sample.feeds("evaluation", crops="1"), 1)
+    res, runner = _check(effnet_onnx, qdq, tmp_path, IOS18Target(), feeds, min_sqnr=27)
+    assert res.manifest["mil_ops"]["quantize"] == 49 and "constexpr_blockwise_shift_scale" in res.manifest["mil_ops"]
+    sqnr, flips = _teacher_forced(qdq, runner, feeds[0])
+    assert sqnr >= 50 and flips <= 0.08, (sqnr, flips)

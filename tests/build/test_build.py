@@ -1,0 +1,166 @@
+"""`edgeq build` on tiny models: the whole flow, the summary, atomicity under Ctrl-C, reproducibility.
+
+tiny_cnn (classifier, 8 calibration and 8 evaluation batches) for Android and iOS 18 in W8A8:
+about 5 s per build. Thresholds are the recipe defaults (w8a8: mean cosine >= 0.99 and top-1
+agreement >= 0.9 for a classifier); tiny_cnn measures cosine 1.0000, SQNR ~52 dB.
+"""
+
+import json
+
+import pytest
+
+from edgeq import build as build_mod
+from edgeq.cli import main
+from edgeq.errors import InputError, ValidationFailed
+from edgeq.validate import Thresholds
+
+TARGETS = ("android", "ios18")
+
+
+def _build(out, **kw):
+    kw.setdefault("targets", TARGETS)
+    kw.setdefault("latency", False)
+    kw.setdefault("progress", False)
+    return build_mod.build(kw.pop("model", "tiny_cnn"), output=out, say=lambda s: None, **kw)
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_build_writes_packages_qdq_models_and_reports(built):
+    out = built.path
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["android", "build.json", "ios18", "report.html", "tiny_cnn.onnx",
+                     "tiny_cnn.w8a8.android.onnx", "tiny_cnn.w8a8.ios18.onnx"]
+    assert (out / "android" / "model.ort").is_file() and (out / "android" / "manifest.json").is_file()
+    assert (out / "ios18" / "tiny_cnn.mlpackage").is_dir() and (out / "ios18" / "manifest.json").is_file()
+    data = json.loads((out / "build.json").read_text())
+    assert data["passed"] is True and built.passed
+    assert data["thresholds"] == {"min_cosine": 0.99, "min_top1_agreement": 0.9}
+    rows = {r["model"]: r for r in data["summary"]}
+    assert set(rows) == {"tiny_cnn.w8a8.android.onnx", "tiny_cnn.w8a8.ios18.onnx", "android/model.ort",
+                         "ios18/tiny_cnn.mlpackage"}
+    for r in rows.values():
+        assert r["passed"] and r["cosine_mean"] >= 0.99 and r["task"]["top1_agreement"] >= 0.9
+        assert r["sqnr_db"] >= 35  # measured ~52 dB
+    # the packages compute what their QDQ ONNX computes (same integers, same runtime for Android)
+    assert rows["android/model.ort"]["sqnr_db"] == pytest.approx(rows["tiny_cnn.w8a8.android.onnx"]["sqnr_db"], abs=0.1)
+    # per-layer SQNR for the QDQ ONNX candidates, none for the package runners
+    cands = {c["model"]["label"]: c for c in data["validation"]["candidates"]}
+    assert len(cands["tiny_cnn.w8a8.android.onnx"]["intermediates"]) >= 5
+    assert cands["android/model.ort"]["intermediates"] == []
+    # each target's QDQ model was planned with its own profile
+    assert {q["profile"] for q in data["qdq"]} == {"android", "ios18"}
+    assert all(q["summary"]["weights"] == {"int8": 5} for q in data["qdq"])
+    assert set(data["latency"]["models"]) == {"tiny_cnn.onnx", "tiny_cnn.w8a8.android.onnx",
+                                              "tiny_cnn.w8a8.ios18.onnx", "android/model.ort"}
+    assert data["hashes"]["android/model.ort"] == json.loads((out / "android/manifest.json").read_text())["files"]["model.ort"]
+    assert data["versions"]["onnxruntime"] and data["versions"]["edgeq"]
+    assert _leftovers(out.parent) == []
+
+
+def test_summary_table_names_every_model(built):
+    text = build_mod.format_summary(built)
+    for name in ("tiny_cnn.w8a8.android.onnx", "android/model.ort", "ios18/tiny_cnn.mlpackage"):
+        assert name in text
+    assert text.rstrip().endswith("PASS")
+
+
+@pytest.fixture(scope="module")
+def rebuilt(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("again") / "dist")
+
+
+def test_same_inputs_give_byte_identical_android_package_and_qdq_models(built, rebuilt):
+    first, second = built.data, rebuilt.data
+    for key in ("android/model.ort", "android/model.onnx", "android/required_operators.config",
+                "tiny_cnn.w8a8.android.onnx", "tiny_cnn.w8a8.ios18.onnx", "tiny_cnn.onnx"):
+        assert first["hashes"][key] == second["hashes"][key], key
+
+
+@pytest.mark.xfail(strict=True, reason="targets/coreml writes .mlpackage files that differ run to run: random UUIDs "
+                                       "in Manifest.json, model.mlmodel serialized with its metadata map in hash "
+                                       "order (the protos are equal), and coremltools' conversion_date")
+def test_same_inputs_give_byte_identical_ios_package(built, rebuilt):
+    first, second = built.data, rebuilt.data
+    ml = sorted(k for k in first["hashes"] if k.startswith("ios18/tiny_cnn.mlpackage/"))
+    assert ml
+    assert [k for k in ml if first["hashes"][k] != second["hashes"][k]] == []
+
+
+@pytest.mark.parametrize("where", ["calibration", "packaging"])
+def test_interrupt_leaves_nothing(tmp_path, monkeypatch, where):
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    if where == "calibration":
+        monkeypatch.setattr("edgeq.quant.quantize.calibrate", boom)
+    else:
+        monkeypatch.setattr("targets.coreml.target.CoreMLTarget.build", boom)
+    out = tmp_path / "dist"
+    with pytest.raises(KeyboardInterrupt):
+        _build(out)
+    assert list(tmp_path.iterdir()) == []
+    # through the CLI: exit 130, and an existing output (with --force) is left as it was
+    out.mkdir()
+    (out / "keep.txt").write_text("old build")
+    assert main(["build", "tiny_cnn", "-o", str(out), "--force", "--no-latency", "--no-progress"]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_existing_output_needs_force_and_bad_targets_fail_first(tmp_path):
+    out = tmp_path / "dist"
+    out.mkdir()
+    (out / "x").write_text("")
+    with pytest.raises(InputError, match="already exists"):
+        _build(out)
+    with pytest.raises(InputError, match="unknown target 'nokia'"):
+        _build(tmp_path / "other", targets=("android", "nokia"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist"]
+
+
+def test_onnx_input_starts_at_quantize_and_replaces_with_force(built, tmp_path):
+    out = tmp_path / "dist"
+    out.mkdir()
+    (out / "stale.txt").write_text("")
+    res = _build(out, model=built.path / "tiny_cnn.onnx", targets=("android",), calib="tiny_cnn", data="tiny_cnn",
+                 force=True)
+    assert res.data["model"]["kind"] == "onnx" and res.passed
+    assert sorted(p.name for p in out.iterdir()) == ["android", "build.json", "report.html", "tiny_cnn.onnx",
+                                                     "tiny_cnn.w8a8.android.onnx"]
+    # same float model and data: the same Android package as the full build
+    assert res.data["hashes"]["android/model.ort"] == built.data["hashes"]["android/model.ort"]
+    with pytest.raises(InputError, match="needs calibration data"):
+        _build(tmp_path / "x", model=built.path / "tiny_cnn.onnx", targets=("android",), data="tiny_cnn")
+
+
+def test_cli_build_prints_summary_and_gates_exit_1(tmp_path, capsys):
+    out = tmp_path / "dist"
+    argv = ["build", "tiny_cnn", "--targets", "android", "-o", str(out), "--no-latency", "--no-progress"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "[1/5] export" in text and "android/model.ort" in text and "PASS" in text
+    # an impossible gate: the build is complete (report to look at) but exits 1
+    assert main([*argv, "--force", "--min-sqnr", "200"]) == 1
+    err = capsys.readouterr().err
+    assert "validation failed" in err and "sqnr_db" in err and (out / "report.html").is_file()
+    assert json.loads((out / "build.json").read_text())["passed"] is False
+
+
+def test_thresholds_merge_with_recipe_defaults():
+    th = build_mod._merge(build_mod.default_thresholds("w8a8", "classification"), Thresholds(min_sqnr_db=20))
+    assert th == Thresholds(min_sqnr_db=20, min_cosine=0.99, min_top1_agreement=0.9)
+    assert build_mod.default_thresholds("w4a16", "embedding") == Thresholds(min_cosine=0.98)
+
+
+def test_doctor_lists_versions_targets_and_coreml(capsys):
+    assert main(["doctor"]) == 0
+    text = capsys.readouterr().out
+    for word in ("edgeq", "onnxruntime", "torch", "coremltools", "android", "ios18", "Core ML predict"):
+        assert word in text
+
+
+def test_validation_failed_is_exit_1():
+    assert ValidationFailed.exit_code == 1
