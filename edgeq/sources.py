@@ -8,6 +8,7 @@ top-level ``samples`` package; :func:`get_sample` looks them up by name.
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import sys
 from abc import ABC, abstractmethod
@@ -40,12 +41,13 @@ class LazyFeeds:
     def __getitem__(self, index):
         if isinstance(index, slice):
             wanted = set(range(self._length)[index])
-            picked = {i: f for i, f in enumerate(self._make()) if i in wanted}
+            stop = max(wanted, default=-1) + 1  # stop making batches past the last one asked for
+            picked = {i: f for i, f in enumerate(itertools.islice(self._make(), stop)) if i in wanted}
             return [picked[i] for i in range(self._length)[index]]
         if not -self._length <= index < self._length:
             raise IndexError(index)
         index %= self._length
-        for i, feed in enumerate(self._make()):
+        for i, feed in enumerate(itertools.islice(self._make(), index + 1)):
             if i == index:
                 return feed
         raise IndexError(index)
