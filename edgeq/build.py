@@ -17,7 +17,7 @@ complete: an error or Ctrl-C leaves nothing behind.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import platform
 import shutil
@@ -97,10 +97,14 @@ def _merge(default: Thresholds, given: Thresholds | None) -> Thresholds:
 def check_output_dir(path: str | os.PathLike, *, force: bool) -> Path:
     """Fail before any work when the build folder cannot be written."""
     out = Path(path)
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise InputError(f"output {out} is the current folder or holds it", hint="give a new folder, e.g. -o dist/")
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a folder", hint="give a folder path, e.g. -o dist/")
     if out.exists() and any(out.iterdir()) and not force:
-        raise InputError(f"output folder {out} already exists and is not empty", hint="choose another folder or pass --force")
+        raise InputError(f"output folder {out} already exists and is not empty",
+                         hint="choose another folder or pass --force")
     parent = out.absolute().parent
     if not parent.is_dir():
         raise InputError(f"cannot write {out}: folder {parent} does not exist", hint="create it first")
@@ -165,6 +169,14 @@ def host_latency(models: Mapping[str, Path], feed: Mapping[str, np.ndarray], *, 
         if i >= 2 and time.perf_counter() > t_end:
             break
     return {k: {"median_ms": statistics.median(v), "runs": len(v)} for k, v in times.items()}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _sizes(path: Path) -> int:
@@ -298,8 +310,6 @@ def _write_reports(folder: Path, data: dict) -> None:
 
 def _run(stages, tmp, obj, sample, model, is_onnx, name, inputs, rec, recipe, profiles, tgts, calib, data, task, th,
          limit, latency, verbose, progress) -> dict:
-    from targets.base import sha256  # the shared package helpers (hashing), not a target
-
     # 1. export
     float_path = tmp / f"{name}.onnx"
     if is_onnx:
@@ -333,8 +343,9 @@ def _run(stages, tmp, obj, sample, model, is_onnx, name, inputs, rec, recipe, pr
                       "bytes": q.quantized_bytes, "ideal_bytes": q.ideal_bytes, "float_bytes": q.float_bytes,
                       "summary": q.plan.summary(), "plan": q.plan.rows(),
                       "quantized_tensors": [a.tensor for a in q.plan.activations],
-                      "calibration": ({"source": _describe(calib), "batches": q.calibration.batches, "samples": q.calibration.samples,
-                                       "sha256": q.calibration.data_sha256} if q.calibration else None),
+                      "calibration": ({"source": _describe(calib), "batches": q.calibration.batches,
+                                       "samples": q.calibration.samples, "sha256": q.calibration.data_sha256}
+                                      if q.calibration else None),
                       "seconds": round(q.seconds, 2)}
 
     # 3. package each target

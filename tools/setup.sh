@@ -10,7 +10,7 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" -e ".[all]"
-# Debian's chromium: the HTML report's headless-browser test (tests/build/test_report_html.py)
+# Debian's chromium: the HTML report's headless-browser test (tests/edgeq_build/test_report_html.py)
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     SUDO=""
     if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi

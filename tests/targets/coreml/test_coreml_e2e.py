@@ -9,14 +9,16 @@ saturates them (EfficientNet-Lite0 W8A8: 33 dB off at the logits). See coreml_mo
 
 Thresholds (fp16 compute, measured on this machine):
 - weight-only recipes: SQNR ≥ 35 dB to the QDQ ONNX (measured 45–58 dB);
-- W8A8: end to end ≥ 27 dB (measured 29.6–30.9 dB). The issue's 35 dB is not reachable for W8A8 by
-  any run that does not repeat ORT's float32 arithmetic exactly: an activation within rounding
-  distance of a code boundary gets the other code, and 24–59 quantized layers amplify each flip
-  (fp32 compute reaches only 35–37 dB; ORT's own integer kernels are 35.4 / 37.7 dB from the exact
-  QDQ run). So the lowering is checked segment by segment: every activation dequantize output of the
-  package forced to the QDQ run's values (teacher forcing), each quantize input must match the QDQ
-  run at ≥ 50 dB (measured ≥ 56 dB; fp32 compute: ≥ 124 dB) with ≤ 8 % of codes one step apart
-  (measured ≤ 1.3 % on MiniLM, 6.1 % on EfficientNet's stem where values sit on a fine grid).
+- W8A8: end to end ≥ 27 dB (measured 31.0 dB MiniLM, 31.0 dB EfficientNet-Lite0 here; 30.1 / 30.7 dB
+  with full calibration). The issue's 35 dB is not reachable for W8A8 by any run that does not
+  repeat ORT's float32 arithmetic exactly: an activation within rounding distance of a code boundary
+  gets the other code, and the 24 / 49 quantized layers after it amplify each flip (fp32 compute
+  reaches only 36.8 / 35.2 dB, ORT's own integer kernels 37.7 / 33.0 dB). So the lowering is also
+  checked segment by segment: with every activation dequantize output of the package forced to the
+  QDQ run's values (teacher forcing), each quantize input must match the QDQ run at ≥ 50 dB
+  (measured ≥ 57.6 dB; fp32 compute: ≥ 124 dB), with on average ≤ 3 % of codes one step apart and
+  ≤ 15 % in any layer (measured 0.9–1.2 % and ≤ 1.5 % on MiniLM; 7.3 % at EfficientNet's stem,
+  whose fp16 outputs near 6.0 are ≈ 0.08 of a code step apart).
 - fidelity to float within 1 dB and 0.002 cosine of the QDQ ONNX (its exact run).
 """
 
@@ -59,9 +61,9 @@ def _check(float_onnx, qdq, tmp_path, target, feeds, *, min_sqnr):
     return res, runner
 
 
-def _teacher_forced(qdq, runner, feed) -> tuple[float, float]:
-    """(worst SQNR of a quantize input, worst fraction of codes that differ) with every activation
-    dequantize output of the package forced to the exact QDQ run's value."""
+def _teacher_forced(qdq, runner, feed) -> tuple[float, float, float]:
+    """(worst SQNR of a quantize input, mean and worst fraction of codes that differ) with every
+    activation dequantize output of the package forced to the exact QDQ run's value."""
     model = onnx.load(str(qdq))
     inits = {i.name for i in model.graph.initializer}
     dq = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits]
@@ -72,8 +74,8 @@ def _teacher_forced(qdq, runner, feed) -> tuple[float, float]:
     keep = {mil_name(n) for pair in q for n in pair}
     got = runner.executor.run(feeds, keep=keep, force={mil_name(n): want[n] for n in dq})
     sqnr = min(sqnr_db(want[x], got[mil_name(x)].astype(np.float32)) for x, _ in q)
-    flips = max(float(np.mean(want[y].astype(int) != got[mil_name(y)].astype(int))) for _, y in q)
-    return sqnr, flips
+    flips = [float(np.mean(want[y].astype(int) != got[mil_name(y)].astype(int))) for _, y in q]
+    return sqnr, float(np.mean(flips)), max(flips)
 
 
 def test_minilm_ios17_w8a16_and_ios18_w4a16(minilm_onnx, tmp_path):
@@ -112,8 +114,8 @@ def test_minilm_w8a8_ios17(minilm_onnx, tmp_path):
     feeds = _first(sample.feeds("evaluation"), 4)
     res, runner = _check(minilm_onnx, qdq, tmp_path, IOS17Target(), feeds, min_sqnr=27)
     assert res.manifest["mil_ops"]["quantize"] == 24 and "constexpr_affine_dequantize" in res.manifest["mil_ops"]
-    sqnr, flips = _teacher_forced(qdq, runner, feeds[0])
-    assert sqnr >= 50 and flips <= 0.08, (sqnr, flips)
+    sqnr, mean_flips, max_flips = _teacher_forced(qdq, runner, feeds[0])
+    assert sqnr >= 50 and mean_flips <= 0.03 and max_flips <= 0.15, (sqnr, mean_flips, max_flips)
 
 
 def test_efficientnet_w8a8_ios18(effnet_onnx, tmp_path):
@@ -123,5 +125,5 @@ def test_efficientnet_w8a8_ios18(effnet_onnx, tmp_path):
     feeds = _first(sample.feeds("evaluation", crops="1"), 1)
     res, runner = _check(effnet_onnx, qdq, tmp_path, IOS18Target(), feeds, min_sqnr=27)
     assert res.manifest["mil_ops"]["quantize"] == 49 and "constexpr_blockwise_shift_scale" in res.manifest["mil_ops"]
-    sqnr, flips = _teacher_forced(qdq, runner, feeds[0])
-    assert sqnr >= 50 and flips <= 0.08, (sqnr, flips)
+    sqnr, mean_flips, max_flips = _teacher_forced(qdq, runner, feeds[0])
+    assert sqnr >= 50 and mean_flips <= 0.03 and max_flips <= 0.15, (sqnr, mean_flips, max_flips)

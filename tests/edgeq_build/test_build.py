@@ -1,4 +1,4 @@
-"""`edgeq build` on tiny models: the whole flow, the summary, atomicity under Ctrl-C, reproducibility.
+"""`edgeq build` on tiny models: the flow, the summary, atomicity under Ctrl-C, reproducibility.
 
 tiny_cnn (classifier, 8 calibration and 8 evaluation batches) for Android and iOS 18 in W8A8:
 about 5 s per build. Thresholds are the recipe defaults (w8a8: mean cosine >= 0.99 and top-1
@@ -55,7 +55,8 @@ def test_build_writes_packages_qdq_models_and_reports(built):
     assert all(q["summary"]["weights"] == {"int8": 5} for q in data["qdq"])
     assert set(data["latency"]["models"]) == {"tiny_cnn.onnx", "tiny_cnn.w8a8.android.onnx",
                                               "tiny_cnn.w8a8.ios18.onnx", "android/model.ort"}
-    assert data["hashes"]["android/model.ort"] == json.loads((out / "android/manifest.json").read_text())["files"]["model.ort"]
+    manifest = json.loads((out / "android/manifest.json").read_text())
+    assert data["hashes"]["android/model.ort"] == manifest["files"]["model.ort"]
     assert data["versions"]["onnxruntime"] and data["versions"]["edgeq"]
     assert _leftovers(out.parent) == []
 
@@ -110,12 +111,17 @@ def test_interrupt_leaves_nothing(tmp_path, monkeypatch, where):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_existing_output_needs_force_and_bad_targets_fail_first(tmp_path):
+def test_existing_output_needs_force_and_bad_targets_fail_first(tmp_path, monkeypatch):
     out = tmp_path / "dist"
     out.mkdir()
     (out / "x").write_text("")
     with pytest.raises(InputError, match="already exists"):
         _build(out)
+    monkeypatch.chdir(out)
+    for here in (".", ".."):  # never move the folder the user stands in
+        with pytest.raises(InputError, match="current folder"):
+            _build(here, force=True)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match="unknown target 'nokia'"):
         _build(tmp_path / "other", targets=("android", "nokia"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dist"]
