@@ -80,8 +80,9 @@ def versions() -> dict[str, str | None]:
 
 
 def default_thresholds(recipe_name: str, task: str) -> Thresholds:
+    """The gates of a preset (``w4a16-b32`` is ``w4a16``); other recipes get the general default."""
     return Thresholds(
-        min_cosine=DEFAULT_MIN_COSINE.get(recipe_name, DEFAULT_MIN_COSINE_OTHER),
+        min_cosine=DEFAULT_MIN_COSINE.get(recipe_name.split("-")[0], DEFAULT_MIN_COSINE_OTHER),
         min_top1_agreement=DEFAULT_MIN_TOP1 if task == "classification" else None,
     )
 
@@ -206,6 +207,7 @@ def build(
     *,
     targets: Sequence[str] = DEFAULT_TARGETS,
     recipe: str = DEFAULT_RECIPE,
+    block: int | None = None,
     calib=None,
     data=None,
     output: str | os.PathLike = "dist",
@@ -236,7 +238,7 @@ def build(
         raise InputError("no targets given", hint=f"e.g. --targets {','.join(DEFAULT_TARGETS)}")
     out = check_output_dir(output, force=force)
     tgts = [plugins.load_target(t) for t in targets]  # an unknown target fails before any work
-    rec = resolve_recipe(recipe)
+    rec = resolve_recipe(recipe, block=block)
     obj, sample = api.resolve_model(model)
     is_onnx = isinstance(obj, Path)
     if is_onnx and obj.suffix.lower() != ".onnx":
@@ -276,8 +278,8 @@ def build(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
-        data_out = _run(stages, tmp, obj, sample, model, is_onnx, name, inputs, rec, recipe, profiles, tgts, calib,
-                        data, task, th, limit, latency, verbose, progress)
+        data_out = _run(stages, tmp, obj, sample, model, is_onnx, name, inputs, rec, recipe, block, profiles, tgts,
+                        calib, data, task, th, limit, latency, verbose, progress)
         data_out["seconds"] = round(time.perf_counter() - t_start, 1)
         data_out["stages"] = stages.timings
         stages.run("report", f"{REPORT_HTML} and {REPORT_JSON}", lambda: _write_reports(tmp, data_out))
@@ -308,8 +310,8 @@ def _write_reports(folder: Path, data: dict) -> None:
     (folder / REPORT_JSON).write_text(_to_json(data))
 
 
-def _run(stages, tmp, obj, sample, model, is_onnx, name, inputs, rec, recipe, profiles, tgts, calib, data, task, th,
-         limit, latency, verbose, progress) -> dict:
+def _run(stages, tmp, obj, sample, model, is_onnx, name, inputs, rec, recipe, block, profiles, tgts, calib, data,
+         task, th, limit, latency, verbose, progress) -> dict:
     # 1. export
     float_path = tmp / f"{name}.onnx"
     if is_onnx:
@@ -333,7 +335,8 @@ def _run(stages, tmp, obj, sample, model, is_onnx, name, inputs, rec, recipe, pr
         def _quantize(qpath=qpath, prof=prof):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return api.quantize(float_path, qpath, recipe, profile=prof, calib=calib, progress=progress)
+                return api.quantize(float_path, qpath, recipe, block=block, profile=prof, calib=calib,
+                                    progress=progress)
 
         q = stages.run("quantize", f"{rec.name} for {', '.join(t.name for t in ts)} -> {qpath.name}", _quantize,
                        lambda r: f"{r.quantized_bytes / 1e6:.2f} MB (ideal {r.ideal_bytes / 1e6:.2f} MB), "

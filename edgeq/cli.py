@@ -161,9 +161,10 @@ def cmd_build(args) -> int:
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     th = Thresholds(args.min_sqnr, args.min_cosine, args.min_top1_agreement)
-    res = build(args.model, targets=targets, recipe=args.recipe, calib=args.calib, data=args.data, output=args.output,
-                force=args.force, thresholds=th, inputs=args.input, limit=args.limit, calib_limit=args.calib_limit,
-                latency=not args.no_latency, verbose=args.verbose, progress=not args.no_progress, say=_say)
+    res = build(args.model, targets=targets, recipe=args.recipe, block=args.block, calib=args.calib, data=args.data,
+                output=args.output, force=args.force, thresholds=th, inputs=args.input, limit=args.limit,
+                calib_limit=args.calib_limit, latency=not args.no_latency, verbose=args.verbose,
+                progress=not args.no_progress, say=_say)
     _say(format_summary(res))
     if not res.passed:
         failed = [f"{r['model']}: {', '.join(r['failed'])}" for r in res.summary if not r["passed"]]
@@ -297,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the minilm sample)")
     b.add_argument("--targets", default="android,ios18", help="comma-separated targets (default android,ios18)")
     b.add_argument("--recipe", default="w8a8", help="w8a8, w8a16, w4a16, mxfp4, or a .toml recipe (default w8a8)")
+    b.add_argument("--block", type=int, help="block size for w4a16 (32, 64 or 128; default 32)")
     b.add_argument("--calib", help="calibration data (default: the sample's calibration set)")
     b.add_argument("--data", help="evaluation data (default: the sample's evaluation set)")
     b.add_argument("-o", "--output", default="dist", help="the folder to write (default dist)")

@@ -7,7 +7,8 @@ Rules it applies, per :class:`~edgeq.quant.activations.ActivationDecision`:
   outputs and other readers keep the float tensor), so model inputs and outputs stay float.
 - A Conv or Gemm whose input is quantized and whose weight is int8 gets its float bias stored as
   ``int32`` at scale ``s_in · s_w`` per output channel behind a DequantizeLinear, the form ONNX
-  Runtime folds into QLinearConv / QGemm. A bias that would not fit int32 stays float (recorded).
+  Runtime folds into QLinearConv / QGemm. Where a bias would not fit (a near-dead channel: tiny
+  weights, real bias) that channel's weight scale is raised until it fits (recorded).
 
 Run it after :class:`~edgeq.passes.weight_qdq.WeightQDQPass`: bias scales read the weight scales
 that pass stored.
@@ -22,6 +23,7 @@ from edgeq.quant.activations import ActivationDecision
 from edgeq.quant.recipes import ActFormat
 
 _INT32_MAX = 2**31 - 1
+_BIAS_LIMIT = 2**30  # int32 biases stay below this: headroom for the accumulation on top
 
 
 def _weight_scale(node: ir.Node) -> np.ndarray | None:
@@ -43,6 +45,7 @@ class ActivationQDQPass(ir.passes.InPlacePass):
         self.decisions = decisions
         self.bias = bias
         self.float_biases: list[str] = []  # nodes whose bias would overflow int32
+        self.raised_scales: list[tuple[str, int]] = []  # (node, channels) whose weight scale was raised for the bias
 
     def requires(self, model: ir.Model) -> None:
         names = {o.name for n in model.graph for o in n.outputs} | {v.name for v in model.graph.inputs}
@@ -92,12 +95,43 @@ class ActivationQDQPass(ir.passes.InPlacePass):
                     self._quantize_bias(graph, node, s_in)
         return ir.passes.PassResult(model, modified=bool(self.decisions))
 
+    def _raise_weight_scale(self, node: ir.Node, need: np.ndarray) -> np.ndarray | None:
+        """Raise the int8 weight scale of ``node`` to at least ``need`` per channel; requantize the codes."""
+        dq = node.inputs[1].producer()
+        codes = dq.inputs[0].const_value.numpy().astype(np.float64)
+        old = dq.inputs[1].const_value.numpy().astype(np.float64)
+        axis = dq.attributes.get_int("axis", 1)
+        if old.size == 1:
+            new = np.array(max(float(old.reshape(())), float(need.max())), np.float32)
+            shape = ()
+        else:
+            if old.shape != need.shape:
+                return None
+            new = np.maximum(old, need).astype(np.float32)
+            shape = [1] * codes.ndim
+            shape[axis] = -1
+        raised = np.nonzero(new.reshape(-1) > old.reshape(-1))[0]
+        requantized = np.clip(np.rint(codes * old.reshape(shape) / new.astype(np.float64).reshape(shape)), -127, 127)
+        dq.inputs[0].const_value = ir.tensor(requantized.astype(np.int8), name=dq.inputs[0].name)
+        dq.inputs[1].const_value = ir.tensor(new, name=dq.inputs[1].name)
+        self.raised_scales.append((node.name, int(raised.size)))
+        return new
+
     def _quantize_bias(self, graph: ir.Graph, node: ir.Node, s_in: float) -> None:
         b = node.inputs[2]
         s_w = _weight_scale(node)
         if b is None or b.const_value is None or s_w is None:
             return
         bias = b.const_value.numpy().astype(np.float32)
+        need = np.abs(bias.astype(np.float64)) / (float(np.float32(s_in)) * _BIAS_LIMIT)
+        if np.any(need > s_w):
+            # A near-dead channel (tiny weights) with a real bias: at s_in*s_w its bias would not
+            # fit int32, and ONNX Runtime would clip it when it folds the bias itself. Coarsen that
+            # channel's weight scale until the bias fits; its small weights lose a little precision.
+            s_w = self._raise_weight_scale(node, need)
+            if s_w is None:
+                self.float_biases.append(node.name)
+                return
         scale = (np.float32(s_in) * s_w).astype(np.float32)
         if scale.size == 1:
             scale = np.full(bias.shape, scale.reshape(()), np.float32)

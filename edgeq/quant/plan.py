@@ -56,6 +56,7 @@ class QuantPlan:
     activations: tuple = field(default=())  # ActivationDecision, after calibration (W8A8)
     integer_nodes: tuple[str, ...] = ()  # ops without weights that run on quantized inputs (Add, Concat, ...)
     bias_corrected: tuple[str, ...] = ()  # nodes whose bias absorbed the mean error of weight rounding
+    notes: tuple[NodeNote, ...] = ()  # adjustments worth knowing that leave a node quantized
 
     def summary(self) -> dict:
         fmt = Counter(d.format.value for d in self.weights)
@@ -82,6 +83,7 @@ class QuantPlan:
             for d in self.weights
         ]
         rows += [{"node": n.node, "op": n.op_type, "format": "float", "reason": n.reason} for n in self.floats]
+        rows += [{"node": n.node, "op": n.op_type, "note": n.reason} for n in self.notes]
         rows += [
             {"tensor": a.tensor, "format": a.format.value, "scale": a.scale, "zero_point": a.zero_point,
              "range": [a.lo, a.hi], "consumers": list(a.consumers), "reason": a.why}
@@ -106,6 +108,8 @@ class QuantPlan:
                         lines.append(f"  {n.node:<40} {n.op_type:<8} float  {'':<18} {n.reason}")
             else:
                 lines.append("  other nodes (no constant weight): " + ", ".join(f"{k} {v}" for k, v in rest.most_common()))
+        for n in self.notes:
+            lines.append(f"  {n.node:<40} note: {n.reason}")
         if self.activations:
             lines.append(f"activations ({len(self.activations)} tensors quantized):")
             for a in self.activations:

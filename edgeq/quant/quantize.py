@@ -131,6 +131,10 @@ def quantize_model(
     if plan.activations:
         act_pass = ActivationQDQPass(plan.activations)
         act_pass(model)
+        if act_pass.raised_scales:
+            plan = replace(plan, notes=plan.notes + tuple(
+                NodeNote(n, "", f"weight scale raised on {k} channel(s) so the int32 bias fits (near-dead channels)")
+                for n, k in act_pass.raised_scales))
         if act_pass.float_biases:
             plan = replace(plan, floats=plan.floats + tuple(
                 NodeNote(n, "", "bias kept float: it does not fit int32 at scale s_in*s_w") for n in act_pass.float_biases))

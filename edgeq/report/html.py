@@ -160,7 +160,10 @@ def _task_keys(v: dict) -> list[str]:
 
 def _per_layer(data: dict) -> str:
     v = data["validation"]
-    quantized = {q["file"]: set(q.get("quantized_tensors", [])) for q in data["qdq"]}
+    # a smoothed activation (edgeq/passes/smooth_quant.py: ``<tensor>_smoothed`` = tensor / s) is quantized
+    # after the division; its float source is the tensor both graphs share
+    quantized = {q["file"]: {t.removesuffix("_smoothed") for t in q.get("quantized_tensors", [])}
+                 for q in data["qdq"]}
     series, worst = [], []
     for c in v["candidates"]:
         if not c["intermediates"]:

@@ -16,7 +16,7 @@ from edgeq.quant.recipes import ActFormat, WeightFormat
 
 _I8, _I4, _FP4 = WeightFormat.INT8, WeightFormat.INT4, WeightFormat.MXFP4
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
-MAX_OPSET = 21  # opset 21 DequantizeLinear (int4, block_size) is the newest form lowered
+MAX_OPSET = 23  # DequantizeLinear-23 (float16 scales with output_dtype) is the newest form lowered
 
 _NO_FP4 = "Core ML has no 4-bit float type (float4e2m1)"
 _NO_INT4_17 = "iOS 17 Core ML has no int4 block weights (constexpr_blockwise_shift_scale is iOS 18+)"

@@ -49,6 +49,12 @@ class MLPackageRunner(Runner):
         return [o["name"] for o in self._outputs]
 
     def run(self, feed):
+        out = self.executor.run(self.coreml_feeds(feed))
+        return {o["name"]: out[o["coreml_name"]].astype(np.float32 if o["coreml_dtype"] == "float32" else np.int64)
+                for o in self._outputs}
+
+    def coreml_feeds(self, feed) -> dict[str, np.ndarray]:
+        """The package's feeds (Core ML names and dtypes) for feeds by ONNX input name, checked."""
         feeds = {}
         for i in self._inputs:
             x = np.asarray(feed[i["name"]])
@@ -67,9 +73,7 @@ class MLPackageRunner(Runner):
             else:
                 x = x.astype(np.float32)
             feeds[i["coreml_name"]] = x
-        out = self.executor.run(feeds)
-        return {o["name"]: out[o["coreml_name"]].astype(np.float32 if o["coreml_dtype"] == "float32" else np.int64)
-                for o in self._outputs}
+        return feeds
 
     def describe(self):
         return {"kind": self.kind, "label": self.label, "path": str(self.path), "compute_precision": self.precision}

@@ -44,11 +44,8 @@ class CoreMLTarget(Target):
             raise InputError(f"unknown compute precision {compute!r} for target {self.name}", hint="use fp16 or fp32")
         if shapes is not None and not isinstance(shapes, Mapping):
             raise InputError(f"shapes must map axis names to sizes or ranges, got {shapes!r}")
-        fixed = {}
-        for axis, v in (shapes or {}).items():
-            fixed[axis] = _axis_option(axis, v)
         self.compute = compute
-        self.shapes = fixed
+        self.shapes = {axis: _axis_option(axis, v) for axis, v in (shapes or {}).items()}
 
     def configure(self, **options) -> "CoreMLTarget":
         """A copy of this target with ``options`` changed (validated like the constructor's)."""
@@ -63,8 +60,9 @@ class CoreMLTarget(Target):
         problems = [Problem(n.name, n.op_type, reason, hint)
                     for n, reason, hint in unsupported_nodes(model, deployment=self.deployment)]
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        if opset > 23:
-            problems.append(Problem("", "model", f"ONNX opset {opset} is newer than the lowering knows (≤ 23)"))
+        if opset > profiles.MAX_OPSET:
+            problems.append(Problem("", "model", f"ONNX opset {opset} is newer than the lowering knows "
+                                                 f"(≤ {profiles.MAX_OPSET})"))
         return problems
 
     def _check_axes(self, model: onnx.ModelProto) -> None:

@@ -142,15 +142,18 @@ def test_onnx_input_starts_at_quantize_and_replaces_with_force(built, tmp_path):
         _build(tmp_path / "x", model=built.path / "tiny_cnn.onnx", targets=("android",), data="tiny_cnn")
 
 
-def test_cli_build_prints_summary_and_gates_exit_1(tmp_path, capsys):
+def test_cli_build_prints_summary_and_gates_exit_1(tmp_path, capfd):
     out = tmp_path / "dist"
-    argv = ["build", "tiny_cnn", "--targets", "android", "-o", str(out), "--no-latency", "--no-progress"]
+    argv = ["build", "tiny_cnn", "--targets", "android,ios18", "-o", str(out), "--no-latency", "--no-progress"]
     assert main(argv) == 0
-    text = capsys.readouterr().out
-    assert "[1/5] export" in text and "android/model.ort" in text and "PASS" in text
+    text, err = capfd.readouterr()
+    assert "[1/7] export" in text and "android/model.ort" in text and "ios18/tiny_cnn.mlpackage" in text
+    assert text.rstrip().endswith("PASS")
+    # third-party noise (exporter, coremltools progress bars, ONNX Runtime warnings) stays quiet
+    assert err == ""
     # an impossible gate: the build is complete (report to look at) but exits 1
     assert main([*argv, "--force", "--min-sqnr", "200"]) == 1
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "validation failed" in err and "sqnr_db" in err and (out / "report.html").is_file()
     assert json.loads((out / "build.json").read_text())["passed"] is False
 
@@ -158,7 +161,8 @@ def test_cli_build_prints_summary_and_gates_exit_1(tmp_path, capsys):
 def test_thresholds_merge_with_recipe_defaults():
     th = build_mod._merge(build_mod.default_thresholds("w8a8", "classification"), Thresholds(min_sqnr_db=20))
     assert th == Thresholds(min_sqnr_db=20, min_cosine=0.99, min_top1_agreement=0.9)
-    assert build_mod.default_thresholds("w4a16", "embedding") == Thresholds(min_cosine=0.98)
+    assert build_mod.default_thresholds("w4a16-b32", "embedding") == Thresholds(min_cosine=0.98)
+    assert build_mod.default_thresholds("w8a16", "generic") == Thresholds(min_cosine=0.999)
 
 
 def test_doctor_lists_versions_targets_and_coreml(capsys):
@@ -170,3 +174,22 @@ def test_doctor_lists_versions_targets_and_coreml(capsys):
 
 def test_validation_failed_is_exit_1():
     assert ValidationFailed.exit_code == 1
+
+
+def test_pytorch_factory_needs_input_specs_then_builds(tmp_path):
+    with pytest.raises(InputError, match="no input specs"):
+        _build(tmp_path / "a", model="samples.tiny:TinyCNN", targets=("android",), calib="tiny_cnn", data="tiny_cnn")
+    res = _build(tmp_path / "b", model="samples.tiny:TinyCNN", targets=("android",), calib="tiny_cnn",
+                 data="tiny_cnn", inputs=["image:float32[batch,3,32,32]"],
+                 thresholds=Thresholds(min_cosine=0.9))  # random weights, unseeded BN: a looser gate
+    assert res.data["model"]["kind"] == "pytorch" and res.data["model"]["file"] == "TinyCNN.onnx"
+    assert (res.path / "android" / "model.ort").is_file()
+
+
+def test_doctor_says_how_to_install_what_is_missing(monkeypatch):
+    from edgeq import doctor
+
+    monkeypatch.setattr(doctor, "_installed", lambda name: name != "coremltools")
+    lines, missing = doctor.report()
+    assert "coremltools (for the iOS targets ios17 / ios18 (.mlpackage)): pip install 'edgeq[ios]'" in missing
+    assert "missing:" in lines and not any("torch" in m for m in missing)

@@ -151,3 +151,34 @@ def test_nan_weights_are_named(tmp_path):
     with pytest.raises(InputError, match="w3.*project.*NaN"):
         _q(src, tmp_path / "q.onnx", "w8a16")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_near_dead_channel_bias_fits_int32_by_raising_its_weight_scale(tmp_path):
+    src = cnn(tmp_path / "cnn.onnx")
+    m = onnx.load(src)
+    inits = {t.name: t for t in m.graph.initializer}
+    w = onnx.numpy_helper.to_array(inits["w3"]).copy()
+    b = onnx.numpy_helper.to_array(inits["b3"]).copy()
+    w[2] *= 1e-9  # a dead channel that still carries a bias
+    b[2] = 3.0
+    inits["w3"].CopyFrom(onnx.numpy_helper.from_array(w, "w3"))
+    inits["b3"].CopyFrom(onnx.numpy_helper.from_array(b, "b3"))
+    onnx.save(m, src)
+    out = tmp_path / "q.onnx"
+    res = _q(src, out, calib=cnn_feeds())
+    assert any(n.node == "project" and "raised on 1 channel" in n.reason for n in res.plan.notes)
+    q = onnx.load(str(out))
+    q_inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    producers = {o: n for n in q.graph.node for o in n.output}
+    bias_dq = producers[next(n for n in q.graph.node if n.name == "project").input[2]]
+    bias_q = q_inits[bias_dq.input[0]]
+    assert bias_q.dtype == np.int32 and np.abs(bias_q).max() < 2**30
+    # ONNX Runtime's own bias folding (basic level) must not change the numbers: nothing clips
+    feeds = cnn_feeds(2, seed=4)
+    runs = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        s = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+        runs.append(np.concatenate([s.run(None, f)[0] for f in feeds]))
+    np.testing.assert_array_equal(runs[0], runs[1])

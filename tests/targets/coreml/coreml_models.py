@@ -92,8 +92,9 @@ def tiny_cnn(path, seed: int = 0) -> str:
         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1, name="fc"),
     ]
-    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 12, 12])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])], inits)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 12, 12])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])
+    graph = helper.make_graph(nodes, "cnn", [x], [y], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))

@@ -1,7 +1,6 @@
 """The ios17/ios18 targets on tiny models: exact weights, pre-flight, shapes, metadata, runner."""
 
 import json
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -276,3 +275,27 @@ def test_coreml_predict_matches_the_reference_executor(tmp_path):  # pragma: no 
     got = coreml_predict(res.model_file, {"ids": FEED["ids"].astype(np.int32), "img": FEED["img"]})
     for k in ("y", "z"):
         assert sqnr_db(ref[k], got[k]) >= 40
+
+
+def test_executor_teacher_forcing_replaces_named_values(tmp_path):
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[2, 3] x) => (float[2, 3] y)
+    {
+        m = Mul (x, x)
+        y = Sub (m, x)
+    }
+    """
+    path = tmp_path / "f.onnx"
+    onnx.save(onnx.parser.parse_model(text), str(path))
+    res = IOS18Target(compute="fp32").package(path, tmp_path / "pkg")
+    ex = MLPackageRunner(res.model_file).executor
+    x = rng_array((2, 3), 1)
+    forced = np.full((2, 3), 5.0, np.float32)
+    out = ex.run({"x": x}, keep={"m"}, force={"m": forced})
+    np.testing.assert_array_equal(out["m"], forced)
+    np.testing.assert_array_equal(out["y"], forced - x)
+    with pytest.raises(InputError, match="cannot force nope"):
+        ex.run({"x": x}, force={"nope": forced})
+    with pytest.raises(InputError, match="forced value 'm' has shape"):
+        ex.run({"x": x}, force={"m": forced[:1]})
