@@ -4,12 +4,18 @@ The program is built in the precision edgeq chose (see :mod:`targets.coreml.lowe
 ``ct.convert`` runs with ``compute_precision=FLOAT32`` (no automatic fp16 casts that would
 round the weight scales) and the cleanup pass pipeline only (dead code, constant folding of
 non-weight constants, name dedup): what is saved is what the reference executor runs.
+
+The saved ``.mlpackage`` is byte-reproducible: the same QDQ ONNX gives the same files in any
+process (see :func:`make_reproducible`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +28,9 @@ from edgeq._quiet import quiet
 from targets.coreml.lower import Lowered, lower_model
 
 META_PREFIX = "edgeq."
+CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
+# namespace of the item identifiers in an .mlpackage's Manifest.json (uuid5 of the item's content)
+PACKAGE_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://edgeq/coreml/mlpackage-item")
 
 
 def quantization_summary(model: onnx.ModelProto) -> dict:
@@ -73,9 +82,7 @@ def build_mlpackage(
     with quiet():
         import coremltools as ct
 
-    t0 = time.perf_counter()
     low = lower_model(model, compute=compute, deployment=deployment, shapes=shapes)
-    t_lower = time.perf_counter() - t0
     target = {17: ct.target.iOS17, 18: ct.target.iOS18}[deployment]
     with quiet():
         ml = ct.convert(
@@ -103,8 +110,10 @@ def build_mlpackage(
     }
     for k, v in meta.items():
         ml.user_defined_metadata[META_PREFIX + k] = str(v)
+    _set_conversion_date(ml.user_defined_metadata)
     with quiet():
         ml.save(str(dest))
+    make_reproducible(dest)
     facts = {
         "coremltools_version": ct.__version__,
         "deployment_target": f"iOS{deployment}",
@@ -115,10 +124,64 @@ def build_mlpackage(
         "qdq_summary": summary,
         "mil_ops": dict(sorted(low.mil_ops.items())),
         "folded_onnx_nodes": low.folded,
-        "lower_seconds": round(t_lower, 2),
-        "convert_seconds": round(time.perf_counter() - t0 - t_lower, 2),
-    }
+    }  # no timings: manifest.json is reproducible apart from its "created" key
     return low, facts
+
+
+def _set_conversion_date(metadata) -> None:
+    """coremltools stamps today's date (``conversion_date``) into the model: drop it.
+
+    The build date already is manifest.json's ``created`` (the one key allowed to differ
+    between two builds). With ``SOURCE_DATE_EPOCH`` set (reproducible-builds.org), the key is
+    kept with that date instead.
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if epoch.isdigit():
+        metadata[CONVERSION_DATE_KEY] = time.strftime("%Y-%m-%d", time.gmtime(int(epoch)))
+    elif CONVERSION_DATE_KEY in metadata:
+        del metadata[CONVERSION_DATE_KEY]
+
+
+def make_reproducible(package: Path) -> None:
+    """Rewrite the parts of a saved ``.mlpackage`` that coremltools writes differently every run.
+
+    - ``Data/com.apple.CoreML/model.mlmodel``: the protobuf, serialized again with
+      ``deterministic=True`` (map fields, e.g. the metadata, in key order rather than hash order).
+    - ``Manifest.json``: each item's random UUID becomes ``uuid5`` of the item's path and the
+      sha256 of its content (a file, or every file of a folder by relative path), so identical
+      content gives identical identifiers; ``rootModelIdentifier`` follows its item.
+    """
+    from coremltools.proto import Model_pb2
+
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    items = manifest.get("itemInfoEntries", {})
+    data = package / "Data"
+    for info in items.values():
+        if info.get("name") == "model.mlmodel" or str(info.get("path", "")).endswith(".mlmodel"):
+            spec_path = data / info["path"]
+            spec = Model_pb2.Model()
+            spec.ParseFromString(spec_path.read_bytes())
+            spec_path.write_bytes(spec.SerializeToString(deterministic=True))
+    renamed = {old: str(uuid.uuid5(PACKAGE_UUID_NAMESPACE, f"{info['path']}\n{_content_sha256(data / info['path'])}"))
+               for old, info in items.items()}
+    if len(set(renamed.values())) != len(renamed):  # only if two items had the same path
+        raise RuntimeError(f"{package}: Manifest.json lists the same item twice")
+    manifest["itemInfoEntries"] = {renamed[old]: info for old, info in items.items()}
+    if manifest.get("rootModelIdentifier") in renamed:
+        manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    # the layout coremltools' own writer uses (4-space indent, sorted keys, final newline)
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+
+
+def _content_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if f != path:
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def _io(spec) -> dict:

@@ -172,7 +172,7 @@ def test_near_dead_channel_bias_fits_int32_by_raising_its_weight_scale(tmp_path)
     producers = {o: n for n in q.graph.node for o in n.output}
     bias_dq = producers[next(n for n in q.graph.node if n.name == "project").input[2]]
     bias_q = q_inits[bias_dq.input[0]]
-    assert bias_q.dtype == np.int32 and np.abs(bias_q).max() < 2**30
+    assert bias_q.dtype == np.int32 and np.abs(bias_q).max() <= 2**30
     # ONNX Runtime's own bias folding (basic level) must not change the numbers: nothing clips
     feeds = cnn_feeds(2, seed=4)
     runs = []
