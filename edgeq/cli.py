@@ -124,18 +124,8 @@ def cmd_package(args) -> int:
         from edgeq.onnx_io import check_output_path
 
         check_output_path(args.json, force=True)  # an unwritable report path fails before the build
-    target = args.target
-    options = _package_options(args)
-    if options:  # the target validates its own options; the core only passes them on
-        from edgeq import plugins
-
-        target = plugins.load_target(args.target)
-        if not callable(getattr(target, "configure", None)):
-            flags = ", ".join({"compute": "--compute", "shapes": "--shape"}[k] for k in options)
-            raise InputError(f"target {args.target} takes no packaging options (got {flags})",
-                             hint=f"drop {flags} for {args.target}")
-        target = target.configure(**options)
-    res = api.package(args.model, target, args.output, force=args.force)
+    # the target validates its own options (Target.configure); the CLI only passes them on
+    res = api.package(args.model, args.target, args.output, force=args.force, options=_package_options(args))
     m = res.manifest
     _say(f"packaged {args.model} for {res.target} -> {res.path} in {res.seconds:.1f} s")
     if m.get("compute_precision"):

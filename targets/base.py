@@ -27,8 +27,17 @@ from edgeq.errors import InputError, UnsupportedError
 from edgeq.quant.profile import TargetProfile
 
 
-# manifest.json keys that differ between two builds of the same input (everything else is equal)
+# manifest.json keys that differ between two builds of the same input (everything else is equal,
+# and so is every other file of the package, byte for byte)
 VOLATILE_KEYS = ("created",)
+
+# how `edgeq package` spells the packaging options it passes on, for error messages
+OPTION_FLAGS = {"compute": "--compute", "shapes": "--shape"}
+
+
+def option_names(options) -> str:
+    """``--compute, --shape`` for options the CLI has a flag for, the keyword otherwise."""
+    return ", ".join(OPTION_FLAGS.get(k, repr(k)) for k in options)
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,20 @@ class Target(ABC):
     def readme(self, manifest: dict) -> str:
         """Text of the package README (how to load and feed this model on the device)."""
         return ""
+
+    def configure(self, **options) -> "Target":
+        """This target with packaging ``options`` applied (``edgeq package --compute/--shape``,
+        ``edgeq.api.package(..., options={...})``).
+
+        A target that takes options overrides this, validates them itself and returns a
+        configured copy (the target it is called on stays as it was). This default takes none:
+        any option is an :class:`InputError`; no options returns the target unchanged.
+        """
+        if options:
+            names = option_names(options)
+            raise InputError(f"target {self.name} takes no packaging options (got {names})",
+                             hint=f"drop {names} for {self.name}")
+        return self
 
     def package(self, model_path, output, *, force: bool = False, extra_manifest: dict | None = None) -> "PackageResult":
         """Pre-flight, build and atomically write the package folder (see :func:`package`)."""

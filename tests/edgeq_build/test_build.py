@@ -80,9 +80,6 @@ def test_same_inputs_give_byte_identical_android_package_and_qdq_models(built, r
         assert first["hashes"][key] == second["hashes"][key], key
 
 
-@pytest.mark.xfail(strict=True, reason="targets/coreml writes .mlpackage files that differ run to run: random UUIDs "
-                                       "in Manifest.json, model.mlmodel serialized with its metadata map in hash "
-                                       "order (the protos are equal), and coremltools' conversion_date")
 def test_same_inputs_give_byte_identical_ios_package(built, rebuilt):
     first, second = built.data, rebuilt.data
     ml = sorted(k for k in first["hashes"] if k.startswith("ios18/tiny_cnn.mlpackage/"))

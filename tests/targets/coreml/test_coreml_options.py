@@ -85,3 +85,31 @@ def test_cli_option_errors_name_the_flag_and_write_nothing(seq_onnx, tmp_path, c
     assert main(["package", str(seq_onnx), "-o", str(tmp_path / "pkg"), *argv]) != 0
     assert message in "".join(capsys.readouterr())
     assert not (tmp_path / "pkg").exists()
+
+
+def test_api_package_applies_options_through_the_targets_configure(seq_onnx, tmp_path):
+    from edgeq import api
+
+    target = IOS18Target()
+    res = api.package(seq_onnx, target, tmp_path / "pkg", options={"compute": "fp32", "shapes": {"batch": 2}})
+    assert res.manifest["options"] == {"compute": "fp32", "shapes": {"batch": 2}}
+    assert res.manifest["compute_precision"] == "fp32" and res.manifest["flexible_axes"] == {"sequence": [1, 1024]}
+    assert target.compute == "fp16" and target.shapes == {}  # configure made a copy
+    assert api.package(seq_onnx, "ios17", tmp_path / "empty", options={}).manifest["options"]["compute"] == "fp16"
+    with pytest.raises(InputError, match="target ios18 has no option 'precision'"):
+        api.package(seq_onnx, "ios18", tmp_path / "bad", options={"precision": "fp32"})
+    with pytest.raises(InputError, match="options must map option names to values"):
+        api.package(seq_onnx, "ios18", tmp_path / "bad", options=[("compute", "fp32")])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_target_without_options_rejects_any_by_default(seq_onnx, tmp_path):
+    from edgeq import api, plugins
+    from targets.base import Target
+
+    android = plugins.load_target("android")
+    assert type(android).configure is Target.configure and android.configure() is android
+    with pytest.raises(InputError, match=r"target android takes no packaging options \(got --compute, 'level'\)") as e:
+        api.package(seq_onnx, "android", tmp_path / "pkg", options={"compute": "fp32", "level": 3})
+    assert "drop --compute, 'level' for android" in e.value.hint
+    assert not (tmp_path / "pkg").exists()
