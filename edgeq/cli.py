@@ -113,7 +113,11 @@ def cmd_quantize(args) -> int:
 
         write_json({"edgeq_version": __version__, "model": str(args.model), "output": str(res.path),
                     "summary": res.plan.summary(), "plan": res.plan.rows(), "float_bytes": res.float_bytes,
-                    "file_bytes": res.quantized_bytes, "ideal_bytes": res.ideal_bytes, "seconds": round(res.seconds, 2)}, args.json)
+                    "file_bytes": res.quantized_bytes, "ideal_bytes": res.ideal_bytes, "seconds": round(res.seconds, 2),
+                    "calibration": None if res.calibration is None else {
+                        "batches": res.calibration.batches, "samples": res.calibration.samples,
+                        "data_sha256": res.calibration.data_sha256,
+                        "state_bytes": res.calibration.peak_state_bytes}}, args.json)
     return 0
 
 
