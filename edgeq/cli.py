@@ -121,6 +121,25 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from edgeq.analyze import sensitivity
+
+    if args.json:
+        from edgeq.onnx_io import check_output_path
+
+        check_output_path(args.json, force=True)  # an unwritable report path fails before the run
+    report = sensitivity(args.model, args.recipe, calib=args.calib, data=args.data, limit=args.limit,
+                         progress=not args.no_progress, block=args.block, profile=args.profile, rank_by=args.rank_by)
+    _say(report.format())
+    _say(f"analyzed {len(report.layers)} layers in {report.seconds:.1f} s")
+    if args.json:
+        from edgeq.validate.report import write_json
+
+        write_json({"edgeq_version": __version__, **report.as_dict()}, args.json)
+        _say(f"wrote {args.json}")
+    return 0
+
+
 def cmd_package(args) -> int:
     from edgeq import api
 
@@ -267,6 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="overwrite an existing output")
     q.add_argument("--json", metavar="PATH", help="also write the plan and sizes as JSON")
     q.set_defaults(func=cmd_quantize)
+
+    a = sub.add_parser("analyze", parents=[common], help="per-layer sensitivity of a float ONNX model to a recipe",
+                       description="Quantize once, then measure the output error with only one layer quantized and "
+                                   "with all but one, for every weighted layer; print a ranked table.")
+    a.add_argument("model", help="the float .onnx file")
+    a.add_argument("--recipe", required=True, help="w8a8, w8a16, w4a16, mxfp4, or a .toml recipe")
+    a.add_argument("--block", type=int, help="block size for w4a16 (32, 64 or 128; default 32)")
+    a.add_argument("--profile", help="target profile that decides what runs (default onnxruntime-cpu)")
+    a.add_argument("--calib", help="calibration data for activation recipes (default: --data)")
+    a.add_argument("--data", help="evaluation data: a sample name, an .npz file or a folder (default: the sample "
+                                  "named like the model file)")
+    a.add_argument("--limit", type=int, help="evaluate on the first N feeds only")
+    a.add_argument("--rank-by", default="sqnr", choices=["sqnr", "cosine"], help="ranking metric (default sqnr)")
+    a.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a.set_defaults(func=cmd_analyze)
 
     k = sub.add_parser("package", parents=[common], help="package a QDQ ONNX model for a device target",
                        description="Check a (QDQ) ONNX model against a target (pre-flight), convert it, and write "

@@ -1,0 +1,315 @@
+"""Per-layer sensitivity: how much output error each weighted layer's quantization causes.
+
+The model is quantized once with the full recipe (calibration runs once). Each variant is then
+derived from that QDQ graph by bypassing quantization: a bypassed layer gets its float node back
+(original weights and bias, with SmoothQuant's exact row scaling kept when its input is smoothed),
+and a bypassed activation Q/DQ pair routes its consumer to the float tensor. Activation Q/DQ pairs
+belong to the node that reads them. For every layer L two variants run on the evaluation feeds:
+
+- *only L*: L's weights and input activations quantized, everything else float;
+- *all but L*: the full QDQ model with L back in float.
+
+Errors are measured against the float model (SQNR over all feeds and the mean per-sample cosine;
+with several outputs, the worst output). Rows are ranked most sensitive first: lowest SQNR with
+only L quantized, then highest SQNR with all but L.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgeq import onnx_io
+from edgeq.errors import InputError
+from edgeq.quant.recipes import WeightFormat, resolve_recipe
+from edgeq.validate.feeds import load_feeds
+from edgeq.validate.metrics import TensorStats
+
+_PREFIX = "edgeq_analyze"
+
+
+@dataclass(frozen=True)
+class Score:
+    sqnr_db: float  # worst output
+    cosine: float  # worst output's mean per-sample cosine
+
+    def as_dict(self) -> dict:
+        return {"sqnr_db": _num(self.sqnr_db), "cosine": _num(self.cosine)}
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    node: str
+    op_type: str
+    format: str
+    only: Score  # only this layer quantized
+    all_but: Score  # everything but this layer quantized
+
+    def as_dict(self) -> dict:
+        return {"node": self.node, "op_type": self.op_type, "format": self.format,
+                "only": self.only.as_dict(), "all_but": self.all_but.as_dict()}
+
+
+@dataclass
+class SensitivityReport:
+    model: str
+    recipe: str
+    data: str
+    feeds: int
+    full: Score  # the whole recipe applied
+    layers: list[LayerSensitivity] = field(default_factory=list)
+    seconds: float = 0.0
+    rank_by: str = "sqnr"
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "recipe": self.recipe, "data": self.data, "feeds": self.feeds,
+                "rank_by": self.rank_by,
+                "full": self.full.as_dict(), "layers": [row.as_dict() for row in self.layers],
+                "seconds": round(self.seconds, 2)}
+
+    def format(self) -> str:
+        w = max([len("node"), *(len(r.node) for r in self.layers)])
+        w = min(w, 60)
+        lines = [
+            f"sensitivity of {self.model} to {self.recipe} on {self.data} ({self.feeds} feeds); "
+            f"all quantized: SQNR {self.full.sqnr_db:.1f} dB, cosine {self.full.cosine:.5f}; "
+            f"ranked by {self.rank_by} with only the layer quantized, most sensitive first",
+            f"{'rank':>4}  {'node':<{w}}  {'op':<10} {'format':<14} {'only: SQNR':>11} {'cosine':>9}"
+            f"  {'all but: SQNR':>13} {'cosine':>9}",
+        ]
+        for i, r in enumerate(self.layers, 1):
+            lines.append(f"{i:>4}  {r.node[:w]:<{w}}  {r.op_type:<10} {r.format:<14} {r.only.sqnr_db:>8.1f} dB "
+                         f"{r.only.cosine:>9.5f}  {r.all_but.sqnr_db:>10.1f} dB {r.all_but.cosine:>9.5f}")
+        if not self.layers:
+            lines.append("  (no layer has quantized weights under this recipe)")
+        return "\n".join(lines)
+
+
+def _num(x: float):
+    return x if math.isfinite(x) else str(x)
+
+
+def sensitivity(model, recipe, calib=None, data=None, limit: int | None = None, progress: bool = True,
+                *, block: int | None = None, profile=None, rank_by: str = "sqnr") -> SensitivityReport:
+    """Rank the weighted layers of the float ONNX ``model`` by their sensitivity to ``recipe``.
+
+    ``data`` (sample name, ``.npz`` file or folder, or an iterable of feeds) is the evaluation
+    data; it defaults to the sample named like the model file (``minilm.onnx`` → ``minilm``).
+    ``calib`` defaults to ``data`` (a sample's calibration split) for recipes that need it.
+    ``limit`` uses only the first N evaluation feeds. ``rank_by`` is ``sqnr`` or ``cosine``
+    (the metric the ranking sorts on, most sensitive first; the other breaks ties).
+    """
+    import onnxruntime as ort
+
+    from edgeq import sources
+    from edgeq.quant.quantize import name_nodes, quantize_model
+
+    t0 = time.perf_counter()
+    model = Path(model)
+    if not model.exists():
+        raise InputError(f"model file not found: {model}")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
+    if rank_by not in ("sqnr", "cosine"):
+        raise InputError(f"cannot rank by {rank_by!r}", hint="use sqnr or cosine")
+    rec = resolve_recipe(recipe, block=block)
+    if data is None:
+        if sources.is_sample(model.stem):
+            data = model.stem
+        else:
+            raise InputError("no evaluation data", hint="pass --data (a sample name, an .npz file or a folder of them)")
+    if calib is None and rec.needs_calibration:
+        calib = data
+
+    float_ir = onnx_io.load_ir(model)
+    name_nodes(float_ir)  # the names quantize_model gives, so nodes match across the two graphs
+    import onnx_ir as ir
+
+    float_proto = ir.to_proto(float_ir)
+    del float_ir
+    feeds, desc = load_feeds(data, onnx_io.io_specs(float_proto), split="evaluation", limit=limit)
+    if not feeds:
+        raise InputError(f"no feeds in {desc}")
+
+    with tempfile.TemporaryDirectory(prefix="edgeq-analyze-") as tmp:
+        res = quantize_model(model, os.path.join(tmp, "model.qdq.onnx"), rec, block=block, profile=profile,
+                             calib=calib, force=True, progress=progress)
+        qdq = onnx_io.read_onnx(res.path)
+    plan = res.plan
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    outputs = [o.name for o in float_proto.graph.output]
+
+    def run(proto_bytes) -> list[list[np.ndarray]]:
+        sess = ort.InferenceSession(proto_bytes, so, providers=["CPUExecutionProvider"])
+        return [sess.run(outputs, f) for f in feeds]
+
+    reference = run(float_proto.SerializeToString())
+
+    def score(results) -> Score:
+        sq, cs = [], []
+        for k in range(len(outputs)):
+            st = TensorStats()
+            for ref, got in zip(reference, results):
+                st.update(ref[k], got[k])
+            sq.append(st.sqnr_db)
+            cs.append(float(np.mean(st.cosines)) if st.cosines else float("nan"))
+        return Score(_worst(sq), _worst(cs))
+
+    variants = _Variants(float_proto, qdq, plan)
+    full = score(run(variants.build(set(variants.layers), None)))
+
+    fmt = _formats(plan)
+    op_of = {d.node: d.op_type for d in plan.weights}
+    rows = []
+    from tqdm import tqdm
+
+    for layer in tqdm(variants.layers, desc="sensitivity", unit="layer", disable=not progress or None, leave=False):
+        only = score(run(variants.build({layer}, {layer})))
+        rest = set(variants.layers) - {layer}
+        all_but = score(run(variants.build(rest, None, float_acts={layer})))
+        rows.append(LayerSensitivity(layer, op_of[layer], fmt[layer], only, all_but))
+    first, second = ("sqnr_db", "cosine") if rank_by == "sqnr" else ("cosine", "sqnr_db")
+    rows.sort(key=lambda r: (_key(getattr(r.only, first)), -_key(getattr(r.all_but, first)),
+                             _key(getattr(r.only, second)), r.node))
+    return SensitivityReport(str(model), rec.name, desc, len(feeds), full, rows, time.perf_counter() - t0, rank_by)
+
+
+def _worst(values: list[float]) -> float:
+    if any(math.isnan(v) for v in values):
+        return float("nan")
+    return min(values) if values else float("nan")
+
+
+def _key(x: float) -> float:
+    return -math.inf if math.isnan(x) else x
+
+
+def _formats(plan) -> dict[str, str]:
+    out: dict[str, list[str]] = {}
+    for d in plan.weights:
+        f = d.format.value + (f"/b{d.block}" if d.block and d.format in (WeightFormat.INT4, WeightFormat.MXFP4) else "")
+        out.setdefault(d.node, []).append(f)
+    acts: dict[str, set[str]] = {}
+    for a in plan.activations:
+        for c in a.consumers:
+            acts.setdefault(c, set()).add(a.format.value)
+    return {n: ",".join(fs) + ("".join(f" a:{x}" for x in sorted(acts.get(n, ())))) for n, fs in out.items()}
+
+
+class _Variants:
+    """Builds QDQ-graph variants with chosen layers (and activation Q/DQ pairs) bypassed."""
+
+    def __init__(self, float_proto: onnx.ModelProto, qdq: onnx.ModelProto, plan):
+        self.base = qdq
+        graph = qdq.graph
+        self.nodes = list(graph.node)
+        float_nodes = {n.name: n for n in float_proto.graph.node}
+        float_inits = {t.name: t for t in float_proto.graph.initializer}
+        producer = {o: n for n in self.nodes for o in n.output}
+        qdq_inits = {t.name: t for t in graph.initializer}
+        # an activation Q/DQ pair: DequantizeLinear reading a QuantizeLinear's output -> the float tensor
+        self.act_dq: dict[str, str] = {}
+        for n in self.nodes:
+            if n.op_type == "DequantizeLinear" and n.input[0] in producer and producer[n.input[0]].op_type == "QuantizeLinear":
+                self.act_dq[n.output[0]] = producer[n.input[0]].input[0]
+        index = {n.name: i for i, n in enumerate(self.nodes)}
+        self.layers: list[str] = []
+        self.float_node: dict[int, onnx.NodeProto] = {}  # index in the QDQ graph -> the float replacement
+        self.layer_of: dict[int, str] = {}
+        extra: list[onnx.TensorProto] = []
+        for layer in dict.fromkeys(d.node for d in plan.weights):
+            i = index.get(layer, index.get(f"{layer}/gather_block_quantized"))
+            if i is None or layer not in float_nodes:
+                continue
+            q, f = self.nodes[i], float_nodes[layer]
+            node = onnx.NodeProto()
+            node.CopyFrom(f)
+            scale = self._smoothing_scale(q, producer, qdq_inits) if q.name == layer else None
+            for k, name in enumerate(f.input):
+                if name in float_inits:
+                    arr = numpy_helper.to_array(float_inits[name])
+                    if k == 1 and scale is not None and arr.ndim == 2 and arr.shape[0] == scale.shape[0]:
+                        arr = (arr * scale[:, None]).astype(arr.dtype)  # SmoothQuant: diag(s) W, exact in float
+                    new = f"{_PREFIX}/{layer}/{name}"
+                    extra.append(numpy_helper.from_array(arr, new))
+                    node.input[k] = new
+                elif k < len(q.input) and q.name == layer:
+                    node.input[k] = q.input[k]  # activations: the QDQ graph's tensor (maybe smoothed or Q/DQ'd)
+            del node.output[:]
+            node.output.extend(q.output)
+            self.float_node[i] = node
+            self.layer_of[i] = layer
+            self.layers.append(layer)
+        self.extra = extra
+        self.outputs = {o.name for o in graph.output}
+
+    @staticmethod
+    def _smoothing_scale(q, producer, inits) -> np.ndarray | None:
+        """SmoothQuant's per-row scale s when ``q``'s data input is ``Mul(x, 1/s)`` (possibly behind Q/DQ)."""
+        if not q.input:
+            return None
+        t = q.input[0]
+        p = producer.get(t)
+        if p is not None and p.op_type == "DequantizeLinear":
+            p = producer.get(p.input[0])
+            if p is not None and p.op_type == "QuantizeLinear":
+                p = producer.get(p.input[0])
+        if p is None or p.op_type != "Mul" or not p.name.endswith("_smooth") or p.input[1] not in inits:
+            return None
+        inv = numpy_helper.to_array(inits[p.input[1]]).astype(np.float32)
+        return (1.0 / inv).astype(np.float32) if inv.ndim == 1 else None
+
+    def build(self, quantized: set[str], act_owners: set[str] | None, float_acts: set[str] = frozenset()) -> bytes:
+        """Serialized model: layers in ``quantized`` keep their quantized weights, the others get float ones.
+
+        Activation Q/DQ pairs read by a node are kept when ``act_owners`` is None (all kept) or holds
+        the reader, and never for readers in ``float_acts``.
+        """
+        nodes = []
+        for i, n in enumerate(self.nodes):
+            layer = self.layer_of.get(i)
+            node = n if layer is None or layer in quantized else self.float_node[i]
+            name = layer or node.name
+            keep = (act_owners is None or name in act_owners) and name not in float_acts
+            if not keep and any(x in self.act_dq for x in node.input):
+                node2 = onnx.NodeProto()
+                node2.CopyFrom(node)
+                for k, x in enumerate(node2.input):
+                    if x in self.act_dq:
+                        node2.input[k] = self.act_dq[x]
+                node = node2
+            nodes.append(node)
+        # drop nodes nothing reads any more (bypassed Q/DQ pairs, unused weight DequantizeLinear)
+        needed = set(self.outputs)
+        kept = []
+        for n in reversed(nodes):
+            if any(o in needed for o in n.output):
+                kept.append(n)
+                needed.update(n.input)
+        kept.reverse()
+        m = onnx.ModelProto()
+        m.CopyFrom(self._shell())
+        m.graph.node.extend(kept)
+        m.graph.initializer.extend(t for t in self.base.graph.initializer if t.name in needed)
+        m.graph.initializer.extend(t for t in self.extra if t.name in needed)
+        return m.SerializeToString()
+
+    def _shell(self) -> onnx.ModelProto:
+        if not hasattr(self, "_shell_proto"):
+            s = onnx.ModelProto()
+            s.CopyFrom(self.base)
+            del s.graph.node[:]
+            del s.graph.initializer[:]
+            del s.graph.value_info[:]
+            self._shell_proto = s
+        return self._shell_proto
