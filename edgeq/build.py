@@ -23,7 +23,6 @@ import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -101,20 +100,7 @@ def check_output_dir(path: str | os.PathLike, *, force: bool) -> Path:
     here = Path.cwd().resolve()
     if out.resolve() == here or out.resolve() in here.parents:
         raise InputError(f"output {out} is the current folder or holds it", hint="give a new folder, e.g. -o dist/")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} exists and is not a folder", hint="give a folder path, e.g. -o dist/")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise InputError(f"output folder {out} already exists and is not empty",
-                         hint="choose another folder or pass --force")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise InputError(f"cannot write {out}: folder {parent} does not exist", hint="create it first")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot write {out}: folder {parent} is not writable ({e.strerror})") from e
-    return out
+    return onnx_io.check_output_folder(out, force=force)
 
 
 def _model_name(model, sample) -> str:
@@ -273,11 +259,7 @@ def build(
     for t in tgts:
         profiles.setdefault(t.profile.name, []).append(t)
     stages = _Stages(1 + len(profiles) + len(tgts) + 1 + int(latency) + 1, say)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.absolute().parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+    with onnx_io.atomic_folder(out) as tmp:
         data_out = _run(stages, tmp, obj, sample, model, is_onnx, name, inputs, rec, recipe, block, profiles, tgts,
                         calib, data, task, th, limit, latency, verbose, progress)
         data_out["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -285,15 +267,6 @@ def build(
         stages.run("report", f"{REPORT_HTML} and {REPORT_JSON}", lambda: _write_reports(tmp, data_out))
         data_out["seconds"] = round(time.perf_counter() - t_start, 1)
         (tmp / REPORT_JSON).write_text(_to_json(data_out))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return BuildResult(out, data_out, time.perf_counter() - t_start, data_out["passed"], data_out["summary"])
 
 

@@ -101,6 +101,50 @@ def check_output_path(path: str | os.PathLike, *, force: bool = False) -> Path:
     return p
 
 
+def check_output_folder(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Fail early, before any work, if the folder ``path`` cannot be written (or holds files without ``force``)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"output {p} exists and is not a folder", hint="give a folder path, e.g. -o dist/")
+    if p.exists() and any(p.iterdir()) and not force:
+        raise InputError(f"output folder {p} already exists and is not empty",
+                         hint="choose another folder or pass --force")
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write {p}: folder {parent} does not exist", hint="create it first")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write {p}: folder {parent} is not writable ({e.strerror})") from e
+    return p
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; on success it replaces ``dest``, else it is deleted.
+
+    The folder gets ordinary permissions (``mkdtemp`` makes it private). Check ``dest`` with
+    :func:`check_output_folder` first.
+    """
+    dest = Path(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.absolute().parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def tensor_bytes(model: ir.Model) -> int:
     """Bytes held by the initializers of the main graph."""
     total = 0

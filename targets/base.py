@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -156,24 +154,6 @@ def file_sizes(folder: Path) -> dict[str, int]:
     }
 
 
-def check_package_dir(path: str | os.PathLike, *, force: bool) -> Path:
-    """Fail before any work when the package folder cannot be written."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise InputError(f"output {p} exists and is not a folder", hint="give a folder path for the package")
-    if p.exists() and any(p.iterdir()) and not force:
-        raise InputError(f"output folder {p} already exists and is not empty", hint="choose another folder or pass --force")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"cannot write {p}: folder {parent} does not exist", hint="create it first")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot write {p}: folder {parent} is not writable ({e.strerror})") from e
-    return p
-
-
 def package(
     model_path: str | os.PathLike,
     target: Target,
@@ -189,7 +169,7 @@ def package(
     folder beside ``output`` and moved into place only when complete.
     """
     t0 = time.perf_counter()
-    out = check_package_dir(output, force=force)
+    out = onnx_io.check_output_folder(output, force=force)
     model_path = Path(model_path)
     model = onnx_io.read_onnx(model_path)
     problems = target.preflight(model)
@@ -201,11 +181,7 @@ def package(
             f"{model_path.name} cannot run on target {target.name}: {len(problems)} problem(s)\n  {listed}{more}\n",
             hint="; ".join(hints[:3]) or "change the recipe so these nodes use a format the target runs",
         )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the package is an ordinary folder
+    with onnx_io.atomic_folder(out) as tmp:
         model_file, facts = target.build(model_path, model, tmp)
         manifest = {
             "edgeq_version": __version__,
@@ -224,14 +200,5 @@ def package(
         manifest["files"] = hash_tree(tmp)
         manifest["file_bytes"] = file_sizes(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     files = tuple(sorted(p for p in out.rglob("*") if p.is_file()))
     return PackageResult(target.name, out, out / model_file.name, files, manifest, time.perf_counter() - t0)
