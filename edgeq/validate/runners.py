@@ -99,31 +99,30 @@ class TorchRunner(Runner):
         return dict(zip(names, outs))
 
 
-class OnnxRunner(IntermediateRunner):
-    """Runs an ONNX file in ONNX Runtime (CPU), with its default graph optimizations."""
+def ort_session(path: Path, *, config: Mapping[str, str] | None = None, what: str = "",
+                hint: str = "check the file was written by a complete export"):
+    """A quiet ONNX Runtime CPU session for ``path`` (default optimizations), or an InputError saying why not."""
+    import onnxruntime as ort
 
-    kind = "onnxruntime"
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise InputError(f"ONNX Runtime cannot load {path}{what}: {first}", hint=hint) from e
 
-    def __init__(self, path: str | os.PathLike):
-        import onnxruntime as ort
 
-        self.path = Path(path)
-        super().__init__(self.path.name)
-        self._proto = onnx_io.read_onnx(self.path)
-        self._ort = ort
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        try:
-            self._sess = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise InputError(
-                f"ONNX Runtime cannot load {self.path}: {str(e).strip().splitlines()[0][:300]}",
-                hint="check the file was written by a complete export",
-            ) from e
-        self._specs = onnx_io.io_specs(self._proto)
-        self._outputs = [o.name for o in self._sess.get_outputs()]
-        self._values: list[str] | None = None
-        self._value_sess = None
+class SessionRunner(Runner):
+    """A runner backed by one ONNX Runtime session: inputs, outputs and ``run`` come from it."""
+
+    def __init__(self, label: str, session, specs: list[TensorSpec]):
+        super().__init__(label)
+        self._sess = session
+        self._specs = specs
+        self._outputs = [o.name for o in session.get_outputs()]
 
     @property
     def input_specs(self):
@@ -135,6 +134,22 @@ class OnnxRunner(IntermediateRunner):
 
     def run(self, feed):
         return dict(zip(self._outputs, self._sess.run(self._outputs, dict(feed))))
+
+
+class OnnxRunner(SessionRunner, IntermediateRunner):
+    """Runs an ONNX file in ONNX Runtime (CPU), with its default graph optimizations."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self._proto = onnx_io.read_onnx(self.path)
+        self._ort = ort
+        super().__init__(self.path.name, ort_session(self.path), onnx_io.io_specs(self._proto))
+        self._values: list[str] | None = None
+        self._value_sess = None
 
     def _typed_values(self):
         import onnx

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgeq.errors import InputError
 from edgeq.specs import DTYPES, TensorSpec
-from edgeq.validate.runners import Runner
+from edgeq.validate.runners import SessionRunner, ort_session
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -21,39 +21,18 @@ _ORT_TYPES = {
 }
 
 
-class OrtFormatRunner(Runner):
+class OrtFormatRunner(SessionRunner):
     """Runs an ORT format model in ONNX Runtime (CPU)."""
 
     kind = "onnxruntime-ort-format"
 
     def __init__(self, path: str | os.PathLike):
-        import onnxruntime as ort
-
         self.path = Path(path)
         in_package = (self.path.parent / "manifest.json").is_file()
-        super().__init__(f"{self.path.parent.name}/{self.path.name}" if in_package else self.path.name)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.load_model_format", "ORT")
-        try:
-            self._sess = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise InputError(f"ONNX Runtime cannot load {self.path} as an ORT format model: {first}",
-                             hint="package the QDQ model again with `edgeq package --target android`") from e
-        self._specs = [_spec(i) for i in self._sess.get_inputs()]
-        self._outputs = [o.name for o in self._sess.get_outputs()]
-
-    @property
-    def input_specs(self):
-        return self._specs
-
-    @property
-    def output_names(self):
-        return self._outputs
-
-    def run(self, feed):
-        return dict(zip(self._outputs, self._sess.run(self._outputs, dict(feed))))
+        sess = ort_session(self.path, config={"session.load_model_format": "ORT"}, what=" as an ORT format model",
+                           hint="package the QDQ model again with `edgeq package --target android`")
+        super().__init__(f"{self.path.parent.name}/{self.path.name}" if in_package else self.path.name,
+                         sess, [_spec(i) for i in sess.get_inputs()])
 
     def describe(self):
         import onnxruntime as ort
