@@ -155,6 +155,14 @@ def _field_pos(tab, slot_offset: int) -> int | None:
     return tab.Indirect(o + tab.Pos) if o else None
 
 
+def _table_vector(b, start_vector, offsets: list[int]) -> int:
+    """A flatbuffers vector of tables (written back to front, as flatbuffers builds them)."""
+    start_vector(b, len(offsets))
+    for t in reversed(offsets):
+        b.PrependUOffsetTRelative(t)
+    return b.EndVector()
+
+
 def canonicalize(data: bytes) -> bytes:
     """The same ORT model with its kernel-type-string table written in sorted order.
 
@@ -203,26 +211,17 @@ def canonicalize(data: bytes) -> bytes:
                 ArgTypeAndIndex.AddArgType(b, arg_type)
                 ArgTypeAndIndex.AddIndex(b, index)
                 arg_tables.append(ArgTypeAndIndex.End(b))
-            KernelTypeStrArgsEntry.StartArgsVector(b, len(arg_tables))
-            for t in reversed(arg_tables):
-                b.PrependUOffsetTRelative(t)
-            args_vec = b.EndVector()
+            args_vec = _table_vector(b, KernelTypeStrArgsEntry.StartArgsVector, arg_tables)
             KernelTypeStrArgsEntry.Start(b)
             KernelTypeStrArgsEntry.AddKernelTypeStr(b, kts_str)
             KernelTypeStrArgsEntry.AddArgs(b, args_vec)
             str_offsets.append(KernelTypeStrArgsEntry.End(b))
-        OpIdKernelTypeStrArgsEntry.StartKernelTypeStrArgsVector(b, len(str_offsets))
-        for t in reversed(str_offsets):
-            b.PrependUOffsetTRelative(t)
-        strs_vec = b.EndVector()
+        strs_vec = _table_vector(b, OpIdKernelTypeStrArgsEntry.StartKernelTypeStrArgsVector, str_offsets)
         OpIdKernelTypeStrArgsEntry.Start(b)
         OpIdKernelTypeStrArgsEntry.AddOpId(b, op_str)
         OpIdKernelTypeStrArgsEntry.AddKernelTypeStrArgs(b, strs_vec)
         op_offsets.append(OpIdKernelTypeStrArgsEntry.End(b))
-    KernelTypeStrResolver.StartOpKernelTypeStrArgsVector(b, len(op_offsets))
-    for t in reversed(op_offsets):
-        b.PrependUOffsetTRelative(t)
-    ops_vec = b.EndVector()
+    ops_vec = _table_vector(b, KernelTypeStrResolver.StartOpKernelTypeStrArgsVector, op_offsets)
     KernelTypeStrResolver.Start(b)
     KernelTypeStrResolver.AddOpKernelTypeStrArgs(b, ops_vec)
     resolver = KernelTypeStrResolver.End(b)
