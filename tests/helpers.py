@@ -31,3 +31,14 @@ def mlp_text(scale2: float = 1.0, seed: int = 0) -> str:
     w2 = (rng.standard_normal(24) * scale2).round(3)
     fmt = lambda a: ", ".join(f"{v:.3f}" for v in a)  # noqa: E731
     return MLP_TEXT % (fmt(w1), fmt(b1), fmt(w2))
+
+
+def optimized_ops(path, folder) -> list[str]:
+    """Op types of the graph ONNX Runtime runs for the model at ``path`` (level ALL), in order."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(folder / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]

@@ -7,6 +7,7 @@ import json
 import onnx
 import pytest
 from conftest import cli
+from helpers import optimized_ops
 
 pytestmark = pytest.mark.e2e
 
@@ -53,20 +54,10 @@ def test_efficientnet_w8a16_and_w4a16(effnet_onnx, e2e_dir, capsys):
     cli(capsys, "validate", w4, "-r", effnet_onnx, "--data", "efficientnet_lite0:crops=1", "--no-intermediates")
 
 
-def _optimized_ops(path, tmp_path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
-
-
 def test_minilm_w8a8(minilm_onnx, qdq_model, e2e_dir, tmp_path, capsys):
     out = qdq_model("minilm", "w8a8")
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
-    assert _optimized_ops(out, tmp_path).count("MatMulIntegerToFloat") == 36  # every linear layer runs in int8
+    assert optimized_ops(out, tmp_path).count("MatMulIntegerToFloat") == 36  # every linear layer runs in int8
     report = e2e_dir / "minilm8.json"
     cli(capsys, "validate", out, "-r", minilm_onnx, "--data", "minilm", "--json", report, "--no-intermediates")
     stats = json.loads(report.read_text())["candidates"][0]["outputs"]["embeddings"]
@@ -76,7 +67,7 @@ def test_minilm_w8a8(minilm_onnx, qdq_model, e2e_dir, tmp_path, capsys):
 def test_efficientnet_w8a8(effnet_onnx, qdq_model, e2e_dir, tmp_path, capsys):
     out = qdq_model("efficientnet_lite0", "w8a8")
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
-    ops = _optimized_ops(out, tmp_path)
+    ops = optimized_ops(out, tmp_path)
     assert ops.count("QLinearConv") >= 47 and ops.count("QLinearAdd") == 9 and "QGemm" in ops
     report = e2e_dir / "eff8a8.json"
     cli(capsys, "validate", out, "-r", effnet_onnx, "--data", "efficientnet_lite0", "--task", "classification",

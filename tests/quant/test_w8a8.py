@@ -8,20 +8,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import optimized_ops
 from w8a8_models import cnn, cnn_feeds, encoder_block, encoder_feeds
 
 import edgeq
 from edgeq.errors import InputError
 from edgeq.quant.recipes import preset
 from edgeq.validate.metrics import sqnr_db
-
-
-def _optimized_ops(path, tmp_path):
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
 
 
 def _outputs(path, feeds):
@@ -51,7 +44,7 @@ def test_cnn_placement_fusion_and_fidelity(tmp_path):
     onnx.checker.check_model(model, full_check=True)
     assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT]
     assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT]
-    ops = _optimized_ops(out, tmp_path)
+    ops = optimized_ops(out, tmp_path)
     assert ops.count("QLinearConv") == 3 and "QLinearAdd" in ops and "QGemm" in ops
     assert "QLinearGlobalAveragePool" in ops
     eval_feeds = cnn_feeds(4, seed=7)  # evaluation data apart from calibration
@@ -82,7 +75,7 @@ def test_transformer_block_keeps_masked_tensors_float(tmp_path):
     reasons = " ".join(n.reason for n in res.plan.floats)
     assert "masking constants" in reasons
     # MatMul bias Adds feed no quantized op: MatMuls get quantized inputs and float outputs
-    ops = _optimized_ops(out, tmp_path)
+    ops = optimized_ops(out, tmp_path)
     assert ops.count("MatMulIntegerToFloat") == 2
     feeds = encoder_feeds(4, seed=9)
     ref, got = _outputs(src, feeds), _outputs(out, feeds)
