@@ -126,7 +126,7 @@ def sensitivity(model, recipe, calib=None, data=None, limit: int | None = None, 
             data = model.stem
         else:
             raise InputError("no evaluation data", hint="pass --data (a sample name, an .npz file or a folder of them)")
-    if calib is None and rec.needs_calibration:
+    if calib is None and rec.uses_calibration:
         calib = data
 
     float_ir = onnx_io.load_ir(model)

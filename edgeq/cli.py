@@ -108,11 +108,14 @@ def cmd_quantize(args) -> int:
             _say(f"calibration: {res.calibration.batches} batches, {res.calibration.samples} samples; "
                  f"activations quantized: {acts}; integer ops: {s.get('integer_ops', 0)}; "
                  f"bias-corrected: {s.get('bias_corrected', 0)}")
+        for line in res.plan.algorithms:
+            _say(line)
     if args.json:
         from edgeq.validate.report import write_json
 
         write_json({"edgeq_version": __version__, "model": str(args.model), "output": str(res.path),
-                    "summary": res.plan.summary(), "plan": res.plan.rows(), "float_bytes": res.float_bytes,
+                    "summary": res.plan.summary(), "plan": res.plan.rows(),
+                    "algorithms": list(res.plan.algorithms), "float_bytes": res.float_bytes,
                     "file_bytes": res.quantized_bytes, "ideal_bytes": res.ideal_bytes, "seconds": round(res.seconds, 2),
                     "calibration": None if res.calibration is None else {
                         "batches": res.calibration.batches, "samples": res.calibration.samples,

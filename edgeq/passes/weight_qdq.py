@@ -14,6 +14,8 @@ Rules it applies, per :class:`~edgeq.quant.plan.WeightDecision`:
   ``b - (Ŵ - W) · E[x]`` so that quantizing the weight does not shift the output's mean
   (Nagel et al., 2019, "Data-Free Quantization", empirical form: ``E[x]`` per input channel from
   the calibration data; zero padding is ignored).
+- GPTQ (when the pass is given a Hessian factor for a node, see :mod:`edgeq.quant.gptq`): the
+  integers and scales come from error-compensated rounding instead of round-to-nearest.
 - Every consumer gets its own initializers (ORT does not fuse DQ nodes that share them); the
   float weight is removed once nothing reads it.
 """
@@ -24,7 +26,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from edgeq.quant import formats
+from edgeq.quant import formats, gptq
 from edgeq.quant.plan import QuantPlan, WeightDecision
 from edgeq.quant.recipes import WeightFormat
 
@@ -60,11 +62,14 @@ def _storage(q: formats.QuantizedTensor) -> np.ndarray:
 class WeightQDQPass(ir.passes.InPlacePass):
     """Quantize the weights a plan lists; leave every other node as it is."""
 
-    def __init__(self, plan: QuantPlan, *, input_means: dict[str, np.ndarray] | None = None):
+    def __init__(self, plan: QuantPlan, *, input_means: dict[str, np.ndarray] | None = None,
+                 gptq_factors: dict[str, np.ndarray] | None = None):
         super().__init__()
         self.plan = plan
         self.input_means = input_means or {}  # node name -> mean of its input per channel (axis 1)
+        self.gptq_factors = gptq_factors or {}  # node name -> gptq.prepare_hessian of its input's Gram
         self.bias_corrected: list[str] = []
+        self.gptq_nodes: list[str] = []
 
     def requires(self, model: ir.Model) -> None:
         names = {n.name for n in model.graph}
@@ -119,7 +124,13 @@ class WeightQDQPass(ir.passes.InPlacePass):
             node = by_name[d.node]
             value = node.inputs[d.input_index]
             w = value.const_value.numpy().astype(np.float32)
-            q = quantize_weight(w, d)
+            q = None
+            if d.node in self.gptq_factors:
+                q = gptq.gptq_quantize(w, d, self.gptq_factors[d.node])
+                if q is not None:
+                    self.gptq_nodes.append(d.node)
+            if q is None:
+                q = quantize_weight(w, d)
             prefix = f"{d.node}/{d.weight}"
             if d.node in self.input_means:
                 self._correct_bias(graph, node, w, q, d, self.input_means[d.node], prefix)

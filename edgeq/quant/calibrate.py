@@ -47,6 +47,7 @@ class CalibrationTable:
     channel_absmax: Mapping[str, np.ndarray] = field(default_factory=dict)  # max |x| per last-axis channel
     channel_mean: Mapping[str, np.ndarray] = field(default_factory=dict)  # mean per axis-1 channel (NCHW / [N, K])
     channel_masked: frozenset[str] = frozenset()  # ``channels`` tensors that carried masking constants
+    gram: Mapping[str, np.ndarray] = field(default_factory=dict)  # E[x xᵀ] over last-axis rows (float64 [K, K])
 
 
 def stream_feeds(feeds: Iterable[Mapping[str, np.ndarray]], specs: Sequence[TensorSpec], *, source: str) -> Iterator[dict]:
@@ -90,11 +91,14 @@ def calibrate(
     dtypes: Mapping[str, int] | None = None,
     channels: Sequence[str] = (),
     means: Sequence[str] = (),
+    grams: Sequence[str] = (),
 ) -> CalibrationTable:
     """Observe ``tensors`` of the float ``model`` over ``feeds`` and choose a range for each.
 
     For the tensors in ``channels`` it also keeps the largest magnitude per channel of the last
-    axis (what SmoothQuant needs), skipping masking constants like the observers do.
+    axis (what SmoothQuant needs), skipping masking constants like the observers do; for
+    ``means`` the mean per axis-1 channel (bias correction); for ``grams`` the second moment
+    ``E[x xᵀ]`` of the last-axis rows (GPTQ and AWQ), rows holding masking constants left out.
     """
     import onnxruntime as ort
     from tqdm.auto import tqdm
@@ -103,12 +107,15 @@ def calibrate(
     input_names = {s.name for s in specs}
     options = {"percentile": config.percentile} if config.method == "percentile" else {}
     observers = {t: make_observer(config.method, t, **options) for t in tensors}
-    fetch = list(dict.fromkeys(t for t in [*tensors, *channels, *means] if t not in input_names))
+    fetch = list(dict.fromkeys(t for t in [*tensors, *channels, *means, *grams] if t not in input_names))
     absmax: dict[str, np.ndarray] = {}
     masked: set[str] = set()
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     unusable: set[str] = set()
+    gram_sums: dict[str, np.ndarray] = {}
+    gram_rows: dict[str, int] = {}
+    gram_bad: set[str] = set()
     stream = stream_feeds(feeds, specs, source=source)
     first = next(stream)  # validates before the (slow) session build; raises on an empty source
     _return_large_blocks_to_os()
@@ -153,6 +160,16 @@ def calibrate(
                 other = tuple(i for i in range(x.ndim) if i != 1)
                 sums[name] = sums.get(name, 0.0) + np.add.reduce(x, axis=other, dtype=np.float64)
                 counts[name] = counts.get(name, 0) + x.size // x.shape[1]
+            for name in grams:
+                x = np.asarray(got[name], np.float32)
+                rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+                rows = rows[np.all(np.abs(rows) < MASK_THRESHOLD, axis=1)]
+                if name in gram_sums and gram_sums[name].shape[0] != rows.shape[1]:
+                    gram_bad.add(name)
+                    continue
+                # float32 product per batch (BLAS speed), float64 sum across batches
+                gram_sums[name] = gram_sums.get(name, 0.0) + (rows.T @ rows).astype(np.float64)
+                gram_rows[name] = gram_rows.get(name, 0) + rows.shape[0]
             batches += 1
             first_input = next(iter(feed.values()))
             samples += int(first_input.shape[0]) if first_input.ndim else 1
@@ -167,8 +184,10 @@ def calibrate(
         lo, hi = ob.range()
         ranges[name] = TensorRange(name, lo, hi, ob.minimum, ob.maximum, ob.seen, ob.ignored, config.method)
     state = sum(ob.state_nbytes() for ob in observers.values()) + sum(a.nbytes for a in absmax.values())
+    state += sum(g.nbytes for g in gram_sums.values())
     mean = {k: (v / counts[k]).astype(np.float32) for k, v in sums.items() if k not in unusable}
-    return CalibrationTable(ranges, batches, samples, digest.hexdigest(), state, absmax, mean, frozenset(masked))
+    gram = {k: v / gram_rows[k] for k, v in gram_sums.items() if k not in gram_bad and gram_rows[k] > 0}
+    return CalibrationTable(ranges, batches, samples, digest.hexdigest(), state, absmax, mean, frozenset(masked), gram)
 
 
 def _return_large_blocks_to_os() -> None:

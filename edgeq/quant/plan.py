@@ -57,6 +57,8 @@ class QuantPlan:
     integer_nodes: tuple[str, ...] = ()  # ops without weights that run on quantized inputs (Add, Concat, ...)
     bias_corrected: tuple[str, ...] = ()  # nodes whose bias absorbed the mean error of weight rounding
     notes: tuple[NodeNote, ...] = ()  # adjustments worth knowing that leave a node quantized
+    gptq: tuple[str, ...] = ()  # nodes whose weights GPTQ rounded (the rest: round to nearest)
+    algorithms: tuple[str, ...] = ()  # one line per algorithm: what it did, or why it did not run
 
     def summary(self) -> dict:
         fmt = Counter(d.format.value for d in self.weights)
@@ -72,6 +74,8 @@ class QuantPlan:
             out["integer_ops"] = len(self.integer_nodes)
         if self.bias_corrected:
             out["bias_corrected"] = len(self.bias_corrected)
+        if self.gptq:
+            out["gptq"] = len(self.gptq)
         return out
 
     def rows(self) -> list[dict]:
@@ -110,6 +114,8 @@ class QuantPlan:
                 lines.append("  other nodes (no constant weight): " + ", ".join(f"{k} {v}" for k, v in rest.most_common()))
         for n in self.notes:
             lines.append(f"  {n.node:<40} note: {n.reason}")
+        for a in self.algorithms:
+            lines.append(f"algorithm: {a}")
         if self.activations:
             lines.append(f"activations ({len(self.activations)} tensors quantized):")
             for a in self.activations:

@@ -19,6 +19,7 @@ from edgeq.passes.activation_qdq import ActivationQDQPass
 from edgeq.passes.smooth_quant import SmoothQuantPass
 from edgeq.passes.weight_qdq import WeightQDQPass
 from edgeq.quant.activations import decide_activations, place_activations
+from edgeq.quant import gptq
 from edgeq.quant.calibrate import CalibrationTable, calibrate
 from edgeq.quant.plan import NodeNote, QuantPlan, make_plan
 from edgeq.quant.profile import ONNXRUNTIME_CPU, PROFILES, TargetProfile
@@ -94,7 +95,13 @@ def quantize_model(
         return QuantizeResult(None, plan, float_bytes, 0, ideal, time.perf_counter() - t0)
     table = None
     input_means: dict[str, np.ndarray] = {}
-    if rec.needs_calibration:
+    gptq_factors: dict[str, np.ndarray] = {}
+    gram_of: dict[str, str] = {}
+    algorithms: list[str] = []
+    wants_gptq = rec.rounding == "gptq" and bool(_gptq_inputs(model, plan))
+    if wants_gptq and calib is None:
+        algorithms.append("gptq: not run — no calibration data (pass --calib); weights rounded to nearest")
+    if rec.needs_calibration or (wants_gptq and calib is not None):
         if placement is not None and rec.smoothing != "off":
             candidates = smoothing_candidates(model, placement)
             if candidates:
@@ -111,23 +118,36 @@ def quantize_model(
                                                  rec.smoothing_alpha))(model)
                 placement = place_activations(model, plan, rec, prof)
         mean_of = _bias_correction_inputs(model, plan) if rec.bias_correction else {}
+        gram_of = _gptq_inputs(model, plan) if wants_gptq else {}  # after smoothing: the tensors MatMuls now read
         raw, desc = open_feeds(calib, split="calibration")
         proto = ir.to_proto(model)
         tensors = placement.tensors if placement is not None else []
         table = calibrate(proto, tensors, raw, specs=onnx_io.io_specs(proto), config=rec.calibration,
                           source=desc, progress=progress, dtypes={t: onnx.TensorProto.FLOAT for t in tensors},
-                          means=sorted(set(mean_of.values())))
+                          means=sorted(set(mean_of.values())), grams=sorted(set(gram_of.values())))
         del proto
         input_means = {node: table.channel_mean[t] for node, t in mean_of.items() if t in table.channel_mean}
+        factors = {t: gptq.prepare_hessian(table.gram[t], rec.gptq_damp) for t in set(gram_of.values())
+                   if t in table.gram}
+        gptq_factors = {node: factors[t] for node, t in gram_of.items() if factors.get(t) is not None}
         if placement is not None:
             decisions, dropped = decide_activations(placement, table)
             op_of = {n.name: n.op_type for n in model.graph}
             dropped = tuple(replace(n, op_type=n.op_type or op_of.get(n.node, "")) for n in dropped)
             plan = replace(plan, activations=decisions, floats=plan.floats + placement.notes + dropped,
                            integer_nodes=_still_integer(placement.integer_nodes, decisions))
-    weight_pass = WeightQDQPass(plan, input_means=input_means)
+    weight_pass = WeightQDQPass(plan, input_means=input_means, gptq_factors=gptq_factors)
     weight_pass(model)
-    plan = replace(plan, bias_corrected=tuple(weight_pass.bias_corrected))
+    if wants_gptq and table is not None:
+        done = weight_pass.gptq_nodes
+        algorithms.append(f"gptq: {len(done)} MatMul/Gemm weights rounded with error compensation "
+                          f"(damp {rec.gptq_damp:g}, {table.samples} calibration samples)")
+        skipped = sorted(set(gram_of) - set(done))
+        if skipped:
+            algorithms.append(f"gptq: {len(skipped)} weights rounded to nearest (input Gram unusable): "
+                              + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    plan = replace(plan, bias_corrected=tuple(weight_pass.bias_corrected), gptq=tuple(weight_pass.gptq_nodes),
+                   algorithms=plan.algorithms + tuple(algorithms))
     if plan.activations:
         act_pass = ActivationQDQPass(plan.activations)
         act_pass(model)
@@ -159,6 +179,22 @@ def _bias_correction_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, str]:
         if n.op_type in ("Conv", "Gemm") and len(n.inputs) > 2 and n.inputs[2] is not None \
                 and n.inputs[2].const_value is not None and n.inputs[0] is not None and n.inputs[0].const_value is None:
             out[d.node] = n.inputs[0].name
+    return out
+
+
+def _gptq_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, str]:
+    """node -> the activation tensor whose Gram GPTQ needs: MatMul/Gemm ``x · W`` with a 2-D int weight."""
+    nodes = {n.name: n for n in model.graph}
+    out = {}
+    for d in plan.weights:
+        n = nodes[d.node]
+        if not gptq.supports(d, d.shape) or d.input_index != 1:
+            continue
+        if n.op_type == "Gemm" and n.attributes.get_int("transA", 0):
+            continue
+        x = n.inputs[0]
+        if x is not None and x.const_value is None:
+            out[d.node] = x.name
     return out
 
 

@@ -21,6 +21,9 @@ TOML form::
     smoothing_alpha = 1.0   # migration strength (outliers: (0, 1]; smoothquant: (0, 1), e.g. 0.5)
     bias_correction = true  # Conv/Gemm: cancel the output mean shift of weight rounding (uses calibration)
     quantize_model_inputs = false  # W8A8: leave graph inputs float (the first layer reads them in float)
+    rounding = "gptq"       # MatMul/Gemm weights: nearest | gptq (error compensation from calibration; falls
+                            # back to nearest, with a note, when no calibration data is given)
+    gptq_damp = 0.01        # GPTQ: λ = damp · mean(diag H) added to the Hessian
     [[rules]]
     op = ["Gather"]         # optional: op types
     name = "embeddings"     # optional: regex searched in the node name
@@ -55,6 +58,7 @@ class ActFormat(str, enum.Enum):
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 OBSERVERS = ("minmax", "percentile", "entropy", "mse")
 SMOOTHING = ("off", "outliers", "smoothquant")
+ROUNDING = ("nearest", "gptq")
 
 
 @dataclass(frozen=True)
@@ -131,8 +135,14 @@ class Recipe:
     # and a second rounding on another grid before the most sensitive layer cost 3.3 dB of logit
     # SQNR on EfficientNet-Lite0; the first layer then reads its input in float.
     quantize_model_inputs: bool = True
+    rounding: str = "nearest"  # MatMul/Gemm weights: "gptq" compensates rounding errors (edgeq.quant.gptq)
+    gptq_damp: float = 0.01
 
     def __post_init__(self) -> None:
+        if self.rounding not in ROUNDING:
+            raise InputError(f"unknown rounding {self.rounding!r}", hint=f"use one of {', '.join(ROUNDING)}")
+        if not 0.0 < self.gptq_damp <= 1.0:
+            raise InputError(f"gptq_damp {self.gptq_damp} is out of range", hint="use a value in (0, 1], e.g. 0.01")
         if self.smoothing not in SMOOTHING:
             raise InputError(f"unknown smoothing {self.smoothing!r}", hint=f"use one of {', '.join(SMOOTHING)}")
         hi_ok = self.smoothing_alpha < 1.0 if self.smoothing == "smoothquant" else self.smoothing_alpha <= 1.0
@@ -154,7 +164,13 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
+        """Calibration data is required (activation ranges, bias correction)."""
         return self.quantizes_activations or self.bias_correction
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Calibration data is used when given (GPTQ falls back to nearest rounding without it)."""
+        return self.needs_calibration or self.rounding == "gptq"
 
 
 def preset(name: str, *, block: int | None = None) -> Recipe:
@@ -167,7 +183,8 @@ def preset(name: str, *, block: int | None = None) -> Recipe:
     if name == "w8a16":
         return Recipe("w8a16", QuantSpec(WeightFormat.INT8))
     if name == "w4a16":
-        return Recipe(f"w4a16-b{block or 32}", QuantSpec(WeightFormat.INT4, block=block or 32))
+        # GPTQ when calibration data is given: MiniLM block 32 mean cosine 0.973 (nearest) → 0.987
+        return Recipe(f"w4a16-b{block or 32}", QuantSpec(WeightFormat.INT4, block=block or 32), rounding="gptq")
     if name == "mxfp4":
         if block not in (None, 32):
             raise InputError("mxfp4 uses blocks of 32 (the OCP MX rule)")
@@ -180,7 +197,7 @@ PRESETS = ("w8a8", "w8a16", "w4a16", "mxfp4")
 _SPEC_KEYS = {"weights", "block", "activations", "clip_search", "asymmetric"}
 _RULE_KEYS = _SPEC_KEYS | {"op", "name"}
 _TOP_KEYS = {"name", "default", "calibration", "rules", "algorithms"}
-_ALGO_KEYS = {"smoothing", "smoothing_alpha", "bias_correction", "quantize_model_inputs"}
+_ALGO_KEYS = {"smoothing", "smoothing_alpha", "bias_correction", "quantize_model_inputs", "rounding", "gptq_damp"}
 _CAL_KEYS = {"method", "percentile"}
 
 
@@ -250,13 +267,16 @@ def load_recipe(path: str | Path) -> Recipe:
     algo = data.get("algorithms", {})
     _strict(algo, _ALGO_KEYS, "[algorithms]", p)
     alpha = algo.get("smoothing_alpha", 1.0 if algo.get("smoothing") != "smoothquant" else 0.5)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise InputError(f"{p}: [algorithms]: smoothing_alpha must be a number")
+    damp = algo.get("gptq_damp", 0.01)
+    for key, value in (("smoothing_alpha", alpha), ("gptq_damp", damp)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{p}: [algorithms]: {key} must be a number")
     try:
         return Recipe(str(data.get("name", p.stem)), default, tuple(rules), cal,
                       smoothing=str(algo.get("smoothing", "off")), smoothing_alpha=float(alpha),
                       bias_correction=bool(algo.get("bias_correction", False)),
-                      quantize_model_inputs=bool(algo.get("quantize_model_inputs", True)))
+                      quantize_model_inputs=bool(algo.get("quantize_model_inputs", True)),
+                      rounding=str(algo.get("rounding", "nearest")), gptq_damp=float(damp))
     except InputError as e:
         raise InputError(f"{p}: [algorithms]: {e}") from None
 

@@ -1,0 +1,161 @@
+"""GPTQ: weight rounding that compensates each rounding error with the weights not yet rounded.
+
+For a weight ``W [K, N]`` read as ``y = x · W``, calibration gives ``H = E[x xᵀ]`` ([K, K], the
+Gram of the layer's input). Rounding input row ``k`` of ``W`` moves the output by ``x_k · δ_k``;
+the rows after ``k`` can absorb most of that through their correlation with ``x_k``. GPTQ
+(Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers") does this row by row with the upper Cholesky factor ``U`` of ``H⁻¹``:
+``e = (w_k - ŵ_k) / U[k, k]``, then ``W[k+1:] -= e ⊗ U[k, k+1:]``, which minimizes
+``E‖x·W - x·Ŵ‖²`` greedily. Block (group) scales and zero points are chosen when the first row
+of the block is reached, from the weights as compensated so far (the paper's group rule), with
+the format's own clip search. The result is an ordinary :class:`~edgeq.quant.formats.QuantizedTensor`
+in the plan's layout: a target cannot tell it from round-to-nearest except by its error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeq.quant import formats
+from edgeq.quant.plan import WeightDecision
+from edgeq.quant.recipes import WeightFormat
+
+LAZY_ROWS = 128  # rows compensated inside a block before the rest of W is updated in one product
+MAX_DAMP_TRIES = 6
+
+
+def reduction_axis(d: WeightDecision) -> int:
+    """The axis of the (transposed, if the plan says so) 2-D weight that the layer sums over."""
+    return d.axis if d.block else 1 - d.axis
+
+
+def supports(d: WeightDecision, shape: tuple[int, ...]) -> bool:
+    """GPTQ applies to 2-D int4/int8 weights of a MatMul/Gemm (conv kernels and tables: not here)."""
+    return d.op_type in ("MatMul", "Gemm") and len(shape) == 2 and d.format in (WeightFormat.INT4, WeightFormat.INT8) \
+        and d.form == "dq"
+
+
+def prepare_hessian(h: np.ndarray, damp: float) -> np.ndarray | None:
+    """``U``, the upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``; None if H is unusable.
+
+    Inputs never seen non-zero get ``H[k, k] = 1`` (their rows round plainly and pass nothing on).
+    ``λ`` grows tenfold until the factorization succeeds (a rank-deficient H from few samples).
+    """
+    h = np.array(h, dtype=np.float64, copy=True)
+    if h.ndim != 2 or h.shape[0] != h.shape[1] or not np.all(np.isfinite(h)):
+        return None
+    diag = np.diag(h).copy()
+    dead = diag <= 0
+    live = diag[~dead]
+    if live.size == 0:
+        return None
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    lam = damp * float(live.mean())
+    eye = np.eye(h.shape[0])
+    flip = h[::-1, ::-1]
+    for _ in range(MAX_DAMP_TRIES):
+        try:
+            # With J the order reversal and JHJ = L Lᵀ: H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is
+            # upper triangular — one factorization and one triangular inverse, no explicit H⁻¹.
+            lower = np.linalg.cholesky(flip + lam * eye)
+            return np.linalg.solve(lower, eye)[::-1, ::-1].copy()
+        except np.linalg.LinAlgError:
+            lam = lam * 10.0 if lam > 0 else 1e-8 * float(live.mean())
+    return None
+
+
+class _Grid:
+    """One block's (or, for int8, one channel's) grid: codes in [lo, hi], ``ŵ = (q - z) · s``."""
+
+    def __init__(self, scale: np.ndarray, zero: np.ndarray | None, lo: int, hi: int):
+        self.scale = scale  # stored dtype (float32/float16), per output column
+        self.s64 = scale.astype(np.float64)
+        self.zero = zero  # float64 codes (0..15) or None
+        self.lo, self.hi = lo, hi
+
+    def round(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.zero is None:
+            q = np.clip(np.rint(w / self.s64), self.lo, self.hi)
+            return q, q * self.s64
+        q = np.clip(np.rint(w / self.s64) + self.zero, self.lo, self.hi)
+        return q, (q - self.zero) * self.s64
+
+
+def _block_grid(rows: np.ndarray, d: WeightDecision) -> tuple[_Grid, np.ndarray | None]:
+    """The grid for rows [g, N] of one block, chosen by the format's own rule (clip search included)."""
+    if not d.symmetric:
+        q = formats.quantize_int4_blockwise_asymmetric(rows, 0, d.block, clip_search=d.clip_search)
+        z = q.zero_point[0].astype(np.float64) + 8.0
+        return _Grid(q.scale[0], z, 0, 15), q.zero_point[0]
+    scale_dtype = np.float16 if d.scale_dtype == "float16" else np.float32
+    q = formats.quantize_int4_blockwise(rows, 0, d.block, clip_search=d.clip_search, scale_dtype=scale_dtype)
+    return _Grid(q.scale[0], None, -8, 7), None
+
+
+def gptq_quantize(w: np.ndarray, d: WeightDecision, factor: np.ndarray) -> formats.QuantizedTensor | None:
+    """``w`` (as stored in the graph) quantized per decision ``d`` with GPTQ; None if ``factor`` does not fit.
+
+    ``factor`` is :func:`prepare_hessian` of the layer input's ``E[x xᵀ]`` (``K × K``; layers
+    reading the same tensor share it).
+    """
+    if d.transpose:
+        w = w.T
+    k_axis = reduction_axis(d)
+    wk = np.moveaxis(np.asarray(w, dtype=np.float64), k_axis, 0)  # [K, N]
+    k, n = wk.shape
+    if factor.shape != (k, k):
+        return None
+    u = factor
+    work = wk.T.copy()  # [N, K]: one column per input row, the layout the updates run along
+    codes = np.empty((n, k))
+    blocked = d.format == WeightFormat.INT4
+    if blocked:
+        nb = -(-k // d.block)
+        scales = np.empty((nb, n), dtype=np.float16 if d.scale_dtype == "float16" and d.symmetric else np.float32)
+        zeros = None if d.symmetric else np.empty((nb, n), dtype=np.int8)
+        lazy = max(LAZY_ROWS // d.block, 1) * d.block  # a whole number of blocks
+    else:
+        grid = _Grid(formats.quantize_int8_per_channel(wk, 1).scale, None, -127, 127)
+        lazy = LAZY_ROWS
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1 = work[:, i1:i2].copy()
+        err1 = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if blocked and col % d.block == 0:
+                end = min(i + d.block, i2 - i1)
+                grid, zp = _block_grid(w1[:, i:end].T, d)
+                scales[col // d.block] = grid.scale
+                if zeros is not None:
+                    zeros[col // d.block] = zp
+            wcol = w1[:, i]
+            q, deq = grid.round(wcol)
+            codes[:, col] = q
+            e = (wcol - deq) / u1[i, i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err1[:, i] = e
+        work[:, i1:i2] = w1
+        if i2 < k:
+            work[:, i2:] -= err1 @ u[i1:i2, i2:]
+    data = codes.T  # [K, N]
+    if blocked:
+        if not d.symmetric:
+            data = data - 8.0  # stored as int4: codes 0..15 shift to -8..7, as the RTN path stores them
+        if k_axis == 1:
+            data, scales = data.T, scales.T
+            zeros = zeros.T if zeros is not None else None
+        return formats.QuantizedTensor(np.ascontiguousarray(data).astype(np.int8), np.ascontiguousarray(scales),
+                                       None if zeros is None else np.ascontiguousarray(zeros), d.axis, d.block, "int4")
+    if k_axis == 1:
+        data = data.T
+    return formats.QuantizedTensor(np.ascontiguousarray(data).astype(np.int8), grid.scale, None, d.axis, None, "int8")
+
+
+def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray, k_axis: int = 0) -> float:
+    """``E‖x·W - x·Ŵ‖²`` summed over outputs: ``tr(ΔWᵀ H ΔW)`` for the layer's input Gram ``H``."""
+    delta = np.moveaxis(np.asarray(w_hat, np.float64) - np.asarray(w, np.float64), k_axis, 0)
+    return float(np.sum((hessian @ delta) * delta))
