@@ -40,7 +40,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             mul = ir.node("Mul", [x, inv], name=f"{sm.tensor}_smooth")
             mul.metadata_props[ROLE_KEY] = "smoothing"  # placement quantizes its output as is
             mul.outputs[0].name = f"{sm.tensor}_smoothed"
-            mul.outputs[0].dtype = x.dtype
+            mul.outputs[0].dtype = x.dtype or ir.DataType.FLOAT  # untyped (no shape inference): the weights' float
             mul.outputs[0].shape = x.shape
             producer = x.producer()
             if producer is None:

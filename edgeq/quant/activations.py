@@ -183,7 +183,7 @@ def place_activations(model: ir.Model, plan: QuantPlan, recipe: Recipe, profile:
                 why[name] += f"; {p.op_type} {p.name} fused into {src.op_type} {src.name}"
                 continue
         if (p.op_type in profile.integer_ops and p.domain in ("", "ai.onnx")
-                and p.metadata_props.get("edgeq.role") != "smoothing"):
+                and p.metadata_props.get("edgeq.role") not in ("smoothing", "protection")):
             spec, rule = recipe.spec_for(p.op_type, p.name)
             ins = [i for i in p.inputs if i is not None]
             if spec.activations == ActFormat.FLOAT:

@@ -16,12 +16,14 @@ import onnx_ir as ir
 from edgeq import onnx_io
 from edgeq.errors import InputError
 from edgeq.passes.activation_qdq import ActivationQDQPass
+from edgeq.passes.protect import ProtectOutliersPass
 from edgeq.passes.smooth_quant import SmoothQuantPass
 from edgeq.passes.weight_qdq import WeightQDQPass
 from edgeq.quant.activations import decide_activations, place_activations
-from edgeq.quant import gptq
+from edgeq.quant import awq, gptq
 from edgeq.quant.calibrate import CalibrationTable, calibrate
 from edgeq.quant.plan import NodeNote, QuantPlan, make_plan
+from edgeq.quant.protect import choose_protections, masked_name, protection_candidates
 from edgeq.quant.profile import ONNXRUNTIME_CPU, PROFILES, TargetProfile
 from edgeq.quant.recipes import Recipe, WeightFormat, resolve_recipe
 from edgeq.quant.smooth import smoothing_candidates, smoothing_scales
@@ -99,36 +101,68 @@ def quantize_model(
     gram_of: dict[str, str] = {}
     algorithms: list[str] = []
     wants_gptq = rec.rounding == "gptq" and bool(_gptq_inputs(model, plan))
-    if wants_gptq and calib is None:
-        algorithms.append("gptq: not run — no calibration data (pass --calib); weights rounded to nearest")
-    if rec.needs_calibration or (wants_gptq and calib is not None):
-        if placement is not None and rec.smoothing != "off":
-            candidates = smoothing_candidates(model, placement)
-            if candidates:
+    wants_awq = rec.awq and bool(awq.awq_candidates(model, plan))
+    wants_protect = rec.protect_outliers and bool(protection_candidates(model, plan))
+    for name, wanted in (("gptq", wants_gptq), ("awq", wants_awq), ("protect", wants_protect)):
+        if wanted and calib is None:
+            algorithms.append(f"{name}: not run — no calibration data (pass --calib)")
+    if rec.needs_calibration or ((wants_gptq or wants_awq or wants_protect) and calib is not None):
+        absmax: dict[str, np.ndarray] = {}
+        if placement is not None and (rec.smoothing != "off" or wants_protect):
+            # W8A8: outlier channels are a property of the model, visible in any few batches: a
+            # short first pass finds them, the full pass then calibrates the rewritten graph.
+            candidates = smoothing_candidates(model, placement) if rec.smoothing != "off" else []
+            to_protect = protection_candidates(model, plan) if wants_protect else {}
+            watch = sorted({t for t, _ in candidates} | set(to_protect))
+            if watch:
                 raw, desc = open_feeds(calib, split="calibration")
                 proto = ir.to_proto(model)
-                # Outlier channels are a property of the model, visible in any few batches: a
-                # short first pass finds them, the full pass then calibrates the smoothed graph.
                 pre = calibrate(proto, [], itertools.islice(raw, SMOOTHING_BATCHES), specs=onnx_io.io_specs(proto),
-                                config=rec.calibration, source=desc, progress=progress,
-                                channels=[t for t, _ in candidates])
-                # a tensor with masking constants stays float later anyway: do not smooth it
-                candidates = [(t, c) for t, c in candidates if t not in pre.channel_masked]
-                SmoothQuantPass(smoothing_scales(model, candidates, pre.channel_absmax, rec.smoothing,
-                                                 rec.smoothing_alpha))(model)
-                placement = place_activations(model, plan, rec, prof)
+                                config=rec.calibration, source=desc, progress=progress, channels=watch)
+                del proto
+                # a tensor with masking constants stays float later anyway: leave it alone
+                absmax = {t: a for t, a in pre.channel_absmax.items() if t not in pre.channel_masked}
+                if to_protect:
+                    absmax = _protect(model, rec, to_protect, absmax, algorithms)
+                    placement = place_activations(model, plan, rec, prof)
+                if rec.smoothing != "off":
+                    candidates = [(t, c) for t, c in smoothing_candidates(model, placement) if t in absmax]
+                    SmoothQuantPass(smoothing_scales(model, candidates, absmax, rec.smoothing, rec.smoothing_alpha))(model)
+                    placement = place_activations(model, plan, rec, prof)
+        weight_only = placement is None
+        to_protect = protection_candidates(model, plan) if wants_protect and weight_only else {}
         mean_of = _bias_correction_inputs(model, plan) if rec.bias_correction else {}
         gram_of = _gptq_inputs(model, plan) if wants_gptq else {}  # after smoothing: the tensors MatMuls now read
+        awq_of = awq.awq_candidates(model, plan) if wants_awq else {}
         raw, desc = open_feeds(calib, split="calibration")
         proto = ir.to_proto(model)
         tensors = placement.tensors if placement is not None else []
         table = calibrate(proto, tensors, raw, specs=onnx_io.io_specs(proto), config=rec.calibration,
                           source=desc, progress=progress, dtypes={t: onnx.TensorProto.FLOAT for t in tensors},
-                          means=sorted(set(mean_of.values())), grams=sorted(set(gram_of.values())))
+                          means=sorted(set(mean_of.values())), grams=sorted(set(gram_of.values()) | set(awq_of)),
+                          channels=sorted(to_protect))
         del proto
         input_means = {node: table.channel_mean[t] for node, t in mean_of.items() if t in table.channel_mean}
-        factors = {t: gptq.prepare_hessian(table.gram[t], rec.gptq_damp) for t in set(gram_of.values())
-                   if t in table.gram}
+        grams = dict(table.gram)
+        if to_protect:  # weight-only: protect from the full calibration's maxima, then follow the Grams
+            absmax = {t: a for t, a in table.channel_absmax.items() if t not in table.channel_masked}
+            for p in _protect_weight_only(model, rec, to_protect, absmax, algorithms):
+                g = grams.get(p.tensor)
+                if g is not None:  # the quantized MatMuls read x with channels P zeroed
+                    g = g.copy()
+                    g[p.channels, :] = 0.0
+                    g[:, p.channels] = 0.0
+                    grams[masked_name(p.tensor)] = g
+        if wants_awq:
+            awq_of = awq.awq_candidates(model, plan)
+            scalings, alphas = awq.awq_scales(model, awq_of, grams)
+            SmoothQuantPass(scalings)(model)
+            for sm in scalings:  # the MatMuls now read x / s: their Gram follows exactly
+                grams[f"{sm.tensor}_smoothed"] = awq.scaled_gram(grams[sm.tensor], sm.scale)
+            algorithms.append(f"awq: {len(scalings)} of {len(awq_of)} MatMul inputs scaled"
+                              + (f" (α {min(alphas.values()):g}–{max(alphas.values()):g})" if alphas else ""))
+        gram_of = _gptq_inputs(model, plan) if wants_gptq else {}
+        factors = {t: gptq.prepare_hessian(grams[t], rec.gptq_damp) for t in set(gram_of.values()) if t in grams}
         gptq_factors = {node: factors[t] for node, t in gram_of.items() if factors.get(t) is not None}
         if placement is not None:
             decisions, dropped = decide_activations(placement, table)
@@ -180,6 +214,37 @@ def _bias_correction_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, str]:
                 and n.inputs[2].const_value is not None and n.inputs[0] is not None and n.inputs[0].const_value is None:
             out[d.node] = n.inputs[0].name
     return out
+
+
+def _protect(model: ir.Model, rec: Recipe, candidates, absmax: dict[str, np.ndarray], algorithms: list[str]
+             ) -> dict[str, np.ndarray]:
+    """Apply outlier protection; returns ``absmax`` extended with the masked tensors' maxima."""
+    chosen = choose_protections(model, {t: c for t, c in candidates.items() if t in absmax}, absmax,
+                                ratio=rec.protect_ratio, max_channels=rec.protect_max_channels)
+    ProtectOutliersPass(chosen)(model)
+    algorithms.extend(_protection_lines(chosen, len(candidates)))
+    absmax = dict(absmax)
+    for p in chosen:
+        a = absmax[p.tensor].copy()
+        a[p.channels] = 0.0  # exactly what the mask leaves
+        absmax[masked_name(p.tensor)] = a
+    return absmax
+
+
+def _protect_weight_only(model: ir.Model, rec: Recipe, candidates, absmax, algorithms: list[str]):
+    chosen = choose_protections(model, {t: c for t, c in candidates.items() if t in absmax}, absmax,
+                                ratio=rec.protect_ratio, max_channels=rec.protect_max_channels)
+    ProtectOutliersPass(chosen)(model)
+    algorithms.extend(_protection_lines(chosen, len(candidates)))
+    return chosen
+
+
+def _protection_lines(chosen, candidates: int) -> list[str]:
+    channels = sum(p.channels.size for p in chosen)
+    kb = sum(p.float_bytes for p in chosen) / 1024
+    macs = sum(p.macs_per_row for p in chosen)
+    return [f"protect: {channels} outlier channels of {len(chosen)} of {candidates} MatMul inputs run in float "
+            f"(+{kb:.1f} KB float weights, +{macs} MACs per token/pixel)"] + [f"  protected {p.describe()}" for p in chosen]
 
 
 def _gptq_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, str]:
