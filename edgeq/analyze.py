@@ -40,9 +40,48 @@ _PREFIX = "edgeq_analyze"
 class Score:
     sqnr_db: float  # worst output
     cosine: float  # worst output's mean per-sample cosine
+    top1_agreement: float = float("nan")  # first output's argmax over the last axis agrees with the float model's
 
     def as_dict(self) -> dict:
         return {"sqnr_db": _num(self.sqnr_db), "cosine": _num(self.cosine)}
+
+    def metric(self, name: str) -> float:
+        return {"sqnr": self.sqnr_db, "cosine": self.cosine, "top1_agreement": self.top1_agreement}[name]
+
+
+class Evaluator:
+    """Runs model variants on fixed evaluation feeds and scores them against the float model."""
+
+    def __init__(self, float_proto: onnx.ModelProto, feeds: list):
+        import onnxruntime as ort
+
+        self.feeds = feeds
+        self.outputs = [o.name for o in float_proto.graph.output]
+        self._so = ort.SessionOptions()
+        self._so.log_severity_level = 3
+        self.reference = self.run(float_proto.SerializeToString())
+        self.runs = 0
+
+    def run(self, proto_bytes: bytes) -> list[list[np.ndarray]]:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(proto_bytes, self._so, providers=["CPUExecutionProvider"])
+        return [sess.run(self.outputs, f) for f in self.feeds]
+
+    def score(self, proto_bytes: bytes) -> Score:
+        results = self.run(proto_bytes)
+        self.runs += 1
+        sq, cs = [], []
+        for k in range(len(self.outputs)):
+            st = TensorStats()
+            for ref, got in zip(self.reference, results):
+                st.update(ref[k], got[k])
+            sq.append(st.sqnr_db)
+            cs.append(float(np.mean(st.cosines)) if st.cosines else float("nan"))
+        agree = [np.argmax(r[0], axis=-1) == np.argmax(g[0], axis=-1) for r, g in zip(self.reference, results)
+                 if r[0].ndim >= 1 and r[0].shape[-1] > 1]
+        top1 = float(np.mean(np.concatenate([a.reshape(-1) for a in agree]))) if agree else float("nan")
+        return Score(_worst(sq), _worst(cs), top1)
 
 
 @dataclass(frozen=True)
@@ -107,8 +146,6 @@ def sensitivity(model, recipe, calib=None, data=None, limit: int | None = None, 
     ``limit`` uses only the first N evaluation feeds. ``rank_by`` is ``sqnr`` or ``cosine``
     (the metric the ranking sorts on, most sensitive first; the other breaks ties).
     """
-    import onnxruntime as ort
-
     from edgeq import sources
     from edgeq.quant.quantize import name_nodes, quantize_model
 
@@ -145,28 +182,9 @@ def sensitivity(model, recipe, calib=None, data=None, limit: int | None = None, 
         qdq = onnx_io.read_onnx(res.path)
     plan = res.plan
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    outputs = [o.name for o in float_proto.graph.output]
-
-    def run(proto_bytes) -> list[list[np.ndarray]]:
-        sess = ort.InferenceSession(proto_bytes, so, providers=["CPUExecutionProvider"])
-        return [sess.run(outputs, f) for f in feeds]
-
-    reference = run(float_proto.SerializeToString())
-
-    def score(results) -> Score:
-        sq, cs = [], []
-        for k in range(len(outputs)):
-            st = TensorStats()
-            for ref, got in zip(reference, results):
-                st.update(ref[k], got[k])
-            sq.append(st.sqnr_db)
-            cs.append(float(np.mean(st.cosines)) if st.cosines else float("nan"))
-        return Score(_worst(sq), _worst(cs))
-
+    score = Evaluator(float_proto, feeds).score
     variants = _Variants(float_proto, qdq, plan)
-    full = score(run(variants.build(set(variants.layers), None)))
+    full = score(variants.build(set(variants.layers), None))
 
     fmt = _formats(plan)
     op_of = {d.node: d.op_type for d in plan.weights}
@@ -174,14 +192,18 @@ def sensitivity(model, recipe, calib=None, data=None, limit: int | None = None, 
     from tqdm import tqdm
 
     for layer in tqdm(variants.layers, desc="sensitivity", unit="layer", disable=not progress or None, leave=False):
-        only = score(run(variants.build({layer}, {layer})))
+        only = score(variants.build({layer}, {layer}))
         rest = set(variants.layers) - {layer}
-        all_but = score(run(variants.build(rest, None, float_acts={layer})))
+        all_but = score(variants.build(rest, None, float_acts={layer}))
         rows.append(LayerSensitivity(layer, op_of[layer], fmt[layer], only, all_but))
     first, second = ("sqnr_db", "cosine") if rank_by == "sqnr" else ("cosine", "sqnr_db")
     rows.sort(key=lambda r: (_key(getattr(r.only, first)), -_key(getattr(r.all_but, first)),
                              _key(getattr(r.only, second)), r.node))
     return SensitivityReport(str(model), rec.name, desc, len(feeds), full, rows, time.perf_counter() - t0, rank_by)
+
+
+def _attr(node: onnx.NodeProto, name: str) -> int:
+    return next((a.i for a in node.attribute if a.name == name), 0)
 
 
 def _worst(values: list[float]) -> float:
@@ -227,6 +249,9 @@ class _Variants:
         self.float_node: dict[int, onnx.NodeProto] = {}  # index in the QDQ graph -> the float replacement
         self.layer_of: dict[int, str] = {}
         extra: list[onnx.TensorProto] = []
+        self.decision = {d.node: d for d in plan.weights}
+        self.float_weight: dict[int, tuple[int, np.ndarray]] = {}  # the layer's weight input (index, float array)
+        self._int8: dict[int, tuple[onnx.NodeProto, onnx.NodeProto, list[onnx.TensorProto]]] = {}
         for layer in dict.fromkeys(d.node for d in plan.weights):
             i = index.get(layer, index.get(f"{layer}/gather_block_quantized"))
             if i is None or layer not in float_nodes:
@@ -243,6 +268,8 @@ class _Variants:
                     new = f"{_PREFIX}/{layer}/{name}"
                     extra.append(numpy_helper.from_array(arr, new))
                     node.input[k] = new
+                    if k == self.decision[layer].input_index:
+                        self.float_weight[i] = (k, arr)
                 elif k < len(q.input) and q.name == layer:
                     node.input[k] = q.input[k]  # activations: the QDQ graph's tensor (maybe smoothed or Q/DQ'd)
             del node.output[:]
@@ -269,16 +296,46 @@ class _Variants:
         inv = numpy_helper.to_array(inits[p.input[1]]).astype(np.float32)
         return (1.0 / inv).astype(np.float32) if inv.ndim == 1 else None
 
-    def build(self, quantized: set[str], act_owners: set[str] | None, float_acts: set[str] = frozenset()) -> bytes:
-        """Serialized model: layers in ``quantized`` keep their quantized weights, the others get float ones.
+    def _int8_node(self, i: int) -> tuple[onnx.NodeProto, onnx.NodeProto, list[onnx.TensorProto]]:
+        """(DequantizeLinear, the layer reading it, initializers): layer ``i`` with int8 per-channel weights."""
+        if i not in self._int8:
+            from edgeq.passes.weight_qdq import quantize_weight
+            from edgeq.quant.plan import WeightDecision
+
+            layer, node = self.layer_of[i], self.float_node[i]
+            d = self.decision[layer]
+            k, w = self.float_weight[i]
+            axis = {"MatMul": 1, "Gemm": 0 if _attr(node, "transB") else 1}.get(d.op_type, 0)
+            q = quantize_weight(w, WeightDecision(layer, d.op_type, k, d.weight, w.shape, WeightFormat.INT8, axis=axis))
+            base = f"{_PREFIX}/{layer}/int8"
+            inits = [numpy_helper.from_array(q.data, f"{base}_data"), numpy_helper.from_array(q.scale, f"{base}_scale"),
+                     numpy_helper.from_array(np.zeros(q.scale.shape, np.int8), f"{base}_zero_point")]
+            dq = onnx.helper.make_node("DequantizeLinear", [t.name for t in inits], [f"{base}_weight"],
+                                       name=f"{base}_dequantize", axis=axis)
+            reader = onnx.NodeProto()
+            reader.CopyFrom(node)
+            reader.input[k] = dq.output[0]
+            self._int8[i] = (dq, reader, inits)
+        return self._int8[i]
+
+    def build(self, quantized: set[str], act_owners: set[str] | None, float_acts: set[str] = frozenset(),
+              int8: set[str] = frozenset()) -> bytes:
+        """Serialized model: layers in ``quantized`` keep their quantized weights, the others get float ones
+        (or, for layers in ``int8``, int8 per-channel weights rounded from the float ones).
 
         Activation Q/DQ pairs read by a node are kept when ``act_owners`` is None (all kept) or holds
         the reader, and never for readers in ``float_acts``.
         """
         nodes = []
+        extra = []
         for i, n in enumerate(self.nodes):
             layer = self.layer_of.get(i)
-            node = n if layer is None or layer in quantized else self.float_node[i]
+            if layer is not None and layer in int8 and i in self.float_weight:
+                dq, node, inits = self._int8_node(i)
+                nodes.append(dq)
+                extra.extend(inits)
+            else:
+                node = n if layer is None or layer in quantized else self.float_node[i]
             name = layer or node.name
             keep = (act_owners is None or name in act_owners) and name not in float_acts
             if not keep and any(x in self.act_dq for x in node.input):
@@ -302,6 +359,7 @@ class _Variants:
         m.graph.node.extend(kept)
         m.graph.initializer.extend(t for t in self.base.graph.initializer if t.name in needed)
         m.graph.initializer.extend(t for t in self.extra if t.name in needed)
+        m.graph.initializer.extend(t for t in extra if t.name in needed)
         return m.SerializeToString()
 
     def _shell(self) -> onnx.ModelProto:

@@ -87,11 +87,30 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _quantize_to_budget(args) -> int:
+    from edgeq.budget import search
+
+    if args.output is None:
+        raise InputError("--budget needs -o OUT.onnx (the model it finds is written there)")
+    res = search(args.model, args.recipe, args.budget, args.output, calib=args.calib, data=args.data,
+                 profile=args.profile, block=args.block, limit=args.limit, force=args.force)
+    _say(res.format())
+    if res.recipe_toml:
+        _say("as recipe rules:\n" + res.recipe_toml.rstrip())
+    if args.json:
+        from edgeq.validate.report import write_json
+
+        write_json({"edgeq_version": __version__, **res.as_dict()}, args.json)
+    return 0 if res.met else 1
+
+
 def cmd_quantize(args) -> int:
     from edgeq import api
 
     if args.output is None and not args.explain:
         raise InputError("no output given", hint="pass -o OUT.onnx, or --explain to print the plan only")
+    if args.budget is not None:
+        return _quantize_to_budget(args)
     res = api.quantize(args.model, args.output, args.recipe, block=args.block, profile=args.profile,
                        calib=args.calib, force=args.force)
     if args.explain:
@@ -288,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--all-nodes", action="store_true", help="with --explain, list nodes without weights too")
     q.add_argument("--force", action="store_true", help="overwrite an existing output")
     q.add_argument("--json", metavar="PATH", help="also write the plan and sizes as JSON")
+    q.add_argument("--budget", metavar="METRIC>=X",
+                   help='search for the smallest model meeting an accuracy budget: "cosine>=0.995", "sqnr>=30" '
+                        'or "top1_agreement>=0.98" (layers raised above the recipe are reported; exit 1 if unmet)')
+    q.add_argument("--data", help="with --budget: evaluation data (default: the sample named like the model)")
+    q.add_argument("--limit", type=int, help="with --budget: use the first N evaluation feeds only")
     q.set_defaults(func=cmd_quantize)
 
     a = sub.add_parser("analyze", parents=[common], help="per-layer sensitivity of a float ONNX model to a recipe",

@@ -1,0 +1,307 @@
+"""Accuracy budget: the smallest package that meets ``cosine>=X`` / ``sqnr>=X`` / ``top1_agreement>=X``.
+
+The search starts from the recipe's own (lowest) precision everywhere and raises layers one step
+at a time up a ladder the recipe and target allow:
+
+- int4 weights → int8 weights → float (weight-only recipes);
+- W8A8 → int8 weights with a float input (the layer's activation Q/DQ bypassed) → float.
+
+It quantizes once (one calibration) and scores variants of that QDQ graph on the evaluation
+feeds, as ``edgeq analyze`` does. Each layer's *gain* is the budget metric with that layer alone
+raised one step; layers are ranked by gain per added byte (most useful bytes first, ties by
+name), and the shortest prefix of that ranking that meets the budget is found by bisection —
+first on the first step, then, if even every layer one step up is not enough, on the second.
+The chosen layers become recipe rules (exact node names), the model is quantized again with them
+and the result is measured; should it miss the budget (a re-calibrated W8A8 graph can differ a
+little from its variant), the next layer in the ranking is added. Everything is ordered and
+seeded, so the same inputs give the same answer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from edgeq import onnx_io
+from edgeq.errors import InputError
+from edgeq.quant.recipes import FLOAT, ActFormat, Recipe, Rule, WeightFormat, resolve_recipe
+
+METRICS = ("cosine", "sqnr", "top1_agreement")
+_BUDGET = re.compile(r"^\s*(cosine|sqnr|top1_agreement)\s*>=\s*([-+0-9.eE]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    metric: str
+    minimum: float
+
+    def met(self, value: float) -> bool:
+        return not math.isnan(value) and value >= self.minimum
+
+    def __str__(self) -> str:
+        return f"{self.metric}>={self.minimum:g}"
+
+
+def parse_budget(text: str) -> Budget:
+    """``"cosine>=0.995"``, ``"sqnr>=30"`` or ``"top1_agreement>=0.98"``."""
+    m = _BUDGET.match(text or "")
+    if not m:
+        raise InputError(f"cannot read the budget {text!r}",
+                         hint='write METRIC>=VALUE with METRIC one of cosine, sqnr, top1_agreement, e.g. "cosine>=0.995"')
+    try:
+        value = float(m.group(2))
+    except ValueError:
+        raise InputError(f"budget value {m.group(2)!r} is not a number") from None
+    metric = m.group(1)
+    if metric in ("cosine", "top1_agreement") and not -1.0 <= value <= 1.0:
+        raise InputError(f"a {metric} budget must be at most 1, got {value}")
+    return Budget(metric, value)
+
+
+@dataclass(frozen=True)
+class Raised:
+    """A layer the search left above the recipe's precision, and why."""
+
+    node: str
+    op_type: str
+    level: str  # "int8" | "float input" | "float"
+    added_bytes: int
+    alone: float  # the budget metric with only this layer raised one step
+    rank: int  # its place in the ranking by gain per byte (1 = first)
+
+    def as_dict(self) -> dict:
+        return {"node": self.node, "op_type": self.op_type, "level": self.level, "added_bytes": self.added_bytes,
+                "metric_alone": _num(self.alone), "rank": self.rank}
+
+
+@dataclass
+class BudgetResult:
+    model: str
+    recipe: str
+    budget: Budget
+    met: bool
+    base: float  # the metric with every layer at the recipe's precision
+    final: float  # the metric of the written model
+    raised: list[Raised] = field(default_factory=list)
+    base_bytes: int = 0
+    final_bytes: int = 0
+    variants_scored: int = 0
+    seconds: float = 0.0
+    output: str | None = None
+    recipe_toml: str = ""
+    rank_reference: float = float("nan")  # the metric on the ranking feeds before any layer of the step is raised
+    rank_feeds: int = 0
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "recipe": self.recipe, "budget": str(self.budget), "met": self.met,
+                "base": _num(self.base), "final": _num(self.final), "base_bytes": self.base_bytes,
+                "final_bytes": self.final_bytes, "raised": [r.as_dict() for r in self.raised],
+                "variants_scored": self.variants_scored, "seconds": round(self.seconds, 2), "output": self.output,
+                "rank_reference": _num(self.rank_reference), "rank_feeds": self.rank_feeds,
+                "recipe_toml": self.recipe_toml}
+
+    def format(self) -> str:
+        m = self.budget.metric
+        lines = [f"budget {self.budget} on {self.model} with {self.recipe}: "
+                 f"{'MET' if self.met else 'NOT MET'} — {m} {self.base:.5g} with every layer at the recipe's "
+                 f"precision, {self.final:.5g} in the written model",
+                 f"size: {self.base_bytes / 1e6:.2f} MB → {self.final_bytes / 1e6:.2f} MB; "
+                 f"{self.variants_scored} variants scored in {self.seconds:.1f} s"]
+        if self.raised:
+            lines.append(f"layers left above the recipe's precision ({len(self.raised)}), in ranking order "
+                         f"(ranked by {m} gain per added byte on {self.rank_feeds} feeds, {self.rank_reference:.5g} "
+                         "with no layer raised):")
+            w = min(max(len(r.node) for r in self.raised), 50)
+            for r in self.raised:
+                lines.append(f"  {r.node[:w]:<{w}}  {r.op_type:<8} → {r.level:<11} +{r.added_bytes / 1024:8.1f} KB  "
+                             f"rank {r.rank:>3}: raised alone, {m} {r.alone:.5g}")
+        else:
+            lines.append("no layer needed raising")
+        return "\n".join(lines)
+
+
+def _num(x: float):
+    return x if math.isfinite(x) else str(x)
+
+
+def _ladder(recipe: Recipe, fmt: WeightFormat, has_act: bool) -> list[str]:
+    """The steps above a layer's planned precision."""
+    if has_act:
+        return ["float input", "float"]
+    if fmt in (WeightFormat.INT4, WeightFormat.MXFP4):
+        return ["int8", "float"]
+    return ["float"]
+
+
+def _weight_elems(shape) -> int:
+    return int(np.prod(shape)) if shape else 0
+
+
+def _added_bytes(d, level: str) -> int:
+    n = _weight_elems(d.shape)
+    now = {WeightFormat.INT4: 0.5625, WeightFormat.MXFP4: 0.53, WeightFormat.INT8: 1.0}.get(d.format, 4.0) * n
+    after = {"int8": 1.0 * n, "float input": now, "float": 4.0 * n}[level]
+    return max(int(after - now), 0)
+
+
+def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data=None, profile=None,
+           block: int | None = None, limit: int | None = None, rank_limit: int | None = 4, force: bool = False,
+           progress: bool = True) -> BudgetResult:
+    """Find the smallest quantization of the float ONNX ``model`` that meets ``budget`` (see the module doc).
+
+    ``data`` is the evaluation data (default: the sample named like the model file); ``limit``
+    caps its feeds for the whole search, ``rank_limit`` the feeds used for the per-layer ranking.
+    With ``output`` the final QDQ model is written there.
+    """
+    from tqdm.auto import tqdm
+
+    from edgeq import sources
+    from edgeq.analyze import Evaluator, _Variants
+    from edgeq.quant.quantize import name_nodes, quantize_model
+    from edgeq.validate.feeds import load_feeds
+
+    t0 = time.perf_counter()
+    b = parse_budget(budget) if isinstance(budget, str) else budget
+    rec = resolve_recipe(recipe, block=block)
+    model = Path(model)
+    if not model.exists():
+        raise InputError(f"model file not found: {model}")
+    if output is not None:
+        onnx_io.check_output_path(output, force=force)
+    if data is None:
+        if not sources.is_sample(model.stem):
+            raise InputError("no evaluation data", hint="pass --data (a sample name, an .npz file or a folder of them)")
+        data = model.stem
+    if calib is None and rec.uses_calibration:
+        calib = data
+    float_ir = onnx_io.load_ir(model)
+    name_nodes(float_ir)
+    import onnx_ir as ir
+
+    float_proto = ir.to_proto(float_ir)
+    del float_ir
+    feeds, desc = load_feeds(data, onnx_io.io_specs(float_proto), split="evaluation", limit=limit)
+    if not feeds:
+        raise InputError(f"no feeds in {desc}")
+    full_eval = Evaluator(float_proto, feeds)
+    rank_eval = Evaluator(float_proto, feeds[:rank_limit]) if rank_limit and rank_limit < len(feeds) else full_eval
+    if b.metric == "top1_agreement" and math.isnan(full_eval.score(float_proto.SerializeToString()).top1_agreement):
+        raise InputError("top1_agreement needs a classifier output (class scores on the last axis)",
+                         hint="use a cosine or sqnr budget for this model")
+
+    with tempfile.TemporaryDirectory(prefix="edgeq-budget-") as tmp:
+        base_res = quantize_model(model, os.path.join(tmp, "base.onnx"), rec, block=block, profile=profile,
+                                  calib=calib, force=True, progress=progress)
+        qdq = onnx_io.read_onnx(base_res.path)
+    plan = base_res.plan
+    variants = _Variants(float_proto, qdq, plan)
+    layers = list(variants.layers)
+    decision = {d.node: d for d in plan.weights}
+    has_act = {c for a in plan.activations for c in a.consumers}
+    ladders = {L: _ladder(rec, decision[L].format, L in has_act) for L in layers}
+
+    def build(state: dict[str, str]) -> bytes:
+        fl = {L for L, s in state.items() if s == "float"}
+        fin = {L for L, s in state.items() if s == "float input"}
+        i8 = {L for L, s in state.items() if s == "int8"}
+        return variants.build(set(layers) - fl, None, float_acts=fin | fl, int8=i8)
+
+    base_score = full_eval.score(build({})).metric(b.metric)
+    raised: list[Raised] = []
+    state: dict[str, str] = {}
+    result_state: dict[str, str] = {}
+    ranking: list[tuple[str, str, float]] = []  # (layer, level, alone)
+    rank_ref = float("nan")
+    if not b.met(base_score):
+        for step in (0, 1):
+            base_state = {L: ladders[L][0] for L in layers if step == 1 and ladders[L][0] != "float"} if step else {}
+            candidates = [L for L in layers if len(ladders[L]) > step]
+            ref = rank_eval.score(build(base_state)).metric(b.metric)
+            scored = []
+            for L in tqdm(candidates, desc=f"ranking layers (step {step + 1})", unit="layer",
+                          disable=not progress or None, leave=False):
+                level = ladders[L][step]
+                alone = rank_eval.score(build({**base_state, L: level})).metric(b.metric)
+                gain = alone - ref
+                if not (gain > 0):
+                    continue
+                cost = max(_added_bytes(decision[L], level) - (_added_bytes(decision[L], ladders[L][0]) if step else 0), 1)
+                scored.append((-gain / cost, L, level, alone))
+            scored.sort()
+            order = [(L, level, alone) for _, L, level, alone in scored]
+            # bisection for the shortest prefix meeting the budget (assumes more raised is not worse)
+            lo, hi = 0, len(order)
+            full_prefix = {**base_state, **{L: lv for L, lv, _ in order}}
+            if not b.met(full_eval.score(build(full_prefix)).metric(b.metric)):
+                if step == 0 and any(len(ladders[L]) > 1 for L in layers):
+                    continue  # even one step up everywhere is not enough: try the second step
+                state, ranking, rank_ref = full_prefix, order, ref
+                break
+            while lo < hi:
+                mid = (lo + hi) // 2
+                trial = {**base_state, **{L: lv for L, lv, _ in order[:mid]}}
+                if b.met(full_eval.score(build(trial)).metric(b.metric)):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            state = {**base_state, **{L: lv for L, lv, _ in order[:lo]}}
+            ranking, rank_ref = order, ref
+            break
+
+    # the real model: the raised layers as recipe rules, quantized and measured again
+    def with_rules(st: dict[str, str]) -> Recipe:
+        rules = []
+        for L in sorted(st):
+            spec = decision[L]
+            base_spec, _ = rec.spec_for(spec.op_type, L)
+            lv = st[L]
+            new = FLOAT if lv == "float" else replace(base_spec, activations=ActFormat.FLOAT) if lv == "float input" \
+                else replace(base_spec, weights=WeightFormat.INT8)
+            rules.append(Rule(new, (), f"^{re.escape(L)}$"))
+        return replace(rec, name=f"{rec.name}+budget", rules=tuple(rules) + rec.rules)
+
+    rank_of = {L: i for i, (L, _, _) in enumerate(ranking, 1)}
+    alone_of = {L: a for L, _, a in ranking}
+    extra = [x for x in ranking if x[0] not in state]
+    with tempfile.TemporaryDirectory(prefix="edgeq-budget-") as tmp:
+        while True:
+            final_rec = with_rules(state)
+            path = os.path.join(tmp, "final.onnx")
+            res = quantize_model(model, path, final_rec, block=block, profile=profile, calib=calib, force=True,
+                                 progress=progress)
+            final = full_eval.score(onnx_io.read_onnx(path).SerializeToString()).metric(b.metric)
+            if b.met(final) or not extra:
+                break
+            L, lv, _ = extra.pop(0)
+            state = {**state, L: lv}
+        if output is not None:  # copied whole, then renamed into place: never half-written
+            onnx_io.check_output_path(output, force=force)
+            staged = Path(str(output) + ".partial")
+            shutil.copyfile(path, staged)
+            os.replace(staged, output)
+    for L in sorted(state, key=lambda n: rank_of.get(n, 10 ** 6)):
+        raised.append(Raised(L, decision[L].op_type, state[L], _added_bytes(decision[L], state[L]),
+                             alone_of.get(L, float("nan")), rank_of.get(L, 0)))
+    return BudgetResult(str(model), rec.name, b, b.met(final), base_score, final, raised,
+                        base_res.quantized_bytes, res.quantized_bytes,
+                        full_eval.runs + (rank_eval.runs if rank_eval is not full_eval else 0),
+                        time.perf_counter() - t0, str(output) if output is not None else None, _toml(final_rec, state),
+                        rank_ref, len(rank_eval.feeds))
+
+
+def _toml(rec: Recipe, state: dict[str, str]) -> str:
+    """The raised layers as ``[[rules]]`` to paste into a recipe file."""
+    out = []
+    for L in sorted(state):
+        lv = state[L]
+        body = {"int8": 'weights = "int8"', "float input": 'activations = "float"', "float": 'weights = "float"\nactivations = "float"'}[lv]
+        out.append(f'[[rules]]\nname = "^{re.escape(L)}$"\n{body}\n')
+    return "\n".join(out)
