@@ -3,6 +3,7 @@
 
     .venv/bin/python tools/bench_quantize.py --work /tmp/edgeq-bench --json bench.json
     .venv/bin/python tools/bench_quantize.py --quick --models efficientnet_lite0 --methods edgeq-w8a16,ort-dynamic
+    .venv/bin/python tools/bench_quantize.py --models minilm --methods edgeq-w4a16,ort-gptq-b32,ort-hqq-b32
 
 Models: the bundled samples ``minilm`` (all-MiniLM-L6-v2) and ``efficientnet_lite0``, exported
 once with ``edgeq.export`` into the work folder. Every method quantizes the same float ONNX file
@@ -293,8 +294,8 @@ def report(bench: Bench) -> str:
     out = ["", "## Quantization benchmark", "",
            table(COLUMNS, [format_row(r) for r in bench.rows]), ""]
     a = bench.args
-    out.append(f"time: the tool's quantize call(s) in a fresh process (ORT rows include its pre-processing); "
-               f"peak RSS: that whole process. fidelity on the evaluation split"
+    out.append(f"time: the tool's quantize call(s) in a fresh process (ORT static and dynamic rows include its "
+               f"pre-processing); peak RSS: that whole process. fidelity on the evaluation split"
                f"{f' (first {a.eval_batches} batches)' if a.eval_batches else ''}; speed: fp32/candidate median "
                f"batch-1 latency, {a.latency_runs} interleaved runs, {a.threads} intra-op thread(s), ORT_ENABLE_ALL "
                f"(the fp32 row is fp32 against itself: the noise floor).")

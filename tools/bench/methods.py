@@ -93,8 +93,12 @@ class _Reader:
     """An ORT ``CalibrationDataReader`` over a folder of feeds, read lazily."""
 
     def __init__(self, folder: str):
+        self.folder = folder
         self.feeds = LazyFeeds(folder)
         self._it = iter(self.feeds)
+
+    def __deepcopy__(self, memo):  # ORT's GPTQ deep-copies its reader: a fresh pass over the same files
+        return type(self)(self.folder)
 
     def get_next(self):
         return next(self._it, None)
@@ -130,10 +134,9 @@ def _ort_with_prep(quantize: Callable[[str, dict], None]) -> Callable[[dict], di
 
 def _ort_static(method_name: str) -> Callable[[dict], dict]:
     def quantize(src: str, job: dict) -> None:
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-        reader = type("Reader", (_Reader, CalibrationDataReader), {})(job["calib_dir"])
+        reader = _ort_reader(job["calib_dir"])
         quantize_static(src, job["out_path"], reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, method_name))
@@ -163,6 +166,55 @@ def _ort_rtn(with_gather: bool) -> Callable[[dict], dict]:
         q.model.save_model_to_file(job["out_path"], use_external_data_format=False)
         return {"quantize_s": time.perf_counter() - t0, "rss_before_mb": before,
                 "notes": [f"DefaultWeightOnlyQuantConfig (RTN), int4 symmetric, block 32, ops {'+'.join(ops)}"]}
+
+    return run
+
+
+def _ort_reader(folder: str):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    return type("Reader", (_Reader, CalibrationDataReader), {})(folder)
+
+
+def _ort_nbits(algo: str) -> Callable[[dict], dict]:
+    """MatMulNBitsQuantizer int4, blocks (groups) of 32 along K, with one of ORT's other algorithms.
+
+    GPTQ and k-quant run ORT's own copy of Intel Neural Compressor's weight-only code
+    (``onnxruntime.quantization.neural_compressor``: numpy and ORT, not the neural-compressor
+    package); HQQ runs in torch. All three quantize MatMul only: GPTQ and k-quant take only
+    MatMul nodes whatever ``op_types_to_quantize`` says, and HQQ raises on Gather (its float zero
+    points do not fit GatherBlockQuantized), so none has a Gather variant.
+    """
+
+    def run(job: dict) -> dict:
+        import onnx
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+        ops = ("MatMul",)
+        before = rss_mb()
+        t0 = time.perf_counter()
+        if algo == "gptq":
+            reader = _ort_reader(job["calib_dir"])
+            cfg = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, percdamp=0.01, block_size=128,
+                                                actorder=False, mse=False, perchannel=True, op_types_to_quantize=ops)
+            note = ("GPTQWeightOnlyQuantConfig (ORT's bundled INC GPTQ), int4 asymmetric (zero point per block), "
+                    "group 32, MatMul only; percdamp 0.01, GPTQ column block 128, actorder off, mse off, "
+                    f"perchannel on (ORT's defaults); Hessians from all {len(reader.feeds)} calibration batches")
+        elif algo == "hqq":
+            cfg = mnq.HQQWeightOnlyQuantConfig(block_size=32, bits=4, op_types_to_quantize=ops)
+            note = ("HQQWeightOnlyQuantConfig (torch, no calibration data), int4 with float scale and zero point "
+                    "per block of 32 along K, MatMul only; HQQ's default solver (lp 0.7, 20 iterations)")
+        elif algo == "kquant":
+            cfg = mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=ops)
+            note = ("KQuantWeightOnlyQuantConfig (ORT's bundled INC k-quant: scale/zero-point search per block), "
+                    "int4 asymmetric, group 32, MatMul only, no calibration data")
+        else:
+            raise ValueError(f"unknown MatMulNBits algorithm {algo!r}")
+        q = mnq.MatMulNBitsQuantizer(onnx.load(job["model_path"]), bits=4, block_size=32, is_symmetric=False,
+                                     op_types_to_quantize=ops, algo_config=cfg)
+        q.process()
+        q.model.save_model_to_file(job["out_path"], use_external_data_format=False)
+        return {"quantize_s": time.perf_counter() - t0, "rss_before_mb": before, "notes": [note]}
 
     return run
 
@@ -204,6 +256,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("ort-rtn-b32", "onnxruntime", "ORT MatMulNBitsQuantizer RTN int4 block 32, MatMul only", _ort_rtn(False)),
     Method("ort-rtn-b32-gather", "onnxruntime", "ORT MatMulNBitsQuantizer RTN int4 block 32, MatMul + Gather",
            _ort_rtn(True)),
+    Method("ort-gptq-b32", "onnxruntime", "ORT MatMulNBitsQuantizer GPTQ int4 asymmetric block 32, MatMul only",
+           _ort_nbits("gptq"), calibrated=True),
+    Method("ort-hqq-b32", "onnxruntime", "ORT MatMulNBitsQuantizer HQQ int4 block 32 (float zero points), MatMul only",
+           _ort_nbits("hqq")),
+    Method("ort-kquant-b32", "onnxruntime", "ORT MatMulNBitsQuantizer k-quant int4 asymmetric block 32, MatMul only",
+           _ort_nbits("kquant")),
     Method("nncf-int8", "nncf", "NNCF post-training quantization of the ONNX model (int8, its defaults)",
            _nncf_int8, calibrated=True, python="nncf"),
 ]}
