@@ -132,7 +132,7 @@ def _num(x: float):
     return x if math.isfinite(x) else str(x)
 
 
-def _ladder(recipe: Recipe, fmt: WeightFormat, has_act: bool) -> list[str]:
+def _ladder(fmt: WeightFormat, has_act: bool) -> list[str]:
     """The steps above a layer's planned precision."""
     if has_act:
         return ["float input", "float"]
@@ -206,7 +206,7 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
     layers = list(variants.layers)
     decision = {d.node: d for d in plan.weights}
     has_act = {c for a in plan.activations for c in a.consumers}
-    ladders = {L: _ladder(rec, decision[L].format, L in has_act) for L in layers}
+    ladders = {L: _ladder(decision[L].format, L in has_act) for L in layers}
 
     def build(state: dict[str, str]) -> bytes:
         fl = {L for L, s in state.items() if s == "float"}
@@ -293,11 +293,11 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
     return BudgetResult(str(model), rec.name, b, b.met(final), base_score, final, raised,
                         base_res.quantized_bytes, res.quantized_bytes,
                         full_eval.runs + (rank_eval.runs if rank_eval is not full_eval else 0),
-                        time.perf_counter() - t0, str(output) if output is not None else None, _toml(final_rec, state),
+                        time.perf_counter() - t0, str(output) if output is not None else None, _toml(state),
                         rank_ref, len(rank_eval.feeds))
 
 
-def _toml(rec: Recipe, state: dict[str, str]) -> str:
+def _toml(state: dict[str, str]) -> str:
     """The raised layers as ``[[rules]]`` to paste into a recipe file."""
     out = []
     for L in sorted(state):
