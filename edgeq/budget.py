@@ -7,9 +7,11 @@ at a time up a ladder the recipe and target allow:
 - W8A8 → int8 weights with a float input (the layer's activation Q/DQ bypassed) → float.
 
 It quantizes once (one calibration) and scores variants of that QDQ graph on the evaluation
-feeds, as ``edgeq analyze`` does. Each layer's *gain* is the budget metric with that layer alone
-raised one step; layers are ranked by gain per added byte (most useful bytes first, ties by
-name), and the shortest prefix of that ranking that meets the budget is found by bisection —
+feeds, as ``edgeq analyze`` does. Each layer's *gain* is the output SQNR (dB, worst output) with
+that layer alone raised one step, over the SQNR with none raised — a continuous measure whatever
+the budget's metric (top-1 agreement on a few feeds cannot tell most layers apart); layers are
+ranked by gain per added byte (most useful bytes first, ties by name), and the shortest prefix of
+that ranking that meets the budget (its own metric, on all evaluation feeds) is found by bisection —
 first on the first step, then, if even every layer one step up is not enough, on the second.
 The chosen layers become recipe rules (exact node names), the model is quantized again with them
 and the result is measured; should it miss the budget (a re-calibrated W8A8 graph can differ a
@@ -74,12 +76,12 @@ class Raised:
     op_type: str
     level: str  # "int8" | "float input" | "float"
     added_bytes: int
-    alone: float  # the budget metric with only this layer raised one step
-    rank: int  # its place in the ranking by gain per byte (1 = first)
+    alone: float  # output SQNR (dB) with only this layer raised one step (ranking feeds); nan: raised with every layer
+    rank: int  # its place in the ranking by gain per byte (1 = first); 0: raised with every layer (first step)
 
     def as_dict(self) -> dict:
         return {"node": self.node, "op_type": self.op_type, "level": self.level, "added_bytes": self.added_bytes,
-                "metric_alone": _num(self.alone), "rank": self.rank}
+                "sqnr_alone_db": _num(self.alone), "rank": self.rank}
 
 
 @dataclass
@@ -117,12 +119,13 @@ class BudgetResult:
                  f"{self.variants_scored} variants scored in {self.seconds:.1f} s"]
         if self.raised:
             lines.append(f"layers left above the recipe's precision ({len(self.raised)}), in ranking order "
-                         f"(ranked by {m} gain per added byte on {self.rank_feeds} feeds, {self.rank_reference:.5g} "
-                         "with no layer raised):")
+                         f"(ranked by output SQNR gain per added byte on {self.rank_feeds} feeds, "
+                         f"{self.rank_reference:.1f} dB before the step):")
             w = min(max(len(r.node) for r in self.raised), 50)
             for r in self.raised:
-                lines.append(f"  {r.node[:w]:<{w}}  {r.op_type:<8} → {r.level:<11} +{r.added_bytes / 1024:8.1f} KB  "
-                             f"rank {r.rank:>3}: raised alone, {m} {r.alone:.5g}")
+                why = (f"rank {r.rank:>3}: raised alone, SQNR {r.alone:.1f} dB" if r.rank else
+                       "every layer one step up was not enough: this step is everywhere")
+                lines.append(f"  {r.node[:w]:<{w}}  {r.op_type:<8} → {r.level:<11} +{r.added_bytes / 1024:8.1f} KB  {why}")
         else:
             lines.append("no layer needed raising")
         return "\n".join(lines)
@@ -223,20 +226,22 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
     if not b.met(base_score):
         for step in (0, 1):
             base_state = {L: ladders[L][0] for L in layers if step == 1 and ladders[L][0] != "float"} if step else {}
-            candidates = [L for L in layers if len(ladders[L]) > step]
-            ref = rank_eval.score(build(base_state)).metric(b.metric)
+            # step 2 ranks every layer on its last step (a one-step ladder's only step included)
+            candidates = [L for L in layers if len(ladders[L]) > step or (step and L not in base_state)]
+            ref = rank_eval.score(build(base_state)).sqnr_db
             scored = []
             for L in tqdm(candidates, desc=f"ranking layers (step {step + 1})", unit="layer",
                           disable=not progress or None, leave=False):
-                level = ladders[L][step]
-                alone = rank_eval.score(build({**base_state, L: level})).metric(b.metric)
+                level = ladders[L][min(step, len(ladders[L]) - 1)]
+                alone = rank_eval.score(build({**base_state, L: level})).sqnr_db
                 gain = alone - ref
-                if not (gain > 0):
-                    continue
-                cost = max(_added_bytes(decision[L], level) - (_added_bytes(decision[L], ladders[L][0]) if step else 0), 1)
-                scored.append((-gain / cost, L, level, alone))
-            scored.sort()
-            order = [(L, level, alone) for _, L, level, alone in scored]
+                cost = max(_added_bytes(decision[L], level)
+                           - (_added_bytes(decision[L], ladders[L][0]) if L in base_state else 0), 1)
+                # layers that gain nothing on the ranking feeds come last, cheapest first: a budget
+                # on another metric (or on all feeds) may still need them
+                scored.append((0, -gain / cost, 0, L, level, alone) if gain > 0 else (1, 0.0, cost, L, level, alone))
+            scored.sort(key=lambda t: t[:4])
+            order = [(L, level, alone) for *_, L, level, alone in scored]
             # bisection for the shortest prefix meeting the budget (assumes more raised is not worse)
             lo, hi = 0, len(order)
             full_prefix = {**base_state, **{L: lv for L, lv, _ in order}}
