@@ -7,12 +7,14 @@ at a time up a ladder the recipe and target allow:
 - W8A8 → int8 weights with a float input (the layer's activation Q/DQ bypassed) → float.
 
 It quantizes once (one calibration) and scores variants of that QDQ graph on the evaluation
-feeds, as ``edgeq analyze`` does. Each layer's *gain* is the output SQNR (dB, worst output) with
-that layer alone raised one step, over the SQNR with none raised — a continuous measure whatever
-the budget's metric (top-1 agreement on a few feeds cannot tell most layers apart); layers are
-ranked by gain per added byte (most useful bytes first, ties by name), and the shortest prefix of
-that ranking that meets the budget (its own metric, on all evaluation feeds) is found by bisection —
-first on the first step, then, if even every layer one step up is not enough, on the second.
+feeds, as ``edgeq analyze`` does. Each option — a layer at one of its steps — has a *gain*: the
+output SQNR (dB, worst output) with only that layer raised to that step, over the SQNR with none
+raised (a continuous measure whatever the budget's metric: top-1 agreement on a few feeds cannot
+tell most layers apart), and a *cost*: the bytes it adds (a float input adds none; it is charged
+the layer's int8 weight bytes, for the work that leaves the integer kernels). Options are ranked
+by gain per cost (ties by name), each layer taking the highest step among its chosen options, and
+the shortest prefix of that ranking that meets the budget (its own metric, on all evaluation
+feeds) is found by bisection.
 The chosen layers become recipe rules (exact node names), the model is quantized again with them
 and the result is measured; should it miss the budget (a re-calibrated W8A8 graph can differ a
 little from its variant), the next layer in the ranking is added. Everything is ordered and
@@ -76,8 +78,8 @@ class Raised:
     op_type: str
     level: str  # "int8" | "float input" | "float"
     added_bytes: int
-    alone: float  # output SQNR (dB) with only this layer raised one step (ranking feeds); nan: raised with every layer
-    rank: int  # its place in the ranking by gain per byte (1 = first); 0: raised with every layer (first step)
+    alone: float  # output SQNR (dB) on the ranking feeds with only this layer raised to ``level``
+    rank: int  # the option's place in the ranking by gain per cost (1 = first); 0: added after the final check
 
     def as_dict(self) -> dict:
         return {"node": self.node, "op_type": self.op_type, "level": self.level, "added_bytes": self.added_bytes,
@@ -99,7 +101,7 @@ class BudgetResult:
     seconds: float = 0.0
     output: str | None = None
     recipe_toml: str = ""
-    rank_reference: float = float("nan")  # the metric on the ranking feeds before any layer of the step is raised
+    rank_reference: float = float("nan")  # output SQNR on the ranking feeds with no layer raised
     rank_feeds: int = 0
 
     def as_dict(self) -> dict:
@@ -120,11 +122,10 @@ class BudgetResult:
         if self.raised:
             lines.append(f"layers left above the recipe's precision ({len(self.raised)}), in ranking order "
                          f"(ranked by output SQNR gain per added byte on {self.rank_feeds} feeds, "
-                         f"{self.rank_reference:.1f} dB before the step):")
+                         f"{self.rank_reference:.1f} dB with none raised):")
             w = min(max(len(r.node) for r in self.raised), 50)
             for r in self.raised:
-                why = (f"rank {r.rank:>3}: raised alone, SQNR {r.alone:.1f} dB" if r.rank else
-                       "every layer one step up was not enough: this step is everywhere")
+                why = f"rank {r.rank:>3}: raised alone, SQNR {r.alone:.1f} dB" if r.rank else "added after the check"
                 lines.append(f"  {r.node[:w]:<{w}}  {r.op_type:<8} → {r.level:<11} +{r.added_bytes / 1024:8.1f} KB  {why}")
         else:
             lines.append("no layer needed raising")
@@ -153,6 +154,12 @@ def _added_bytes(d, level: str) -> int:
     now = {WeightFormat.INT4: 0.5625, WeightFormat.MXFP4: 0.53, WeightFormat.INT8: 1.0}.get(d.format, 4.0) * n
     after = {"int8": 1.0 * n, "float input": now, "float": 4.0 * n}[level]
     return max(int(after - now), 0)
+
+
+def _cost(d, level: str) -> int:
+    """What raising costs, in bytes: the added weight bytes; a float input (no added bytes) costs the
+    layer's int8 weight bytes, a stand-in for the work that leaves the integer kernels."""
+    return _weight_elems(d.shape) if level == "float input" else _added_bytes(d, level)
 
 
 def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data=None, profile=None,
@@ -220,46 +227,42 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
     base_score = full_eval.score(build({})).metric(b.metric)
     raised: list[Raised] = []
     state: dict[str, str] = {}
-    result_state: dict[str, str] = {}
-    ranking: list[tuple[str, str, float]] = []  # (layer, level, alone)
+    ranking: list[tuple[str, str, float]] = []  # (layer, level, SQNR with it alone), in ranking order
     rank_ref = float("nan")
     if not b.met(base_score):
-        for step in (0, 1):
-            base_state = {L: ladders[L][0] for L in layers if step == 1 and ladders[L][0] != "float"} if step else {}
-            # step 2 ranks every layer on its last step (a one-step ladder's only step included)
-            candidates = [L for L in layers if len(ladders[L]) > step or (step and L not in base_state)]
-            ref = rank_eval.score(build(base_state)).sqnr_db
-            scored = []
-            for L in tqdm(candidates, desc=f"ranking layers (step {step + 1})", unit="layer",
-                          disable=not progress or None, leave=False):
-                level = ladders[L][min(step, len(ladders[L]) - 1)]
-                alone = rank_eval.score(build({**base_state, L: level})).sqnr_db
-                gain = alone - ref
-                cost = max(_added_bytes(decision[L], level)
-                           - (_added_bytes(decision[L], ladders[L][0]) if L in base_state else 0), 1)
-                # layers that gain nothing on the ranking feeds come last, cheapest first: a budget
-                # on another metric (or on all feeds) may still need them
-                scored.append((0, -gain / cost, 0, L, level, alone) if gain > 0 else (1, 0.0, cost, L, level, alone))
-            scored.sort(key=lambda t: t[:4])
-            order = [(L, level, alone) for *_, L, level, alone in scored]
-            # bisection for the shortest prefix meeting the budget (assumes more raised is not worse)
-            lo, hi = 0, len(order)
-            full_prefix = {**base_state, **{L: lv for L, lv, _ in order}}
-            if not b.met(full_eval.score(build(full_prefix)).metric(b.metric)):
-                if step == 0 and any(len(ladders[L]) > 1 for L in layers):
-                    continue  # even one step up everywhere is not enough: try the second step
-                state, ranking, rank_ref = full_prefix, order, ref
-                break
+        # every (layer, step) on its own against the recipe-everywhere model, on the ranking feeds
+        rank_ref = rank_eval.score(build({})).sqnr_db
+        options = []
+        todo = [(L, j) for L in layers for j in range(len(ladders[L]))]
+        for L, j in tqdm(todo, desc="ranking layers", unit="variant", disable=not progress or None, leave=False):
+            level = ladders[L][j]
+            alone = rank_eval.score(build({L: level})).sqnr_db
+            gain = alone - rank_ref
+            cost = max(_cost(decision[L], level), 1)
+            # options that gain nothing on the ranking feeds come last, cheapest first: a budget on
+            # another metric (or on all feeds) may still need them
+            options.append((0, -gain / cost, 0, L, j, level, alone) if gain > 0 else
+                           (1, 0.0, cost, L, j, level, alone))
+        options.sort(key=lambda t: t[:5])
+        ranking = [(L, level, alone) for *_, L, _, level, alone in options]
+
+        def state_of(n: int) -> dict[str, str]:
+            st: dict[str, str] = {}
+            for L, level, _ in ranking[:n]:  # a layer takes the highest step among its chosen options
+                if L not in st or ladders[L].index(level) > ladders[L].index(st[L]):
+                    st[L] = level
+            return st
+
+        # bisection for the shortest prefix meeting the budget (assumes raising more is not worse)
+        lo, hi = 1, len(ranking)
+        if b.met(full_eval.score(build(state_of(hi))).metric(b.metric)):
             while lo < hi:
                 mid = (lo + hi) // 2
-                trial = {**base_state, **{L: lv for L, lv, _ in order[:mid]}}
-                if b.met(full_eval.score(build(trial)).metric(b.metric)):
+                if b.met(full_eval.score(build(state_of(mid))).metric(b.metric)):
                     hi = mid
                 else:
                     lo = mid + 1
-            state = {**base_state, **{L: lv for L, lv, _ in order[:lo]}}
-            ranking, rank_ref = order, ref
-            break
+        state = state_of(hi)
 
     # the real model: the raised layers as recipe rules, quantized and measured again
     def with_rules(st: dict[str, str]) -> Recipe:
@@ -273,8 +276,8 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
             rules.append(Rule(new, (), f"^{re.escape(L)}$"))
         return replace(rec, name=f"{rec.name}+budget", rules=tuple(rules) + rec.rules)
 
-    rank_of = {L: i for i, (L, _, _) in enumerate(ranking, 1)}
-    alone_of = {L: a for L, _, a in ranking}
+    rank_of = {(L, lv): i for i, (L, lv, _) in enumerate(ranking, 1)}
+    alone_of = {(L, lv): a for L, lv, a in ranking}
     extra = [x for x in ranking if x[0] not in state]
     with tempfile.TemporaryDirectory(prefix="edgeq-budget-") as tmp:
         while True:
@@ -292,9 +295,9 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
             staged = Path(str(output) + ".partial")
             shutil.copyfile(path, staged)
             os.replace(staged, output)
-    for L in sorted(state, key=lambda n: rank_of.get(n, 10 ** 6)):
+    for L in sorted(state, key=lambda n: rank_of.get((n, state[n]), 10 ** 6)):
         raised.append(Raised(L, decision[L].op_type, state[L], _added_bytes(decision[L], state[L]),
-                             alone_of.get(L, float("nan")), rank_of.get(L, 0)))
+                             alone_of.get((L, state[L]), float("nan")), rank_of.get((L, state[L]), 0)))
     return BudgetResult(str(model), rec.name, b, b.met(final), base_score, final, raised,
                         base_res.quantized_bytes, res.quantized_bytes,
                         full_eval.runs + (rank_eval.runs if rank_eval is not full_eval else 0),
