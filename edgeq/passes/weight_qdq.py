@@ -14,6 +14,9 @@ Rules it applies, per :class:`~edgeq.quant.plan.WeightDecision`:
   ``b - (Ŵ - W) · E[x]`` so that quantizing the weight does not shift the output's mean
   (Nagel et al., 2019, "Data-Free Quantization", empirical form: ``E[x]`` per input channel from
   the calibration data; zero padding is ignored).
+- Integers chosen elsewhere (``quantized``: node -> QuantizedTensor, e.g. data-aware rounding,
+  :mod:`edgeq.quant.rounding`) replace the plan's nearest rounding for that node; bias
+  correction then uses them.
 - Every consumer gets its own initializers (ORT does not fuse DQ nodes that share them); the
   float weight is removed once nothing reads it.
 """
@@ -60,9 +63,11 @@ def _storage(q: formats.QuantizedTensor) -> np.ndarray:
 class WeightQDQPass(ir.passes.InPlacePass):
     """Quantize the weights a plan lists; leave every other node as it is."""
 
-    def __init__(self, plan: QuantPlan, *, input_means: dict[str, np.ndarray] | None = None):
+    def __init__(self, plan: QuantPlan, *, input_means: dict[str, np.ndarray] | None = None,
+                 quantized: dict[str, formats.QuantizedTensor] | None = None):
         super().__init__()
         self.plan = plan
+        self.quantized = quantized or {}  # node name -> integers chosen elsewhere (data-aware rounding)
         self.input_means = input_means or {}  # node name -> mean of its input per channel (axis 1)
         self.bias_corrected: list[str] = []
 
@@ -119,7 +124,7 @@ class WeightQDQPass(ir.passes.InPlacePass):
             node = by_name[d.node]
             value = node.inputs[d.input_index]
             w = value.const_value.numpy().astype(np.float32)
-            q = quantize_weight(w, d)
+            q = self.quantized[d.node] if d.node in self.quantized else quantize_weight(w, d)
             prefix = f"{d.node}/{d.weight}"
             if d.node in self.input_means:
                 self._correct_bias(graph, node, w, q, d, self.input_means[d.node], prefix)

@@ -18,6 +18,7 @@ from edgeq.errors import InputError
 from edgeq.passes.activation_qdq import ActivationQDQPass
 from edgeq.passes.smooth_quant import SmoothQuantPass
 from edgeq.passes.weight_qdq import WeightQDQPass
+from edgeq.quant import rounding
 from edgeq.quant.activations import decide_activations, place_activations
 from edgeq.quant.calibrate import CalibrationTable, calibrate
 from edgeq.quant.plan import NodeNote, QuantPlan, make_plan
@@ -94,6 +95,7 @@ def quantize_model(
         return QuantizeResult(None, plan, float_bytes, 0, ideal, time.perf_counter() - t0)
     table = None
     input_means: dict[str, np.ndarray] = {}
+    rounded: dict[str, rounding.RoundedWeight] = {}
     if rec.needs_calibration:
         if placement is not None and rec.smoothing != "off":
             candidates = smoothing_candidates(model, placement)
@@ -111,13 +113,15 @@ def quantize_model(
                                                  rec.smoothing_alpha))(model)
                 placement = place_activations(model, plan, rec, prof)
         mean_of = _bias_correction_inputs(model, plan) if rec.bias_correction else {}
+        moments = rounding.moments_for(model, plan, rec.rounding)
         raw, desc = open_feeds(calib, split="calibration")
         proto = ir.to_proto(model)
         tensors = placement.tensors if placement is not None else []
         table = calibrate(proto, tensors, raw, specs=onnx_io.io_specs(proto), config=rec.calibration,
                           source=desc, progress=progress, dtypes={t: onnx.TensorProto.FLOAT for t in tensors},
-                          means=sorted(set(mean_of.values())))
+                          means=sorted(set(mean_of.values())), taps=rounding.taps(moments))
         del proto
+        rounded = rounding.round_weights(model, plan, moments, centered=set(mean_of))
         input_means = {node: table.channel_mean[t] for node, t in mean_of.items() if t in table.channel_mean}
         if placement is not None:
             decisions, dropped = decide_activations(placement, table)
@@ -125,9 +129,9 @@ def quantize_model(
             dropped = tuple(replace(n, op_type=n.op_type or op_of.get(n.node, "")) for n in dropped)
             plan = replace(plan, activations=decisions, floats=plan.floats + placement.notes + dropped,
                            integer_nodes=_still_integer(placement.integer_nodes, decisions))
-    weight_pass = WeightQDQPass(plan, input_means=input_means)
+    weight_pass = WeightQDQPass(plan, input_means=input_means, quantized={k: r.quantized for k, r in rounded.items()})
     weight_pass(model)
-    plan = replace(plan, bias_corrected=tuple(weight_pass.bias_corrected))
+    plan = replace(plan, bias_corrected=tuple(weight_pass.bias_corrected), notes=plan.notes + rounding.notes(rounded))
     if plan.activations:
         act_pass = ActivationQDQPass(plan.activations)
         act_pass(model)

@@ -21,6 +21,8 @@ TOML form::
     smoothing_alpha = 1.0   # migration strength (outliers: (0, 1]; smoothquant: (0, 1), e.g. 0.5)
     bias_correction = true  # Conv/Gemm: cancel the output mean shift of weight rounding (uses calibration)
     quantize_model_inputs = false  # W8A8: leave graph inputs float (the first layer reads them in float)
+    rounding = "hessian"    # int8 Conv codes chosen for the layer output on the calibration data:
+                            # nearest | hessian (every Conv) | hessian-small (stem and depthwise only)
     [[rules]]
     op = ["Gather"]         # optional: op types
     name = "embeddings"     # optional: regex searched in the node name
@@ -55,6 +57,7 @@ class ActFormat(str, enum.Enum):
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 OBSERVERS = ("minmax", "percentile", "entropy", "mse")
 SMOOTHING = ("off", "outliers", "smoothquant")
+ROUNDING = ("nearest", "hessian", "hessian-small")  # see edgeq.quant.rounding
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,14 @@ class Recipe:
     # and a second rounding on another grid before the most sensitive layer cost 3.3 dB of logit
     # SQNR on EfficientNet-Lite0; the first layer then reads its input in float.
     quantize_model_inputs: bool = True
+    # int8 Conv weights: "hessian" picks the codes that minimise each layer's output error on the
+    # calibration data (edgeq.quant.rounding), "hessian-small" only for the stem and depthwise
+    # convs (fan-in <= 32 per group); "nearest" rounds each weight to its nearest code.
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
+        if self.rounding not in ROUNDING:
+            raise InputError(f"unknown rounding {self.rounding!r}", hint=f"use one of {', '.join(ROUNDING)}")
         if self.smoothing not in SMOOTHING:
             raise InputError(f"unknown smoothing {self.smoothing!r}", hint=f"use one of {', '.join(SMOOTHING)}")
         hi_ok = self.smoothing_alpha < 1.0 if self.smoothing == "smoothquant" else self.smoothing_alpha <= 1.0
@@ -154,7 +163,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.quantizes_activations or self.bias_correction
+        return self.quantizes_activations or self.bias_correction or self.rounding != "nearest"
 
 
 def preset(name: str, *, block: int | None = None) -> Recipe:
@@ -180,7 +189,7 @@ PRESETS = ("w8a8", "w8a16", "w4a16", "mxfp4")
 _SPEC_KEYS = {"weights", "block", "activations", "clip_search", "asymmetric"}
 _RULE_KEYS = _SPEC_KEYS | {"op", "name"}
 _TOP_KEYS = {"name", "default", "calibration", "rules", "algorithms"}
-_ALGO_KEYS = {"smoothing", "smoothing_alpha", "bias_correction", "quantize_model_inputs"}
+_ALGO_KEYS = {"smoothing", "smoothing_alpha", "bias_correction", "quantize_model_inputs", "rounding"}
 _CAL_KEYS = {"method", "percentile"}
 
 
@@ -256,7 +265,8 @@ def load_recipe(path: str | Path) -> Recipe:
         return Recipe(str(data.get("name", p.stem)), default, tuple(rules), cal,
                       smoothing=str(algo.get("smoothing", "off")), smoothing_alpha=float(alpha),
                       bias_correction=bool(algo.get("bias_correction", False)),
-                      quantize_model_inputs=bool(algo.get("quantize_model_inputs", True)))
+                      quantize_model_inputs=bool(algo.get("quantize_model_inputs", True)),
+                      rounding=str(algo.get("rounding", "nearest")))
     except InputError as e:
         raise InputError(f"{p}: [algorithms]: {e}") from None
 
