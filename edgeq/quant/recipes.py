@@ -169,10 +169,11 @@ class Recipe:
 def preset(name: str, *, block: int | None = None) -> Recipe:
     """A built-in recipe: ``w8a8``, ``w8a16``, ``w4a16`` (``block`` 32/64/128) or ``mxfp4``."""
     if name == "w8a8":
-        # MSE-optimal ranges and outlier smoothing: the best measured on MiniLM and EfficientNet-Lite0
+        # MSE-optimal ranges and outlier smoothing: the best measured on MiniLM and EfficientNet-Lite0;
+        # data-aware Conv rounding: EfficientNet-Lite0 logit SQNR 19.7 -> 26.2 dB (no Conv in MiniLM)
         return Recipe("w8a8", QuantSpec(WeightFormat.INT8, activations=ActFormat.UINT8),
                       calibration=CalibrationConfig("mse"), smoothing="outliers", smoothing_alpha=1.0,
-                      bias_correction=True, quantize_model_inputs=False)
+                      bias_correction=True, quantize_model_inputs=False, rounding="hessian")
     if name == "w8a16":
         return Recipe("w8a16", QuantSpec(WeightFormat.INT8))
     if name == "w4a16":

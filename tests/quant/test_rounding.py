@@ -146,7 +146,7 @@ def test_recipe_key_and_bad_value(tmp_path):
     p.write_text('[default]\nweights = "int8"\nactivations = "uint8"\n[algorithms]\nrounding = "hessian-small"\n')
     assert load_recipe(p).rounding == "hessian-small"
     assert load_recipe(p).needs_calibration
-    assert preset("w8a16").rounding == "nearest"
+    assert preset("w8a8").rounding == "hessian" and preset("w8a16").rounding == "nearest"
     p.write_text('[algorithms]\nrounding = "adaround"\n')
     with pytest.raises(InputError, match="rounding"):
         load_recipe(p)
