@@ -16,6 +16,9 @@ Rules it applies, per :class:`~edgeq.quant.plan.WeightDecision`:
   the calibration data; zero padding is ignored).
 - GPTQ (when the pass is given a Hessian factor for a node, see :mod:`edgeq.quant.gptq`): the
   integers and scales come from error-compensated rounding instead of round-to-nearest.
+- Integers chosen elsewhere (``quantized``: node -> QuantizedTensor, e.g. data-aware rounding,
+  :mod:`edgeq.quant.rounding`) replace the plan's nearest rounding for that node; bias
+  correction then uses them.
 - Every consumer gets its own initializers (ORT does not fuse DQ nodes that share them); the
   float weight is removed once nothing reads it.
 """
@@ -63,9 +66,11 @@ class WeightQDQPass(ir.passes.InPlacePass):
     """Quantize the weights a plan lists; leave every other node as it is."""
 
     def __init__(self, plan: QuantPlan, *, input_means: dict[str, np.ndarray] | None = None,
-                 gptq_factors: dict[str, np.ndarray] | None = None):
+                 gptq_factors: dict[str, np.ndarray] | None = None,
+                 quantized: dict[str, formats.QuantizedTensor] | None = None):
         super().__init__()
         self.plan = plan
+        self.quantized = quantized or {}  # node name -> integers chosen elsewhere (data-aware rounding)
         self.input_means = input_means or {}  # node name -> mean of its input per channel (axis 1)
         self.gptq_factors = gptq_factors or {}  # node name -> gptq.prepare_hessian of its input's Gram
         self.bias_corrected: list[str] = []
@@ -124,8 +129,8 @@ class WeightQDQPass(ir.passes.InPlacePass):
             node = by_name[d.node]
             value = node.inputs[d.input_index]
             w = value.const_value.numpy().astype(np.float32)
-            q = None
-            if d.node in self.gptq_factors:
+            q = self.quantized.get(d.node)
+            if q is None and d.node in self.gptq_factors:
                 q = gptq.gptq_quantize(w, d, self.gptq_factors[d.node])
                 if q is not None:
                     self.gptq_nodes.append(d.node)

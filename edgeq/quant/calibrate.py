@@ -10,7 +10,7 @@ wrong names, shapes or dtypes fail before any work, and a bad feed later names i
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,13 +92,16 @@ def calibrate(
     channels: Sequence[str] = (),
     means: Sequence[str] = (),
     grams: Sequence[str] = (),
+    taps: Mapping[str, Sequence[Callable[[np.ndarray], None]]] | None = None,
 ) -> CalibrationTable:
     """Observe ``tensors`` of the float ``model`` over ``feeds`` and choose a range for each.
 
     For the tensors in ``channels`` it also keeps the largest magnitude per channel of the last
     axis (what SmoothQuant needs), skipping masking constants like the observers do; for
     ``means`` the mean per axis-1 channel (bias correction); for ``grams`` the second moment
-    ``E[x xᵀ]`` of the last-axis rows (GPTQ and AWQ), rows holding masking constants left out.
+    ``E[x xᵀ]`` of the last-axis rows (GPTQ and AWQ), rows holding masking constants left out. ``taps``
+    maps a tensor (or model input) to callbacks that receive each batch of it (statistics kept
+    by other algorithms, e.g. the patch moments of data-aware Conv rounding).
     """
     import onnxruntime as ort
     from tqdm.auto import tqdm
@@ -107,7 +110,8 @@ def calibrate(
     input_names = {s.name for s in specs}
     options = {"percentile": config.percentile} if config.method == "percentile" else {}
     observers = {t: make_observer(config.method, t, **options) for t in tensors}
-    fetch = list(dict.fromkeys(t for t in [*tensors, *channels, *means, *grams] if t not in input_names))
+    taps = taps or {}
+    fetch = list(dict.fromkeys(t for t in [*tensors, *channels, *means, *grams, *taps] if t not in input_names))
     absmax: dict[str, np.ndarray] = {}
     masked: set[str] = set()
     sums: dict[str, np.ndarray] = {}
@@ -150,6 +154,9 @@ def calibrate(
                     masked.add(name)
                 a = np.where(keep, a, 0.0).reshape(-1, a.shape[-1]).max(axis=0)
                 absmax[name] = a if name not in absmax else np.maximum(absmax[name], a)
+            for name, callbacks in taps.items():
+                for fn in callbacks:
+                    fn(got[name])
             for name in means:
                 x = np.asarray(got[name])
                 if x.ndim < 2:

@@ -19,6 +19,7 @@ from edgeq.passes.activation_qdq import ActivationQDQPass
 from edgeq.passes.protect import ProtectOutliersPass
 from edgeq.passes.smooth_quant import SmoothQuantPass
 from edgeq.passes.weight_qdq import WeightQDQPass
+from edgeq.quant import rounding
 from edgeq.quant.activations import decide_activations, place_activations
 from edgeq.quant import awq, gptq
 from edgeq.quant.calibrate import CalibrationTable, calibrate
@@ -97,6 +98,7 @@ def quantize_model(
         return QuantizeResult(None, plan, float_bytes, 0, ideal, time.perf_counter() - t0)
     table = None
     input_means: dict[str, np.ndarray] = {}
+    rounded: dict[str, rounding.RoundedWeight] = {}
     gptq_factors: dict[str, np.ndarray] = {}
     gram_of: dict[str, str] = {}
     algorithms: list[str] = []
@@ -134,14 +136,16 @@ def quantize_model(
         mean_of = _bias_correction_inputs(model, plan) if rec.bias_correction else {}
         gram_of = _gptq_inputs(model, plan) if wants_gptq else {}  # after smoothing: the tensors MatMuls now read
         awq_of = awq.awq_candidates(model, plan) if wants_awq else {}
+        moments = rounding.moments_for(model, plan, rec.conv_rounding)
         raw, desc = open_feeds(calib, split="calibration")
         proto = ir.to_proto(model)
         tensors = placement.tensors if placement is not None else []
         table = calibrate(proto, tensors, raw, specs=onnx_io.io_specs(proto), config=rec.calibration,
                           source=desc, progress=progress, dtypes={t: onnx.TensorProto.FLOAT for t in tensors},
                           means=sorted(set(mean_of.values())), grams=sorted(set(gram_of.values()) | set(awq_of)),
-                          channels=sorted(to_protect))
+                          channels=sorted(to_protect), taps=rounding.taps(moments))
         del proto
+        rounded = rounding.round_weights(model, plan, moments, centered=set(mean_of))
         input_means = {node: table.channel_mean[t] for node, t in mean_of.items() if t in table.channel_mean}
         grams = dict(table.gram)
         if to_protect:  # weight-only: protect from the full calibration's maxima, then follow the Grams
@@ -170,7 +174,8 @@ def quantize_model(
             dropped = tuple(replace(n, op_type=n.op_type or op_of.get(n.node, "")) for n in dropped)
             plan = replace(plan, activations=decisions, floats=plan.floats + placement.notes + dropped,
                            integer_nodes=_still_integer(placement.integer_nodes, decisions))
-    weight_pass = WeightQDQPass(plan, input_means=input_means, gptq_factors=gptq_factors)
+    weight_pass = WeightQDQPass(plan, input_means=input_means, gptq_factors=gptq_factors,
+                               quantized={k: r.quantized for k, r in rounded.items()})
     weight_pass(model)
     if wants_gptq and table is not None:
         done = weight_pass.gptq_nodes
@@ -181,7 +186,7 @@ def quantize_model(
             algorithms.append(f"gptq: {len(skipped)} weights rounded to nearest (input Gram unusable): "
                               + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     plan = replace(plan, bias_corrected=tuple(weight_pass.bias_corrected), gptq=tuple(weight_pass.gptq_nodes),
-                   algorithms=plan.algorithms + tuple(algorithms))
+                   algorithms=plan.algorithms + tuple(algorithms), notes=plan.notes + rounding.notes(rounded))
     if plan.activations:
         act_pass = ActivationQDQPass(plan.activations)
         act_pass(model)

@@ -195,7 +195,7 @@ def _plans(data: dict) -> str:
     html = "<h2>Quantization plan</h2>"
     for q in data["qdq"]:
         s = q["summary"]
-        weights = [r for r in q["plan"] if "node" in r and r.get("format") != "float"]
+        weights = [r for r in q["plan"] if "node" in r and r.get("format") not in (None, "float")]  # not notes
         floats = [r for r in q["plan"] if r.get("format") == "float" and r.get("reason") != "no constant weight"]
         rest = Counter(r["op"] for r in q["plan"] if r.get("reason") == "no constant weight")
         acts = [r for r in q["plan"] if "tensor" in r]

@@ -73,5 +73,7 @@ def test_efficientnet_w8a8(effnet_onnx, qdq_model, e2e_dir, tmp_path, capsys):
     cli(capsys, "validate", out, "-r", effnet_onnx, "--data", "efficientnet_lite0", "--task", "classification",
         "--json", report, "--no-intermediates")
     cand = json.loads(report.read_text())["candidates"][0]
-    assert cand["outputs"]["logits"]["sqnr_db"] >= 19  # measured 19.7 dB
-    assert cand["task"]["top1_agreement"] >= 0.93  # measured 0.9375 on 96 evaluation crops
+    assert cand["outputs"]["logits"]["sqnr_db"] >= 25  # measured 26.2 dB (19.7 dB with nearest rounding)
+    # measured 0.969 on 96 evaluation crops; six are fp32 near-ties (top-2 logit gap < 0.1) and the
+    # 3 that flip are among them, so top-1 moves by a crop or two between settings of equal SQNR
+    assert cand["task"]["top1_agreement"] >= 0.95
