@@ -224,12 +224,8 @@ def _bias_correction_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, str]:
 def _protect(model: ir.Model, rec: Recipe, candidates, absmax: dict[str, np.ndarray], algorithms: list[str]
              ) -> dict[str, np.ndarray]:
     """Apply outlier protection; returns ``absmax`` extended with the masked tensors' maxima."""
-    chosen = choose_protections(model, {t: c for t, c in candidates.items() if t in absmax}, absmax,
-                                ratio=rec.protect_ratio, max_channels=rec.protect_max_channels)
-    ProtectOutliersPass(chosen)(model)
-    algorithms.extend(_protection_lines(chosen, len(candidates)))
     absmax = dict(absmax)
-    for p in chosen:
+    for p in _protect_weight_only(model, rec, candidates, absmax, algorithms):
         a = absmax[p.tensor].copy()
         a[p.channels] = 0.0  # exactly what the mask leaves
         absmax[masked_name(p.tensor)] = a
@@ -237,6 +233,7 @@ def _protect(model: ir.Model, rec: Recipe, candidates, absmax: dict[str, np.ndar
 
 
 def _protect_weight_only(model: ir.Model, rec: Recipe, candidates, absmax, algorithms: list[str]):
+    """Choose and apply outlier protection from channel maxima; returns the protections."""
     chosen = choose_protections(model, {t: c for t, c in candidates.items() if t in absmax}, absmax,
                                 ratio=rec.protect_ratio, max_channels=rec.protect_max_channels)
     ProtectOutliersPass(chosen)(model)
