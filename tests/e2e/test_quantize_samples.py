@@ -61,7 +61,7 @@ def test_minilm_w8a8(minilm_onnx, qdq_model, e2e_dir, tmp_path, capsys):
     report = e2e_dir / "minilm8.json"
     cli(capsys, "validate", out, "-r", minilm_onnx, "--data", "minilm", "--json", report, "--no-intermediates")
     stats = json.loads(report.read_text())["candidates"][0]["outputs"]["embeddings"]
-    assert stats["cosine_mean"] >= 0.995  # measured 0.9980 (outlier smoothing, MSE ranges)
+    assert stats["cosine_mean"] >= 0.998  # measured 0.9992 (outlier protection + smoothing, MSE ranges)
 
 
 def test_efficientnet_w8a8(effnet_onnx, qdq_model, e2e_dir, tmp_path, capsys):
@@ -73,7 +73,7 @@ def test_efficientnet_w8a8(effnet_onnx, qdq_model, e2e_dir, tmp_path, capsys):
     cli(capsys, "validate", out, "-r", effnet_onnx, "--data", "efficientnet_lite0", "--task", "classification",
         "--json", report, "--no-intermediates")
     cand = json.loads(report.read_text())["candidates"][0]
-    assert cand["outputs"]["logits"]["sqnr_db"] >= 25  # measured 26.2 dB (19.7 dB with nearest rounding)
-    # measured 0.969 on 96 evaluation crops; six are fp32 near-ties (top-2 logit gap < 0.1) and the
-    # 3 that flip are among them, so top-1 moves by a crop or two between settings of equal SQNR
+    assert cand["outputs"]["logits"]["sqnr_db"] >= 25  # measured 26.4 dB (19.7 dB with nearest rounding)
+    # measured 0.979 (94/96; 97.1 % on 384 held-out crops); six crops are fp32 near-ties (top-2 logit
+    # gap < 0.1), so top-1 on 96 crops moves by a crop or two between settings of equal SQNR
     assert cand["task"]["top1_agreement"] >= 0.95
