@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgeq.passes._graph import insert_after_producer, values_by_name
 from edgeq.quant.activations import ActivationDecision
 from edgeq.quant.recipes import ActFormat
 
@@ -55,8 +56,7 @@ class ActivationQDQPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        values = {v.name: v for v in graph.inputs}
-        values.update({o.name: o for n in graph for o in n.outputs})
+        values = values_by_name(graph)
         nodes = {n.name: n for n in graph}
         quantized_input: dict[str, float] = {}  # consumer node -> input scale, for biases
         for d in self.decisions:
@@ -76,11 +76,7 @@ class ActivationQDQPass(ir.passes.InPlacePass):
             dq.outputs[0].name = f"{d.tensor}_dequantized"
             dq.outputs[0].dtype = ir.DataType.FLOAT
             dq.outputs[0].shape = x.shape
-            producer = x.producer()
-            if producer is None:
-                graph.insert_before(next(iter(graph)), [q, dq])
-            else:
-                graph.insert_after(producer, [q, dq])
+            insert_after_producer(graph, x, [q, dq])
             for cname in d.consumers:
                 consumer = nodes[cname]
                 for i, inp in enumerate(consumer.inputs):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgeq.passes._graph import constant, insert_after_producer, values_by_name
 from edgeq.quant.protect import Protection, masked_name
 from edgeq.quant.smooth import ROLE_KEY
 
@@ -25,31 +26,25 @@ class ProtectOutliersPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = {n.name: n for n in graph}
-        values = {v.name: v for v in graph.inputs}
-        values.update({o.name: o for n in graph for o in n.outputs})
+        values = values_by_name(graph)
         for p in self.protections:
             x = values[p.tensor]
             dtype = x.dtype or ir.DataType.FLOAT  # untyped (no shape inference): the weights' float
-            mask = np.ones(x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else
-                           nodes[p.consumers[0]].inputs[1].const_value.shape[0], np.float32)
+            mask = np.ones(nodes[p.consumers[0]].inputs[1].const_value.shape[0], np.float32)  # K: x's last axis
             mask[p.channels] = 0.0
-            m = self._const(graph, f"{p.tensor}_protect_mask", mask)
-            idx = self._const(graph, f"{p.tensor}_protect_channels", p.channels.astype(np.int64))
+            m = constant(graph, f"{p.tensor}_protect_mask", mask)
+            idx = constant(graph, f"{p.tensor}_protect_channels", p.channels.astype(np.int64))
             mul = ir.node("Mul", [x, m], name=f"{p.tensor}_protect")
             mul.metadata_props[ROLE_KEY] = "protection"
             self._describe(mul.outputs[0], masked_name(p.tensor), dtype, x.shape)
             gather = ir.node("Gather", [x, idx], attributes={"axis": -1}, name=f"{p.tensor}_protect_gather")
             self._describe(gather.outputs[0], f"{p.tensor}_protected_channels", dtype, None)
-            producer = x.producer()
-            if producer is None:
-                graph.insert_before(next(iter(graph)), [mul, gather])
-            else:
-                graph.insert_after(producer, [mul, gather])
+            insert_after_producer(graph, x, [mul, gather])
             for c in p.consumers:
                 node = nodes[c]
                 w = node.inputs[1]
                 full = w.const_value.numpy().astype(np.float32)
-                rows = self._const(graph, f"{c}/protected_rows", full[p.channels].copy())
+                rows = constant(graph, f"{c}/protected_rows", full[p.channels].copy())
                 kept = full.copy()
                 kept[p.channels] = 0.0
                 w.const_value = ir.tensor(kept, name=w.name)
@@ -66,12 +61,6 @@ class ProtectOutliersPass(ir.passes.InPlacePass):
                 y.name = f"{out_name}_unprotected"
                 self._describe(add.outputs[0], out_name, dtype, y.shape)  # readers keep the tensor name
         return ir.passes.PassResult(model, modified=bool(self.protections))
-
-    @staticmethod
-    def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        v = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        graph.register_initializer(v)
-        return v
 
     @staticmethod
     def _describe(v: ir.Value, name: str, dtype, shape) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgeq.passes._graph import constant, insert_after_producer, values_by_name
 from edgeq.quant.smooth import ROLE_KEY, Smoothing
 
 
@@ -30,23 +31,16 @@ class SmoothQuantPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = {n.name: n for n in graph}
-        values = {v.name: v for v in graph.inputs}
-        values.update({o.name: o for n in graph for o in n.outputs})
+        values = values_by_name(graph)
         for sm in self.smoothings:
             x = values[sm.tensor]
-            inv = ir.Value(name=f"{sm.tensor}_smooth_inv_scale",
-                           const_value=ir.tensor((1.0 / sm.scale).astype(np.float32), name=f"{sm.tensor}_smooth_inv_scale"))
-            graph.register_initializer(inv)
+            inv = constant(graph, f"{sm.tensor}_smooth_inv_scale", (1.0 / sm.scale).astype(np.float32))
             mul = ir.node("Mul", [x, inv], name=f"{sm.tensor}_smooth")
             mul.metadata_props[ROLE_KEY] = "smoothing"  # placement quantizes its output as is
             mul.outputs[0].name = f"{sm.tensor}_smoothed"
             mul.outputs[0].dtype = x.dtype or ir.DataType.FLOAT  # untyped (no shape inference): the weights' float
             mul.outputs[0].shape = x.shape
-            producer = x.producer()
-            if producer is None:
-                graph.insert_before(next(iter(graph)), mul)
-            else:
-                graph.insert_after(producer, mul)
+            insert_after_producer(graph, x, [mul])
             for c in sm.consumers:
                 node = nodes[c]
                 node.replace_input_with(0, mul.outputs[0])
