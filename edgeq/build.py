@@ -17,7 +17,6 @@ complete: an error or Ctrl-C leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import shutil
@@ -156,14 +155,6 @@ def host_latency(models: Mapping[str, Path], feed: Mapping[str, np.ndarray], *, 
         if i >= 2 and time.perf_counter() > t_end:
             break
     return {k: {"median_ms": statistics.median(v), "runs": len(v)} for k, v in times.items()}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sizes(path: Path) -> int:
@@ -380,7 +371,7 @@ def _run(stages, tmp, obj, sample, model, is_onnx, name, inputs, rec, recipe, bl
         summary.append(_row(q["file"], "onnx (host)", q["bytes"], q["ideal_bytes"], by_label[q["file"]]))
     for p in packages:
         summary.append(_row(p["model_file"], p["target"], p["bytes"], p["ideal_bytes"], by_label[p["model_file"]]))
-    hashes = {f.name: sha256(f) for f in [float_path, *(tmp / q["file"] for q in qdqs.values())]}
+    hashes = {f.name: onnx_io.file_sha256(f) for f in [float_path, *(tmp / q["file"] for q in qdqs.values())]}
     for p in packages:
         hashes.update({f"{p['folder']}/{k}": v for k, v in p["files"].items()})
     return {

@@ -9,6 +9,7 @@ pass the 2 GB protobuf limit are saved with their weights in an external data fi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -203,3 +204,12 @@ def save_ir(
     with atomic_output(dest, force=force) as tmp:
         files = write_ir(model, tmp / dest.name, external_data_threshold=external_data_threshold)
     return [dest.parent / f.name for f in files]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -10,7 +10,6 @@ pre-flight, a temporary folder, ``manifest.json`` with hashes, and an atomic mov
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import onnx
 
 from edgeq import __version__, onnx_io
+from edgeq.onnx_io import file_sha256 as sha256  # the package manifests' file hash
 from edgeq.errors import InputError, UnsupportedError
 from edgeq.quant.profile import TargetProfile
 
@@ -110,14 +110,6 @@ class Target(ABC):
     def package(self, model_path, output, *, force: bool = False, extra_manifest: dict | None = None) -> "PackageResult":
         """Pre-flight, build and atomically write the package folder (see :func:`package`)."""
         return package(model_path, self, output, force=force, extra_manifest=extra_manifest)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hash_tree(folder: Path) -> dict[str, str]:

@@ -28,16 +28,18 @@ class Runner(ABC):
 
     def __init__(self, label: str):
         self.label = label
+        self._specs: list[TensorSpec] | None = None
+        self._outputs: list[str] | None = None
 
     @property
-    @abstractmethod
     def input_specs(self) -> list[TensorSpec] | None:
         """The inputs the model takes, or None when the model does not say (a torch module)."""
+        return self._specs
 
     @property
-    @abstractmethod
     def output_names(self) -> list[str] | None:
         """Output names in order, or None when unknown until the first run."""
+        return self._outputs
 
     @abstractmethod
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -70,14 +72,6 @@ class TorchRunner(Runner):
         self.module = module.eval()
         self._specs = list(input_specs) if input_specs else None
         self._outputs = list(output_names) if output_names else None
-
-    @property
-    def input_specs(self):
-        return self._specs
-
-    @property
-    def output_names(self):
-        return self._outputs
 
     def bind(self, input_specs: Sequence[TensorSpec], output_names: Sequence[str]) -> None:
         """Adopt the candidate's input order and output names when the module has none."""
@@ -123,14 +117,6 @@ class SessionRunner(Runner):
         self._sess = session
         self._specs = specs
         self._outputs = [o.name for o in session.get_outputs()]
-
-    @property
-    def input_specs(self):
-        return self._specs
-
-    @property
-    def output_names(self):
-        return self._outputs
 
     def run(self, feed):
         return dict(zip(self._outputs, self._sess.run(self._outputs, dict(feed))))
