@@ -49,18 +49,63 @@ class Score:
         return {"sqnr": self.sqnr_db, "cosine": self.cosine, "top1_agreement": self.top1_agreement}[name]
 
 
+def prepare_float(model, data, limit: int | None):
+    """(model path, data, float model with edgeq's node names, evaluation feeds, their description).
+
+    ``data`` defaults to the sample named like the model file (``minilm.onnx`` → ``minilm``).
+    """
+    from edgeq import sources
+    from edgeq.quant.quantize import name_nodes
+
+    model = Path(model)
+    if not model.exists():
+        raise InputError(f"model file not found: {model}")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
+    if data is None:
+        if not sources.is_sample(model.stem):
+            raise InputError("no evaluation data", hint="pass --data (a sample name, an .npz file or a folder of them)")
+        data = model.stem
+    float_ir = onnx_io.load_ir(model)
+    name_nodes(float_ir)  # the names quantize_model gives, so nodes match across the two graphs
+    import onnx_ir as ir
+
+    float_proto = ir.to_proto(float_ir)
+    del float_ir
+    feeds, desc = load_feeds(data, onnx_io.io_specs(float_proto), split="evaluation", limit=limit)
+    if not feeds:
+        raise InputError(f"no feeds in {desc}")
+    return model, data, float_proto, feeds, desc
+
+
 class Evaluator:
     """Runs model variants on fixed evaluation feeds and scores them against the float model."""
 
-    def __init__(self, float_proto: onnx.ModelProto, feeds: list):
+    def __init__(self, float_proto: onnx.ModelProto | None, feeds: list, *, _shared: "Evaluator | None" = None):
         import onnxruntime as ort
 
         self.feeds = feeds
+        self.runs = 0
+        if _shared is not None:  # a prefix of another evaluator's feeds: its reference, not a second float run
+            self.outputs, self._so = _shared.outputs, _shared._so
+            self.reference = _shared.reference[:len(feeds)]
+            return
         self.outputs = [o.name for o in float_proto.graph.output]
         self._so = ort.SessionOptions()
         self._so.log_severity_level = 3
         self.reference = self.run(float_proto.SerializeToString())
-        self.runs = 0
+
+    def subset(self, n: int | None) -> "Evaluator":
+        """An evaluator on the first ``n`` feeds (itself when that is all of them)."""
+        if not n or n >= len(self.feeds):
+            return self
+        return Evaluator(None, self.feeds[:n], _shared=self)
+
+    @property
+    def has_class_scores(self) -> bool:
+        """The first output has class scores on its last axis (what top-1 agreement reads)."""
+        first = self.reference[0][0]
+        return first.ndim >= 1 and first.shape[-1] > 1
 
     def run(self, proto_bytes: bytes) -> list[list[np.ndarray]]:
         import onnxruntime as ort
@@ -146,35 +191,15 @@ def sensitivity(model, recipe, calib=None, data=None, limit: int | None = None, 
     ``limit`` uses only the first N evaluation feeds. ``rank_by`` is ``sqnr`` or ``cosine``
     (the metric the ranking sorts on, most sensitive first; the other breaks ties).
     """
-    from edgeq import sources
-    from edgeq.quant.quantize import name_nodes, quantize_model
+    from edgeq.quant.quantize import quantize_model
 
     t0 = time.perf_counter()
-    model = Path(model)
-    if not model.exists():
-        raise InputError(f"model file not found: {model}")
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit must be at least 1, got {limit}")
     if rank_by not in ("sqnr", "cosine"):
         raise InputError(f"cannot rank by {rank_by!r}", hint="use sqnr or cosine")
     rec = resolve_recipe(recipe, block=block)
-    if data is None:
-        if sources.is_sample(model.stem):
-            data = model.stem
-        else:
-            raise InputError("no evaluation data", hint="pass --data (a sample name, an .npz file or a folder of them)")
+    model, data, float_proto, feeds, desc = prepare_float(model, data, limit)
     if calib is None and rec.uses_calibration:
         calib = data
-
-    float_ir = onnx_io.load_ir(model)
-    name_nodes(float_ir)  # the names quantize_model gives, so nodes match across the two graphs
-    import onnx_ir as ir
-
-    float_proto = ir.to_proto(float_ir)
-    del float_ir
-    feeds, desc = load_feeds(data, onnx_io.io_specs(float_proto), split="evaluation", limit=limit)
-    if not feeds:
-        raise InputError(f"no feeds in {desc}")
 
     with tempfile.TemporaryDirectory(prefix="edgeq-analyze-") as tmp:
         res = quantize_model(model, os.path.join(tmp, "model.qdq.onnx"), rec, block=block, profile=profile,

@@ -26,13 +26,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from edgeq import onnx_io
 from edgeq.errors import InputError
@@ -173,44 +173,28 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
     """
     from tqdm.auto import tqdm
 
-    from edgeq import sources
-    from edgeq.analyze import Evaluator, _Variants
-    from edgeq.quant.quantize import name_nodes, quantize_model
-    from edgeq.validate.feeds import load_feeds
+    from edgeq.analyze import Evaluator, _Variants, prepare_float
+    from edgeq.quant.quantize import quantize_model
 
     t0 = time.perf_counter()
     b = parse_budget(budget) if isinstance(budget, str) else budget
     rec = resolve_recipe(recipe, block=block)
-    model = Path(model)
-    if not model.exists():
-        raise InputError(f"model file not found: {model}")
     if output is not None:
         onnx_io.check_output_path(output, force=force)
-    if data is None:
-        if not sources.is_sample(model.stem):
-            raise InputError("no evaluation data", hint="pass --data (a sample name, an .npz file or a folder of them)")
-        data = model.stem
+    model, data, float_proto, feeds, _ = prepare_float(model, data, limit)
     if calib is None and rec.uses_calibration:
         calib = data
-    float_ir = onnx_io.load_ir(model)
-    name_nodes(float_ir)
-    import onnx_ir as ir
-
-    float_proto = ir.to_proto(float_ir)
-    del float_ir
-    feeds, desc = load_feeds(data, onnx_io.io_specs(float_proto), split="evaluation", limit=limit)
-    if not feeds:
-        raise InputError(f"no feeds in {desc}")
     full_eval = Evaluator(float_proto, feeds)
-    rank_eval = Evaluator(float_proto, feeds[:rank_limit]) if rank_limit and rank_limit < len(feeds) else full_eval
-    if b.metric == "top1_agreement" and math.isnan(full_eval.score(float_proto.SerializeToString()).top1_agreement):
+    rank_eval = full_eval.subset(rank_limit)
+    if b.metric == "top1_agreement" and not full_eval.has_class_scores:
         raise InputError("top1_agreement needs a classifier output (class scores on the last axis)",
                          hint="use a cosine or sqnr budget for this model")
 
     with tempfile.TemporaryDirectory(prefix="edgeq-budget-") as tmp:
         base_res = quantize_model(model, os.path.join(tmp, "base.onnx"), rec, block=block, profile=profile,
                                   calib=calib, force=True, progress=progress)
-        qdq = onnx_io.read_onnx(base_res.path)
+        base_file = Path(base_res.path).read_bytes()  # the answer when nothing needs raising
+    qdq = onnx.load_from_string(base_file)
     plan = base_res.plan
     variants = _Variants(float_proto, qdq, plan)
     layers = list(variants.layers)
@@ -280,20 +264,21 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
     alone_of = {(L, lv): a for L, lv, a in ranking}
     extra = [x for x in ranking if x[0] not in state]
     with tempfile.TemporaryDirectory(prefix="edgeq-budget-") as tmp:
-        while True:
-            final_rec = with_rules(state)
+        final_file, res, final = base_file, base_res, base_score  # nothing raised: the base model, as is
+        while state:
             path = os.path.join(tmp, "final.onnx")
-            res = quantize_model(model, path, final_rec, block=block, profile=profile, calib=calib, force=True,
-                                 progress=progress)
-            final = full_eval.score(onnx_io.read_onnx(path).SerializeToString()).metric(b.metric)
+            res = quantize_model(model, path, with_rules(state), block=block, profile=profile, calib=calib,
+                                 force=True, progress=progress)
+            final_file = Path(path).read_bytes()
+            final = full_eval.score(final_file).metric(b.metric)
             if b.met(final) or not extra:
                 break
             L, lv, _ = extra.pop(0)
             state = {**state, L: lv}
-        if output is not None:  # copied whole, then renamed into place: never half-written
+        if output is not None:  # written whole, then renamed into place: never half-written
             onnx_io.check_output_path(output, force=force)
             staged = Path(str(output) + ".partial")
-            shutil.copyfile(path, staged)
+            staged.write_bytes(final_file)
             os.replace(staged, output)
     for L in sorted(state, key=lambda n: rank_of.get((n, state[n]), 10 ** 6)):
         raised.append(Raised(L, decision[L].op_type, state[L], _added_bytes(decision[L], state[L]),

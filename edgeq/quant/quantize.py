@@ -150,7 +150,7 @@ def quantize_model(
         grams = dict(table.gram)
         if to_protect:  # weight-only: protect from the full calibration's maxima, then follow the Grams
             absmax = {t: a for t, a in table.channel_absmax.items() if t not in table.channel_masked}
-            for p in _protect_weight_only(model, rec, to_protect, absmax, algorithms):
+            for p in _apply_protection(model, rec, to_protect, absmax, algorithms):
                 g = grams.get(p.tensor)
                 if g is not None:  # the quantized MatMuls read x with channels P zeroed
                     g = g.copy()
@@ -225,14 +225,14 @@ def _protect(model: ir.Model, rec: Recipe, candidates, absmax: dict[str, np.ndar
              ) -> dict[str, np.ndarray]:
     """Apply outlier protection; returns ``absmax`` extended with the masked tensors' maxima."""
     absmax = dict(absmax)
-    for p in _protect_weight_only(model, rec, candidates, absmax, algorithms):
+    for p in _apply_protection(model, rec, candidates, absmax, algorithms):
         a = absmax[p.tensor].copy()
         a[p.channels] = 0.0  # exactly what the mask leaves
         absmax[masked_name(p.tensor)] = a
     return absmax
 
 
-def _protect_weight_only(model: ir.Model, rec: Recipe, candidates, absmax, algorithms: list[str]):
+def _apply_protection(model: ir.Model, rec: Recipe, candidates, absmax, algorithms: list[str]):
     """Choose and apply outlier protection from channel maxima; returns the protections."""
     chosen = choose_protections(model, {t: c for t, c in candidates.items() if t in absmax}, absmax,
                                 ratio=rec.protect_ratio, max_channels=rec.protect_max_channels)
