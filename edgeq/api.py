@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq import sources
+from edgeq import onnx_io, sources
 from edgeq.errors import InputError
 from edgeq.export import ExportResult, export_torch
 from edgeq.export.torch_export import DEFAULT_OPSET
@@ -103,7 +103,7 @@ def quantize(
     recipes that quantize activations (w8a8). ``output=None`` only makes the plan. Returns a
     result with the plan, the sizes and the calibration table.
     """
-    from edgeq.quant.quantize import quantize_model
+    from edgeq.pipeline.quantize import quantize_model
 
     return quantize_model(model, output, recipe, block=block, profile=profile, calib=calib, force=force,
                           progress=progress)
@@ -166,15 +166,17 @@ def validate(
     one or a list of model files (or runners). ``data`` is a sample name, an ``.npz`` file or
     folder, or an iterable of feeds; it defaults to the reference sample's evaluation set.
     """
-    if task not in ("auto", *sources.TASKS):
-        raise InputError(f"unknown task {task!r}", hint=f"use auto, {', '.join(sources.TASKS)}")
     specs = [TensorSpec.parse(s) if isinstance(s, str) else s for s in inputs or []] or None
     ref, sample = _open(reference, specs, output_names)
     if isinstance(candidates, (str, os.PathLike, Runner)) or not isinstance(candidates, Sequence):
         candidates = [candidates]
     cands = [_open(c, specs, output_names)[0] for c in candidates]
-    if task == "auto":
-        task = sample.task if sample is not None else "generic"
+    from edgeq.validate.tasks import resolve_task
+
+    is_onnx = isinstance(reference, (str, os.PathLike)) and Path(reference).suffix == ".onnx" and Path(reference).is_file()
+    ref_onnx = onnx_io.read_onnx(reference) if is_onnx else None
+    task, _ = resolve_task(task, sample=sample, model=ref_onnx,
+                           wants_top1=thresholds.min_top1_agreement is not None)
     if data is None:
         if sample is None:
             raise InputError("no inputs to validate on", hint="give --data (a sample name, an .npz file or a folder)")

@@ -88,7 +88,7 @@ def cmd_validate(args) -> int:
 
 
 def _quantize_to_budget(args) -> int:
-    from edgeq.budget import search
+    from edgeq.pipeline.budget import search
 
     if args.output is None:
         raise InputError("--budget needs -o OUT.onnx (the model it finds is written there)")
@@ -127,14 +127,13 @@ def cmd_quantize(args) -> int:
             _say(f"calibration: {res.calibration.batches} batches, {res.calibration.samples} samples; "
                  f"activations quantized: {acts}; integer ops: {s.get('integer_ops', 0)}; "
                  f"bias-corrected: {s.get('bias_corrected', 0)}")
-        for line in res.plan.algorithms:
+        for line in res.plan.algorithm_lines():
             _say(line)
     if args.json:
         from edgeq.validate.report import write_json
 
         write_json({"edgeq_version": __version__, "model": str(args.model), "output": str(res.path),
-                    "summary": res.plan.summary(), "plan": res.plan.rows(),
-                    "algorithms": list(res.plan.algorithms), "float_bytes": res.float_bytes,
+                    **res.plan.as_dict(), "float_bytes": res.float_bytes,
                     "file_bytes": res.quantized_bytes, "ideal_bytes": res.ideal_bytes, "seconds": round(res.seconds, 2),
                     "calibration": None if res.calibration is None else {
                         "batches": res.calibration.batches, "samples": res.calibration.samples,
@@ -144,7 +143,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from edgeq.analyze import sensitivity
+    from edgeq.pipeline.analyze import sensitivity
 
     if args.json:
         from edgeq.onnx_io import check_output_path
@@ -191,16 +190,20 @@ def cmd_package(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from edgeq.build import build, format_summary
+    from edgeq.pipeline.build import BuildFailed, build, format_summary
     from edgeq.validate import Thresholds
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     th = Thresholds(args.min_sqnr, args.min_cosine, args.min_top1_agreement)
     res = build(args.model, targets=targets, recipe=args.recipe, block=args.block, calib=args.calib, data=args.data,
-                output=args.output, force=args.force, thresholds=th, inputs=args.input, limit=args.limit,
-                calib_limit=args.calib_limit, latency=not args.no_latency, verbose=args.verbose,
+                output=args.output, force=args.force, thresholds=th, inputs=args.input, task=args.task,
+                limit=args.limit, calib_limit=args.calib_limit, latency=not args.no_latency, verbose=args.verbose,
                 progress=not args.no_progress, say=_say)
     _say(format_summary(res))
+    if res.failed_stages:
+        failed = "; ".join(f"{s.name} ({s.what}): {s.message}" for s in res.failed_stages)
+        raise BuildFailed(f"{len(res.failed_stages)} stage(s) failed, the rest is in {res.path}: {failed}",
+                          exit_code=res.exit_code)
     if not res.passed:
         failed = [f"{r['model']}: {', '.join(r['failed'])}" for r in res.summary if not r["passed"]]
         raise ValidationFailed(f"validation failed: {'; '.join(failed)} (see {res.report})")
@@ -366,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail if any output's mean cosine is below this (default: the recipe's, e.g. 0.99 for w8a8)")
     b.add_argument("--min-top1-agreement", type=float, metavar="F",
                    help="fail if top-1 agreement is below this (default 0.9 for a classifier)")
+    b.add_argument("--task", default="auto", choices=["auto", "generic", "classification", "embedding"],
+                   help="which task metrics and gates to add (default: the sample's, or detected from the model's "
+                        "output: a [batch, classes] score output is a classifier)")
     b.add_argument("--no-latency", action="store_true", help="skip the host latency measurement")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--force", action="store_true", help="replace an existing output folder")

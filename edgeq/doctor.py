@@ -6,7 +6,7 @@ import shutil
 import sys
 from importlib import metadata
 
-from edgeq.build import versions
+from edgeq.pipeline.build import versions
 
 # what each optional package is for, and how to install it
 OPTIONAL = {

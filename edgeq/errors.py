@@ -40,3 +40,13 @@ class ValidationFailed(EdgeqError):
     """A candidate missed a threshold the user asked for."""
 
     exit_code = 1
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty), at most ``limit`` characters.
+
+    Third-party errors (ONNX Runtime, protobuf, coremltools) carry pages of context; a message for
+    a person keeps the line that says what went wrong.
+    """
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

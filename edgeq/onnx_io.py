@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from edgeq.errors import InputError
+from edgeq.errors import InputError, first_line
 from edgeq.specs import DTYPES, TensorSpec
 
 # Protobuf cannot serialize a message past 2 GiB; keep a margin for the graph itself.
@@ -39,7 +39,7 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         model = onnx.load(str(p), load_external_data=True)
     except Exception as e:  # protobuf DecodeError, missing external data, ...
         raise InputError(
-            f"cannot read {p} as ONNX: {_first_line(e)}",
+            f"cannot read {p} as ONNX: {first_line(e)}",
             hint="the file is corrupt or not an ONNX model; export it again",
         ) from e
     if not model.graph.output or (not model.graph.node and not model.graph.input):
@@ -53,11 +53,6 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
 def load_ir(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX file as an ``onnx_ir`` model, with the errors of :func:`read_onnx`."""
     return ir.from_proto(read_onnx(path))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def io_specs(model: onnx.ModelProto | ir.Model, *, outputs: bool = False) -> list[TensorSpec]:
@@ -100,6 +95,35 @@ def check_output_path(path: str | os.PathLike, *, force: bool = False) -> Path:
             f"cannot write {p}: folder {parent} is not writable ({e.strerror})", hint="choose another output path"
         ) from e
     return p
+
+
+def make_parents(path: str | os.PathLike) -> None:
+    """Create the missing parent folders of an output path (``-o dist/android`` without ``dist/``)."""
+    parent = Path(path).absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"cannot write {path}: {parent} is not a folder", hint="choose another output path") from None
+    except OSError as e:
+        raise InputError(f"cannot create the folder {parent} for {path}: {e.strerror}",
+                         hint="choose another output path") from e
+
+
+def external_data_files(path: str | os.PathLike) -> list[str]:
+    """The external data files an ONNX file names (relative to its folder), without loading the tensors."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return sorted({e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                   for e in t.external_data if e.key == "location"})
+
+
+def copy_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy an ONNX file and its external data files (under their own names) to ``dst``'s folder."""
+    src, dst = Path(src), Path(dst)
+    shutil.copyfile(src, dst)
+    for loc in external_data_files(src):
+        (dst.parent / loc).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src.parent / loc, dst.parent / loc)
+    return dst
 
 
 def check_output_folder(path: str | os.PathLike, *, force: bool = False) -> Path:

@@ -42,3 +42,14 @@ def optimized_ops(path, folder) -> list[str]:
     so.optimized_model_filepath = str(folder / "optimized.onnx")
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+def decided_plan(model, recipe, profile=None, calib=None):
+    """``make_plan`` + the algorithms' decisions (without data: nearest rounding), as quantize_model makes it."""
+    from edgeq.pipeline.quantize import decide, resolve_profile
+    from edgeq.quant.plan import make_plan
+    from edgeq.quant.recipes import resolve_recipe
+
+    rec, prof = resolve_recipe(recipe), resolve_profile(profile)
+    [(plan, _)] = decide(model, [make_plan(model, rec, profile=prof)], rec, [prof], calib, progress=False)
+    return plan

@@ -39,6 +39,7 @@ from bench.data import MODELS  # noqa: E402
 from bench.methods import DEFAULT_METHODS, METHODS, RSS_METHODS  # noqa: E402
 from bench.proc import log_tail, run_job  # noqa: E402
 from bench.sizes import file_bytes, ideal_bytes  # noqa: E402
+from edgeq.validate.report import format_number
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -238,8 +239,7 @@ def label(row: dict) -> str:
     return row["method"] + (f" ({row['variant']})" if row.get("variant") else "")
 
 
-def _num(v, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
+_num = format_number
 
 
 COLUMNS = ("method", "model", "time s", "peak RSS MB", "size MB", "ideal MB", "fidelity vs fp32", "speed vs fp32")

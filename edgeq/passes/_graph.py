@@ -1,9 +1,14 @@
-"""Graph plumbing shared by the passes that insert nodes next to an activation."""
+"""Graph plumbing shared by the passes: lookups by name, insertion after a producer, constants."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
+
+def nodes_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
+    """Every node of the graph, by name (edgeq names every node at import)."""
+    return {n.name: n for n in graph}
 
 
 def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -27,3 +32,9 @@ def constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     v = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     graph.register_initializer(v)
     return v
+
+
+def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove the initializer ``value`` once nothing reads it (and it is no graph output)."""
+    if not value.uses() and value.name in graph.initializers and not value.is_graph_output():
+        graph.initializers.pop(value.name)

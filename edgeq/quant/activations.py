@@ -25,15 +25,18 @@ finite value stays float, with its whole scale group, and the reason is recorded
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx_ir as ir
 
+from edgeq import meta
 from edgeq.quant import formats
-from edgeq.quant.calibrate import CalibrationTable
-from edgeq.quant.plan import NodeNote, QuantPlan
+from edgeq.quant.algorithms import Algorithm, Context, Request, Stats, add_result
+from edgeq.quant.calibrate import TensorRange, tensor_range
+from edgeq.quant.observers import make_observer
+from edgeq.quant.plan import ActivationDecision, AlgorithmResult, NodeNote, QuantPlan
 from edgeq.quant.profile import TargetProfile
-from edgeq.quant.recipes import ActFormat, Recipe, WeightFormat
+from edgeq.quant.recipes import ActFormat, CalibrationMethod, Recipe, WeightFormat
 
 
 @dataclass(frozen=True)
@@ -45,21 +48,6 @@ class ActivationSite:
     group: str  # tensors with the same group share one scale and zero point
     format: ActFormat
     clip: tuple[float, float] | None = None  # a fused Relu/Clip bounds the range
-    why: str = ""
-
-
-@dataclass(frozen=True)
-class ActivationDecision:
-    """A quantized activation tensor with its parameters."""
-
-    tensor: str
-    consumers: tuple[str, ...]
-    group: str
-    format: ActFormat
-    scale: float
-    zero_point: int
-    lo: float  # the range the parameters represent (after widening to 0 and clipping)
-    hi: float
     why: str = ""
 
 
@@ -100,6 +88,10 @@ def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
     return lo, hi
 
 
+# nodes a scaling or a protection inserted: never integer ops — their outputs are quantized as they are
+_REWRITE_ROLES = (meta.Role.SCALING, meta.Role.PROTECT_MASK, meta.Role.PROTECT_ADD)
+
+
 class _Groups:
     def __init__(self):
         self.parent: dict[str, str] = {}
@@ -119,7 +111,6 @@ class _Groups:
 
 def place_activations(model: ir.Model, plan: QuantPlan, recipe: Recipe, profile: TargetProfile) -> Placement:
     """Choose the tensors to quantize (structure only; see the module docstring)."""
-    nodes = {n.name: n for n in model.graph}
     int8_weights = {d.node for d in plan.weights if d.format == WeightFormat.INT8}
     blocked = {d.node for d in plan.weights if d.format != WeightFormat.INT8}
     notes: list[NodeNote] = []
@@ -135,7 +126,7 @@ def place_activations(model: ir.Model, plan: QuantPlan, recipe: Recipe, profile:
     work: list[str] = []
 
     def mark(v: ir.Value, consumer: ir.Node, reason: str, f: ActFormat) -> None:
-        if v.is_graph_input() and not recipe.quantize_model_inputs:
+        if v.is_graph_input() and not recipe.placement.quantize_model_inputs:
             return
         if v.name not in need:
             need[v.name], why[v.name], fmt[v.name], values[v.name] = [], reason, f, v
@@ -161,7 +152,7 @@ def place_activations(model: ir.Model, plan: QuantPlan, recipe: Recipe, profile:
             continue
         anchors.add(node.name)
         x = node.inputs[0]
-        if x is not None and x.is_graph_input() and not recipe.quantize_model_inputs:
+        if x is not None and x.is_graph_input() and not recipe.placement.quantize_model_inputs:
             notes.append(NodeNote(node.name, node.op_type, f"reads model input {x.name} in float "
                                                            "(recipe: quantize_model_inputs = false)"))
             continue
@@ -183,7 +174,7 @@ def place_activations(model: ir.Model, plan: QuantPlan, recipe: Recipe, profile:
                 why[name] += f"; {p.op_type} {p.name} fused into {src.op_type} {src.name}"
                 continue
         if (p.op_type in profile.integer_ops and p.domain in ("", "ai.onnx")
-                and p.metadata_props.get("edgeq.role") not in ("smoothing", "protection")):
+                and meta.role_of(p.metadata_props) not in _REWRITE_ROLES):
             spec, rule = recipe.spec_for(p.op_type, p.name)
             ins = [i for i in p.inputs if i is not None]
             if spec.activations == ActFormat.FLOAT:
@@ -223,7 +214,8 @@ def _graph_order(model: ir.Model, names) -> list[str]:
     return order
 
 
-def decide_activations(placement: Placement, table: CalibrationTable) -> tuple[tuple[ActivationDecision, ...], tuple[NodeNote, ...]]:
+def decide_activations(placement: Placement, ranges: dict[str, TensorRange]
+                       ) -> tuple[tuple[ActivationDecision, ...], tuple[NodeNote, ...]]:
     """Scales and zero points from calibrated ranges.
 
     A group with masking constants (or no finite value) stays float; then every quantized input
@@ -235,8 +227,8 @@ def decide_activations(placement: Placement, table: CalibrationTable) -> tuple[t
     notes: list[NodeNote] = []
     dropped: set[str] = set()
     for group, sites in by_group.items():
-        ranges = [table.ranges[s.tensor] for s in sites]
-        bad = next((r for r in ranges if r.ignored or r.seen == 0), None)
+        group_ranges = [ranges[s.tensor] for s in sites]
+        bad = next((r for r in group_ranges if r.ignored or r.seen == 0), None)
         if bad is None:
             continue
         if bad.seen == 0:
@@ -270,8 +262,8 @@ def decide_activations(placement: Placement, table: CalibrationTable) -> tuple[t
         sites = [s for s in sites if s.tensor not in dropped]
         if not sites:
             continue
-        ranges = [table.ranges[s.tensor] for s in sites]
-        lo, hi = min(r.lo for r in ranges), max(r.hi for r in ranges)
+        group_ranges = [ranges[s.tensor] for s in sites]
+        lo, hi = min(r.lo for r in group_ranges), max(r.hi for r in group_ranges)
         for s in sites:
             if s.clip is not None:  # keep the representable range inside the fused clip range
                 lo, hi = max(lo, s.clip[0]), min(hi, s.clip[1])
@@ -289,3 +281,67 @@ def decide_activations(placement: Placement, table: CalibrationTable) -> tuple[t
     order = {s.tensor: i for i, s in enumerate(placement.sites)}
     decisions.sort(key=lambda d: order[d.tensor])
     return tuple(decisions), tuple(notes)
+
+
+def source_tensor(model: ir.Model, tensor: str) -> str:
+    """The float-model tensor behind ``tensor``: through the Muls a scaling or a protection inserted."""
+    values = {o.name: o for n in model.graph for o in n.outputs}
+    v = values.get(tensor)
+    while v is not None and v.producer() is not None and \
+            meta.role_of(v.producer().metadata_props) in (meta.Role.SCALING, meta.Role.PROTECT_MASK):
+        v = v.producer().inputs[0]
+    return v.name if v is not None else tensor
+
+
+class RangeStatistic:
+    """A range observer as a calibration statistic: its result is the :class:`TensorRange` it chose."""
+
+    def __init__(self, tensor: str, method: CalibrationMethod, options: dict):
+        self.tensor, self.method = tensor, method
+        self.observer = make_observer(method.value, tensor, **options)
+
+    def update(self, x) -> None:
+        self.observer.update(x)
+
+    def state_nbytes(self) -> int:
+        return self.observer.state_nbytes()
+
+    def result(self) -> TensorRange:
+        return tensor_range(self.tensor, self.observer, self.method.value)
+
+
+class ActivationRanges(Algorithm):
+    """W8A8 activation Q/DQ placement and scales, from calibrated ranges (always on when activations are quantized)."""
+
+    name = "activation_ranges"
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.quantizes_activations
+
+    def requests(self, ctx: Context, plan: QuantPlan) -> list[Request]:
+        cal = ctx.recipe.calibration
+        options = {"percentile": cal.percentile} if cal.method == CalibrationMethod.PERCENTILE else {}
+        placement = place_activations(ctx.model, plan, ctx.recipe, ctx.profile)
+        return [Request("range", t, lambda t=t: RangeStatistic(t, cal.method, options)) for t in placement.tensors]
+
+    def decide(self, ctx: Context, plan: QuantPlan, stats: Stats) -> QuantPlan:
+        placement = place_activations(ctx.model, plan, ctx.recipe, ctx.profile)
+        decisions, dropped = decide_activations(placement, stats.of_kind("range"))
+        op_of = {n.name: n.op_type for n in ctx.model.graph}
+        dropped = tuple(replace(n, op_type=n.op_type or op_of.get(n.node, "")) for n in dropped)
+        decisions = tuple(replace(d, source=source_tensor(ctx.model, d.tensor)) for d in decisions)
+        result = AlgorithmResult(
+            self.name, f"{len(decisions)} activation tensors quantized ({ctx.recipe.calibration.method.value} ranges), "
+                       f"{len(dropped)} consumers left reading float", ran=bool(decisions))
+        plan = replace(plan, activations=decisions, floats=plan.floats + placement.notes + dropped,
+                       integer_nodes=_still_integer(placement.integer_nodes, decisions))
+        return add_result(plan, result)
+
+
+def _still_integer(integer_nodes, decisions) -> tuple[str, ...]:
+    """Integer ops all of whose quantized inputs survived calibration."""
+    fed: dict[str, int] = {}
+    for d in decisions:
+        for c in d.consumers:
+            fed[c] = fed.get(c, 0) + 1
+    return tuple(n for n in integer_nodes if n in fed)

@@ -5,7 +5,7 @@ outlier channels: on MiniLM 3-4 of 384 channels have a mean square 100× the med
 weight rows matter most, yet a block's grid is set by its largest weights, not by its most
 used ones. AWQ (Lin et al., 2024, "AWQ: Activation-aware Weight Quantization") scales each input
 channel ``k`` by ``s_k = rms(x_k)^α`` before rounding — the graph computes ``(x / s) · Q(diag(s) W)``,
-with the same :class:`~edgeq.quant.smooth.Smoothing` rewrite as SmoothQuant — and picks ``α``
+with the same :class:`~edgeq.quant.plan.Scaling` rewrite as SmoothQuant — and picks ``α``
 per activation on a grid by the layer output error it predicts, ``tr(ΔWᵀ H ΔW)`` with
 ``H = E[x xᵀ]`` (no extra pass over the data: the Gram is what GPTQ needs too). ``α = 0`` (no
 scaling) is always a candidate, so a tensor is only scaled when that lowers the predicted error.
@@ -18,9 +18,12 @@ from dataclasses import replace
 import numpy as np
 import onnx_ir as ir
 
-from edgeq.quant.plan import QuantPlan, WeightDecision
-from edgeq.quant.recipes import WeightFormat
-from edgeq.quant.smooth import Smoothing
+from edgeq.quant.algorithms import Algorithm, Context, Request, Stats, add_result, enabled_for_all
+from edgeq.quant.plan import AlgorithmResult, QuantPlan, Scaling, WeightDecision
+from edgeq.quant.recipes import AWQConfig, WeightFormat
+from edgeq.quant.smooth import scaled_name
+from edgeq.quant.stats import Gram
+from edgeq.quant.weights import quantize_weight
 
 ALPHAS = tuple(round(a, 2) for a in np.arange(0.1, 1.01, 0.1))
 
@@ -41,15 +44,13 @@ def awq_candidates(model: ir.Model, plan: QuantPlan) -> dict[str, list[WeightDec
 
 
 def _error(w: np.ndarray, s: np.ndarray, d: WeightDecision, h: np.ndarray) -> float:
-    from edgeq.passes.weight_qdq import quantize_weight
-
     q = quantize_weight((w * s[:, None]).astype(np.float32), d).dequantize().astype(np.float64) / s[:, None]
     delta = q - w
     return float(np.sum((h @ delta) * delta))
 
 
 def awq_scales(model: ir.Model, candidates: dict[str, list[WeightDecision]], grams: dict[str, np.ndarray]
-               ) -> tuple[list[Smoothing], dict[str, float]]:
+               ) -> tuple[list[Scaling], dict[str, float]]:
     """The scaling per candidate tensor (only where it lowers the predicted error) and the α chosen."""
     nodes = {n.name: n for n in model.graph}
     smoothings, chosen = [], {}
@@ -77,7 +78,7 @@ def awq_scales(model: ir.Model, candidates: dict[str, list[WeightDecision]], gra
                 best_err, best = err, (alpha, s)
         if best is not None:
             chosen[tensor] = best[0]
-            smoothings.append(Smoothing(tensor, tuple(d.node for d in decisions), best[1].astype(np.float32)))
+            smoothings.append(Scaling(tensor, tuple(d.node for d in decisions), best[1].astype(np.float32), "awq"))
     return smoothings, chosen
 
 
@@ -85,3 +86,32 @@ def scaled_gram(h: np.ndarray, s: np.ndarray) -> np.ndarray:
     """The Gram of ``x / s`` from the Gram of ``x``."""
     inv = 1.0 / s.astype(np.float64)
     return h * np.outer(inv, inv)
+
+
+class AWQHandler(Algorithm):
+    """AWQ (config :class:`~edgeq.quant.recipes.AWQConfig`): after protection, before GPTQ, from the same Grams."""
+
+    name = "awq"
+    config_type = AWQConfig
+
+    def _candidates(self, ctx: Context, plan: QuantPlan) -> dict[str, list[WeightDecision]]:
+        return {t: ds for t, ds in awq_candidates(ctx.model, plan).items()
+                if enabled_for_all(ctx, [d.node for d in ds], "awq") is not None}
+
+    def requests(self, ctx: Context, plan: QuantPlan) -> list[Request]:
+        return [Request("gram", t, Gram) for t in sorted(self._candidates(ctx, plan))]
+
+    def decide(self, ctx: Context, plan: QuantPlan, stats: Stats) -> QuantPlan:
+        candidates = self._candidates(ctx, plan)  # after protection: the masked tensors the MatMuls now read
+        if not candidates:
+            return self.skipped(plan, "nothing to do: no int4 MatMul weight of its own")
+        grams = stats.of_kind("gram")
+        scalings, alphas = awq_scales(ctx.model, candidates, grams)
+        for sc in scalings:  # the MatMuls will read x / s: their Gram follows exactly
+            stats.put("gram", scaled_name(sc.tensor), scaled_gram(grams[sc.tensor], sc.scale))
+        summary = f"{len(scalings)} of {len(candidates)} MatMul inputs scaled" + (
+            f" (α {min(alphas.values()):g}–{max(alphas.values()):g})" if alphas else "")
+        result = AlgorithmResult(self.name, summary, nodes=tuple(c for sc in scalings for c in sc.consumers),
+                                 details=tuple(f"scaled {sc.tensor} (α {alphas[sc.tensor]:g}) for {', '.join(sc.consumers)}"
+                                               for sc in scalings))
+        return add_result(replace(plan, scalings=plan.scalings + tuple(scalings)), result)

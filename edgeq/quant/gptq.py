@@ -14,11 +14,17 @@ in the plan's layout: a target cannot tell it from round-to-nearest except by it
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import MappingProxyType
+
 import numpy as np
+import onnx_ir as ir
 
 from edgeq.quant import formats
-from edgeq.quant.plan import WeightDecision
-from edgeq.quant.recipes import WeightFormat
+from edgeq.quant.algorithms import Algorithm, Context, Request, Stats, add_result
+from edgeq.quant.plan import AlgorithmResult, QuantPlan, WeightDecision
+from edgeq.quant.recipes import GPTQConfig, WeightFormat
+from edgeq.quant.stats import Gram
 
 LAZY_ROWS = 128  # rows compensated inside a block before the rest of W is updated in one product
 MAX_DAMP_TRIES = 6
@@ -159,3 +165,68 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray, k_axis: 
     """``E‖x·W - x·Ŵ‖²`` summed over outputs: ``tr(ΔWᵀ H ΔW)`` for the layer's input Gram ``H``."""
     delta = np.moveaxis(np.asarray(w_hat, np.float64) - np.asarray(w, np.float64), k_axis, 0)
     return float(np.sum((hessian @ delta) * delta))
+
+
+def gptq_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, str]:
+    """node -> the activation tensor whose Gram GPTQ needs: MatMul/Gemm ``x · W`` with a 2-D int weight."""
+    nodes = {n.name: n for n in model.graph}
+    out = {}
+    for d in plan.weights:
+        n = nodes[d.node]
+        if not supports(d, d.shape) or d.input_index != 1:
+            continue
+        if n.op_type == "Gemm" and n.attributes.get_int("transA", 0):
+            continue
+        x = n.inputs[0]
+        if x is not None and x.const_value is None:
+            out[d.node] = x.name
+    return out
+
+
+class GPTQHandler(Algorithm):
+    """GPTQ (config :class:`~edgeq.quant.recipes.GPTQConfig`): codes for MatMul/Gemm weights, after AWQ."""
+
+    name = "gptq"
+    config_type = GPTQConfig
+
+    def _inputs(self, ctx: Context, plan: QuantPlan) -> dict[str, str]:
+        return {node: t for node, t in gptq_inputs(ctx.model, plan).items() if ctx.settings(node).gptq is not None}
+
+    def requests(self, ctx: Context, plan: QuantPlan) -> list[Request]:
+        return [Request("gram", t, Gram) for t in sorted(set(self._inputs(ctx, plan).values()))]
+
+    def decide(self, ctx: Context, plan: QuantPlan, stats: Stats) -> QuantPlan:
+        gram_of = self._inputs(ctx, plan)  # after protection/AWQ: the tensors the MatMuls now read
+        if not gram_of:
+            return self.skipped(plan, "nothing to do: no MatMul/Gemm with a 2-D int4/int8 weight")
+        nodes = ctx.nodes()
+        damp_of = {node: ctx.settings(node).gptq.damp for node in gram_of}
+        factors: dict[tuple[str, float], np.ndarray | None] = {}  # one factorization per input tensor and damp
+        codes = dict(plan.codes)
+        done = []
+        for d in plan.weights:
+            t = gram_of.get(d.node)
+            if t is None or d.node in codes:
+                continue
+            key = (t, damp_of[d.node])
+            if key not in factors:
+                g = stats.get("gram", t)
+                factors[key] = prepare_hessian(g, key[1]) if g is not None else None
+            if factors[key] is None:
+                continue
+            w = nodes[d.node].inputs[d.input_index].const_value.numpy().astype(np.float32)
+            q = gptq_quantize(w, d, factors[key])
+            if q is not None:
+                codes[d.node] = q
+                done.append(d.node)
+        damps = sorted(set(damp_of[n] for n in done)) or sorted(set(damp_of.values()))
+        details = []
+        skipped = sorted(set(gram_of) - set(done))
+        if skipped:
+            details.append(f"{len(skipped)} weights rounded to nearest (input Gram unusable): "
+                           + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        result = AlgorithmResult(
+            self.name, f"{len(done)} MatMul/Gemm weights rounded with error compensation "
+                       f"(damp {', '.join(f'{x:g}' for x in damps)}, {stats.samples} calibration samples)",
+            nodes=tuple(done), details=tuple(details))
+        return add_result(replace(plan, codes=MappingProxyType(codes)), result)

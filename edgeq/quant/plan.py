@@ -2,19 +2,26 @@
 
 ``make_plan`` walks the float graph, asks the recipe which spec each node gets (first matching
 rule, else the default) and the target profile whether that format runs for that op, falling
-back (mxfp4 → int4 → int8 → float) with the reason recorded. ``apply`` (the QDQ pass) only
-carries the plan out; reports read it.
+back (mxfp4 → int4 → int8 → float) with the reason recorded. The algorithms
+(:mod:`edgeq.quant.algorithms`) then add their decisions — which channels are protected or
+scaled, which integer codes each weight gets, which biases are corrected or stored as int32 —
+each with a result saying what it did (or why it did nothing) and what it cost. The apply
+pipeline (:mod:`edgeq.pipeline.apply`) only carries the finished plan out; reports read it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
+import numpy as np
 import onnx_ir as ir
 
+from edgeq.quant.formats import QuantizedTensor
 from edgeq.quant.profile import FALLBACK, ONNXRUNTIME_CPU, TargetProfile
-from edgeq.quant.recipes import Recipe, WeightFormat
+from edgeq.quant.recipes import ActFormat, Recipe, WeightFormat
 
 
 @dataclass(frozen=True)
@@ -40,25 +47,109 @@ class WeightDecision:
 
 @dataclass(frozen=True)
 class NodeNote:
-    """A node left float, and why."""
+    """A node left float (or adjusted), and why."""
 
     node: str
     op_type: str
     reason: str
 
 
+@dataclass(frozen=True, eq=False)
+class Protection:
+    """Channels ``channels`` of ``tensor`` bypass quantization for the MatMuls ``consumers``."""
+
+    tensor: str
+    consumers: tuple[str, ...]
+    channels: np.ndarray  # int64, sorted
+    scores: np.ndarray  # the score of each protected channel (× the 90th percentile)
+    float_bytes: int  # the protected weight rows, float32
+    macs_per_row: int  # extra multiply-adds per input row (token / pixel)
+
+    def describe(self) -> str:
+        chans = ", ".join(f"{int(c)} ({s:.0f}×)" for c, s in zip(self.channels, self.scores))
+        return (f"{self.tensor}: channels {chans} for {', '.join(self.consumers)}; "
+                f"+{self.float_bytes / 1024:.1f} KB float, +{self.macs_per_row} MACs per row")
+
+
+@dataclass(frozen=True, eq=False)
+class Scaling:
+    """Divide ``tensor`` by ``scale`` for ``consumers`` and fold ``scale`` into their weight rows.
+
+    ``algorithm`` says who decided it (``smoothing`` or ``awq``).
+    """
+
+    tensor: str
+    consumers: tuple[str, ...]
+    scale: np.ndarray  # [K], float32
+    algorithm: str = "smoothing"
+
+
 @dataclass(frozen=True)
+class ActivationDecision:
+    """A quantized activation tensor with its parameters."""
+
+    tensor: str
+    consumers: tuple[str, ...]
+    group: str
+    format: ActFormat
+    scale: float
+    zero_point: int
+    lo: float  # the range the parameters represent (after widening to 0 and clipping)
+    hi: float
+    why: str = ""
+    source: str = ""  # the float-model tensor it quantizes (differs when a scaling/protection made it)
+
+
+@dataclass(frozen=True, eq=False)
+class IntegerBias:
+    """A W8A8 Conv/Gemm bias stored as int32 at scale ``s_in · s_w`` per output channel."""
+
+    node: str
+    data: np.ndarray  # int32
+    scale: np.ndarray  # float32, one per output channel
+
+
+@dataclass(frozen=True)
+class AlgorithmResult:
+    """What one algorithm did (or why it did nothing), and what it cost."""
+
+    name: str  # protect | smoothing | awq | gptq | conv_rounding | bias_correction | integer_bias
+    summary: str
+    nodes: tuple[str, ...] = ()  # the nodes it changed
+    details: tuple[str, ...] = ()  # one line per decision (e.g. each protected tensor)
+    ran: bool = True
+
+    def lines(self) -> list[str]:
+        return [f"{self.name}: {self.summary}"] + [f"  {d}" for d in self.details]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "ran": self.ran, "summary": self.summary, "nodes": list(self.nodes),
+                "details": list(self.details)}
+
+
+def _frozen(mapping: Mapping | None = None) -> Mapping:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True, eq=False)
 class QuantPlan:
     recipe: str
     profile: str
     weights: tuple[WeightDecision, ...]
     floats: tuple[NodeNote, ...]
-    activations: tuple = field(default=())  # ActivationDecision, after calibration (W8A8)
+    activations: tuple[ActivationDecision, ...] = ()  # after calibration (W8A8)
     integer_nodes: tuple[str, ...] = ()  # ops without weights that run on quantized inputs (Add, Concat, ...)
-    bias_corrected: tuple[str, ...] = ()  # nodes whose bias absorbed the mean error of weight rounding
     notes: tuple[NodeNote, ...] = ()  # adjustments worth knowing that leave a node quantized
-    gptq: tuple[str, ...] = ()  # nodes whose weights GPTQ rounded (the rest: round to nearest)
-    algorithms: tuple[str, ...] = ()  # one line per algorithm: what it did, or why it did not run
+    protections: tuple[Protection, ...] = ()  # applied first (edgeq.passes.protect)
+    scalings: tuple[Scaling, ...] = ()  # applied next, in order (edgeq.passes.scale_inputs)
+    codes: Mapping[str, QuantizedTensor] = field(default_factory=_frozen)  # node -> its weight's integers
+    biases: Mapping[str, np.ndarray] = field(default_factory=_frozen)  # node -> corrected float bias
+    integer_biases: tuple[IntegerBias, ...] = ()  # W8A8 int32 biases
+    algorithms: tuple[AlgorithmResult, ...] = ()
+    weighted_float: tuple[str, ...] = ()  # nodes with a constant weight of their own that the plan left float
+
+    def result(self, name: str) -> AlgorithmResult | None:
+        return next((r for r in self.algorithms if r.name == name), None)
 
     def summary(self) -> dict:
         fmt = Counter(d.format.value for d in self.weights)
@@ -72,11 +163,22 @@ class QuantPlan:
         if self.activations:
             out["activations"] = dict(sorted(Counter(a.format.value for a in self.activations).items()))
             out["integer_ops"] = len(self.integer_nodes)
-        if self.bias_corrected:
-            out["bias_corrected"] = len(self.bias_corrected)
-        if self.gptq:
-            out["gptq"] = len(self.gptq)
+        if self.biases:
+            out["bias_corrected"] = len(self.biases)
+        gptq = self.result("gptq")
+        if gptq is not None and gptq.nodes:
+            out["gptq"] = len(gptq.nodes)
         return out
+
+    def coverage(self) -> dict:
+        """How many weights got quantized, of how many constant weights the quantizable ops hold."""
+        return {"quantized": len(self.weights), "quantizable": len(self.weights) + len(self.weighted_float)}
+
+    def float_reasons(self, limit: int = 3) -> str:
+        """Why weighted nodes stayed float, most common reasons first (for a one-line message)."""
+        left = set(self.weighted_float)
+        reasons = Counter(n.reason for n in self.floats if n.node in left)
+        return "; ".join(f"{k} ({v} nodes)" for k, v in reasons.most_common(limit)) or "no node has a constant weight"
 
     def rows(self) -> list[dict]:
         rows = [
@@ -94,6 +196,21 @@ class QuantPlan:
             for a in self.activations
         ]
         return rows
+
+    def algorithm_lines(self) -> list[str]:
+        """One line per algorithm (what it did or why not), each followed by its decisions."""
+        return [line for r in self.algorithms for line in r.lines()]
+
+    def as_dict(self) -> dict:
+        """The plan for machines (``quantize --json``, ``build.json``)."""
+        return {"summary": self.summary(), "plan": self.rows(),
+                "algorithms": [r.as_dict() for r in self.algorithms],
+                "protected": [{"tensor": p.tensor, "channels": [int(c) for c in p.channels],
+                               "consumers": list(p.consumers), "float_bytes": p.float_bytes} for p in self.protections],
+                "scaled": [{"tensor": s.tensor, "algorithm": s.algorithm, "consumers": list(s.consumers),
+                            "max_scale": float(np.max(s.scale)), "scaled_channels": int(np.sum(s.scale != 1.0))}
+                           for s in self.scalings],
+                "quantized_tensors": [{"tensor": a.tensor, "source": a.source or a.tensor} for a in self.activations]}
 
     def explain(self, *, all_nodes: bool = False) -> str:
         """The plan as text: each weighted node's format or why it stays float."""
@@ -114,7 +231,7 @@ class QuantPlan:
                 lines.append("  other nodes (no constant weight): " + ", ".join(f"{k} {v}" for k, v in rest.most_common()))
         for n in self.notes:
             lines.append(f"  {n.node:<40} note: {n.reason}")
-        for a in self.algorithms:
+        for a in self.algorithm_lines():
             lines.append(f"algorithm: {a}")
         if self.activations:
             lines.append(f"activations ({len(self.activations)} tensors quantized):")
@@ -180,6 +297,7 @@ def make_plan(model: ir.Model, recipe: Recipe, *, profile: TargetProfile = ONNXR
     """Decide, for every node, the weight format (or float and why)."""
     weights: list[WeightDecision] = []
     floats: list[NodeNote] = []
+    weighted_float: list[str] = []
     seen_weights: dict[str, str] = {}
     for node in model.graph:
         name = node.name or f"{node.op_type}_{len(weights) + len(floats)}"  # callers name nodes first
@@ -192,6 +310,7 @@ def make_plan(model: ir.Model, recipe: Recipe, *, profile: TargetProfile = ONNXR
         chosen_by = f"rule {rule}" if rule else "default"
         if spec.weights == WeightFormat.FLOAT:
             floats.append(NodeNote(name, node.op_type, f"excluded by {chosen_by}" if rule else "recipe default is float"))
+            weighted_float.append(name)
             continue
         if value.name in seen_weights:
             floats.append(NodeNote(name, node.op_type, f"weight {value.name} is shared with {seen_weights[value.name]}; "
@@ -213,6 +332,7 @@ def make_plan(model: ir.Model, recipe: Recipe, *, profile: TargetProfile = ONNXR
             break
         if fmt == WeightFormat.FLOAT:
             floats.append(NodeNote(name, node.op_type, reason))
+            weighted_float.append(name)
             continue
         seen_weights[value.name] = name
         blocked = fmt in (WeightFormat.INT4, WeightFormat.MXFP4)
@@ -227,5 +347,5 @@ def make_plan(model: ir.Model, recipe: Recipe, *, profile: TargetProfile = ONNXR
             symmetric=not (int4 and spec.asymmetric and node.op_type != "Gather"),
             scale_dtype="float16" if int4 and node.op_type in profile.fp16_scale_ops else "float32",
         ))
-    return QuantPlan(recipe.name, profile.name, tuple(weights), tuple(floats))
+    return QuantPlan(recipe.name, profile.name, tuple(weights), tuple(floats), weighted_float=tuple(weighted_float))
 

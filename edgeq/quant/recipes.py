@@ -1,9 +1,12 @@
 """Recipes: what to quantize and how, as frozen data.
 
 A recipe has a default :class:`QuantSpec` and ordered rules; a rule matches a node by op type
-and/or a regular expression on its name, and the first match wins. A rule whose spec is
-``FLOAT`` excludes the node. Presets: ``w8a8``, ``w8a16``, ``w4a16`` (block 32/64/128) and
-``mxfp4``. TOML recipes load through :func:`load_recipe`, which rejects unknown keys by name.
+and/or a regular expression on its name, and the first match wins (for the node's spec and for
+any algorithm settings the rule carries). A rule whose spec is ``FLOAT`` excludes the node.
+Each algorithm has its own frozen config (:class:`Algorithms` holds them; ``None`` = off).
+Presets: ``w8a8``, ``w8a16``, ``w4a16`` (block 32/64/128) and ``mxfp4``. TOML recipes load
+through :func:`load_recipe`, which derives every key and type from these dataclasses and rejects
+an unknown key or a wrong type by name.
 
 TOML form::
 
@@ -11,29 +14,27 @@ TOML form::
     [default]
     weights = "int4"        # float | int8 | int4 | mxfp4
     block = 32              # int4/mxfp4 block size along the reduction axis
-    asymmetric = true       # int4 MatMul/Gemm/Conv: zero point per block
+    asymmetric = true       # int4 MatMul/Gemm/Conv: zero point per block (embedding tables stay symmetric)
     activations = "float"   # float | uint8 | int8
+    clip_search = true      # int4: per-block MSE-optimal clipping
     [calibration]
     method = "minmax"       # minmax | percentile | entropy | mse
     percentile = 99.99
-    [algorithms]
-    smoothing = "outliers"  # W8A8 activation smoothing: off | outliers | smoothquant
-    smoothing_alpha = 1.0   # migration strength (outliers: (0, 1]; smoothquant: (0, 1), e.g. 0.5)
-    bias_correction = true  # Conv/Gemm: cancel the output mean shift of weight rounding (uses calibration)
+    [placement]
     quantize_model_inputs = false  # W8A8: leave graph inputs float (the first layer reads them in float)
-    rounding = "gptq"       # MatMul/Gemm weights: nearest | gptq (error compensation from calibration; falls
-                            # back to nearest, with a note, when no calibration data is given)
-    gptq_damp = 0.01        # GPTQ: λ = damp · mean(diag H) added to the Hessian
-    awq = false             # weight-only int4: activation-aware per-channel scaling (AWQ) from calibration
-    protect_outliers = true # MatMul inputs: the few outlier channels (activation or weight rows) run in float
-    protect_ratio = 4.0     #   a channel is an outlier above ratio × the 90th percentile of channel maxima
-    protect_max_channels = 4  # at most this many per activation
-    conv_rounding = "hessian"  # int8 Conv codes chosen for the layer output on the calibration data:
-                              # nearest | hessian (every Conv) | hessian-small (stem and depthwise only)
+    [algorithms]            # each: true (defaults), false (off) or a table of its settings
+    protect = {ratio = 4.0, max_channels = 4}   # outlier channels of MatMul inputs run in float
+    smoothing = {method = "outliers", alpha = 1.0}  # W8A8: outliers | smoothquant (alpha (0, 1), e.g. 0.5)
+    awq = true              # weight-only int4: activation-aware input scaling (AWQ)
+    gptq = {damp = 0.01}    # MatMul/Gemm: error-compensated rounding (nearest, with a note, without data)
+    conv_rounding = {scope = "all"}  # int8 Conv codes chosen for the layer output: all | small
+    bias_correction = true  # Conv/Gemm: cancel the output mean shift of weight rounding
+    integer_bias = {raise_scales = true}  # W8A8: raise a near-dead channel's weight scale so its int32 bias fits
     [[rules]]
     op = ["Gather"]         # optional: op types
     name = "embeddings"     # optional: regex searched in the node name
     weights = "int8"        # the spec fields; weights = "float" keeps the node float
+    algorithms = {gptq = false}  # optional: algorithm settings for the nodes this rule matches
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ from __future__ import annotations
 import enum
 import re
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 from edgeq.errors import InputError
@@ -51,7 +54,7 @@ from edgeq.errors import InputError
 class WeightFormat(str, enum.Enum):
     FLOAT = "float"
     INT8 = "int8"  # symmetric, per output channel
-    INT4 = "int4"  # symmetric, blocks along the reduction axis
+    INT4 = "int4"  # blocks along the reduction axis; a zero point per block unless ``asymmetric = false``
     MXFP4 = "mxfp4"  # float4e2m1 with a power-of-two scale per 32 (OCP MX)
 
 
@@ -61,11 +64,24 @@ class ActFormat(str, enum.Enum):
     INT8 = "int8"  # symmetric per tensor
 
 
+class CalibrationMethod(str, enum.Enum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+
+
+class SmoothingMethod(str, enum.Enum):
+    OUTLIERS = "outliers"  # only channels above the 90th percentile of channel maxima (edgeq.quant.smooth)
+    SMOOTHQUANT = "smoothquant"  # every channel, s = max|x|^α / max|W|^(1-α)
+
+
+class ConvRoundingScope(str, enum.Enum):
+    ALL = "all"  # every int8 Conv
+    SMALL = "small"  # the stem and depthwise convs (fan-in <= 32 per group)
+
+
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-OBSERVERS = ("minmax", "percentile", "entropy", "mse")
-SMOOTHING = ("off", "outliers", "smoothquant")
-ROUNDING = ("nearest", "gptq")
-CONV_ROUNDING = ("nearest", "hessian", "hessian-small")  # see edgeq.quant.rounding
 
 
 @dataclass(frozen=True)
@@ -96,13 +112,99 @@ class QuantSpec:
 FLOAT = QuantSpec(weights=WeightFormat.FLOAT, activations=ActFormat.FLOAT)
 
 
+# --- algorithm configs: one frozen dataclass per algorithm, one handler each (edgeq.quant.algorithms)
+
+@dataclass(frozen=True)
+class ProtectConfig:
+    """Outlier channels of MatMul inputs leave the integer path (edgeq.quant.protect)."""
+
+    ratio: float = 4.0  # a channel is an outlier above ratio × the 90th percentile of channel maxima
+    max_channels: int = 4  # at most this many per activation
+
+    def __post_init__(self) -> None:
+        if self.ratio <= 1.0 or not 1 <= self.max_channels <= 64:
+            raise InputError(f"protect ratio {self.ratio} / max_channels {self.max_channels} out of range",
+                             hint="ratio > 1 (e.g. 4), max_channels in 1..64")
+
+
+@dataclass(frozen=True)
+class SmoothingConfig:
+    """W8A8 activation smoothing before MatMuls (edgeq.quant.smooth)."""
+
+    method: SmoothingMethod = SmoothingMethod.OUTLIERS
+    alpha: float | None = None  # migration strength; default 1.0 (outliers) or 0.5 (smoothquant)
+
+    def __post_init__(self) -> None:
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", 0.5 if self.method == SmoothingMethod.SMOOTHQUANT else 1.0)
+        hi_ok = self.alpha < 1.0 if self.method == SmoothingMethod.SMOOTHQUANT else self.alpha <= 1.0
+        if not (0.0 < self.alpha and hi_ok):
+            raise InputError(f"smoothing alpha {self.alpha} is out of range for {self.method.value}",
+                             hint="outliers: (0, 1], smoothquant: (0, 1)")
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """Activation-aware input scaling of int4 MatMul weights, weight-only recipes (edgeq.quant.awq)."""
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """Error-compensated rounding of MatMul/Gemm weights from calibration Grams (edgeq.quant.gptq)."""
+
+    damp: float = 0.01  # λ = damp · mean(diag H) added to the Hessian
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.damp <= 1.0:
+            raise InputError(f"gptq damp {self.damp} is out of range", hint="use a value in (0, 1], e.g. 0.01")
+
+
+@dataclass(frozen=True)
+class ConvRoundingConfig:
+    """int8 Conv codes chosen for the layer output on the calibration data (edgeq.quant.rounding)."""
+
+    scope: ConvRoundingScope = ConvRoundingScope.ALL
+
+
+@dataclass(frozen=True)
+class BiasCorrectionConfig:
+    """Conv/Gemm biases absorb the mean output error of weight rounding (edgeq.quant.bias)."""
+
+
+@dataclass(frozen=True)
+class IntegerBiasConfig:
+    """W8A8: int32 biases at scale s_in·s_w (edgeq.quant.bias)."""
+
+    # A near-dead channel (tiny weights, real bias) would need a bias past int32 (ONNX Runtime
+    # would clip it): raise that channel's weight scale until it fits. Off: its bias stays float.
+    raise_scales: bool = True
+
+
+@dataclass(frozen=True)
+class Algorithms:
+    """Which algorithms run, with their settings; ``None`` = off."""
+
+    protect: ProtectConfig | None = None
+    smoothing: SmoothingConfig | None = None
+    awq: AWQConfig | None = None
+    gptq: GPTQConfig | None = None
+    conv_rounding: ConvRoundingConfig | None = None
+    bias_correction: BiasCorrectionConfig | None = None
+    integer_bias: IntegerBiasConfig | None = IntegerBiasConfig()
+
+
 @dataclass(frozen=True)
 class Rule:
-    """Match by op type (any of ``op_types``; empty = any) and name regex; first match wins."""
+    """Match by op type (any of ``op_types``; empty = any) and name regex; first match wins.
+
+    ``algorithms`` (algorithm name -> config or None) overrides the recipe's settings for the
+    nodes this rule matches.
+    """
 
     spec: QuantSpec
     op_types: tuple[str, ...] = ()
     name: str | None = None
+    algorithms: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         if self.name is not None:
@@ -110,6 +212,10 @@ class Rule:
                 re.compile(self.name)
             except re.error as e:
                 raise InputError(f"rule name pattern {self.name!r} is not a valid regular expression: {e}") from e
+        known = {f.name for f in fields(Algorithms)}
+        for key, _ in self.algorithms:
+            if key not in known:
+                raise InputError(f"rule: unknown algorithm {key!r}", hint=f"algorithms: {', '.join(sorted(known))}")
 
     def matches(self, op_type: str, node_name: str) -> bool:
         if self.op_types and op_type not in self.op_types:
@@ -119,14 +225,28 @@ class Rule:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    method: str = "minmax"
+    method: CalibrationMethod = CalibrationMethod.MINMAX
     percentile: float = 99.99
 
     def __post_init__(self) -> None:
-        if self.method not in OBSERVERS:
-            raise InputError(f"unknown calibration method {self.method!r}", hint=f"use one of {', '.join(OBSERVERS)}")
+        if not isinstance(self.method, CalibrationMethod):
+            try:
+                object.__setattr__(self, "method", CalibrationMethod(self.method))
+            except ValueError:
+                raise InputError(f"unknown calibration method {self.method!r}",
+                                 hint=f"use one of {', '.join(m.value for m in CalibrationMethod)}") from None
         if not 50.0 < self.percentile <= 100.0:
             raise InputError(f"percentile {self.percentile} must be in (50, 100]")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Where W8A8 activation Q/DQ pairs may go (edgeq.quant.activations)."""
+
+    # Quantize graph inputs that feed quantized ops? Off in w8a8: an image is already 8-bit pixels,
+    # and a second rounding on another grid before the most sensitive layer cost 3.3 dB of logit
+    # SQNR on EfficientNet-Lite0; the first layer then reads its input in float.
+    quantize_model_inputs: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,50 +255,42 @@ class Recipe:
     default: QuantSpec
     rules: tuple[Rule, ...] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    smoothing: str = "off"  # activation smoothing before W8A8 (see edgeq.quant.smooth): off | outliers | smoothquant
-    smoothing_alpha: float = 1.0
-    bias_correction: bool = False  # shift Conv/Gemm biases by the mean error weight rounding causes (needs calibration)
-    # Quantize graph inputs that feed quantized ops? Off in w8a8: an image is already 8-bit pixels,
-    # and a second rounding on another grid before the most sensitive layer cost 3.3 dB of logit
-    # SQNR on EfficientNet-Lite0; the first layer then reads its input in float.
-    quantize_model_inputs: bool = True
-    rounding: str = "nearest"  # MatMul/Gemm weights: "gptq" compensates rounding errors (edgeq.quant.gptq)
-    gptq_damp: float = 0.01
-    awq: bool = False  # int4 MatMuls of weight-only recipes: activation-aware input scaling (edgeq.quant.awq)
-    protect_outliers: bool = False  # outlier channels of MatMul inputs bypass quantization (edgeq.quant.protect)
-    protect_ratio: float = 4.0
-    protect_max_channels: int = 4
-    # int8 Conv weights: "hessian" picks the codes that minimise each layer's output error on the
-    # calibration data (edgeq.quant.rounding), "hessian-small" only for the stem and depthwise
-    # convs (fan-in <= 32 per group); "nearest" rounds each weight to its nearest code.
-    conv_rounding: str = "nearest"
+    algorithms: Algorithms = field(default_factory=Algorithms)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     def __post_init__(self) -> None:
-        if self.rounding not in ROUNDING:
-            raise InputError(f"unknown rounding {self.rounding!r}", hint=f"use one of {', '.join(ROUNDING)}")
-        if self.awq and self.quantizes_activations:
+        if self.quantizes_activations and any(a.awq is not None for a in self._all_algorithms()):
             raise InputError("awq is for weight-only recipes (activations float)",
-                             hint="for W8A8 use smoothing = \"outliers\" or \"smoothquant\"")
-        if self.protect_ratio <= 1.0 or not 1 <= self.protect_max_channels <= 64:
-            raise InputError(f"protect_ratio {self.protect_ratio} / protect_max_channels {self.protect_max_channels} "
-                             "out of range", hint="protect_ratio > 1 (e.g. 4), protect_max_channels in 1..64")
-        if not 0.0 < self.gptq_damp <= 1.0:
-            raise InputError(f"gptq_damp {self.gptq_damp} is out of range", hint="use a value in (0, 1], e.g. 0.01")
-        if self.conv_rounding not in CONV_ROUNDING:
-            raise InputError(f"unknown conv_rounding {self.conv_rounding!r}", hint=f"use one of {', '.join(CONV_ROUNDING)}")
-        if self.smoothing not in SMOOTHING:
-            raise InputError(f"unknown smoothing {self.smoothing!r}", hint=f"use one of {', '.join(SMOOTHING)}")
-        hi_ok = self.smoothing_alpha < 1.0 if self.smoothing == "smoothquant" else self.smoothing_alpha <= 1.0
-        if not (0.0 < self.smoothing_alpha and hi_ok):
-            raise InputError(f"smoothing_alpha {self.smoothing_alpha} is out of range for {self.smoothing}",
-                             hint="outliers: (0, 1], smoothquant: (0, 1)")
+                             hint="for W8A8 use smoothing (outliers or smoothquant)")
 
     def spec_for(self, op_type: str, node_name: str) -> tuple[QuantSpec, int | None]:
         """The spec for a node and the 1-based index of the rule that chose it (None: default)."""
+        rule, index = self._rule_for(op_type, node_name)
+        return (rule.spec, index) if rule is not None else (self.default, None)
+
+    def algorithms_for(self, op_type: str, node_name: str) -> Algorithms:
+        """The algorithm settings for a node: the recipe's, overridden by its first matching rule's."""
+        rule, _ = self._rule_for(op_type, node_name)
+        if rule is None or not rule.algorithms:
+            return self.algorithms
+        return replace(self.algorithms, **dict(rule.algorithms))
+
+    def with_algorithms(self, **changes) -> "Recipe":
+        """This recipe with some algorithms changed (``awq=None`` turns AWQ off)."""
+        return replace(self, algorithms=replace(self.algorithms, **changes))
+
+    def _rule_for(self, op_type: str, node_name: str) -> tuple[Rule | None, int | None]:
         for i, rule in enumerate(self.rules, start=1):
             if rule.matches(op_type, node_name):
-                return rule.spec, i
-        return self.default, None
+                return rule, i
+        return None, None
+
+    def _all_algorithms(self) -> list[Algorithms]:
+        return [self.algorithms] + [replace(self.algorithms, **dict(r.algorithms)) for r in self.rules if r.algorithms]
+
+    def uses(self, algorithm: str) -> bool:
+        """``algorithm`` is on for some node (in the recipe or a rule)."""
+        return any(getattr(a, algorithm) is not None for a in self._all_algorithms())
 
     @property
     def quantizes_activations(self) -> bool:
@@ -187,13 +299,13 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        """Calibration data is required (activation ranges, bias correction)."""
-        return self.quantizes_activations or self.bias_correction or self.conv_rounding != "nearest"
+        """Calibration data is required (activation ranges, bias correction, Conv rounding)."""
+        return self.quantizes_activations or self.uses("bias_correction") or self.uses("conv_rounding")
 
     @property
     def uses_calibration(self) -> bool:
-        """Calibration data is used when given (GPTQ falls back to nearest rounding without it)."""
-        return self.needs_calibration or self.rounding == "gptq" or self.awq or self.protect_outliers
+        """Calibration data is used when given (GPTQ, AWQ and protection are skipped, with a note, without it)."""
+        return self.needs_calibration or self.uses("gptq") or self.uses("awq") or self.uses("protect")
 
 
 def preset(name: str, *, block: int | None = None) -> Recipe:
@@ -203,16 +315,17 @@ def preset(name: str, *, block: int | None = None) -> Recipe:
         # MiniLM (mean cosine 0.9980 → 0.9992 with protection) and EfficientNet-Lite0; data-aware Conv
         # rounding: EfficientNet-Lite0 logit SQNR 19.7 -> 26.2 dB (no Conv in MiniLM)
         return Recipe("w8a8", QuantSpec(WeightFormat.INT8, activations=ActFormat.UINT8),
-                      calibration=CalibrationConfig("mse"), smoothing="outliers", smoothing_alpha=1.0,
-                      bias_correction=True, quantize_model_inputs=False, protect_outliers=True,
-                      conv_rounding="hessian")
+                      calibration=CalibrationConfig(CalibrationMethod.MSE),
+                      algorithms=Algorithms(protect=ProtectConfig(), smoothing=SmoothingConfig(),
+                                            conv_rounding=ConvRoundingConfig(), bias_correction=BiasCorrectionConfig()),
+                      placement=PlacementConfig(quantize_model_inputs=False))
     if name == "w8a16":
         return Recipe("w8a16", QuantSpec(WeightFormat.INT8))
     if name == "w4a16":
         # AWQ + GPTQ when calibration data is given (nearest rounding without). MiniLM block 32 mean
         # cosine: nearest 0.973, AWQ 0.981, GPTQ 0.987, AWQ + GPTQ 0.988 (+70 KB of input scales)
-        return Recipe(f"w4a16-b{block or 32}", QuantSpec(WeightFormat.INT4, block=block or 32), rounding="gptq",
-                      awq=True)
+        return Recipe(f"w4a16-b{block or 32}", QuantSpec(WeightFormat.INT4, block=block or 32),
+                      algorithms=Algorithms(awq=AWQConfig(), gptq=GPTQConfig()))
     if name == "mxfp4":
         if block not in (None, 32):
             raise InputError("mxfp4 uses blocks of 32 (the OCP MX rule)")
@@ -222,49 +335,81 @@ def preset(name: str, *, block: int | None = None) -> Recipe:
 
 PRESETS = ("w8a8", "w8a16", "w4a16", "mxfp4")
 
-_SPEC_KEYS = {"weights", "block", "activations", "clip_search", "asymmetric"}
-_RULE_KEYS = _SPEC_KEYS | {"op", "name"}
-_TOP_KEYS = {"name", "default", "calibration", "rules", "algorithms"}
-_ALGO_KEYS = {"smoothing", "smoothing_alpha", "bias_correction", "quantize_model_inputs", "rounding", "gptq_damp", "awq",
-              "protect_outliers", "protect_ratio", "protect_max_channels", "conv_rounding"}
-_CAL_KEYS = {"method", "percentile"}
+
+# --- the strict TOML loader: keys and types come from the dataclasses above
+
+class _Where:
+    def __init__(self, path: Path, place: str):
+        self.path, self.place = path, place
+
+    def error(self, message: str, hint: str | None = None) -> InputError:
+        return InputError(f"{self.path}: {self.place}: {message}", hint=hint)
 
 
-def _strict(table: Mapping, allowed: set[str], where: str, path: Path) -> None:
-    for key in table:
-        if key not in allowed:
-            raise InputError(
-                f"{path}: unknown key {key!r} in {where}", hint=f"allowed keys: {', '.join(sorted(allowed))}"
-            )
+def _type_name(t) -> str:
+    if isinstance(t, type) and issubclass(t, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in t)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(t, "a table")
 
 
-def _enum(cls, value, key: str, where: str, path: Path):
+def _value(t, value, key: str, where: _Where):
+    """``value`` read as type ``t`` (bool, int, float, str, an Enum, ``X | None``, a config dataclass)."""
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    if isinstance(t, type) and issubclass(t, enum.Enum):
+        try:
+            return t(value)
+        except ValueError:
+            raise where.error(f"{key} = {value!r} is not {_type_name(t)}") from None
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}.get(t)
+    if ok is not None:
+        if not ok(value):
+            raise where.error(f"{key} must be {_type_name(t)}, got {value!r}")
+        return float(value) if t is float else value
+    if is_dataclass(t):
+        if not isinstance(value, Mapping):
+            raise where.error(f"{key} must be a table")
+        return _dataclass(t, value, _Where(where.path, f"{where.place}.{key}" if where.place else key))
+    raise TypeError(f"no TOML reader for {t!r}")  # a dataclass field of a type this loader does not know
+
+
+def _dataclass(cls, table: Mapping, where: _Where, base=None):
+    """An instance of the config dataclass ``cls`` from a TOML table; unknown keys and wrong types name the key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = [k for k in table if k not in names]
+    if unknown:
+        raise where.error(f"unknown key {unknown[0]!r}", hint=f"allowed keys: {', '.join(sorted(names)) or 'none'}")
+    kwargs = {k: _value(hints[k], v, k, where) for k, v in table.items()}
     try:
-        return cls(value)
-    except ValueError:
-        allowed = ", ".join(m.value for m in cls)
-        raise InputError(f"{path}: {where}: {key} = {value!r} is not one of {allowed}") from None
-
-
-def _spec(table: Mapping, where: str, path: Path, base: QuantSpec | None = None) -> QuantSpec:
-    base = base or QuantSpec()
-    kwargs = {}
-    if "weights" in table:
-        kwargs["weights"] = _enum(WeightFormat, table["weights"], "weights", where, path)
-    if "activations" in table:
-        kwargs["activations"] = _enum(ActFormat, table["activations"], "activations", where, path)
-    if "block" in table:
-        if not isinstance(table["block"], int):
-            raise InputError(f"{path}: {where}: block must be an integer")
-        kwargs["block"] = table["block"]
-    if "clip_search" in table:
-        kwargs["clip_search"] = bool(table["clip_search"])
-    if "asymmetric" in table:
-        kwargs["asymmetric"] = bool(table["asymmetric"])
-    try:
-        return replace(base, **kwargs)
+        return replace(base, **kwargs) if base is not None else cls(**kwargs)
     except InputError as e:
-        raise InputError(f"{path}: {where}: {e}") from None
+        raise where.error(e.message, e.hint) from None
+
+
+def _algorithms(table: Mapping, where: _Where) -> dict[str, object]:
+    """``{name: config | None}`` from an algorithms table (``true`` = defaults, ``false`` = off, or a table)."""
+    hints = typing.get_type_hints(Algorithms)
+    known = {f.name: f for f in fields(Algorithms)}
+    out = {}
+    for key, value in table.items():
+        if key not in known:
+            raise where.error(f"unknown algorithm {key!r}", hint=f"algorithms: {', '.join(sorted(known))}")
+        cls = next(a for a in typing.get_args(hints[key]) if a is not type(None))
+        if isinstance(value, bool):
+            out[key] = cls() if value else None
+        elif isinstance(value, Mapping):
+            out[key] = _dataclass(cls, value, _Where(where.path, f"{where.place}.{key}"))
+        else:
+            raise where.error(f"{key} must be true, false or a table of its settings, got {value!r}")
+    return out
+
+
+_RULE_KEYS = {"op", "name", "algorithms"}
+_TOP_KEYS = {"name", "default", "calibration", "placement", "algorithms", "rules"}
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -274,46 +419,79 @@ def load_recipe(path: str | Path) -> Recipe:
         data = tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise InputError(f"recipe file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read recipe {p}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{p} is not valid TOML: {e}") from None
-    _strict(data, _TOP_KEYS, "the recipe", p)
-    default_table = data.get("default", {})
-    _strict(default_table, _SPEC_KEYS, "[default]", p)
-    default = _spec(default_table, "[default]", p)
+    top = _Where(p, "the recipe")
+    unknown = [k for k in data if k not in _TOP_KEYS]
+    if unknown:
+        hint = ("algorithm settings now live in [algorithms] as tables, e.g. gptq = {damp = 0.01}"
+                if unknown[0] in _OLD_ALGORITHM_KEYS else f"allowed keys: {', '.join(sorted(_TOP_KEYS))}")
+        raise top.error(f"unknown key {unknown[0]!r}", hint=hint)
+    for key in ("default", "calibration", "placement", "algorithms"):
+        if key in data and not isinstance(data[key], Mapping):
+            raise top.error(f"{key} must be a table ([{key}])")
+    name = _value(str, data.get("name", p.stem), "name", top)
+    default = _dataclass(QuantSpec, data.get("default", {}), _Where(p, "[default]"))
+    calibration = _dataclass(CalibrationConfig, data.get("calibration", {}), _Where(p, "[calibration]"))
+    placement = _dataclass(PlacementConfig, data.get("placement", {}), _Where(p, "[placement]"))
+    algo_table = data.get("algorithms", {})
+    old = [k for k in algo_table if k in _OLD_ALGORITHM_KEYS and k not in {f.name for f in fields(Algorithms)}]
+    if old:
+        raise _Where(p, "[algorithms]").error(
+            f"key {old[0]!r} is from an older recipe format",
+            hint="write each algorithm as true, false or a table, e.g. gptq = {damp = 0.01}, "
+                 "protect = {ratio = 4.0}, smoothing = {method = \"outliers\"}, conv_rounding = {scope = \"all\"}")
+    algorithms = Algorithms(**_algorithms(algo_table, _Where(p, "[algorithms]")))
+    rules_data = data.get("rules", [])
+    if not isinstance(rules_data, list):
+        raise top.error("rules must be an array of tables ([[rules]])")
     rules = []
-    for i, table in enumerate(data.get("rules", []), start=1):
-        _strict(table, _RULE_KEYS, f"rule {i}", p)
+    for i, table in enumerate(rules_data, start=1):
+        where = _Where(p, f"rule {i}")
+        if not isinstance(table, Mapping):
+            raise where.error("must be a table")
+        spec_table = {k: v for k, v in table.items() if k not in _RULE_KEYS}
+        spec = _dataclass(QuantSpec, spec_table, where, base=default)
         ops = table.get("op", [])
-        ops = (ops,) if isinstance(ops, str) else tuple(ops)
-        spec = _spec(table, f"rule {i}", p, base=default)
-        rules.append(Rule(spec, ops, table.get("name")))
-    cal_table = data.get("calibration", {})
-    _strict(cal_table, _CAL_KEYS, "[calibration]", p)
+        ops = [ops] if isinstance(ops, str) else ops
+        if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
+            raise where.error(f"op must be an op type or a list of them, got {table.get('op')!r}")
+        rule_name = _value(str, table["name"], "name", where) if "name" in table else None
+        overrides = table.get("algorithms", {})
+        if not isinstance(overrides, Mapping):
+            raise where.error("algorithms must be a table")
+        try:
+            rules.append(Rule(spec, tuple(ops), rule_name,
+                              tuple(sorted(_algorithms(overrides, _Where(p, f"rule {i}: algorithms")).items()))))
+        except InputError as e:
+            raise where.error(e.message, e.hint) from None
     try:
-        cal = CalibrationConfig(**cal_table)
+        return Recipe(name, default, tuple(rules), calibration, algorithms, placement)
     except InputError as e:
-        raise InputError(f"{p}: [calibration]: {e}") from None
-    algo = data.get("algorithms", {})
-    _strict(algo, _ALGO_KEYS, "[algorithms]", p)
-    alpha = algo.get("smoothing_alpha", 1.0 if algo.get("smoothing") != "smoothquant" else 0.5)
-    damp = algo.get("gptq_damp", 0.01)
-    p_ratio, p_max = algo.get("protect_ratio", 4.0), algo.get("protect_max_channels", 4)
-    if isinstance(p_max, bool) or not isinstance(p_max, int):
-        raise InputError(f"{p}: [algorithms]: protect_max_channels must be an integer")
-    for key, value in (("smoothing_alpha", alpha), ("gptq_damp", damp), ("protect_ratio", p_ratio)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{p}: [algorithms]: {key} must be a number")
-    try:
-        return Recipe(str(data.get("name", p.stem)), default, tuple(rules), cal,
-                      smoothing=str(algo.get("smoothing", "off")), smoothing_alpha=float(alpha),
-                      bias_correction=bool(algo.get("bias_correction", False)),
-                      quantize_model_inputs=bool(algo.get("quantize_model_inputs", True)),
-                      rounding=str(algo.get("rounding", "nearest")), gptq_damp=float(damp),
-                      awq=bool(algo.get("awq", False)), protect_outliers=bool(algo.get("protect_outliers", False)),
-                      protect_ratio=float(p_ratio), protect_max_channels=p_max,
-                      conv_rounding=str(algo.get("conv_rounding", "nearest")))
-    except InputError as e:
-        raise InputError(f"{p}: [algorithms]: {e}") from None
+        raise top.error(e.message, e.hint) from None
+
+
+_OLD_ALGORITHM_KEYS = {"rounding", "gptq_damp", "protect_outliers", "protect_ratio", "protect_max_channels",
+                       "smoothing_alpha", "quantize_model_inputs"}
+
+
+def toml_string(text: str) -> str:
+    """``text`` as a TOML basic string (quotes and backslashes escaped): for recipes edgeq prints."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = "".join(c if c >= " " or c == "\t" else f"\\u{ord(c):04x}" for c in escaped)
+    return f'"{escaped}"'
+
+
+def exact_name_pattern(node: str) -> str:
+    """A rule ``name`` pattern that matches the node called ``node`` and nothing else."""
+    return "^" + re.escape(node) + "$"
+
+
+def exact_name_rule(node: str, body: str) -> str:
+    """A ``[[rules]]`` table matching exactly the node ``node``, with ``body`` (TOML lines) as its settings."""
+    return f"[[rules]]\nname = {toml_string(exact_name_pattern(node))}\n{body}\n"
 
 
 def resolve_recipe(recipe: str | Path | Recipe, *, block: int | None = None) -> Recipe:

@@ -11,6 +11,7 @@ from collections import Counter
 from html import escape
 
 from edgeq.report.svg import PALETTE, bars, line_plot
+from edgeq.validate.report import format_number
 
 PLOT_CAP_DB = 80.0
 
@@ -37,15 +38,7 @@ summary{cursor:pointer;font-weight:600}
 
 
 def _num(v, fmt: str = ".4g") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return escape(v)
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if isinstance(v, float) and math.isnan(v):
-        return "nan"
-    return format(v, fmt)
+    return escape(format_number(v, fmt))
 
 
 def _float(v) -> float:
@@ -81,6 +74,7 @@ def render(data: dict) -> str:
         f'{_num(data.get("seconds"), ".1f")} s · edgeq {escape(data["edgeq_version"])} · '
         f'{escape(data["platform"])}</p>',
         _summary(data, th),
+        _stages(data),
         _sizes(data),
         _fidelity(data),
         _per_layer(data),
@@ -108,6 +102,17 @@ def _summary(data: dict, th: str) -> str:
         + f'<p class="note">Each model compared with the float ONNX <code>{escape(data["model"]["file"])}</code> '
           f'({_mb(data["model"]["bytes"])} MB) on {escape(v["data"]["source"])}, {v["data"]["feeds"]} feeds. '
           f'Gates: {escape(th)}.</p>')
+
+
+def _stages(data: dict) -> str:
+    rows = [[escape(s["name"]), escape(s["what"]),
+             '<span class="pass">ok</span>' if s["status"] == "ok" else
+             f'<span class="fail">{escape(s["status"])}</span>', _num(s["seconds"], ".1f"), escape(s.get("message", ""))]
+            for s in data.get("stages", [])]
+    failed = [s for s in data.get("stages", []) if s["status"] == "failed"]
+    note = (f'<p class="fail">{len(failed)} stage(s) failed; everything else the build made is in this folder.</p>'
+            if failed else "")
+    return "<h2>Stages</h2>" + note + _table(["stage", "what", "status", "seconds", "message"], rows, {3})
 
 
 def _sizes(data: dict) -> str:
@@ -160,10 +165,9 @@ def _task_keys(v: dict) -> list[str]:
 
 def _per_layer(data: dict) -> str:
     v = data["validation"]
-    # a smoothed activation (edgeq/passes/smooth_quant.py: ``<tensor>_smoothed`` = tensor / s) is quantized
-    # after the division; its float source is the tensor both graphs share
-    quantized = {q["file"]: {t.removesuffix("_smoothed") for t in q.get("quantized_tensors", [])}
-                 for q in data["qdq"]}
+    # a quantized activation's float source: the tensor both graphs share (a scaled or protected
+    # activation is quantized after the rewrite; the plan records what it came from)
+    quantized = {q["file"]: {t["source"] for t in q.get("quantized_tensors", [])} for q in data["qdq"]}
     series, worst = [], []
     for c in v["candidates"]:
         if not c["intermediates"]:
@@ -207,14 +211,24 @@ def _plans(data: dict) -> str:
                   _num(r["zero_point"], "d"), f"[{_num(r['range'][0])}, {_num(r['range'][1])}]",
                   escape(r.get("reason", ""))] for r in acts]
         cal = q.get("calibration")
+        cov = q.get("coverage", {})
+        algos = [[escape(a["name"]), "yes" if a["ran"] else "no", escape(a["summary"]),
+                  escape("; ".join(a["details"][:12]) + (" ..." if len(a["details"]) > 12 else ""))]
+                 for a in q.get("algorithms", [])]
+        notes = [[f"<code>{escape(r['node'])}</code>", escape(r["note"])] for r in q["plan"] if "note" in r]
         html += (f"<h3><code>{escape(q['file'])}</code> (profile {escape(q['profile'])}, for "
                  f"{escape(', '.join(q['targets']))})</h3>"
-                 f"<p>weights: {escape(', '.join(f'{k} {v}' for k, v in s['weights'].items()) or 'none')}; "
+                 f"<p>{cov.get('quantized', '?')} of {cov.get('quantizable', '?')} constant weights quantized; "
+                 f"weights: {escape(', '.join(f'{k} {v}' for k, v in s['weights'].items()) or 'none')}; "
                  f"{s['fallbacks']} fell back; activations quantized: "
                  f"{escape(', '.join(f'{k} {v}' for k, v in s.get('activations', {}).items()) or 'none')}; "
                  f"integer ops: {s.get('integer_ops', 0)}; bias-corrected: {s.get('bias_corrected', 0)}"
                  + (f"; calibration: {escape(cal['source'])}, {cal['samples']} samples in {cal['batches']} batches"
                     if cal else "") + "</p>"
+                 + "<p>What each algorithm did (or why it did nothing):</p>"
+                 + _table(["algorithm", "ran", "what it did and what it cost", "decisions"], algos)
+                 + (f"<details><summary>{len(notes)} plan notes</summary>" + _table(["node", "note"], notes)
+                    + "</details>" if notes else "")
                  + f"<details><summary>{len(wrows)} quantized weights</summary>"
                  + _table(["node", "op", "format", "shape", "axis", "block", "why"], wrows) + "</details>"
                  + f"<details><summary>{len(frows)} weighted nodes kept float, and why</summary>"

@@ -180,15 +180,25 @@ def _checks(res: CandidateResult, th: Thresholds) -> list[dict]:
     def add(name: str, value: float, limit: float) -> None:
         checks.append({"check": name, "value": value, "threshold": limit, "passed": bool(value >= limit)})
 
+    def cannot(name: str, limit: float, note: str, passed: bool) -> None:
+        """A gate that cannot be evaluated, with the reason (a failure unless another gate covers it)."""
+        checks.append({"check": name, "value": None, "threshold": limit, "passed": passed, "note": note})
+
     for out, s in res.outputs.items():
         if th.min_sqnr_db is not None:
             add(f"{out}: sqnr_db", s["sqnr_db"], th.min_sqnr_db)
-        if th.min_cosine is not None and "cosine_mean" in s:
-            add(f"{out}: cosine_mean", s["cosine_mean"], th.min_cosine)
+        if th.min_cosine is not None:
+            if "cosine_mean" in s:
+                add(f"{out}: cosine_mean", s["cosine_mean"], th.min_cosine)
+            elif s.get("one_value_per_sample"):
+                covered = th.min_sqnr_db is not None
+                cannot(f"{out}: cosine_mean", th.min_cosine,
+                       "cosine cannot see errors in one value per sample" + (
+                           "; the SQNR floor applies" if covered else ": give --min-sqnr"), covered)
     if th.min_top1_agreement is not None:
         if "top1_agreement" not in res.task:
-            checks.append({"check": "top1_agreement", "value": None, "threshold": th.min_top1_agreement,
-                           "passed": False, "note": "not a classifier: pass --task classification"})
+            cannot("top1_agreement", th.min_top1_agreement, "not measured: the task is not classification "
+                   "(pass --task classification if the first output holds class scores)", False)
         else:
             add("top1_agreement", res.task["top1_agreement"], th.min_top1_agreement)
     return checks

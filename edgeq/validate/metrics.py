@@ -64,6 +64,7 @@ class TensorStats:
     nonfinite: int = 0  # positions where exactly one side is NaN/inf, or they disagree on it
     cosines: list[float] = field(default_factory=list)
     keep_cosines: bool = True
+    one_value_per_sample: bool = False
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
         r = np.asarray(ref, dtype=np.float64)
@@ -80,7 +81,10 @@ class TensorStats:
         if err.size:
             self.max_abs_err = max(self.max_abs_err, float(np.max(np.abs(err))))
         self.elements += int(r.size)
-        if self.keep_cosines:
+        per_sample = r[0].size if r.ndim >= 2 else r.size
+        if per_sample <= 1:
+            self.one_value_per_sample = True  # a cosine of one value is ±1 whatever the error: not kept
+        elif self.keep_cosines:
             self.cosines.extend(per_sample_cosine(rf, np.where(finite, c, 0.0)).tolist())
 
     @property
@@ -99,6 +103,8 @@ class TensorStats:
         if self.keep_cosines and self.cosines:
             cos = np.asarray(self.cosines)
             out.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), samples=int(cos.size))
+        if self.one_value_per_sample:
+            out["one_value_per_sample"] = True
         return out
 
 

@@ -11,14 +11,20 @@ from edgeq.onnx_io import atomic_output
 from edgeq.validate.compare import ValidationReport
 
 
-def _num(v, fmt: str) -> str:
+def format_number(v, fmt: str = ".4g") -> str:
+    """A number for people: ``-`` for a missing one, ``inf``/``-inf``/``nan`` spelled out, strings as they are."""
     if v is None:
         return "-"
+    if isinstance(v, str):
+        return v
     if isinstance(v, float) and math.isinf(v):
         return "inf" if v > 0 else "-inf"
     if isinstance(v, float) and math.isnan(v):
         return "nan"
     return format(v, fmt)
+
+
+_num = format_number
 
 
 def format_report(report: ValidationReport, *, worst: int = 5) -> str:
@@ -51,7 +57,8 @@ def format_report(report: ValidationReport, *, worst: int = 5) -> str:
                 lines.append(f"    {_num(r['sqnr_db'], '8.1f')} dB  {r['name']}")
         for chk in c.checks:
             mark = "pass" if chk["passed"] else "FAIL"
-            lines.append(f"{label}: {mark} {chk['check']} = {_num(chk['value'], '.4g')} (>= {chk['threshold']:g})")
+            value = chk["note"] if chk.get("note") else _num(chk["value"], ".4g")
+            lines.append(f"{label}: {mark} {chk['check']} = {value} (>= {chk['threshold']:g})")
     if any(c.checks for c in report.candidates):
         lines.append("result: " + ("PASS" if report.passed else "FAIL"))
     return "\n".join(lines)

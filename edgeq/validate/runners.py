@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq import onnx_io
-from edgeq.errors import InputError
+from edgeq.errors import InputError, first_line
 from edgeq.specs import TensorSpec
 
 
@@ -93,20 +93,34 @@ class TorchRunner(Runner):
         return dict(zip(names, outs))
 
 
-def ort_session(path: Path, *, config: Mapping[str, str] | None = None, what: str = "",
-                hint: str = "check the file was written by a complete export"):
-    """A quiet ONNX Runtime CPU session for ``path`` (default optimizations), or an InputError saying why not."""
+def ort_session(model, *, config: Mapping[str, str] | None = None, what: str = "",
+                hint: str = "check the file was written by a complete export", threads: int | None = None,
+                optimize: bool = True, options=None):
+    """A quiet ONNX Runtime CPU session for ``model`` (a path, ``.ort`` included, or serialized bytes).
+
+    ``config``: session config entries; ``threads``: intra-op threads (None: ORT's default);
+    ``optimize=False`` turns graph optimizations off; ``options``: a SessionOptions to start from.
+    Raises an InputError naming the model when ONNX Runtime cannot load it.
+    """
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
+    so = options or ort.SessionOptions()
     so.log_severity_level = 3
-    for key, value in (config or {}).items():
+    if threads is not None:
+        so.intra_op_num_threads = threads
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    config = dict(config or {})
+    if isinstance(model, (str, Path)) and Path(model).suffix == ".ort":
+        config.setdefault("session.load_model_format", "ORT")
+    for key, value in config.items():
         so.add_session_config_entry(key, value)
+    source = model if isinstance(model, (bytes, bytearray)) else str(model)
     try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise InputError(f"ONNX Runtime cannot load {path}{what}: {first}", hint=hint) from e
+        name = "the model" if isinstance(model, (bytes, bytearray)) else str(model)
+        raise InputError(f"ONNX Runtime cannot load {name}{what}: {first_line(e)}", hint=hint) from e
 
 
 class SessionRunner(Runner):

@@ -15,7 +15,6 @@ loads in ONNX Runtime with the inputs and outputs of the QDQ model.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import onnx
@@ -51,7 +50,7 @@ class AndroidTarget(Target):
     def build(self, model_path: Path, model: onnx.ModelProto, folder: Path) -> tuple[Path, dict]:
         import onnxruntime as ort
 
-        onnx_file = copy_model(Path(model_path), folder, MODEL_ONNX)
+        onnx_file = onnx_io.copy_onnx(Path(model_path), folder / MODEL_ONNX)
         ort_file = folder / MODEL_ORT
         convert(onnx_file, ort_file)
         data = ort_file.read_bytes()
@@ -97,24 +96,6 @@ def _spec(s) -> dict:
 def minimum_ort_version(version: str) -> str:
     major, minor = (version.split("+")[0].split(".") + ["0", "0"])[:2]
     return f"{major}.{minor}.0"
-
-
-def copy_model(src: Path, folder: Path, name: str) -> Path:
-    """Copy the ONNX file (and its external data files, under their own names) into ``folder``."""
-    dst = folder / name
-    shutil.copyfile(src, dst)
-    proto = onnx.load(str(src), load_external_data=False)
-    locations = {
-        e.value
-        for t in proto.graph.initializer
-        if t.data_location == onnx.TensorProto.EXTERNAL
-        for e in t.external_data
-        if e.key == "location"
-    }
-    for loc in sorted(locations):
-        (folder / loc).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src.parent / loc, folder / loc)
-    return dst
 
 
 def check_io(session, model: onnx.ModelProto) -> None:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from edgeq import build as build_mod
+from edgeq.pipeline import build as build_mod
 from edgeq.cli import main
 from edgeq.errors import InputError, ValidationFailed
 from edgeq.validate import Thresholds
@@ -37,7 +37,9 @@ def test_build_writes_packages_qdq_models_and_reports(built):
     assert (out / "ios18" / "tiny_cnn.mlpackage").is_dir() and (out / "ios18" / "manifest.json").is_file()
     data = json.loads((out / "build.json").read_text())
     assert data["passed"] is True and built.passed
-    assert data["thresholds"] == {"min_cosine": 0.99, "min_top1_agreement": 0.9}
+    assert data["thresholds"] == {"min_sqnr_db": 15.0, "min_cosine": 0.99, "min_top1_agreement": 0.9}
+    assert all(q["coverage"] == {"quantized": 5, "quantizable": 5} for q in data["qdq"])
+    assert {s["status"] for s in data["stages"]} == {"ok"} and len(data["stages"]) == 7
     rows = {r["model"]: r for r in data["summary"]}
     assert set(rows) == {"tiny_cnn.w8a8.android.onnx", "tiny_cnn.w8a8.ios18.onnx", "android/model.ort",
                          "ios18/tiny_cnn.mlpackage"}
@@ -93,7 +95,7 @@ def test_interrupt_leaves_nothing(tmp_path, monkeypatch, where):
         raise KeyboardInterrupt
 
     if where == "calibration":
-        monkeypatch.setattr("edgeq.quant.quantize.calibrate", boom)
+        monkeypatch.setattr("edgeq.pipeline.quantize.calibrate", boom)
     else:
         monkeypatch.setattr("targets.coreml.target.CoreMLTarget.build", boom)
     out = tmp_path / "dist"
@@ -144,7 +146,7 @@ def test_cli_build_prints_summary_and_gates_exit_1(tmp_path, capfd):
     argv = ["build", "tiny_cnn", "--targets", "android,ios18", "-o", str(out), "--no-latency", "--no-progress"]
     assert main(argv) == 0
     text, err = capfd.readouterr()
-    assert "[1/7] export" in text and "android/model.ort" in text and "ios18/tiny_cnn.mlpackage" in text
+    assert "[1/6] export" in text and "android/model.ort" in text and "ios18/tiny_cnn.mlpackage" in text
     assert text.rstrip().endswith("PASS")
     # third-party noise (exporter, coremltools progress bars, ONNX Runtime warnings) stays quiet
     assert err == ""
@@ -158,8 +160,8 @@ def test_cli_build_prints_summary_and_gates_exit_1(tmp_path, capfd):
 def test_thresholds_merge_with_recipe_defaults():
     th = build_mod._merge(build_mod.default_thresholds("w8a8", "classification"), Thresholds(min_sqnr_db=20))
     assert th == Thresholds(min_sqnr_db=20, min_cosine=0.99, min_top1_agreement=0.9)
-    assert build_mod.default_thresholds("w4a16-b32", "embedding") == Thresholds(min_cosine=0.98)
-    assert build_mod.default_thresholds("w8a16", "generic") == Thresholds(min_cosine=0.999)
+    assert build_mod.default_thresholds("w4a16-b32", "embedding") == Thresholds(min_sqnr_db=10.0, min_cosine=0.98)
+    assert build_mod.default_thresholds("w8a16", "generic") == Thresholds(min_sqnr_db=25.0, min_cosine=0.999)
 
 
 def test_doctor_lists_versions_targets_and_coreml(capsys):
@@ -167,10 +169,6 @@ def test_doctor_lists_versions_targets_and_coreml(capsys):
     text = capsys.readouterr().out
     for word in ("edgeq", "onnxruntime", "torch", "coremltools", "android", "ios18", "Core ML predict"):
         assert word in text
-
-
-def test_validation_failed_is_exit_1():
-    assert ValidationFailed.exit_code == 1
 
 
 def test_pytorch_factory_needs_input_specs_then_builds(tmp_path):

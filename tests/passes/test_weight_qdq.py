@@ -1,6 +1,5 @@
 """The weight QDQ pass on tiny models: right numbers in ONNX Runtime, the forms ORT fuses."""
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -8,10 +7,11 @@ import onnxruntime as ort
 import pytest
 from onnx.reference import ReferenceEvaluator
 
-from edgeq.passes.weight_qdq import WeightQDQPass, quantize_weight
-from edgeq.quant.plan import make_plan
+from helpers import decided_plan
+
+from edgeq.passes.weight_qdq import WeightQDQPass
 from edgeq.quant.profile import ONNX_REFERENCE
-from edgeq.quant.recipes import preset
+from edgeq.quant.weights import quantize_weight
 from edgeq.validate.metrics import sqnr_db
 
 
@@ -64,7 +64,7 @@ def _dequantized_reference(model: ir.Model, plan) -> ir.Model:
 @pytest.mark.parametrize("recipe", ["w8a16", "w4a16"])
 def test_ort_computes_the_planned_integers(recipe):
     model = _model()
-    plan = make_plan(model, preset(recipe))
+    plan = decided_plan(model, recipe)
     expected = _run(_dequantized_reference(model, plan))
     float_out = _run(model)
     q = ir.from_proto(ir.to_proto(model))
@@ -84,7 +84,7 @@ def test_ort_computes_the_planned_integers(recipe):
 
 def test_int4_matmul_is_fused_into_matmulnbits(tmp_path):
     model = _model()
-    plan = make_plan(model, preset("w4a16"))
+    plan = decided_plan(model, "w4a16")
     WeightQDQPass(plan)(model)
     _run(model, optimized_path=tmp_path / "opt.onnx")
     ops = [(n.domain, n.op_type) for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
@@ -96,7 +96,7 @@ def test_int4_matmul_is_fused_into_matmulnbits(tmp_path):
 
 def test_mxfp4_embedding_runs_in_ort_through_gather_block_quantized():
     model = _model()
-    plan = make_plan(model, preset("mxfp4"))
+    plan = decided_plan(model, "mxfp4")
     formats = {d.op_type: d.format.value for d in plan.weights}
     assert formats == {"Gather": "mxfp4", "MatMul": "int4", "Gemm": "int4"}
     expected = _run(_dequantized_reference(model, plan))
@@ -110,7 +110,7 @@ def test_mxfp4_embedding_runs_in_ort_through_gather_block_quantized():
 
 def test_mxfp4_dq23_form_runs_in_the_reference_evaluator():
     model = _model()
-    plan = make_plan(model, preset("mxfp4"), profile=ONNX_REFERENCE)
+    plan = decided_plan(model, "mxfp4", ONNX_REFERENCE)
     assert {d.format.value for d in plan.weights} == {"mxfp4"}
     expected = ReferenceEvaluator(ir.to_proto(_dequantized_reference(model, plan))).run(None, FEED)[0]
     WeightQDQPass(plan)(model)

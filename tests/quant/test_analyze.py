@@ -1,19 +1,18 @@
 """Per-layer sensitivity (`edgeq analyze`): a planted sensitive layer ranks first, variants are exact."""
 
 import json
-from dataclasses import replace
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper as nh
 
-from edgeq.analyze import _Variants, sensitivity
+from edgeq.pipeline.analyze import sensitivity
+from edgeq.pipeline.variants import Variants
 from edgeq.cli import main
 from edgeq.errors import InputError
 from edgeq.onnx_io import load_ir
-from edgeq.quant.quantize import name_nodes, quantize_model
+from edgeq.pipeline.quantize import name_nodes, quantize_model
 from edgeq.quant.recipes import preset
 
 from w8a8_models import cnn, cnn_feeds, encoder_block, encoder_feeds
@@ -40,7 +39,7 @@ def _plant(path, weight="w2", index=(0, 5), value=40.0):
 
 # outlier protection would take the planted weight out of the int8 path (tests/quant/test_protect.py):
 # analyze is measured here on the plain recipe
-W8A8_PLAIN = replace(preset("w8a8"), protect_outliers=False)
+W8A8_PLAIN = preset("w8a8").with_algorithms(protect=None)
 
 
 @pytest.mark.parametrize("recipe", ["w4a16", W8A8_PLAIN], ids=["w4a16", "w8a8"])
@@ -77,7 +76,7 @@ def test_variants_bypass_exactly(tmp_path, make, feeds, recipe):
     name_nodes(fm)
     import onnx_ir as ir
 
-    v = _Variants(ir.to_proto(fm), onnx.load(str(res.path)), res.plan)
+    v = Variants(ir.to_proto(fm), onnx.load(str(res.path)), res.plan)
     assert v.layers
 
     def run(model, feed):

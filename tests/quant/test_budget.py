@@ -1,14 +1,12 @@
 """Accuracy budget search: meets the budget, raises the layer that matters, explains it, repeats itself."""
 
 import json
-from dataclasses import replace
-
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper as nh
 
-from edgeq.budget import parse_budget, search
+from edgeq.pipeline.budget import parse_budget, search
 from edgeq.cli import main
 from edgeq.errors import InputError
 from edgeq.quant.recipes import preset
@@ -35,7 +33,7 @@ def _planted(path):
     return path
 
 
-W4 = replace(preset("w4a16"), awq=False)  # a plain ladder: int4 -> int8 -> float
+W4 = preset("w4a16").with_algorithms(awq=None)  # a plain ladder: int4 -> int8 -> float
 
 
 def test_budget_is_met_by_raising_the_planted_layer_first(tmp_path):

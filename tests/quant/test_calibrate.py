@@ -7,8 +7,16 @@ import pytest
 from w8a8_models import cnn, cnn_feeds, encoder_block, encoder_feeds
 
 from edgeq.errors import InputError
+from edgeq.quant.activations import RangeStatistic
 from edgeq.quant.calibrate import calibrate
-from edgeq.quant.recipes import CalibrationConfig
+from edgeq.quant.recipes import CalibrationMethod
+from edgeq.quant.stats import ChannelAbsMax, ChannelMean, Gram
+
+
+def _ranges(path, names, feeds, method=CalibrationMethod.MINMAX):
+    stats = {n: RangeStatistic(n, method, {}) for n in names}
+    table = calibrate(onnx.load(path), {n: [s] for n, s in stats.items()}, feeds, progress=False)
+    return table, {n: s.result() for n, s in stats.items()}
 
 
 def _ranges_by_numpy(path, feeds, names):
@@ -26,10 +34,10 @@ def test_minmax_equals_one_shot_over_variable_lengths(tmp_path):
     path = encoder_block(tmp_path / "enc.onnx")
     feeds = encoder_feeds(5)  # sequence lengths 5..9
     names = ["ln", "r1", "a2"]
-    table = calibrate(onnx.load(path), names, iter(feeds), progress=False)  # a generator: streamed once
+    table, ranges = _ranges(path, names, iter(feeds))  # a generator: streamed once
     expect = _ranges_by_numpy(path, feeds, names)
     for n in names:
-        r = table.ranges[n]
+        r = ranges[n]
         assert (r.lo, r.hi) == pytest.approx(expect[n], rel=1e-6, abs=1e-7)
         assert r.ignored == 0 and r.seen > 0
     assert table.batches == 5 and table.samples == 10
@@ -38,8 +46,8 @@ def test_minmax_equals_one_shot_over_variable_lengths(tmp_path):
 
 def test_masking_constants_are_counted_not_ranged(tmp_path):
     path = encoder_block(tmp_path / "enc.onnx")
-    table = calibrate(onnx.load(path), ["masked", "res"], encoder_feeds(3), progress=False)
-    masked, res = table.ranges["masked"], table.ranges["res"]
+    _, ranges = _ranges(path, ["masked", "res"], encoder_feeds(3))
+    masked, res = ranges["masked"], ranges["res"]
     assert masked.ignored > 0  # the finfo.min entries of padded positions
     assert abs(masked.lo) < 1e3 and abs(masked.hi) < 1e3  # the range is the real values'
     assert res.ignored == 0
@@ -47,23 +55,46 @@ def test_masking_constants_are_counted_not_ranged(tmp_path):
 
 def test_statistics_memory_is_flat_in_the_batch_count(tmp_path):
     path = encoder_block(tmp_path / "enc.onnx")
-    cfg = CalibrationConfig("mse")
-    few = calibrate(onnx.load(path), ["ln", "r1"], encoder_feeds(2), config=cfg, progress=False)
-    many = calibrate(onnx.load(path), ["ln", "r1"], encoder_feeds(12), config=cfg, progress=False)
+    few, _ = _ranges(path, ["ln", "r1"], encoder_feeds(2), CalibrationMethod.MSE)
+    many, _ = _ranges(path, ["ln", "r1"], encoder_feeds(12), CalibrationMethod.MSE)
     assert few.peak_state_bytes == many.peak_state_bytes
 
 
 def test_channel_statistics(tmp_path):
     path = encoder_block(tmp_path / "enc.onnx", outlier_channel=3)
-    table = calibrate(onnx.load(path), [], encoder_feeds(3), channels=["ln"], means=["x"], progress=False)
-    a = table.channel_absmax["ln"]
+    absmax, mean = ChannelAbsMax(), ChannelMean()
+    calibrate(onnx.load(path), {"ln": [absmax], "x": [mean]}, encoder_feeds(3), progress=False)
+    a = absmax.result()
     assert a.shape == (16,) and int(np.argmax(a)) == 3  # the planted outlier channel
-    assert "x" not in table.channel_mean  # axis 1 of [B, S, D] changes size: not a channel axis
+    assert mean.result() is None  # axis 1 of [B, S, D] changes size: not a channel axis
     cnn_path = cnn(tmp_path / "cnn.onnx")
     feeds = cnn_feeds(3)
-    table = calibrate(onnx.load(cnn_path), [], feeds, means=["x"], progress=False)
+    mean = ChannelMean()
+    calibrate(onnx.load(cnn_path), {"x": [mean]}, feeds, progress=False)
     expect = np.concatenate([f["x"] for f in feeds]).mean(axis=(0, 2, 3))
-    np.testing.assert_allclose(table.channel_mean["x"], expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean.result(), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_gram_equals_one_shot_and_skips_masked_rows(tmp_path):
+    path = encoder_block(tmp_path / "enc.onnx")
+    feeds = encoder_feeds(4)
+    gram, masked_gram, masked_max = Gram(), Gram(), ChannelAbsMax()
+    calibrate(onnx.load(path), {"ln": [gram], "masked": [masked_gram, masked_max]}, feeds, progress=False)
+    rows = np.concatenate([r.reshape(-1, 16) for r in _outputs(path, feeds, "ln")]).astype(np.float64)
+    np.testing.assert_allclose(gram.result(), rows.T @ rows / len(rows), rtol=1e-5)
+    assert masked_max.masked and masked_max.result() is None  # the finfo.min positions
+    m = np.concatenate([r.reshape(-1, r.shape[-1]) for r in _outputs(path, feeds, "masked")]).astype(np.float64)
+    m = m[np.all(np.abs(m) < 1e30, axis=1)]
+    np.testing.assert_allclose(masked_gram.result(), m.T @ m / len(m), rtol=1e-5)
+
+
+def _outputs(path, feeds, name):
+    import onnxruntime as ort
+
+    m = onnx.load(path)
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [s.run([name], f)[0] for f in feeds]
 
 
 @pytest.mark.parametrize("feeds, message", [
@@ -75,4 +106,4 @@ def test_channel_statistics(tmp_path):
 def test_bad_feeds_fail_before_any_run(tmp_path, feeds, message):
     path = encoder_block(tmp_path / "enc.onnx")
     with pytest.raises(InputError, match=message):
-        calibrate(onnx.load(path), ["ln"], feeds, progress=False)
+        _ranges(path, ["ln"], feeds)

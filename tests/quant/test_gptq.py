@@ -1,18 +1,17 @@
 """GPTQ: error-compensated rounding lowers the layer's output error, in the plan's own format."""
 
-from dataclasses import replace
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.passes.weight_qdq import quantize_weight
+from edgeq.errors import InputError
 from edgeq.quant import gptq
 from edgeq.quant.plan import WeightDecision
-from edgeq.quant.quantize import quantize_model
-from edgeq.quant.recipes import WeightFormat, preset
+from edgeq.pipeline.quantize import quantize_model
+from edgeq.quant.recipes import AWQConfig, GPTQConfig, WeightFormat, preset
+from edgeq.quant.weights import quantize_weight
 
 K, N = 96, 24
 
@@ -107,25 +106,27 @@ def test_w4a16_recipe_uses_gptq_when_calibration_is_given(tmp_path):
     calib = [{"x": correlated_inputs(64, seed=s)} for s in range(8)]
     ev = correlated_inputs(500, seed=99)
     ref = _run(src, ev)
-    rec = replace(preset("w4a16"), awq=False)  # GPTQ on its own
-    assert preset("w4a16").rounding == "gptq"
+    rec = preset("w4a16").with_algorithms(awq=None)  # GPTQ on its own
+    assert preset("w4a16").algorithms.gptq == GPTQConfig()
     err = {}
     for rounding in ("nearest", "gptq"):
         out = tmp_path / f"{rounding}.onnx"
-        res = quantize_model(src, out, replace(rec, rounding=rounding), calib=calib, progress=False)
-        assert sorted(res.plan.gptq) == (["mm1", "mm2"] if rounding == "gptq" else [])
+        res = quantize_model(src, out, rec.with_algorithms(gptq=GPTQConfig() if rounding == "gptq" else None),
+                             calib=calib, progress=False)
+        gptq = res.plan.result("gptq")
+        assert sorted(gptq.nodes if gptq else []) == (["mm1", "mm2"] if rounding == "gptq" else [])
         err[rounding] = float(np.mean((_run(out, ev) - ref) ** 2))
     assert err["gptq"] < 0.7 * err["nearest"], err
-    assert any(line.startswith("gptq: 2 MatMul/Gemm weights") for line in res.plan.algorithms)
+    assert any(line.startswith("gptq: 2 MatMul/Gemm weights") for line in res.plan.algorithm_lines())
     assert res.plan.summary()["gptq"] == 2
 
 
 def test_w4a16_without_calibration_rounds_to_nearest_and_says_so(tmp_path):
     src = _matmul_model(tmp_path / "m.onnx")
     res = quantize_model(src, tmp_path / "q.onnx", "w4a16", progress=False)
-    assert res.plan.gptq == () and res.calibration is None
-    assert any("gptq: not run" in a and "--calib" in a for a in res.plan.algorithms)
-    assert any("awq: not run" in a for a in res.plan.algorithms)
+    assert not res.plan.result("gptq").ran and res.calibration is None
+    assert any("gptq: not run" in a and "--calib" in a for a in res.plan.algorithm_lines())
+    assert any("awq: not run" in a for a in res.plan.algorithm_lines())
     assert "gptq: not run" in res.plan.explain()
 
 
@@ -144,13 +145,13 @@ def test_awq_scales_up_the_rows_of_a_planted_high_energy_channel(tmp_path):
     err = {}
     for on in (False, True):
         out = tmp_path / f"awq{on}.onnx"
-        rec = replace(preset("w4a16"), rounding="nearest", awq=on)  # AWQ on its own
+        rec = preset("w4a16").with_algorithms(gptq=None, awq=AWQConfig() if on else None)  # AWQ on its own
         res = quantize_model(src, out, rec, calib=calib, progress=False)
         err[on] = float(np.mean((_run(out, ev) - ref) ** 2))
-    assert any(a.startswith("awq: 1 of 2 MatMul inputs scaled") or a.startswith("awq: 2 of 2") for a in res.plan.algorithms)
+    assert any(a.startswith("awq: 1 of 2 MatMul inputs scaled") or a.startswith("awq: 2 of 2") for a in res.plan.algorithm_lines())
     assert err[True] < 0.9 * err[False], err  # measured: 0.83x the mean squared error of nearest rounding
 
 
 def test_awq_is_refused_for_w8a8():
-    with pytest.raises(Exception, match="awq is for weight-only recipes"):
-        replace(preset("w8a8"), awq=True)
+    with pytest.raises(InputError, match="awq is for weight-only recipes"):
+        preset("w8a8").with_algorithms(awq=AWQConfig())

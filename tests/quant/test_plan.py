@@ -1,5 +1,4 @@
 import onnx_ir as ir
-import pytest
 
 from edgeq.quant.plan import make_plan
 from edgeq.quant.profile import ONNX_REFERENCE, ONNXRUNTIME_CPU

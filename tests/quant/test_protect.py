@@ -1,7 +1,6 @@
 """Outlier protection: a planted outlier channel and a planted super weight leave the integer path,
 the error they caused goes away, and the graph computes the same function in float."""
 
-from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -14,8 +13,8 @@ from edgeq.onnx_io import load_ir
 from edgeq.passes.protect import ProtectOutliersPass
 from edgeq.quant.plan import make_plan
 from edgeq.quant.protect import choose_protections, protection_candidates
-from edgeq.quant.quantize import name_nodes, quantize_model
-from edgeq.quant.recipes import load_recipe, preset
+from edgeq.pipeline.quantize import name_nodes, quantize_model
+from edgeq.quant.recipes import ProtectConfig, load_recipe, preset
 from edgeq.validate.metrics import sqnr_db
 from w8a8_models import encoder_block, encoder_feeds
 
@@ -59,7 +58,7 @@ def _errors(tmp_path, src, recipe, at, channel=None):
     out = {}
     for on in (False, True):
         path = tmp_path / f"protect{on}.onnx"
-        res = quantize_model(src, path, replace(recipe, protect_outliers=on), calib=_feeds(), progress=False)
+        res = quantize_model(src, path, recipe.with_algorithms(protect=ProtectConfig() if on else None), calib=_feeds(), progress=False)
         out[on] = (sqnr_db(ref, _run(path, ev, at, channel)), res.plan)
     return out
 
@@ -70,13 +69,13 @@ def test_planted_super_weight_is_protected_and_its_error_goes_away(tmp_path):
     (Under int8 per-channel the same weight costs little here, < 2 dB: the outlier-channel test
     below is the W8A8 case.)"""
     at = {"at": "a2", "channel": 5}  # ffn2's output channel whose weight block holds the planted weight
-    rec = replace(preset("w4a16"), awq=False)  # protection on its own (with GPTQ, the w4a16 rounding)
+    rec = preset("w4a16").with_algorithms(awq=None)  # protection on its own (with GPTQ, the w4a16 rounding)
     clean = _errors(tmp_path / "c", _expose(encoder_block(_mk(tmp_path / "c") / "enc.onnx"), "a2"), rec, **at)[False][0]
     src = _expose(_plant_super_weight(encoder_block(_mk(tmp_path / "p") / "enc.onnx"), value=6.0), "a2")
     errs = _errors(tmp_path / "p", src, rec, **at)
     (off, _), (on, plan) = errs[False], errs[True]
-    lines = [a for a in plan.algorithms if a.strip().startswith("protected r1:")]
-    assert lines and "channels 7 " in lines[0] and "ffn2" in lines[0], plan.algorithms
+    lines = [a for a in plan.algorithm_lines() if a.strip().startswith("protected r1:")]
+    assert lines and "channels 7 " in lines[0] and "ffn2" in lines[0], plan.algorithm_lines()
     # measured: clean model 19.8 dB, planted 19.3 dB, planted + protection 24.1 dB
     assert on >= off + 3 and on >= clean, (clean, off, on)
 
@@ -89,9 +88,9 @@ def _mk(path):
 def test_planted_outlier_channel_is_protected(tmp_path):
     src = _expose(encoder_block(tmp_path / "enc.onnx", outlier_channel=3), "a1")
     # smoothing off: protection measured on its own, at ffn1's output (the layer reading the channel)
-    errs = _errors(tmp_path, src, replace(preset("w8a8"), smoothing="off"), at="a1")
+    errs = _errors(tmp_path, src, preset("w8a8").with_algorithms(smoothing=None), at="a1")
     (off, _), (on, plan) = errs[False], errs[True]
-    assert any(a.strip().startswith("protected ln: channels 3 ") for a in plan.algorithms), plan.algorithms
+    assert any(a.strip().startswith("protected ln: channels 3 ") for a in plan.algorithm_lines()), plan.algorithm_lines()
     assert on >= off + 6, (off, on)
 
 
@@ -118,9 +117,12 @@ def test_protection_rewrite_is_exact_in_float(tmp_path):
 
 def test_protection_keys_are_checked(tmp_path):
     bad = tmp_path / "r.toml"
-    bad.write_text('[algorithms]\nprotect_outliers = true\nprotect_ratio = 0.5\n')
-    with pytest.raises(InputError, match="protect_ratio"):
+    bad.write_text('[algorithms]\nprotect = {ratio = 0.5}\n')
+    with pytest.raises(InputError, match=r"\[algorithms\].protect: protect ratio 0.5"):
         load_recipe(bad)
-    bad.write_text('[algorithms]\nprotect_max_channels = "four"\n')
-    with pytest.raises(InputError, match="protect_max_channels"):
+    bad.write_text('[algorithms]\nprotect = {max_channels = "four"}\n')
+    with pytest.raises(InputError, match="max_channels must be an integer, got 'four'"):
+        load_recipe(bad)
+    bad.write_text('[algorithms]\nprotect_outliers = true\n')  # the old flat keys: told how to write them
+    with pytest.raises(InputError, match="older recipe format"):
         load_recipe(bad)

@@ -2,8 +2,6 @@
 the codes never lose to nearest rounding on the objective, and on smooth inputs (neighbouring
 pixels alike, as in photos) they cut the output error of high-pass kernels."""
 
-from dataclasses import replace
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -15,7 +13,7 @@ from w8a8_models import cnn
 import edgeq
 from edgeq.errors import InputError
 from edgeq.quant import formats
-from edgeq.quant.recipes import load_recipe, preset
+from edgeq.quant.recipes import BiasCorrectionConfig, ConvRoundingConfig, ConvRoundingScope, load_recipe, preset
 from edgeq.quant.rounding import ConvGeometry, PatchMoments, patches, round_int8_per_channel
 from edgeq.validate.metrics import sqnr_db
 
@@ -115,11 +113,11 @@ def test_hessian_rounding_reduces_the_output_error_on_held_out_smooth_inputs(tmp
     onnx.save(m, src)
     calib, ev = _smooth_feeds(6, seed=1), _smooth_feeds(4, seed=9)  # evaluation apart from calibration
     ref = _outputs(src, ev)
-    base = replace(preset("w8a16"), bias_correction=True)  # weights only: the error rounding targets
+    base = preset("w8a16").with_algorithms(bias_correction=BiasCorrectionConfig())  # weights only: the error rounding targets
     errs = {}
     for rounding in ("nearest", "hessian"):
         out = tmp_path / f"{rounding}.onnx"
-        res = edgeq.quantize(src, out, replace(base, conv_rounding=rounding), calib=calib, force=True, progress=False)
+        res = edgeq.quantize(src, out, base.with_algorithms(conv_rounding=ConvRoundingConfig() if rounding == "hessian" else None), calib=calib, force=True, progress=False)
         rounded = {n.node for n in res.plan.notes if "codes chosen" in n.reason}
         assert rounded == (set() if rounding == "nearest" else {"conv1", "dwconv", "project", "expand"})  # not the Gemm
         errs[rounding] = sqnr_db(ref, _outputs(out, ev))
@@ -129,24 +127,23 @@ def test_hessian_rounding_reduces_the_output_error_on_held_out_smooth_inputs(tmp
 def test_small_scope_takes_the_convs_with_a_small_fan_in(tmp_path, monkeypatch):
     from edgeq.quant import rounding
     from edgeq.quant.plan import make_plan
-    from edgeq.quant.quantize import name_nodes
+    from edgeq.pipeline.quantize import name_nodes
     from edgeq import onnx_io
 
     model = onnx_io.load_ir(cnn(tmp_path / "cnn.onnx"))
     name_nodes(model)
     plan = make_plan(model, preset("w8a8"))
     monkeypatch.setattr(rounding, "SMALL_FAN_IN", 16)  # conv1 has 3·3·3 = 27 inputs per output
-    assert set(rounding.rounding_sites(model, plan, "hessian-small")) == {"dwconv", "project", "expand"}
-    assert set(rounding.rounding_sites(model, plan, "hessian")) == {"conv1", "dwconv", "project", "expand"}
-    assert rounding.moments_for(model, plan, "nearest") == {}
+    assert set(rounding.rounding_sites(model, plan, ConvRoundingScope.SMALL)) == {"dwconv", "project", "expand"}
+    assert set(rounding.rounding_sites(model, plan, ConvRoundingScope.ALL)) == {"conv1", "dwconv", "project", "expand"}
 
 
 def test_recipe_key_and_bad_value(tmp_path):
     p = tmp_path / "r.toml"
-    p.write_text('[default]\nweights = "int8"\nactivations = "uint8"\n[algorithms]\nconv_rounding = "hessian-small"\n')
-    assert load_recipe(p).conv_rounding == "hessian-small"
+    p.write_text('[default]\nweights = "int8"\nactivations = "uint8"\n[algorithms]\nconv_rounding = {scope = "small"}\n')
+    assert load_recipe(p).algorithms.conv_rounding == ConvRoundingConfig(ConvRoundingScope.SMALL)
     assert load_recipe(p).needs_calibration
-    assert preset("w8a8").conv_rounding == "hessian" and preset("w8a16").conv_rounding == "nearest"
-    p.write_text('[algorithms]\nconv_rounding = "adaround"\n')
-    with pytest.raises(InputError, match="rounding"):
+    assert preset("w8a8").algorithms.conv_rounding == ConvRoundingConfig() and preset("w8a16").algorithms.conv_rounding is None
+    p.write_text('[algorithms]\nconv_rounding = {scope = "adaround"}\n')
+    with pytest.raises(InputError, match="scope = 'adaround' is not one of 'all', 'small'"):
         load_recipe(p)

@@ -73,7 +73,7 @@ BUDGETS = {"classification": "top1_agreement>=0.97", "embedding": "cosine>=0.999
 
 def _edgeq_budget(recipe: str) -> Callable[[dict], dict]:
     def run(job: dict) -> dict:
-        from edgeq.budget import search
+        from edgeq.pipeline.budget import search
 
         budget = BUDGETS[job["task"]]
         feeds = LazyFeeds(job["calib_dir"])

@@ -1,39 +1,35 @@
-"""Per-layer sensitivity: how much output error each weighted layer's quantization causes.
+"""Scoring QDQ-graph variants against the float model: what ``edgeq analyze`` and ``--budget`` share.
 
-The model is quantized once with the full recipe (calibration runs once). Each variant is then
-derived from that QDQ graph by bypassing quantization: a bypassed layer gets its float node back
-(original weights and bias, with SmoothQuant's exact row scaling kept when its input is smoothed),
-and a bypassed activation Q/DQ pair routes its consumer to the float tensor. Activation Q/DQ pairs
-belong to the node that reads them. For every layer L two variants run on the evaluation feeds:
-
-- *only L*: L's weights and input activations quantized, everything else float;
-- *all but L*: the full QDQ model with L back in float.
-
-Errors are measured against the float model (SQNR over all feeds and the mean per-sample cosine;
-with several outputs, the worst output). Rows are ranked most sensitive first: lowest SQNR with
-only L quantized, then highest SQNR with all but L.
+:func:`prepare_float` loads the float model (named as the quantizer names it) and the evaluation
+feeds; an :class:`Evaluator` runs the float model once and then scores any variant on the same
+feeds (worst output SQNR, mean per-sample cosine, top-1 agreement); :class:`Variants` derives
+variants of one QDQ graph with chosen layers bypassed — a bypassed layer gets its float node back
+(original weights and bias, with an input scaling's exact row scaling kept), or int8 weights in
+place of int4, and a bypassed activation Q/DQ pair routes its consumer to the float tensor. The
+edits edgeq made are found by their ``edgeq.role`` metadata (:mod:`edgeq.meta`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 
-from edgeq import onnx_io
+from edgeq import meta, onnx_io
 from edgeq.errors import InputError
-from edgeq.quant.recipes import WeightFormat, resolve_recipe
+from edgeq.pipeline.quantize import load_model
+from edgeq.quant.plan import WeightDecision
+from edgeq.quant.recipes import WeightFormat
+from edgeq.quant.weights import quantize_weight
 from edgeq.validate.feeds import load_feeds
 from edgeq.validate.metrics import TensorStats
 
-_PREFIX = "edgeq_analyze"
+PREFIX = "edgeq_analyze"
 
 
 @dataclass(frozen=True)
@@ -43,7 +39,7 @@ class Score:
     top1_agreement: float = float("nan")  # first output's argmax over the last axis agrees with the float model's
 
     def as_dict(self) -> dict:
-        return {"sqnr_db": _num(self.sqnr_db), "cosine": _num(self.cosine)}
+        return {"sqnr_db": self.sqnr_db, "cosine": self.cosine}
 
     def metric(self, name: str) -> float:
         return {"sqnr": self.sqnr_db, "cosine": self.cosine, "top1_agreement": self.top1_agreement}[name]
@@ -55,7 +51,6 @@ def prepare_float(model, data, limit: int | None):
     ``data`` defaults to the sample named like the model file (``minilm.onnx`` → ``minilm``).
     """
     from edgeq import sources
-    from edgeq.quant.quantize import name_nodes
 
     model = Path(model)
     if not model.exists():
@@ -66,10 +61,7 @@ def prepare_float(model, data, limit: int | None):
         if not sources.is_sample(model.stem):
             raise InputError("no evaluation data", hint="pass --data (a sample name, an .npz file or a folder of them)")
         data = model.stem
-    float_ir = onnx_io.load_ir(model)
-    name_nodes(float_ir)  # the names quantize_model gives, so nodes match across the two graphs
-    import onnx_ir as ir
-
+    float_ir = load_model(model)  # named as quantize_model names it, so nodes match across the two graphs
     float_proto = ir.to_proto(float_ir)
     del float_ir
     feeds, desc = load_feeds(data, onnx_io.io_specs(float_proto), split="evaluation", limit=limit)
@@ -126,134 +118,24 @@ class Evaluator:
         agree = [np.argmax(r[0], axis=-1) == np.argmax(g[0], axis=-1) for r, g in zip(self.reference, results)
                  if r[0].ndim >= 1 and r[0].shape[-1] > 1]
         top1 = float(np.mean(np.concatenate([a.reshape(-1) for a in agree]))) if agree else float("nan")
-        return Score(_worst(sq), _worst(cs), top1)
-
-
-@dataclass(frozen=True)
-class LayerSensitivity:
-    node: str
-    op_type: str
-    format: str
-    only: Score  # only this layer quantized
-    all_but: Score  # everything but this layer quantized
-
-    def as_dict(self) -> dict:
-        return {"node": self.node, "op_type": self.op_type, "format": self.format,
-                "only": self.only.as_dict(), "all_but": self.all_but.as_dict()}
-
-
-@dataclass
-class SensitivityReport:
-    model: str
-    recipe: str
-    data: str
-    feeds: int
-    full: Score  # the whole recipe applied
-    layers: list[LayerSensitivity] = field(default_factory=list)
-    seconds: float = 0.0
-    rank_by: str = "sqnr"
-
-    def as_dict(self) -> dict:
-        return {"model": self.model, "recipe": self.recipe, "data": self.data, "feeds": self.feeds,
-                "rank_by": self.rank_by,
-                "full": self.full.as_dict(), "layers": [row.as_dict() for row in self.layers],
-                "seconds": round(self.seconds, 2)}
-
-    def format(self) -> str:
-        w = max([len("node"), *(len(r.node) for r in self.layers)])
-        w = min(w, 60)
-        lines = [
-            f"sensitivity of {self.model} to {self.recipe} on {self.data} ({self.feeds} feeds); "
-            f"all quantized: SQNR {self.full.sqnr_db:.1f} dB, cosine {self.full.cosine:.5f}; "
-            f"ranked by {self.rank_by} with only the layer quantized, most sensitive first",
-            f"{'rank':>4}  {'node':<{w}}  {'op':<10} {'format':<14} {'only: SQNR':>11} {'cosine':>9}"
-            f"  {'all but: SQNR':>13} {'cosine':>9}",
-        ]
-        for i, r in enumerate(self.layers, 1):
-            lines.append(f"{i:>4}  {r.node[:w]:<{w}}  {r.op_type:<10} {r.format:<14} {r.only.sqnr_db:>8.1f} dB "
-                         f"{r.only.cosine:>9.5f}  {r.all_but.sqnr_db:>10.1f} dB {r.all_but.cosine:>9.5f}")
-        if not self.layers:
-            lines.append("  (no layer has quantized weights under this recipe)")
-        return "\n".join(lines)
-
-
-def _num(x: float):
-    return x if math.isfinite(x) else str(x)
-
-
-def sensitivity(model, recipe, calib=None, data=None, limit: int | None = None, progress: bool = True,
-                *, block: int | None = None, profile=None, rank_by: str = "sqnr") -> SensitivityReport:
-    """Rank the weighted layers of the float ONNX ``model`` by their sensitivity to ``recipe``.
-
-    ``data`` (sample name, ``.npz`` file or folder, or an iterable of feeds) is the evaluation
-    data; it defaults to the sample named like the model file (``minilm.onnx`` → ``minilm``).
-    ``calib`` defaults to ``data`` (a sample's calibration split) for recipes that need it.
-    ``limit`` uses only the first N evaluation feeds. ``rank_by`` is ``sqnr`` or ``cosine``
-    (the metric the ranking sorts on, most sensitive first; the other breaks ties).
-    """
-    from edgeq.quant.quantize import quantize_model
-
-    t0 = time.perf_counter()
-    if rank_by not in ("sqnr", "cosine"):
-        raise InputError(f"cannot rank by {rank_by!r}", hint="use sqnr or cosine")
-    rec = resolve_recipe(recipe, block=block)
-    model, data, float_proto, feeds, desc = prepare_float(model, data, limit)
-    if calib is None and rec.uses_calibration:
-        calib = data
-
-    with tempfile.TemporaryDirectory(prefix="edgeq-analyze-") as tmp:
-        res = quantize_model(model, os.path.join(tmp, "model.qdq.onnx"), rec, block=block, profile=profile,
-                             calib=calib, force=True, progress=progress)
-        qdq = onnx_io.read_onnx(res.path)
-    plan = res.plan
-
-    score = Evaluator(float_proto, feeds).score
-    variants = _Variants(float_proto, qdq, plan)
-    full = score(variants.build(set(variants.layers), None))
-
-    fmt = _formats(plan)
-    op_of = {d.node: d.op_type for d in plan.weights}
-    rows = []
-    from tqdm import tqdm
-
-    for layer in tqdm(variants.layers, desc="sensitivity", unit="layer", disable=not progress or None, leave=False):
-        only = score(variants.build({layer}, {layer}))
-        rest = set(variants.layers) - {layer}
-        all_but = score(variants.build(rest, None, float_acts={layer}))
-        rows.append(LayerSensitivity(layer, op_of[layer], fmt[layer], only, all_but))
-    first, second = ("sqnr_db", "cosine") if rank_by == "sqnr" else ("cosine", "sqnr_db")
-    rows.sort(key=lambda r: (_key(getattr(r.only, first)), -_key(getattr(r.all_but, first)),
-                             _key(getattr(r.only, second)), r.node))
-    return SensitivityReport(str(model), rec.name, desc, len(feeds), full, rows, time.perf_counter() - t0, rank_by)
+        return Score(worst(sq), worst(cs), top1)
 
 
 def _attr(node: onnx.NodeProto, name: str) -> int:
     return next((a.i for a in node.attribute if a.name == name), 0)
 
 
-def _worst(values: list[float]) -> float:
+def worst(values: list[float]) -> float:
     if any(math.isnan(v) for v in values):
         return float("nan")
     return min(values) if values else float("nan")
 
 
-def _key(x: float) -> float:
+def nan_low(x: float) -> float:
     return -math.inf if math.isnan(x) else x
 
 
-def _formats(plan) -> dict[str, str]:
-    out: dict[str, list[str]] = {}
-    for d in plan.weights:
-        f = d.format.value + (f"/b{d.block}" if d.block and d.format in (WeightFormat.INT4, WeightFormat.MXFP4) else "")
-        out.setdefault(d.node, []).append(f)
-    acts: dict[str, set[str]] = {}
-    for a in plan.activations:
-        for c in a.consumers:
-            acts.setdefault(c, set()).add(a.format.value)
-    return {n: ",".join(fs) + ("".join(f" a:{x}" for x in sorted(acts.get(n, ())))) for n, fs in out.items()}
-
-
-class _Variants:
+class Variants:
     """Builds QDQ-graph variants with chosen layers (and activation Q/DQ pairs) bypassed."""
 
     def __init__(self, float_proto: onnx.ModelProto, qdq: onnx.ModelProto, plan):
@@ -270,6 +152,11 @@ class _Variants:
             if n.op_type == "DequantizeLinear" and n.input[0] in producer and producer[n.input[0]].op_type == "QuantizeLinear":
                 self.act_dq[n.output[0]] = producer[n.input[0]].input[0]
         index = {n.name: i for i, n in enumerate(self.nodes)}
+        # a Gather the weight pass replaced: found by its metadata, not its name
+        for i, n in enumerate(self.nodes):
+            props = meta.proto_props(n)
+            if meta.role_of(props) == meta.Role.GATHER_QUANTIZED:
+                index.setdefault(props[meta.SOURCE], i)
         self.layers: list[str] = []
         self.float_node: dict[int, onnx.NodeProto] = {}  # index in the QDQ graph -> the float replacement
         self.layer_of: dict[int, str] = {}
@@ -278,7 +165,7 @@ class _Variants:
         self.float_weight: dict[int, tuple[int, np.ndarray]] = {}  # the layer's weight input (index, float array)
         self._int8: dict[int, tuple[onnx.NodeProto, onnx.NodeProto, list[onnx.TensorProto]]] = {}
         for layer in dict.fromkeys(d.node for d in plan.weights):
-            i = index.get(layer, index.get(f"{layer}/gather_block_quantized"))
+            i = index.get(layer)
             if i is None or layer not in float_nodes:
                 continue
             q, f = self.nodes[i], float_nodes[layer]
@@ -290,7 +177,7 @@ class _Variants:
                     arr = numpy_helper.to_array(float_inits[name])
                     if k == 1 and scale is not None and arr.ndim == 2 and arr.shape[0] == scale.shape[0]:
                         arr = (arr * scale[:, None]).astype(arr.dtype)  # SmoothQuant: diag(s) W, exact in float
-                    new = f"{_PREFIX}/{layer}/{name}"
+                    new = f"{PREFIX}/{layer}/{name}"
                     extra.append(numpy_helper.from_array(arr, new))
                     node.input[k] = new
                     if k == self.decision[layer].input_index:
@@ -307,7 +194,7 @@ class _Variants:
 
     @staticmethod
     def _smoothing_scale(q, producer, inits) -> np.ndarray | None:
-        """SmoothQuant's per-row scale s when ``q``'s data input is ``Mul(x, 1/s)`` (possibly behind Q/DQ)."""
+        """The per-row scale s when ``q``'s data input is a scaling ``Mul(x, 1/s)`` (possibly behind Q/DQ)."""
         if not q.input:
             return None
         t = q.input[0]
@@ -316,7 +203,7 @@ class _Variants:
             p = producer.get(p.input[0])
             if p is not None and p.op_type == "QuantizeLinear":
                 p = producer.get(p.input[0])
-        if p is None or p.op_type != "Mul" or not p.name.endswith("_smooth") or p.input[1] not in inits:
+        if p is None or meta.role_of(meta.proto_props(p)) != meta.Role.SCALING or p.input[1] not in inits:
             return None
         inv = numpy_helper.to_array(inits[p.input[1]]).astype(np.float32)
         return (1.0 / inv).astype(np.float32) if inv.ndim == 1 else None
@@ -324,15 +211,12 @@ class _Variants:
     def _int8_node(self, i: int) -> tuple[onnx.NodeProto, onnx.NodeProto, list[onnx.TensorProto]]:
         """(DequantizeLinear, the layer reading it, initializers): layer ``i`` with int8 per-channel weights."""
         if i not in self._int8:
-            from edgeq.passes.weight_qdq import quantize_weight
-            from edgeq.quant.plan import WeightDecision
-
             layer, node = self.layer_of[i], self.float_node[i]
             d = self.decision[layer]
             k, w = self.float_weight[i]
             axis = {"MatMul": 1, "Gemm": 0 if _attr(node, "transB") else 1}.get(d.op_type, 0)
             q = quantize_weight(w, WeightDecision(layer, d.op_type, k, d.weight, w.shape, WeightFormat.INT8, axis=axis))
-            base = f"{_PREFIX}/{layer}/int8"
+            base = f"{PREFIX}/{layer}/int8"
             inits = [numpy_helper.from_array(q.data, f"{base}_data"), numpy_helper.from_array(q.scale, f"{base}_scale"),
                      numpy_helper.from_array(np.zeros(q.scale.shape, np.int8), f"{base}_zero_point")]
             dq = onnx.helper.make_node("DequantizeLinear", [t.name for t in inits], [f"{base}_weight"],

@@ -36,7 +36,10 @@ import onnx
 
 from edgeq import onnx_io
 from edgeq.errors import InputError
-from edgeq.quant.recipes import FLOAT, ActFormat, Recipe, Rule, WeightFormat, resolve_recipe
+from edgeq.pipeline.quantize import quantize_model
+from edgeq.pipeline.variants import Evaluator, Variants, prepare_float
+from edgeq.quant.recipes import FLOAT, ActFormat, Recipe, Rule, WeightFormat, exact_name_pattern, exact_name_rule, resolve_recipe
+from edgeq.quant.weights import weight_bytes
 
 METRICS = ("cosine", "sqnr", "top1_agreement")
 _BUDGET = re.compile(r"^\s*(cosine|sqnr|top1_agreement)\s*>=\s*([-+0-9.eE]+)\s*$")
@@ -83,7 +86,7 @@ class Raised:
 
     def as_dict(self) -> dict:
         return {"node": self.node, "op_type": self.op_type, "level": self.level, "added_bytes": self.added_bytes,
-                "sqnr_alone_db": _num(self.alone), "rank": self.rank}
+                "sqnr_alone_db": self.alone, "rank": self.rank}
 
 
 @dataclass
@@ -106,10 +109,10 @@ class BudgetResult:
 
     def as_dict(self) -> dict:
         return {"model": self.model, "recipe": self.recipe, "budget": str(self.budget), "met": self.met,
-                "base": _num(self.base), "final": _num(self.final), "base_bytes": self.base_bytes,
+                "base": self.base, "final": self.final, "base_bytes": self.base_bytes,
                 "final_bytes": self.final_bytes, "raised": [r.as_dict() for r in self.raised],
                 "variants_scored": self.variants_scored, "seconds": round(self.seconds, 2), "output": self.output,
-                "rank_reference": _num(self.rank_reference), "rank_feeds": self.rank_feeds,
+                "rank_reference": self.rank_reference, "rank_feeds": self.rank_feeds,
                 "recipe_toml": self.recipe_toml}
 
     def format(self) -> str:
@@ -132,10 +135,6 @@ class BudgetResult:
         return "\n".join(lines)
 
 
-def _num(x: float):
-    return x if math.isfinite(x) else str(x)
-
-
 def _ladder(fmt: WeightFormat, has_act: bool) -> list[str]:
     """The steps above a layer's planned precision."""
     if has_act:
@@ -150,10 +149,13 @@ def _weight_elems(shape) -> int:
 
 
 def _added_bytes(d, level: str) -> int:
-    n = _weight_elems(d.shape)
-    now = {WeightFormat.INT4: 0.5625, WeightFormat.MXFP4: 0.53, WeightFormat.INT8: 1.0}.get(d.format, 4.0) * n
-    after = {"int8": 1.0 * n, "float input": now, "float": 4.0 * n}[level]
-    return max(int(after - now), 0)
+    """Bytes added by raising the layer of decision ``d`` to ``level`` (the size model of edgeq.quant.weights)."""
+    if level == "float input":
+        return 0
+    now = weight_bytes(d.shape, d.format, axis=d.axis, block=d.block, symmetric=d.symmetric, scale_dtype=d.scale_dtype)
+    fmt = WeightFormat.INT8 if level == "int8" else WeightFormat.FLOAT
+    channel_axis = 1 if d.op_type == "MatMul" else 0  # int8: one scale per output channel
+    return max(weight_bytes(d.shape, fmt, axis=channel_axis) - now, 0)
 
 
 def _cost(d, level: str) -> int:
@@ -172,9 +174,6 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
     With ``output`` the final QDQ model is written there.
     """
     from tqdm.auto import tqdm
-
-    from edgeq.analyze import Evaluator, _Variants, prepare_float
-    from edgeq.quant.quantize import quantize_model
 
     t0 = time.perf_counter()
     b = parse_budget(budget) if isinstance(budget, str) else budget
@@ -196,7 +195,7 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
         base_file = Path(base_res.path).read_bytes()  # the answer when nothing needs raising
     qdq = onnx.load_from_string(base_file)
     plan = base_res.plan
-    variants = _Variants(float_proto, qdq, plan)
+    variants = Variants(float_proto, qdq, plan)
     layers = list(variants.layers)
     decision = {d.node: d for d in plan.weights}
     has_act = {c for a in plan.activations for c in a.consumers}
@@ -257,7 +256,7 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
             lv = st[L]
             new = FLOAT if lv == "float" else replace(base_spec, activations=ActFormat.FLOAT) if lv == "float input" \
                 else replace(base_spec, weights=WeightFormat.INT8)
-            rules.append(Rule(new, (), f"^{re.escape(L)}$"))
+            rules.append(Rule(new, (), exact_name_pattern(L)))
         return replace(rec, name=f"{rec.name}+budget", rules=tuple(rules) + rec.rules)
 
     rank_of = {(L, lv): i for i, (L, lv, _) in enumerate(ranking, 1)}
@@ -291,10 +290,7 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
 
 
 def _toml(state: dict[str, str]) -> str:
-    """The raised layers as ``[[rules]]`` to paste into a recipe file."""
-    out = []
-    for L in sorted(state):
-        lv = state[L]
-        body = {"int8": 'weights = "int8"', "float input": 'activations = "float"', "float": 'weights = "float"\nactivations = "float"'}[lv]
-        out.append(f'[[rules]]\nname = "^{re.escape(L)}$"\n{body}\n')
-    return "\n".join(out)
+    """The raised layers as ``[[rules]]`` to paste into a recipe file (they load back: tested)."""
+    bodies = {"int8": 'weights = "int8"', "float input": 'activations = "float"',
+              "float": 'weights = "float"\nactivations = "float"'}
+    return "\n".join(exact_name_rule(L, bodies[state[L]]) for L in sorted(state))

@@ -1,0 +1,190 @@
+"""The stages of ``edgeq build`` (see :mod:`edgeq.pipeline.build`), run in order into one folder."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+
+from edgeq import __version__, api, onnx_io, sources
+from edgeq._quiet import quiet
+from edgeq.errors import UnsupportedError
+from edgeq.pipeline.build import (
+    PackageArtifact,
+    QDQArtifact,
+    _Inputs,
+    _sizes,
+    _Stages,
+    BuildConfig,
+    versions,
+)
+
+
+def run_stages(cfg: BuildConfig, inp: _Inputs, stages: _Stages, tmp: Path, profiles: list[str]) -> dict:
+    """Run export → quantize → package → validate → latency; return the report data (``build.json``)."""
+    float_path = tmp / f"{inp.name}.onnx"
+    source = stages.run("export", _export_what(inp, float_path), lambda: _export(cfg, inp, float_path),
+                        lambda s: s.get("summary", ""), fatal=True)
+    qdqs = stages.run("quantize", f"{inp.recipe.name} for {', '.join(profiles)} (one calibration)",
+                      lambda: _quantize(cfg, inp, tmp, float_path, profiles), _quantize_done, fatal=True)
+    packages: list[PackageArtifact] = []
+    for t in inp.targets:
+        q = qdqs[t.profile.name]
+
+        def _package(t=t, q=q):
+            with quiet(cfg.verbose):
+                return api.package(tmp / q.file, t, tmp / t.name)
+
+        res = stages.run("package", f"{t.name} <- {q.file}", _package,
+                         lambda r: f"{r.model_file.relative_to(tmp)} {_sizes(r.model_file) / 1e6:.2f} MB")
+        if res is not None:
+            packages.append(PackageArtifact(t.name, t.description, q, res, tmp))
+    labels = [q.file for q in qdqs.values()] + [p.model_file for p in packages]
+    paths = [tmp / q.file for q in qdqs.values()] + [tmp / p.target for p in packages]
+    vdict = stages.run("validate", f"{len(paths)} models vs {float_path.name}",
+                       lambda: _validate(cfg, inp, float_path, paths, labels),
+                       lambda v: "PASS" if v["passed"] else "FAIL")
+    if vdict is None:
+        vdict = {"candidates": [], "data": {"source": str(inp.data), "feeds": 0}, "task": inp.task, "passed": False}
+    lat = None
+    if cfg.latency:
+        lat = stages.run("latency", "ONNX Runtime CPU, batch 1", lambda: _latency(inp, float_path, qdqs, packages, tmp),
+                         lambda r: ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in r["models"].items()))
+    summary = _summary(qdqs, packages, vdict)
+    hashes = {f.name: onnx_io.file_sha256(f) for f in [float_path, *(tmp / q.file for q in qdqs.values())]}
+    for p in packages:
+        hashes.update({f"{p.target}/{k}": v for k, v in p.result.manifest.get("files", {}).items()})
+    failed = [r for r in stages.records if r.status == "failed"]
+    return {
+        "edgeq_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"name": inp.name, **source, "file": float_path.name, "bytes": _sizes(float_path),
+                  "task": inp.task, "task_reason": inp.task_reason},
+        "recipe": inp.recipe.name,
+        "targets": [t.name for t in inp.targets],
+        "thresholds": inp.thresholds.as_dict(),
+        "qdq": [q.as_dict() for q in qdqs.values()],
+        "packages": [p.as_dict() for p in packages],
+        "validation": vdict,
+        "latency": lat,
+        "summary": summary,
+        "passed": bool(vdict.get("passed")) and not failed and len(packages) == len(inp.targets),
+        "versions": versions(),
+        "platform": f"{platform.system()} {platform.machine()}, Python {sys.version.split()[0]}",
+        "hashes": hashes,
+    }
+
+
+def _export_what(inp: _Inputs, float_path: Path) -> str:
+    return f"{inp.obj} is ONNX: copied" if isinstance(inp.obj, Path) else f"{inp.name} -> {float_path.name}"
+
+
+def _export(cfg: BuildConfig, inp: _Inputs, float_path: Path) -> dict:
+    if isinstance(inp.obj, Path):
+        onnx_io.copy_onnx(inp.obj, float_path)
+        return {"kind": "onnx", "path": str(inp.obj)}
+    res = api.export(inp.sample if inp.sample is not None else cfg.model, float_path, inputs=cfg.inputs,
+                     verbose=cfg.verbose)
+    worst = min((c.sqnr_db for c in res.checks), default=float("nan"))
+    return {"kind": "sample" if inp.sample is not None else "pytorch", "name": inp.name, "exporter": res.exporter,
+            "opset": res.opset, "checks": [c.__dict__ for c in res.checks],
+            "summary": f"{res.exporter} exporter, opset {res.opset}, {_sizes(float_path) / 1e6:.1f} MB, "
+                       f"min SQNR vs torch {worst:.1f} dB"}
+
+
+def _quantize(cfg: BuildConfig, inp: _Inputs, tmp: Path, float_path: Path, profiles: list[str]) -> dict[str, QDQArtifact]:
+    from edgeq.pipeline.quantize import quantize_for_profiles
+
+    files = {prof: f"{inp.name}.{inp.recipe.name}.{prof}.onnx" for prof in profiles}
+    results = quantize_for_profiles(float_path, [(prof, tmp / files[prof]) for prof in profiles], inp.recipe,
+                                    calib=inp.calib, progress=cfg.progress)
+    out = {}
+    for prof, res in zip(profiles, results):
+        cov = res.plan.coverage()
+        if cov["quantizable"] and not cov["quantized"]:
+            raise UnsupportedError(f"recipe {inp.recipe.name} quantized none of the {cov['quantizable']} weights of "
+                                   f"{float_path.name} for {prof}: {res.plan.float_reasons()}",
+                                   hint="see `edgeq quantize --explain`; change the recipe or its rules")
+        targets = tuple(t.name for t in inp.targets if t.profile.name == prof)
+        out[prof] = QDQArtifact(files[prof], prof, targets, res, _describe(inp.calib))
+    return out
+
+
+def _quantize_done(qdqs: dict[str, QDQArtifact]) -> str:
+    parts = []
+    for q in qdqs.values():
+        r = q.result
+        cov = r.plan.coverage()
+        parts.append(f"{q.file} {r.quantized_bytes / 1e6:.2f} MB (ideal {r.ideal_bytes / 1e6:.2f} MB), "
+                     f"{cov['quantized']}/{cov['quantizable']} weights quantized")
+    first = next(iter(qdqs.values())).result
+    cal = f"; {first.calibration.samples} calibration samples" if first.calibration else ""
+    return "; ".join(parts) + cal
+
+
+def _validate(cfg: BuildConfig, inp: _Inputs, float_path: Path, paths: list[Path], labels: list[str]) -> dict:
+    rep = api.validate(paths, float_path, inp.data, task=inp.task, thresholds=inp.thresholds, limit=cfg.limit,
+                       progress=cfg.progress)
+    vdict = rep.as_dict()
+    for c, label in zip(vdict["candidates"], labels):
+        c["model"]["label"] = label
+    return vdict
+
+
+def _latency(inp: _Inputs, float_path: Path, qdqs: dict, packages: list, tmp: Path) -> dict:
+    from edgeq.validate.feeds import load_feeds
+    from edgeq.validate.latency import batch_of_one, host_latency
+
+    specs = onnx_io.io_specs(onnx_io.read_onnx(float_path))
+    feeds, _ = load_feeds(inp.data, specs, limit=1)
+    feed = batch_of_one(feeds[0], specs)
+    models = {float_path.name: float_path, **{q.file: tmp / q.file for q in qdqs.values()}}
+    models.update({p.model_file: tmp / p.model_file for p in packages if p.model_file.endswith(".ort")})
+    return {"feed_shapes": {k: list(v.shape) for k, v in feed.items()}, "threads": "ONNX Runtime default",
+            "models": host_latency(models, feed)}
+
+
+def _summary(qdqs: dict, packages: list, vdict: dict) -> list[dict]:
+    by_label = {c["model"]["label"]: c for c in vdict["candidates"]}
+    rows = []
+    for q in qdqs.values():
+        rows.append(_row(q.file, "onnx (host)", q.result.quantized_bytes, q.result.ideal_bytes, by_label.get(q.file), q))
+    for p in packages:
+        rows.append(_row(p.model_file, p.target, _sizes(p.result.model_file), p.qdq.result.ideal_bytes,
+                         by_label.get(p.model_file), p.qdq))
+    return rows
+
+
+def _row(label: str, target: str, size: int, ideal: int, cand: dict | None, qdq: QDQArtifact) -> dict:
+    cov = qdq.result.plan.coverage()
+    if cand is None:
+        return {"model": label, "target": target, "bytes": size, "ideal_bytes": ideal, "sqnr_db": None,
+                "cosine_mean": None, "task": {}, "passed": False, "failed": ["not validated (see the stages)"],
+                "notes": [], "coverage": cov}
+    outputs = cand["outputs"]
+    notes = [c["note"] for c in cand["checks"] if c.get("note")]
+    return {
+        "model": label,
+        "target": target,
+        "bytes": size,
+        "ideal_bytes": ideal,
+        "sqnr_db": min((o["sqnr_db"] for o in outputs.values()), default=None),
+        "cosine_mean": min((o["cosine_mean"] for o in outputs.values() if "cosine_mean" in o), default=None),
+        "task": cand.get("task", {}),
+        "passed": cand["passed"],
+        "failed": [c["check"] + (f" ({c['note']})" if c.get("note") else "") for c in cand["checks"]
+                   if not c["passed"]],
+        "notes": notes,
+        "coverage": cov,
+    }
+
+
+def _describe(data) -> str | None:
+    if data is None:
+        return None
+    if isinstance(data, sources.Sample):
+        return f"sample {data.name} (calibration set)"
+    if isinstance(data, (str, Path)):
+        return str(data)
+    return "feeds from Python"

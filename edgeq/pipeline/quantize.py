@@ -1,0 +1,251 @@
+"""Float ONNX → QDQ ONNX in three steps: calibrate and decide (the plan), then apply it.
+
+:func:`quantize_model` reads::
+
+    model = load                        # every node named (plans refer to nodes by name)
+    plan  = make_plan(model, recipe, profile)          # weight formats, or float and why
+    plan  = decide(model, plan, recipe, profile, data) # the algorithms, stage by stage
+    apply_plan(model, plan, ...)                       # one declared pass pipeline
+
+:func:`decide` never edits the user's model: it works on a copy. For each stage (see
+:class:`~edgeq.quant.algorithms.Stage`) it gathers every statistic the stage's handlers request in
+one calibration pass, then lets each handler decide in order; a rewrite a handler decides
+(protection, scaling) is applied to the copy with the pass the apply step uses, so the next
+handler and the next stage see the graph as it will be written. W8A8 therefore reads its data
+twice: a short prepass (outlier channels) and the full pass (activation ranges on the rewritten
+graph); weight-only recipes read it once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from edgeq import onnx_io
+from edgeq.errors import InputError
+from edgeq.pipeline.apply import apply_plan, rewrite_passes
+from edgeq.quant.activations import place_activations
+from edgeq.quant.algorithms import PREPASS_BATCHES, Context, Stage, Stats
+from edgeq.quant.calibrate import CalibrationTable, calibrate
+from edgeq.quant.handlers import handlers_for
+from edgeq.quant.plan import QuantPlan, make_plan
+from edgeq.quant.profile import ONNXRUNTIME_CPU, PROFILES, TargetProfile
+from edgeq.quant.recipes import Recipe, resolve_recipe
+from edgeq.quant.weights import planned_bytes
+from edgeq.validate.feeds import open_feeds
+
+NO_DATA = "not run — no calibration data (pass --calib)"
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    path: Path | None
+    plan: QuantPlan
+    float_bytes: int
+    quantized_bytes: int
+    ideal_bytes: int  # every weight at its planned bit width plus scales; the rest float32
+    seconds: float
+    calibration: CalibrationTable | None = None
+
+
+def resolve_profile(profile: str | TargetProfile | None) -> TargetProfile:
+    if profile is None:
+        return ONNXRUNTIME_CPU
+    if isinstance(profile, TargetProfile):
+        return profile
+    if profile in PROFILES:
+        return PROFILES[profile]
+    from edgeq import plugins
+
+    if profile in plugins.target_names():  # a target's own profile: android, ios17, ios18, ...
+        return plugins.load_target(profile).profile
+    raise InputError(f"unknown target profile {profile!r}",
+                     hint=f"use one of {', '.join([*PROFILES, *plugins.target_names()])}")
+
+
+def quantize_model(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike | None,
+    recipe: str | Recipe,
+    *,
+    block: int | None = None,
+    profile: str | TargetProfile | None = None,
+    calib=None,
+    force: bool = False,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Quantize the ONNX file at ``model_path`` with ``recipe``; write the QDQ model to ``output``.
+
+    ``calib`` (a sample name, ``.npz`` file or folder, or an iterable of feeds) is the calibration
+    data, required by recipes that quantize activations and used by the data-aware algorithms.
+    With ``output=None`` only the plan is made (``--explain``), without calibration.
+    """
+    return quantize_for_profiles(model_path, [(profile, output)], recipe, block=block, calib=calib, force=force,
+                                 progress=progress)[0]
+
+
+def quantize_for_profiles(
+    model_path: str | os.PathLike,
+    targets: Sequence[tuple[str | TargetProfile | None, str | os.PathLike | None]],
+    recipe: str | Recipe,
+    *,
+    block: int | None = None,
+    calib=None,
+    force: bool = False,
+    progress: bool = True,
+) -> list[QuantizeResult]:
+    """One QDQ model per ``(profile, output)`` from one calibration (see :func:`decide`).
+
+    Where the profiles run the same formats, their weights carry the same integers.
+    """
+    t0 = time.perf_counter()
+    rec = resolve_recipe(recipe, block=block)
+    profiles = [resolve_profile(p) for p, _ in targets]
+    outputs = [o for _, o in targets]
+    for output in outputs:
+        if output is not None:
+            onnx_io.check_output_path(output, force=force)
+    if any(o is not None for o in outputs) and rec.needs_calibration and calib is None:
+        raise InputError(f"recipe {rec.name} quantizes activations and needs calibration data",
+                         hint="pass --calib (a sample name such as minilm, an .npz file or a folder of them)")
+    model = load_model(model_path)
+    float_bytes = onnx_io.tensor_bytes(model)
+    plans = [make_plan(model, rec, profile=prof) for prof in profiles]
+    for plan in plans:
+        _check_weights_finite(model, plan)
+    ideals = [planned_bytes(plan, model) for plan in plans]
+    if all(o is None for o in outputs):  # --explain: the plan and the placement, no data
+        if rec.quantizes_activations:
+            plans = [replace(plan, floats=plan.floats + place_activations(model, plan, rec, prof).notes)
+                     for plan, prof in zip(plans, profiles)]
+        return [QuantizeResult(None, plan, float_bytes, 0, ideal, time.perf_counter() - t0)
+                for plan, ideal in zip(plans, ideals)]
+    decided = decide(model, plans, rec, profiles, calib, progress=progress)
+    results = []
+    for i, ((plan, table), output, ideal) in enumerate(zip(decided, outputs, ideals)):
+        qdq = model if i == len(decided) - 1 else model.clone()  # the last one may edit the loaded model
+        apply_plan(qdq, plan, rec, table)
+        files = onnx_io.save_ir(qdq, output, force=force)
+        size = sum(f.stat().st_size for f in files)
+        results.append(QuantizeResult(Path(output), plan, float_bytes, size, ideal, time.perf_counter() - t0, table))
+    return results
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """The float model as the plan sees it: every node named."""
+    model = onnx_io.load_ir(path)
+    name_nodes(model)
+    return model
+
+
+@dataclass
+class _Lane:
+    """One profile's decisions in progress: its plan and its working copy of the graph."""
+
+    plan: QuantPlan
+    ctx: Context
+    table: CalibrationTable | None = None
+    stats: Stats | None = None
+
+    def rewrites(self) -> tuple:
+        """What has been rewritten so far: lanes with equal rewrites have identical working graphs."""
+        return (tuple((p.tensor, p.consumers, p.channels.tobytes()) for p in self.plan.protections),
+                tuple((s.tensor, s.consumers, s.scale.tobytes()) for s in self.plan.scalings))
+
+
+def decide(model: ir.Model, plans: Sequence[QuantPlan], recipe: Recipe, profiles: Sequence[TargetProfile], calib, *,
+           progress: bool = True) -> list[tuple[QuantPlan, CalibrationTable | None]]:
+    """Every algorithm's decisions for each (plan, profile), stage by stage; ``model`` is not changed.
+
+    Profiles whose working graphs are identical at a stage's start (the same rewrites so far)
+    share that stage's calibration pass: the union of their requests is observed once. Returns
+    each finished plan with the table of its last calibration pass (None without data).
+    """
+    lanes = [_Lane(plan, Context(model.clone(), recipe, prof, has_data=calib is not None))
+             for plan, prof in zip(plans, profiles)]
+    handlers = handlers_for(recipe)
+    for stage in Stage:
+        todo = []
+        for h in (h for h in handlers if h.stage(recipe) == stage):
+            if h.needs_data and calib is None:
+                for lane in lanes:
+                    lane.plan = h.skipped(lane.plan, NO_DATA)
+            else:
+                todo.append(h)
+        groups: dict[tuple, list[_Lane]] = {}
+        for lane in lanes:
+            groups.setdefault(lane.rewrites(), []).append(lane)
+        for group in groups.values():
+            table, values = _observe(group, todo, stage, calib, progress)
+            for lane in group:
+                lane.stats = Stats(values, samples=table.samples if table else 0)
+                lane.table = table or lane.table
+        for h in todo:
+            for lane in lanes:
+                before = len(lane.plan.protections), len(lane.plan.scalings)
+                lane.plan = h.decide(lane.ctx, lane.plan, lane.stats)
+                new = replace(lane.plan, protections=lane.plan.protections[before[0]:],
+                              scalings=lane.plan.scalings[before[1]:])
+                if new.protections or new.scalings:  # the next handler reads the graph as it will be written
+                    ir.passes.Sequential(*rewrite_passes(new))(lane.ctx.model)
+    return [(lane.plan, lane.table) for lane in lanes]
+
+
+def _observe(group: list[_Lane], handlers, stage: Stage, calib, progress: bool):
+    """One calibration pass over the group's (identical) working graph for every request of ``handlers``."""
+    requests = {}
+    for lane in group:
+        for h in handlers:
+            for r in h.requests(lane.ctx, lane.plan):
+                requests.setdefault((r.kind, r.tensor), r)
+    if not requests:
+        return None, {}
+    objects = {key: r.make() for key, r in requests.items()}
+    by_tensor: dict[str, list] = {}
+    for (_, tensor), obj in objects.items():
+        by_tensor.setdefault(tensor, []).append(obj)
+    feeds, desc = open_feeds(calib, split="calibration")
+    if stage == Stage.PREPASS:
+        feeds = itertools.islice(feeds, PREPASS_BATCHES)
+    proto = ir.to_proto(group[0].ctx.model)
+    table = calibrate(proto, by_tensor, feeds, specs=onnx_io.io_specs(proto), source=desc, progress=progress)
+    del proto
+    values = {key: obj.result() for key, obj in objects.items()}
+    return table, {k: v for k, v in values.items() if v is not None}
+
+
+class _PositionNames:
+    """NameFixPass naming: an unnamed node becomes ``<op_type>_<its position in the graph>``."""
+
+    def __init__(self, model: ir.Model):
+        self.index = {id(n): i for i, n in enumerate(model.graph)}
+
+    def generate_node_name(self, node: ir.Node) -> str:
+        return node.name or f"{node.op_type}_{self.index.get(id(node), 0)}"
+
+    def generate_value_name(self, value: ir.Value) -> str:
+        return value.name or "v"
+
+
+def name_nodes(model: ir.Model) -> None:
+    """Give every unnamed (or duplicate-named) node and value a unique name: plans and reports refer to them by name."""
+    ir.passes.common.NameFixPass(_PositionNames(model))(model)
+
+
+def _check_weights_finite(model: ir.Model, plan: QuantPlan) -> None:
+    for d in plan.weights:
+        v = model.graph.initializers.get(d.weight)
+        if v is None or v.const_value is None:
+            continue
+        w = v.const_value.numpy()
+        if not np.all(np.isfinite(w)):
+            raise InputError(f"weight {d.weight} of node {d.node} ({d.op_type}) has NaN or infinite values",
+                             hint="fix the model's weights (or exclude the node with a recipe rule)")

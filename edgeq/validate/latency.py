@@ -1,0 +1,59 @@
+"""Host latency of models in ONNX Runtime CPU, measured side by side (interleaved runs, medians).
+
+The host is not a phone: the numbers compare models (quantized vs float) under the same
+conditions, they do not predict device latency.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.specs import TensorSpec
+
+
+def batch_of_one(feed: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """``feed`` cut to one sample along each input's batch axis.
+
+    The batch axis is the one named like the first input's first dynamic axis (``batch``, or any
+    name the model uses), wherever it sits (e.g. silero-vad's ``state`` is ``[2, batch, 128]``);
+    inputs without that axis are kept whole.
+    """
+    batch = next((d for s in specs for d in s.shape[:1] if isinstance(d, str)), None)
+    out = {}
+    for s in specs:
+        if s.name not in feed:
+            continue
+        v = np.asarray(feed[s.name])
+        axis = next((i for i, d in enumerate(s.shape) if d == batch), None) if batch else None
+        if axis is not None and axis < v.ndim and v.shape[axis] > 1:
+            v = np.take(v, [0], axis=axis)
+        out[s.name] = v
+    return out
+
+
+def host_latency(models: Mapping[str, Path], feed: Mapping[str, np.ndarray], *, runs: int = 20,
+                 budget_s: float = 6.0, threads: int | None = None) -> dict[str, dict]:
+    """Median latency (ms) of each model on ``feed``, runs interleaved across models.
+
+    ``threads``: ONNX Runtime's intra-op threads (None: its default). ``.ort`` files load as ORT format.
+    """
+    from edgeq.validate.runners import ort_session
+
+    sessions = {label: ort_session(path, threads=threads) for label, path in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():  # warm up
+        s.run(None, dict(feed))
+    t_end = time.perf_counter() + budget_s
+    for i in range(runs):
+        for label, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, dict(feed))
+            times[label].append((time.perf_counter() - t0) * 1e3)
+        if i >= 2 and time.perf_counter() > t_end:
+            break
+    return {k: {"median_ms": statistics.median(v), "runs": len(v)} for k, v in times.items()}
