@@ -9,7 +9,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from onnxscript.rewriter import MatchingTracer, MatchResult, RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus, RewriteRuleClassBase, RewriteRuleSet
 from onnxscript.rewriter.rules.common import (
     fuse_batchnorm_into_conv_rule,
     fuse_batchnorm_into_conv_transpose_rule,
@@ -83,19 +83,20 @@ def _weighted_producer(bn: ir.Node) -> ir.Node | None:
 def _why_kept(model: ir.Model) -> tuple[tuple[str, str], ...]:
     tracer = MatchingTracer()  # with a tracer, the rules only match: nothing is rewritten
     _LIBRARY_RULES.apply_to_model(model, tracer=tracer)
-    reasons: dict[int, str] = {}
+    reasons: dict[int, str] = {}  # BatchNormalization -> why its rule's check failed
     for records in tracer.best_matches_map.values():
         for rec in records:
-            reason = rec.match_result.reason if rec.match_result is not None else ""
-            if reason and id(rec.root_node) not in reasons:
-                reasons[id(rec.root_node)] = reason
+            if rec.status >= MatchStatus.CONDITION_FAILED and rec.match_result is not None:
+                reasons.setdefault(id(rec.root_node), rec.match_result.reason)
     kept = []
     for bn in _batchnorms(model):
         producer = bn.inputs[0].producer() if bn.inputs[0] is not None else None
-        if id(bn) in reasons:
+        if reasons.get(id(bn)):
             why = reasons[id(bn)]
         elif producer is None:
-            why = "it reads a graph input"
+            why = "it reads a graph input or an initializer"
+        elif producer.op_type in WEIGHTED:
+            why = f"its {producer.op_type} {producer.name!r} does not match the folding pattern"
         else:
             why = f"it follows {producer.op_type} {producer.name!r}, which has no weights to fold into"
         kept.append((bn.name, why))

@@ -23,9 +23,11 @@ OUTPUT_SIZE_LIMIT = 512 * 512
 
 @dataclasses.dataclass
 class FoldConstantsResult(ir.passes.PassResult):
-    lifted: int = 0  # Constant nodes that became initializers (directly or folded into one)
+    lifted: int = 0  # Constant nodes that became initializers
+    absorbed: int = 0  # Constant nodes folded into other results, or read by nothing
     folded: int = 0  # other nodes computed from constants and replaced by their result
     unlisted_inputs: int = 0  # initializers that were also graph inputs (IR < 4 files)
+    shapes_inferred: int = 0  # values without a shape that got one from the folder's shape inference
     initializers: int = 0  # initializers of the main graph afterwards
 
 
@@ -42,7 +44,8 @@ class FoldConstantsPass(ir.passes.InPlacePass):
        Transpose/Slice/Concat/Cast/Unsqueeze of a weight is folded at any size; a broadcast that
        would grow the file is not). Shape computations fold where shapes are static, an ``If``
        whose condition is constant is replaced by its branch, Identity and inference Dropout
-       disappear. Quantize/DequantizeLinear and ConstantOfShape are never folded.
+       disappear. Quantize/DequantizeLinear and ConstantOfShape are never folded. The folder's
+       shape inference gives a shape to values that had none (counted).
     3. Nodes whose outputs nothing reads are removed (onnx-ir ``RemoveUnusedNodesPass``).
     4. Every ``Constant`` node left, of any size and kind, becomes an initializer, and initializers
        of subgraphs move to the main graph, where the quantizer finds them (onnx-ir
@@ -58,6 +61,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> FoldConstantsResult:
         constants_before = _count(model, "Constant")
+        shapeless = [v for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs if v.shape is None]
         others_before = _count(model) - constants_before
         inputs_before = len(model.graph.inputs)
         modified = common_passes.RemoveInitializersFromInputsPass()(model).modified
@@ -65,15 +69,19 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         modified |= onnxscript.optimizer.fold_constants(
             model, onnx_shape_inference=True, input_size_limit=NO_INPUT_SIZE_LIMIT,
             output_size_limit=self.output_size_limit).modified
-        for p in (common_passes.RemoveUnusedNodesPass(),
-                  common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        modified |= common_passes.RemoveUnusedNodesPass()(model).modified
+        constants_left = _count(model, "Constant")
+        for p in (common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
                   common_passes.LiftSubgraphInitializersToMainGraphPass()):
             modified |= p(model).modified
         constants_after = _count(model, "Constant")
+        alive = {id(v) for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs}
+        inferred = sum(1 for v in shapeless if v.shape is not None and id(v) in alive)
         return FoldConstantsResult(
-            model, modified=modified, lifted=constants_before - constants_after,
+            model, modified=modified or bool(inferred), lifted=constants_left - constants_after,
+            absorbed=constants_before - constants_left,
             folded=max(others_before - (_count(model) - constants_after), 0), unlisted_inputs=unlisted,
-            initializers=len(model.graph.initializers))
+            shapes_inferred=inferred, initializers=len(model.graph.initializers))
 
     def ensures(self, model: ir.Model) -> None:
         for node in ir.traversal.RecursiveGraphIterator(model.graph):

@@ -11,7 +11,7 @@ import onnx_ir as ir
 class NameNodesResult(ir.passes.PassResult):
     named: int = 0  # nodes that had no name
     renamed: int = 0  # nodes whose name an earlier node already had
-    nodes: tuple[ir.Node, ...] = ()  # the nodes named or renamed
+    names: tuple[str, ...] = ()  # the names given
 
 
 class NameNodesPass(ir.passes.InPlacePass):
@@ -31,7 +31,7 @@ class NameNodesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> NameNodesResult:
         taken: set[str] = set()
         counts = [0, 0]  # named, renamed
-        changed: list[ir.Node] = []
+        given: list[str] = []
         pending: list[tuple[str, ir.Graph]] = [("", model.graph)]
         while pending:  # the main graph first, then subgraphs in the order their owners appear
             prefix, graph = pending.pop(0)
@@ -43,7 +43,7 @@ class NameNodesPass(ir.passes.InPlacePass):
                     while name in taken:
                         name, k = f"{base}_{k}", k + 1
                     node.name = name
-                    changed.append(node)
+                    given.append(name)
                 taken.add(node.name)
                 for attr in node.attributes.values():
                     if attr.type == ir.AttributeType.GRAPH:
@@ -51,7 +51,7 @@ class NameNodesPass(ir.passes.InPlacePass):
                     elif attr.type == ir.AttributeType.GRAPHS:
                         pending.extend((f"{node.name}.{attr.name}{j}.", g) for j, g in enumerate(attr.as_graphs()))
         named, renamed = counts
-        return NameNodesResult(model, modified=bool(changed), named=named, renamed=renamed, nodes=tuple(changed))
+        return NameNodesResult(model, modified=bool(given), named=named, renamed=renamed, names=tuple(given))
 
     def ensures(self, model: ir.Model) -> None:
         names = [n.name for n in ir.traversal.RecursiveGraphIterator(model.graph)]

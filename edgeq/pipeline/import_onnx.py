@@ -123,7 +123,7 @@ def _opset_step(r: ConvertOpsetResult, opset: int) -> ImportStep:
         at = f"already at opset {r.from_opset}" if r.from_opset is not None else "no ai.onnx opset imported"
         return ImportStep("convert opset", 0, f"kept: {at} (target {opset})")
     n = sum(r.adapted.values())
-    ops = _listed(sorted(r.adapted.items(), key=lambda kv: -kv[1]), lambda kv: f"{kv[0]} ×{kv[1]}")
+    ops = ", ".join(f"{op} ×{k}" for op, k in sorted(r.adapted.items(), key=lambda kv: -kv[1]))
     return ImportStep("convert opset", n, f"opset {r.from_opset} → {r.to_opset} with onnx's version converter; "
                                           f"{n} nodes of ops redefined since: {ops or 'none'}")
 
@@ -140,13 +140,18 @@ def _constants_step(r: FoldConstantsResult) -> ImportStep:
     parts = []
     if r.lifted:
         parts.append(f"{r.lifted} Constant nodes became initializers")
+    if r.absorbed:
+        parts.append(f"{r.absorbed} Constant nodes were folded into other results or read by nothing")
     if r.folded:
         parts.append(f"{r.folded} nodes computed from constants were folded")
     if r.unlisted_inputs:
         parts.append(f"{r.unlisted_inputs} initializers are no longer graph inputs")
-    n = r.lifted + r.folded + r.unlisted_inputs
     text = "; ".join(parts) if parts else "no Constant nodes and nothing computed from constants"
-    return ImportStep("fold constants", n, f"{text} ({r.initializers} initializers)")
+    text += f" ({r.initializers} initializers)"
+    if r.shapes_inferred:
+        text += f"; shapes inferred for {r.shapes_inferred} values that had none"
+    n = r.lifted + r.absorbed + r.folded + r.unlisted_inputs + r.shapes_inferred
+    return ImportStep("fold constants", n, text)
 
 
 def _batchnorm_step(r: FoldBatchNormResult) -> ImportStep:
@@ -177,9 +182,9 @@ def _dims_step(before: NameDimsResult, after: NameDimsResult) -> ImportStep:
 
 
 def _names_step(model: ir.Model, before: NameNodesResult, after: NameNodesResult) -> ImportStep:
-    # nodes named before folding count only if they are still there (most unnamed ones are Constants)
-    alive = {id(n) for n in ir.traversal.RecursiveGraphIterator(model.graph)}
-    changed = list({id(n): n for n in (*before.nodes, *after.nodes) if id(n) in alive}.values())
-    text = f"{len(changed)} unnamed or duplicate-named nodes named: " + _listed([n.name for n in changed]) \
+    # names given before folding count only if a node still has them (most unnamed nodes are Constants)
+    given = {*before.names, *after.names}
+    changed = [n.name for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.name in given]
+    text = f"{len(changed)} unnamed or duplicate-named nodes named: " + _listed(changed) \
         if changed else "all node names already unique"
     return ImportStep("name nodes", len(changed), text)
