@@ -139,7 +139,7 @@ def _failing_node(proto: onnx.ModelProto, target: int, reason: str) -> onnx.Node
         one = onnx.helper.make_model(graph, opset_imports=[op for op in proto.opset_import], ir_version=proto.ir_version)
         try:
             onnx.version_converter.convert_version(one, target)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure with the model's reason identifies the node
             if _reason(e) == reason:
                 return node
     return None

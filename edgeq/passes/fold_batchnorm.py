@@ -9,7 +9,14 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus, RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter import (
+    RULE_NAME_TAG,
+    MatchingTracer,
+    MatchResult,
+    MatchStatus,
+    RewriteRuleClassBase,
+    RewriteRuleSet,
+)
 from onnxscript.rewriter.rules.common import (
     fuse_batchnorm_into_conv_rule,
     fuse_batchnorm_into_conv_transpose_rule,
@@ -47,20 +54,25 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
     """
 
     def call(self, model: ir.Model) -> FoldBatchNormResult:
-        weighted_names = {}  # BatchNormalization output name -> name of the weighted node before it
+        origin: dict[str, str] = {}  # value name -> the weighted node computing it, before the rewrites
+        bn_outputs: set[str] = set()
         for bn in _batchnorms(model):
             node = _weighted_producer(bn)
             if node is not None:
-                weighted_names[bn.outputs[0].name] = node.name
+                bn_outputs.add(bn.outputs[0].name)
+                for v in (node.outputs[0], bn.inputs[0], bn.outputs[0]):
+                    origin[v.name] = node.name
         prepared = _PREPARATION_RULES.apply_to_model(model)
         count = _LIBRARY_RULES.apply_to_model(model)
         common_passes.RemoveUnusedNodesPass()(model)
         folded: dict[str, int] = {}
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            out = node.outputs[0] if node.outputs else None
-            if count and out is not None and out.name in weighted_names and node.op_type in WEIGHTED:
-                # the rewriter names the fused node after its rule; plans refer to the original name
-                node.name = weighted_names[out.name]
+            if node.op_type not in WEIGHTED or RULE_NAME_TAG not in node.metadata_props:
+                continue
+            name = node.outputs[0].name
+            if name in origin:  # the rewriter names a new node after its rule; plans use the original name
+                node.name = origin[name]
+            if name in bn_outputs:
                 folded[node.op_type] = folded.get(node.op_type, 0) + 1
         return FoldBatchNormResult(model, modified=bool(count or prepared), folded=folded, prepared=prepared,
                                    kept=_why_kept(model))

@@ -42,6 +42,8 @@ class ImportStep:
 
 @dataclass(frozen=True)
 class ImportResult:
+    """The imported model and its steps, in the order :func:`import_onnx` reports them."""
+
     model: ir.Model
     steps: tuple[ImportStep, ...]
 

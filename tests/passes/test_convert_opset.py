@@ -4,10 +4,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from import_models import assert_same_outputs, copy, ops
 
 from edgeq.errors import InputError
 from edgeq.passes.convert_opset import ConvertOpsetPass
-from import_models import assert_same_outputs, copy, ops
 
 # ops whose definition changed after opset 11: axes/split attributes became inputs, Softmax's axis
 OPSET11 = """

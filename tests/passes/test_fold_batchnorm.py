@@ -4,9 +4,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from import_models import EXACT_SQNR_DB, assert_same_outputs, copy, floats, ops
 
 from edgeq.passes.fold_batchnorm import FoldBatchNormPass
-from import_models import EXACT_SQNR_DB, assert_same_outputs, copy, floats, ops
 
 
 def _bn_params(rng, c: int) -> str:
@@ -32,8 +32,8 @@ CASES = {
     # paddle2onnx: ConvTranspose, then its bias as an Add of [1, C, 1, 1], then BatchNormalization
     "convtranspose_add": ("float[N, 4, 3, 3] x", "float[N, 6, 6, 6] y",
                           "float[4, 3, 2, 2] w = {{{w}}}, float[1, 6, 1, 1] ab = {{1, 2, 3, 4, 5, 6}}", 48,
-                          "c = ConvTranspose <group = 2, strides = [2, 2]> (x, w)\n a = Add (c, ab)\n"
-                          " y = BatchNormalization (a, s, b, m, v)", 6),
+                          "c = ConvTranspose <group = 2, strides = [2, 2]> (x, w)\n a = Add (c, ab)\n y = BatchNormalization (a, s, b, m, v)",
+                          6),
     "gemm": ("float[N, 5] x", "float[N, 4] y", "float[4, 5] w = {{{w}}}", 20,
              "c = Gemm <transB = 1> (x, w)\n y = BatchNormalization (c, s, b, m, v)", 4),
     "matmul_add": ("float[N, 5] x", "float[N, 4] y", "float[5, 4] w = {{{w}}}, float[4] ab = {{1, 2, 3, 4}}", 20,

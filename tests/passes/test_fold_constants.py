@@ -3,11 +3,11 @@
 import numpy as np
 import onnx
 import onnx_ir as ir
+from import_models import assert_same_outputs, copy, floats, ops
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 from edgeq.passes.fold_constants import FoldConstantsPass
-from import_models import assert_same_outputs, copy, floats, ops
 
 
 def test_constant_node_weights_become_initializers():

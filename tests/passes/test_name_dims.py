@@ -3,10 +3,10 @@
 import numpy as np
 import onnx
 import onnx_ir as ir
+from import_models import assert_same_outputs, copy
 from onnx import helper as oh
 
 from edgeq.passes.name_dims import NameDimsPass
-from import_models import assert_same_outputs, copy
 
 
 def _model(inputs, outputs, value_info=()) -> ir.Model:

@@ -1,10 +1,10 @@
 """NameNodesPass: unique, non-empty node names, the same ones quantize's naming gives."""
 
 import onnx_ir as ir
+from import_models import copy
 
 from edgeq.passes.name_nodes import NameNodesPass
 from edgeq.quant.quantize import name_nodes
-from import_models import copy
 
 TEXT = """
 <ir_version: 10, opset_import: ["" : 21]>

@@ -3,9 +3,9 @@
 import numpy as np
 import onnx
 import onnx_ir as ir
+from import_models import assert_same_outputs, copy, ops
 
 from edgeq.passes.remove_identity import RemoveIdentityPass
-from import_models import assert_same_outputs, copy, ops
 
 FEED = {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)}
 
