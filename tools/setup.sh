@@ -10,6 +10,9 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" -e ".[all]"
+# real ONNX files edgeq did not write, for the import tests (tests/pipeline/test_import_real_models.py):
+# PP-OCR (paddle2onnx) and silero-vad; the files need none of their dependencies (opencv, shapely, ...)
+"${PIP[@]}" --no-deps "rapidocr-onnxruntime==1.4.4" "silero-vad==6.2.3"
 # Debian's chromium: the HTML report's headless-browser test (tests/edgeq_build/test_report_html.py)
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     SUDO=""
