@@ -12,7 +12,7 @@ import types as _types
 
 __version__ = "0.1.0"
 
-from edgeq.errors import EdgeqError, ExportError, InputError, UnsupportedError, ValidationFailed  # noqa: E402
+from edgeq.errors import EdgeqError, ExportError, InputError, UnsupportedError, ValidationFailed
 
 # name -> module that defines it
 _LAZY = {

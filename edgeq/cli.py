@@ -230,6 +230,9 @@ def _check_build_data(args) -> None:
     checked in full (the feeds build will use); a sample is checked on its first feed (its
     feeds share names and dtypes), which catches a sample of another model.
     """
+    for flag, value in (("--limit", args.limit), ("--calib-limit", args.calib_limit)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}", hint="give the number of feeds to use")
     if args.data is None and args.calib is None:
         return  # the sample's own splits
     specs = _build_model_inputs(args.model, args.input)

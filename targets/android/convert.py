@@ -130,8 +130,8 @@ def smoke_run(session, name: str) -> str:
 
 # ORT's message for a failing kernel: "... while running <Op> node. Name:'<node>' Status Message: <why>",
 # where <why> may start with the C++ location and the failed condition ("<file>:<line> <fn> <cond> was false.")
-_KERNEL_FAILURE = re.compile(r"running (?P<op>\S+) node\. Name:'(?P<node>[^']*)' Status Message: (?P<why>.*)", re.S)
-_CXX_CONDITION = re.compile(r"^\S+:\d+ .*? was false\.\s*", re.S)
+_KERNEL_FAILURE = re.compile(r"running (?P<op>\S+) node\. Name:'(?P<node>[^']*)' Status Message: (?P<why>.*)", re.DOTALL)
+_CXX_CONDITION = re.compile(r"^\S+:\d+ .*? was false\.\s*", re.DOTALL)
 
 
 def _run_failure(e: BaseException) -> str:

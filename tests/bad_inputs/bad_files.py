@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from helpers import make_onnx, mlp_text
+from onnx import TensorProto, helper, numpy_helper
 
 # torch factories for `edgeq export` / `edgeq build` (imported from the case's folder)
 FACTORIES = textwrap.dedent(
@@ -46,13 +45,13 @@ FACTORIES = textwrap.dedent(
     """
 )
 
-OTHER_INPUTS = """
+OTHER_INPUTS = f"""
 <ir_version: 10, opset_import: ["" : 21]>
-other (float[batch, 4] z) => (float[batch, 3] y) <float[4, 3] w = {%s}>
-{
+other (float[batch, 4] z) => (float[batch, 3] y) <float[4, 3] w = {{{", ".join(["0.5"] * 12)}}}>
+{{
     y = MatMul(z, w)
-}
-""" % ", ".join(["0.5"] * 12)
+}}
+"""
 
 CUSTOM_OP = """
 <ir_version: 10, opset_import: ["" : 21, "com.example" : 1]>
@@ -149,6 +148,11 @@ def make_corpus(folder: Path) -> Path:
     onnx.save(ext, str(f / "external.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location="external.onnx.data", size_threshold=0)
     (f / "external.onnx.data").unlink()  # the weights file that should sit beside it is missing
+    for opset in (11, 40):  # older than the QDQ forms edgeq writes need; newer than any ONNX release
+        onnx.save(onnx.parser.parse_model(mlp_text().replace('"" : 21', f'"" : {opset}')), str(f / f"opset{opset}.onnx"))
+    dangling = onnx.parser.parse_model(mlp_text())
+    dangling.graph.node[2].input[0] = "nope"  # Relu reads a tensor nothing makes
+    onnx.save(dangling, str(f / "dangling.onnx"))
     make_onnx(OTHER_INPUTS, f / "other_inputs.onnx")
     custom = onnx.parser.parse_model(CUSTOM_OP)
     custom.graph.node[0].name = "fancy"

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-
 from bad_files import snapshot
+
 from edgeq.cli import main
 
 pytestmark = pytest.mark.bad_inputs
@@ -27,10 +27,11 @@ class Case:
     argv: tuple[str, ...]
     names: tuple[str, ...]  # each must appear in the last stderr line
     code: int = 2
+    known_bug: str = ""  # fails today: where the fix belongs (the case is a strict xfail until then)
 
 
-def c(id_: str, *argv: str, names: tuple[str, ...] | str, code: int = 2) -> Case:
-    return Case(id_, argv, (names,) if isinstance(names, str) else names, code)
+def c(id_: str, *argv: str, names: tuple[str, ...] | str, code: int = 2, known_bug: str = "") -> Case:
+    return Case(id_, argv, (names,) if isinstance(names, str) else names, code, known_bug)
 
 
 EXPORT = [
@@ -83,6 +84,7 @@ QUANTIZE = [
     c("quantize/no-output", *Q, "tiny.onnx", names=("-o", "--explain")),
     c("quantize/output-exists", *Q, "tiny.onnx", "-o", "existing.onnx", names=("existing.onnx", "--force")),
     c("quantize/output-folder-missing", *Q, "tiny.onnx", "-o", "nodir/out.onnx", names="nodir"),
+    c("quantize/output-unwritable", *Q, "tiny.onnx", "-o", "/proc/out.onnx", names=("/proc/out.onnx", "not writable")),
     c("quantize/output-is-a-folder", *Q, "tiny.onnx", "-o", "existing_dir", "--force", names="existing_dir"),
     # issue 17 case 2: an unwritable --json is found before out.onnx is written
     c("quantize/json-unwritable", *Q, "tiny.onnx", *OUT, "--json", "a_file.txt/plan.json",
@@ -117,6 +119,15 @@ QUANTIZE = [
       names="empty_dir"),
     c("quantize/calib-one-bad-file", *Q, "tiny.onnx", "--recipe", "w8a8", "--calib", "mixed", *OUT,
       names=("b.npz", "int32")),
+    c("quantize/opset-11", *Q, "opset11.onnx", *OUT, names=("opset11.onnx", "opset 11"),
+      known_bug="exit 0 and an out.onnx ONNX Runtime refuses (DequantizeLinear 'axis' needs opset 13): "
+                "the import stage (opset conversion) or read_onnx must convert or refuse"),
+    c("quantize/opset-40", *Q, "opset40.onnx", *OUT, names=("opset40.onnx", "opset 40"),
+      known_bug="exit 0 and an out.onnx no runtime loads: edgeq.onnx_io.read_onnx must refuse an opset "
+                "newer than the installed onnx knows"),
+    c("quantize/dangling-input", *Q, "dangling.onnx", *OUT, names=("dangling.onnx", "nope"),
+      known_bug="exit 0 and an invalid out.onnx: edgeq.onnx_io.read_onnx (or the import stage) must check "
+                "the graph"),
     c("quantize/calib-custom-op", *Q, "custom_op.onnx", "--recipe", "w8a8", "--calib", "good.npz", *OUT,
       names="FancyOp"),
 ]
@@ -131,6 +142,8 @@ PACKAGE = [
       names=("existing_dir", "--force")),
     c("package/output-is-a-file", "package", "qdq.onnx", "--target", "android", "-o", "a_file.txt",
       names="a_file.txt"),
+    c("package/output-unwritable", "package", "qdq.onnx", "--target", "android", "-o", "/proc/pkg",
+      names=("/proc/pkg", "not writable")),
     c("package/json-unwritable", "package", "qdq.onnx", "--target", "android", "-o", "pkg",
       "--json", "a_file.txt/p.json", names="a_file.txt/p.json"),
     c("package/option-for-android", "package", "qdq.onnx", "--target", "android", "-o", "pkg", "--compute", "fp32",
@@ -175,6 +188,10 @@ VALIDATE = [
     # unclear before: models taking different inputs were blamed on the data file
     c("validate/models-take-different-inputs", "validate", "other_inputs.onnx", "-r", "tiny.onnx", "--data",
       "good.npz", names=("other_inputs.onnx", "tiny.onnx", "'z'")),
+    c("validate/candidate-fails-at-run", "validate", "broken_dq.onnx", "-r", "qdq.onnx", "--data", "good.npz",
+      names=("broken_dq.onnx", "fc_w_dequantize"),
+      known_bug="exit 3 (internal error): edgeq.validate.runners.SessionRunner.run must turn an ONNX Runtime "
+                "failure into an error naming the model and the node"),
     c("validate/json-unwritable", "validate", "tiny.onnx", "-r", "tiny.onnx", "--data", "good.npz",
       "--json", "a_file.txt/v.json", names="a_file.txt/v.json"),
     c("validate/folder-without-manifest", "validate", "empty_dir", "-r", "tiny.onnx", "--data", "good.npz",
@@ -212,6 +229,7 @@ BUILD = [
       names="--targets"),
     c("build/output-is-here", *B, "--data", "good.npz", "-o", ".", names="output ."),
     c("build/output-not-empty", *B, "--data", "good.npz", "-o", "existing_dir", names=("existing_dir", "--force")),
+    c("build/output-unwritable", *B, "--data", "good.npz", "-o", "/proc/dist", names=("/proc/dist", "not writable")),
     c("build/model-missing", "build", "missing.onnx", "--data", "good.npz", "-o", "dist", names="missing.onnx"),
     c("build/model-not-onnx", "build", "notes.txt", "--data", "good.npz", "-o", "dist", names="notes.txt"),
     c("build/model-garbage", "build", "garbage.onnx", "--targets", "android", "--recipe", "w8a16", "--data",
@@ -229,6 +247,9 @@ BUILD = [
     c("build/data-wrong-dtype", *B, "--data", "wrong_dtype.npz", "-o", "dist", names=("wrong_dtype.npz", "float64")),
     c("build/calib-wrong-name", "build", "tiny.onnx", "--targets", "android", "--calib", "wrong_name.npz", "--data",
       "good.npz", "--no-latency", "--no-progress", "-o", "dist", names=("wrong_name.npz", "x")),
+    c("build/bad-limit", *B, "--data", "good.npz", "--limit", "0", "-o", "dist", names="--limit"),
+    c("build/bad-calib-limit", "build", "tiny.onnx", "--targets", "android", "--calib", "good.npz", "--data",
+      "good.npz", "--calib-limit", "0", "-o", "dist", names="--calib-limit"),
     c("build/calib-nan", "build", "tiny.onnx", "--targets", "android", "--calib", "nan.npz", "--data",
       "good.npz", "--no-latency", "--no-progress", "-o", "dist", names=("nan.npz", "NaN")),
 ]
@@ -251,7 +272,11 @@ def run_cli(argv, capfd) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("case", CASES, ids=[k.id for k in CASES])
+PARAMS = [pytest.param(k, id=k.id, marks=[pytest.mark.xfail(strict=True, reason=k.known_bug)] if k.known_bug else [])
+          for k in CASES]
+
+
+@pytest.mark.parametrize("case", PARAMS)
 def test_bad_input_gets_a_clean_answer(case, workdir, capfd):
     before = snapshot(workdir)
     code, out, err = run_cli(case.argv, capfd)

@@ -14,9 +14,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from bad_files import snapshot
 
 import edgeq
-from bad_files import snapshot
 from edgeq.cli import INTERRUPTED
 
 pytestmark = pytest.mark.bad_inputs
@@ -77,7 +77,7 @@ DRIVER = textwrap.dedent(
 def run_edgeq(cwd: Path, *argv: str, driver: list[str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SOURCE_ROOT, "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run([sys.executable, *(driver or ["-m", "edgeq"]), *argv], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 INTERRUPTS = {
