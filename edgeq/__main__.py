@@ -1,7 +1,8 @@
 """``python -m edgeq``: the edgeq command.
 
-The import of the command is inside the interrupt handling too: Ctrl-C at any moment after
-Python itself started gives one line and exit 130, never a traceback.
+The import of the command is inside the interrupt handling too, so Ctrl-C while it loads gives
+one line and exit 130, not a traceback. (Only ``edgeq/__init__.py`` runs before this line: it
+imports nothing but ``edgeq.errors``.)
 """
 
 import sys
@@ -9,7 +10,7 @@ import sys
 try:
     from edgeq.cli import main
 except KeyboardInterrupt:
-    print("edgeq: interrupted; nothing was written", file=sys.stderr)
+    print("edgeq: interrupted; nothing was written", file=sys.stderr)  # as edgeq.cli.INTERRUPTED
     sys.exit(130)
 
 sys.exit(main())

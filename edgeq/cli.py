@@ -208,9 +208,10 @@ def cmd_package(args) -> int:
 def _build_model_inputs(model: str | None, inputs: Sequence[str] | None):
     """The input specs of ``edgeq build``'s model, or None when only ``build`` itself can tell (or refuse)."""
     from edgeq import sources
+    from edgeq.build import DEFAULT_MODEL
     from edgeq.specs import TensorSpec
 
-    model = model or "minilm"  # build's default model
+    model = model or DEFAULT_MODEL
     if Path(model).is_file() and Path(model).suffix.lower() == ".onnx":
         from edgeq import onnx_io
 
