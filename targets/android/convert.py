@@ -123,14 +123,15 @@ def smoke_run(session, name: str) -> str:
         session.run(None, feed, options)
     except Exception as e:
         raise UnsupportedError(f"the converted {name} fails on its first run in ONNX Runtime: {_run_failure(e)}",
-                               hint="the model is invalid where ONNX Runtime checks only at run time; "
-                                    "quantize the float model again, or check the QDQ model with `edgeq validate`") from e
+                               hint="the model is invalid where ONNX Runtime checks only at run time; quantize "
+                                    "the float model again, or check the QDQ model with `edgeq validate`") from e
     return "passed"
 
 
 # ORT's message for a failing kernel: "... while running <Op> node. Name:'<node>' Status Message: <why>",
 # where <why> may start with the C++ location and the failed condition ("<file>:<line> <fn> <cond> was false.")
-_KERNEL_FAILURE = re.compile(r"running (?P<op>\S+) node\. Name:'(?P<node>[^']*)' Status Message: (?P<why>.*)", re.DOTALL)
+_KERNEL_FAILURE = re.compile(r"running (?P<op>\S+) node\. Name:'(?P<node>[^']*)' Status Message: (?P<why>.*)",
+                             re.DOTALL)
 _CXX_CONDITION = re.compile(r"^\S+:\d+ .*? was false\.\s*", re.DOTALL)
 
 

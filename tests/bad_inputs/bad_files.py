@@ -149,7 +149,8 @@ def make_corpus(folder: Path) -> Path:
               location="external.onnx.data", size_threshold=0)
     (f / "external.onnx.data").unlink()  # the weights file that should sit beside it is missing
     for opset in (11, 40):  # older than the QDQ forms edgeq writes need; newer than any ONNX release
-        onnx.save(onnx.parser.parse_model(mlp_text().replace('"" : 21', f'"" : {opset}')), str(f / f"opset{opset}.onnx"))
+        text = mlp_text().replace('"" : 21', f'"" : {opset}')
+        onnx.save(onnx.parser.parse_model(text), str(f / f"opset{opset}.onnx"))
     dangling = onnx.parser.parse_model(mlp_text())
     dangling.graph.node[2].input[0] = "nope"  # Relu reads a tensor nothing makes
     onnx.save(dangling, str(f / "dangling.onnx"))

@@ -297,3 +297,15 @@ def test_the_corpus_covers_every_command():
         counts[k.id.split("/")[0]] = counts.get(k.id.split("/")[0], 0) + 1
     assert len(CASES) >= 60 and set(counts) >= {"export", "quantize", "package", "validate", "analyze", "build"}
     assert len({k.id for k in CASES}) == len(CASES)
+
+
+def test_preflight_error_with_several_problems_ends_with_the_first():
+    from targets.base import Problem, preflight_error
+
+    problems = [Problem("conv", "Conv", "int4 weight 'w_q' cannot ship", "quantize with --profile android"),
+                Problem("decode", "ImageDecoder", "no CPU kernel", "replace this op")]
+    lines = str(preflight_error("m.onnx", "android", problems)).splitlines()
+    assert lines[1:3] == ["  node 'conv' (Conv): int4 weight 'w_q' cannot ship",
+                          "  node 'decode' (ImageDecoder): no CPU kernel"]
+    assert lines[-1] == ("m.onnx cannot run on target android: node 'conv' (Conv): int4 weight 'w_q' cannot ship "
+                         "(and 1 more listed above) (quantize with --profile android; replace this op)")
