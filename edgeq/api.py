@@ -15,7 +15,7 @@ from edgeq.export import ExportResult, export_torch
 from edgeq.export.torch_export import DEFAULT_OPSET
 from edgeq.specs import TensorSpec, check_feeds
 from edgeq.validate import Thresholds, ValidationReport, compare, open_runner
-from edgeq.validate.feeds import load_feeds
+from edgeq.validate.feeds import check_same_inputs, load_feeds
 from edgeq.validate.runners import Runner, TorchRunner
 
 
@@ -181,6 +181,7 @@ def validate(
         if sample is None:
             raise InputError("no inputs to validate on", hint="give --data (a sample name, an .npz file or a folder)")
         data = sample
+    check_same_inputs([ref, *cands])  # a mismatch between models is not the data file's fault
     check_specs = next((r.input_specs for r in [*cands, ref] if r.input_specs), None)
     if check_specs is None:
         raise InputError("input names are unknown", hint="give input specs (--input) for a torch-only comparison")

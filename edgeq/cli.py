@@ -3,6 +3,10 @@
 Exit codes: 0 success, 1 a validation threshold failed, 2 bad input or a model edgeq cannot
 handle (one line on stderr naming the problem), 3 an internal error, 130 interrupted.
 Nothing is written when a command fails.
+
+Start-up imports only the standard library: each command imports what it needs when it runs,
+inside :func:`main`'s error handling, so ``edgeq --help`` and argument errors are instant and
+Ctrl-C at any moment after the first line gives one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from edgeq import __version__
 from edgeq.errors import EdgeqError, InputError, ValidationFailed
+
+INTERRUPTED = "edgeq: interrupted; nothing was written"
 
 
 def _sizes(items: Sequence[str]) -> dict[str, int]:
@@ -30,7 +37,16 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _check_json_path(args) -> None:
+    """An unwritable ``--json`` path fails before the command does any work (and writes its output)."""
+    if args.json:
+        from edgeq.onnx_io import check_output_path
+
+        check_output_path(args.json, force=True)
+
+
 def cmd_export(args) -> int:
+    _check_json_path(args)
     from edgeq import api
 
     res = api.export(
@@ -63,14 +79,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    _check_json_path(args)
     from edgeq import api
     from edgeq.validate import Thresholds
     from edgeq.validate.report import format_report, write_json
 
-    if args.json:
-        from edgeq.onnx_io import check_output_path
-
-        check_output_path(args.json, force=True)  # an unwritable report path fails before the run
     th = Thresholds(args.min_sqnr, args.min_cosine, args.min_top1_agreement)
     report = api.validate(
         args.candidates, args.reference, args.data, task=args.task, thresholds=th,
@@ -105,10 +118,18 @@ def _quantize_to_budget(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from edgeq import api
-
     if args.output is None and not args.explain:
         raise InputError("no output given", hint="pass -o OUT.onnx, or --explain to print the plan only")
+    if args.budget is None:
+        unused = [flag for flag, value in (("--data", args.data), ("--limit", args.limit)) if value is not None]
+        if unused:
+            flags = " and ".join(unused)
+            raise InputError(f"{flags} {'apply' if len(unused) > 1 else 'applies'} only with --budget "
+                             "(the search's evaluation data)",
+                             hint=f"add --budget METRIC>=X, or drop {flags}; calibration data is --calib")
+    _check_json_path(args)
+    from edgeq import api
+
     if args.budget is not None:
         return _quantize_to_budget(args)
     res = api.quantize(args.model, args.output, args.recipe, block=args.block, profile=args.profile,
@@ -143,12 +164,9 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    _check_json_path(args)
     from edgeq.pipeline.analyze import sensitivity
 
-    if args.json:
-        from edgeq.onnx_io import check_output_path
-
-        check_output_path(args.json, force=True)  # an unwritable report path fails before the run
     report = sensitivity(args.model, args.recipe, calib=args.calib, data=args.data, limit=args.limit,
                          progress=not args.no_progress, block=args.block, profile=args.profile, rank_by=args.rank_by)
     _say(report.format())
@@ -162,12 +180,9 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_package(args) -> int:
+    _check_json_path(args)
     from edgeq import api
 
-    if args.json:
-        from edgeq.onnx_io import check_output_path
-
-        check_output_path(args.json, force=True)  # an unwritable report path fails before the build
     # the target validates its own options (Target.configure); the CLI only passes them on
     res = api.package(args.model, args.target, args.output, force=args.force, options=_package_options(args))
     m = res.manifest
@@ -386,13 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.verbose:
-        os.environ["EDGEQ_VERBOSE"] = "1"
-    try:
+    debug = False
+    try:  # from the first line: Ctrl-C while arguments are read or a command's imports load is clean too
+        args = build_parser().parse_args(argv)
+        debug = args.debug
+        if args.verbose:
+            os.environ["EDGEQ_VERBOSE"] = "1"
         return args.func(args)
     except EdgeqError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"edgeq: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -400,10 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print("edgeq: interrupted; nothing was written", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except Exception as e:
-        if args.debug:
+        if debug:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
         print(f"edgeq: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",

@@ -104,10 +104,15 @@ class TensorSpec:
         return rng.integers(lo, hi, shape).astype(dt)
 
 
-def check_feed(feed: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], *, where: str = "feed") -> None:
+def check_feed(feed: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], *, where: str = "feed",
+               finite: bool = False) -> None:
     """Raise :class:`InputError` if ``feed`` does not match ``specs`` (names, dtypes, shapes).
 
-    Named dynamic axes must agree across inputs (one ``batch`` size per feed).
+    Named dynamic axes must agree across inputs (one ``batch`` size per feed), and no input may
+    have 0 on axis 0: an empty batch has nothing to measure and breaks metrics and calibration
+    later, far from the file at fault (other axes may be 0: a decoder's empty past key/value
+    cache). With ``finite``, float inputs must hold no NaN or infinity (calibration data: one
+    NaN poisons every range it reaches).
     """
     if not isinstance(feed, Mapping):
         raise InputError(f"{where}: expected a mapping of input name to array, got {type(feed).__name__}")
@@ -150,14 +155,22 @@ def check_feed(feed: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], *, w
                         f"{where}: axis {want!r} is {seen} in one input but {got} in {spec.name!r}",
                         hint="inputs that share a named axis must agree on its size",
                     )
+        if arr.ndim and arr.shape[0] == 0:
+            raise InputError(f"{where}: input {spec.name!r} is empty: shape {list(arr.shape)} has no samples on axis 0",
+                             hint="drop the empty batch, or save at least one sample in it")
+        if finite and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise InputError(f"{where}: input {spec.name!r} has {bad} NaN or infinite values",
+                             hint="calibration data must be finite; clean or drop that batch")
 
 
-def check_feeds(feeds: Iterable[Mapping[str, np.ndarray]], specs: Sequence[TensorSpec], *, source: str) -> list[dict]:
+def check_feeds(feeds: Iterable[Mapping[str, np.ndarray]], specs: Sequence[TensorSpec], *, source: str,
+                finite: bool = False) -> list[dict]:
     """Materialize and check every feed before any model runs; return them as a list."""
     out = []
     for i, feed in enumerate(feeds):
         where = feed.pop("__source__", None) if isinstance(feed, dict) else None
-        check_feed(feed, specs, where=where or f"{source} feed {i}")
+        check_feed(feed, specs, where=where or f"{source} feed {i}", finite=finite)
         out.append(dict(feed))
     if not out:
         raise InputError(f"{source}: no inputs to run", hint="give at least one feed")

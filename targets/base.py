@@ -146,6 +146,25 @@ def file_sizes(folder: Path) -> dict[str, int]:
     }
 
 
+def preflight_error(model_name: str, target_name: str, problems: list[Problem]) -> UnsupportedError:
+    """The error for a model that fails pre-flight.
+
+    Its last line names the model, the target and the first problem's node and op (the line a
+    terminal or CI log shows last), then the hints; with more problems, the lines above list
+    them all (up to 20).
+    """
+    first = f"{model_name} cannot run on target {target_name}: {problems[0].what}"
+    message = first
+    if len(problems) > 1:
+        listed = "\n  ".join(p.what for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        message = (f"{model_name} cannot run on target {target_name}: {len(problems)} problems\n  {listed}{more}\n"
+                   f"{first} (and {len(problems) - 1} more listed above)")
+    hints = list(dict.fromkeys(p.hint for p in problems if p.hint))
+    return UnsupportedError(message, hint="; ".join(hints[:3]) or "change the recipe so these nodes use a format "
+                                                                   "the target runs")
+
+
 def package(
     model_path: str | os.PathLike,
     target: Target,
@@ -166,13 +185,7 @@ def package(
     model = onnx_io.read_onnx(model_path)
     problems = target.preflight(model)
     if problems:
-        listed = "\n  ".join(p.what for p in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        hints = list(dict.fromkeys(p.hint for p in problems if p.hint))
-        raise UnsupportedError(
-            f"{model_path.name} cannot run on target {target.name}: {len(problems)} problem(s)\n  {listed}{more}\n",
-            hint="; ".join(hints[:3]) or "change the recipe so these nodes use a format the target runs",
-        )
+        raise preflight_error(model_path.name, target.name, problems)
     with onnx_io.atomic_folder(out) as tmp:
         model_file, facts = target.build(model_path, model, tmp)
         manifest = {

@@ -350,10 +350,13 @@ def _prepare(cfg: BuildConfig) -> _Inputs:
     if data is None:
         raise InputError("no evaluation data to validate the packages on",
                          hint="pass --data (a sample name, an .npz file or a folder of them)")
+    for flag, value in (("--limit", cfg.limit), ("--calib-limit", cfg.calib_limit)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}", hint="give the number of feeds to use")
     specs = _input_specs(obj, sample, cfg.inputs)
-    _check_data(data, "evaluation", specs, "--data")
-    if calib is not None:
-        _check_data(calib, "calibration", specs, "--calib")
+    _check_data(data, "evaluation", specs, cfg.limit)
+    if cfg.calib is not None:
+        _check_data(cfg.calib, "calibration", specs, cfg.calib_limit)
     if cfg.calib_limit is not None and calib is not None:
         from edgeq.validate.feeds import open_feeds
 
@@ -377,19 +380,19 @@ def _input_specs(obj, sample, inputs) -> list | None:
     return [TensorSpec.parse(s) for s in inputs or []] or None
 
 
-def _check_data(data, split: str, specs, flag: str) -> None:
-    """The first feed of ``data`` must load and fit the model's inputs (checked before any work)."""
-    from edgeq.specs import check_feed
-    from edgeq.validate.feeds import open_feeds
+def _check_data(data, split: str, specs, limit: int | None) -> None:
+    """Read and check ``data`` against the model's inputs before any work.
 
-    if isinstance(data, sources.Sample):
-        return  # a sample's own data fits its model
-    feeds, desc = open_feeds(data, split=split)
-    first = next(iter(feeds), None)
-    if first is None:
-        raise InputError(f"{flag} {desc}: no feeds", hint=f"give at least one batch of {split} inputs")
-    if specs:
-        check_feed({k: v for k, v in first.items() if not k.startswith("__")}, specs, where=f"{flag} {desc}")
+    Files are checked in full (the feeds the build will use; calibration data must be finite); a
+    sample on its first feed (its feeds share names and dtypes), which catches a sample of another
+    model. Without known input specs (a PyTorch factory without ``inputs``) nothing can be checked.
+    """
+    from edgeq.validate.feeds import load_feeds
+
+    if specs is None or isinstance(data, sources.Sample):
+        return
+    limit = limit if isinstance(data, (str, os.PathLike)) and Path(data).exists() else 1
+    load_feeds(data, specs, split=split, limit=limit, finite=split == "calibration")
 
 
 def _to_json(data: dict) -> str:

@@ -71,6 +71,9 @@ def open_feeds(data, *, split: str = "evaluation"):
         if p.exists():
             return npz_feeds(p), f"{p}"
         name, opts = parse_sample_ref(str(data))
+        if not sources.is_sample(name) and _looks_like_path(str(data), name):
+            raise InputError(f"data not found: {p}", hint="check the path; give an .npz file, a folder of them, "
+                                                          "or a sample name")
         sample = sources.get_sample(name, missing_hint=f"no file or folder {p} either")
         return sample.feeds(split, **opts), f"sample {name} ({split} set)"
     if isinstance(data, sources.Sample):
@@ -83,21 +86,57 @@ def open_feeds(data, *, split: str = "evaluation"):
                      hint="give a sample name, an .npz file or folder, or an iterable of dicts")
 
 
+def _looks_like_path(text: str, name: str) -> bool:
+    """A data argument meant as a file or folder: a folder part, or a suffix (``feeds.npz``) no sample name has."""
+    return "/" in text or os.sep in text or Path(name).suffix != ""
+
+
 def load_feeds(
     data,
     specs: Sequence[TensorSpec],
     *,
     split: str = "evaluation",
     limit: int | None = None,
+    finite: bool = False,
 ) -> tuple[list[dict[str, np.ndarray]], str]:
-    """Resolve ``data`` (see :func:`open_feeds`) to a checked list of feeds and its description."""
+    """Resolve ``data`` (see :func:`open_feeds`) to a checked list of feeds and its description.
+
+    ``limit`` keeps the first N feeds; ``finite`` also rejects NaN and infinity (calibration data).
+    """
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}", hint="give the number of feeds to use")
     raw, desc = open_feeds(data, split=split)
     feeds = []
     for feed in raw:
         feeds.append(feed)
         if limit is not None and len(feeds) >= limit:
             break
-    return check_feeds(feeds, specs, source=desc), desc
+    return check_feeds(feeds, specs, source=desc, finite=finite), desc
+
+
+def check_same_inputs(runners: Sequence) -> None:
+    """Fail, naming both models, when the models to compare do not take the same inputs.
+
+    Checked before any data is read, so that a mismatch between models is not reported as a
+    fault of the data file. Runners that do not know their inputs (a torch module) are skipped.
+    """
+    known = [r for r in runners if r.input_specs]
+    if not known:
+        return
+    first = known[0]
+    want = {s.name: s.dtype for s in first.input_specs}
+    for r in known[1:]:
+        got = {s.name: s.dtype for s in r.input_specs}
+        if got != want:
+            raise InputError(
+                f"{r.label} takes inputs {_signature(r.input_specs)} but {first.label} takes "
+                f"{_signature(first.input_specs)}",
+                hint="compare models of the same network (same input names and dtypes)",
+            )
+
+
+def _signature(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(f"{s.name!r} ({s.dtype})" for s in specs)
 
 
 def shapes_seen(feeds: Iterable[Mapping[str, np.ndarray]]) -> dict[str, list[list[int]]]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import onnx
 
 from edgeq._quiet import quiet
-from edgeq.errors import UnsupportedError
+from edgeq.errors import InputError, UnsupportedError
 from targets.android import ortformat
 from targets.android.ortformat import type_name
 from targets.android.profile import DISABLED_OPTIMIZERS, SESSION_CONFIG
@@ -95,6 +96,52 @@ def load_ort(path: Path):
     except Exception as e:
         raise UnsupportedError(f"the converted {path.name} does not load in ONNX Runtime: {_first_line(e)}",
                                hint="report this model; the QDQ ONNX itself may still run") from e
+
+
+def smoke_run(session, name: str) -> str:
+    """Run the converted model once on a made-up feed (``passed``, or why it was skipped); raise if it fails.
+
+    A file that loads can still fail on its first run: ONNX Runtime checks some attributes and
+    shapes only when a kernel runs (a DequantizeLinear whose per-axis scale has the wrong length
+    converts and loads, then fails), so no package is written unless its model ran. The feed has
+    the model's input names and dtypes, dynamic axes of size 2 (as the export checks use) and
+    values from a fixed seed (integers in [0, 10): valid token ids, masks and indices).
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    from targets.android.runner import input_spec
+
+    rng = np.random.default_rng(0)
+    try:
+        feed = {arg.name: input_spec(arg).random(rng) for arg in session.get_inputs()}
+    except InputError as e:  # an input type edgeq cannot make (string, uint16, ...): say so in the manifest
+        return f"skipped: {e.message}"
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # the failure is raised below; ORT would also print it as a log line
+    try:
+        session.run(None, feed, options)
+    except Exception as e:
+        raise UnsupportedError(f"the converted {name} fails on its first run in ONNX Runtime: {_run_failure(e)}",
+                               hint="the model is invalid where ONNX Runtime checks only at run time; quantize "
+                                    "the float model again, or check the QDQ model with `edgeq validate`") from e
+    return "passed"
+
+
+# ORT's message for a failing kernel: "... while running <Op> node. Name:'<node>' Status Message: <why>",
+# where <why> may start with the C++ location and the failed condition ("<file>:<line> <fn> <cond> was false.")
+_KERNEL_FAILURE = re.compile(r"running (?P<op>\S+) node\. Name:'(?P<node>[^']*)' Status Message: (?P<why>.*)",
+                             re.DOTALL)
+_CXX_CONDITION = re.compile(r"^\S+:\d+ .*? was false\.\s*", re.DOTALL)
+
+
+def _run_failure(e: BaseException) -> str:
+    """``node 'name' (Op): why`` from an ONNX Runtime run error, or its first line."""
+    m = _KERNEL_FAILURE.search(str(e))
+    if m is None:
+        return _first_line(e)
+    why = _CXX_CONDITION.sub("", m["why"].strip()) or m["why"].strip()
+    return f"node {m['node']!r} ({m['op']}): {why.splitlines()[0][:300]}"
 
 
 def write_config(ort_file: Path, config: Path) -> None:

@@ -32,7 +32,7 @@ class OrtFormatRunner(SessionRunner):
         sess = ort_session(self.path, config={"session.load_model_format": "ORT"}, what=" as an ORT format model",
                            hint="package the QDQ model again with `edgeq package --target android`")
         super().__init__(f"{self.path.parent.name}/{self.path.name}" if in_package else self.path.name,
-                         sess, [_spec(i) for i in sess.get_inputs()])
+                         sess, [input_spec(i) for i in sess.get_inputs()])
 
     def describe(self):
         import onnxruntime as ort
@@ -40,7 +40,8 @@ class OrtFormatRunner(SessionRunner):
         return {"kind": self.kind, "label": self.label, "path": str(self.path), "onnxruntime": ort.__version__}
 
 
-def _spec(arg) -> TensorSpec:
+def input_spec(arg) -> TensorSpec:
+    """The spec of an ONNX Runtime session input (an unnamed dynamic axis gets a name)."""
     dtype = _ORT_TYPES.get(arg.type)
     if dtype is None or dtype not in DTYPES:
         raise InputError(f"input {arg.name!r} has type {arg.type}, which edgeq cannot feed")

@@ -9,8 +9,9 @@
 - ``required_operators.config``: the operators of ``model.ort``, as ORT's converter writes it,
   for a reduced-size ONNX Runtime build (``--include_ops_by_config``).
 
-After writing, the ``.ort`` is checked: no tensor of a type the format cannot hold, and it
-loads in ONNX Runtime with the inputs and outputs of the QDQ model.
+After writing, the ``.ort`` is checked: no tensor of a type the format cannot hold, it loads in
+ONNX Runtime with the inputs and outputs of the QDQ model, and it runs once (a smoke run on a
+made-up feed), all in the temporary folder before the package moves into place.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from edgeq import onnx_io
 from edgeq.errors import UnsupportedError
 from edgeq.quant.profile import TargetProfile
 from targets.android import ortformat
-from targets.android.convert import check_converted, convert, load_ort, write_config
+from targets.android.convert import check_converted, convert, load_ort, smoke_run, write_config
 from targets.android.preflight import nnapi_partitions, preflight
 from targets.android.profile import ANDROID, DISABLED_OPTIMIZERS, OPTIMIZATION_LEVEL, SESSION_CONFIG
 from targets.base import Problem, Target
@@ -55,7 +56,10 @@ class AndroidTarget(Target):
         convert(onnx_file, ort_file)
         data = ort_file.read_bytes()
         check_converted(data, model)
-        check_io(load_ort(ort_file), model)
+        session = load_ort(ort_file)
+        check_io(session, model)
+        first_run = smoke_run(session, f"{MODEL_ORT} (from {Path(model_path).name})")
+        del session
         write_config(ort_file, folder / CONFIG)
         facts = {
             "runtime": {
@@ -79,6 +83,7 @@ class AndroidTarget(Target):
             "inputs": [_spec(s) for s in onnx_io.io_specs(model)],
             "outputs": [_spec(s) for s in onnx_io.io_specs(model, outputs=True)],
             "operators": operators(data),
+            "first_run": first_run,
             "nnapi_partitions": nnapi_partitions(model),
         }
         return ort_file, facts
