@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from edgeq import __version__
 from edgeq.errors import EdgeqError, InputError, ValidationFailed

@@ -19,25 +19,17 @@ import onnx
 import onnx_ir as ir
 
 from edgeq import onnx_io
-from edgeq.errors import EdgeqError, InputError, UnsupportedError
+from edgeq.errors import EdgeqError, InputError, UnsupportedError, first_line
 from edgeq.passes.convert_opset import ConvertOpsetPass, ConvertOpsetResult
 from edgeq.passes.fold_batchnorm import FoldBatchNormPass, FoldBatchNormResult
 from edgeq.passes.fold_constants import FoldConstantsPass, FoldConstantsResult
 from edgeq.passes.name_dims import NameDimsPass, NameDimsResult
 from edgeq.passes.name_nodes import NameNodesPass, NameNodesResult
 from edgeq.passes.remove_identity import RemoveIdentityPass, RemoveIdentityResult
+from edgeq.quant.plan import ImportStep
 
 DEFAULT_OPSET = 21  # blocked int4 DequantizeLinear needs 21; per-axis DequantizeLinear 13
 _SHOWN = 4  # names listed in a step's detail before "..."
-
-
-@dataclass(frozen=True)
-class ImportStep:
-    """What one step of the import did: ``changed`` things (0: nothing), described in ``detail``."""
-
-    name: str
-    changed: int
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -71,9 +63,16 @@ def import_onnx(model: ir.Model | str | os.PathLike, *, opset: int = DEFAULT_OPS
     source = "the model"
     if isinstance(model, (str, os.PathLike)):
         source = str(model)
-        model = onnx_io.load_ir(model)
+        proto = onnx_io.read_onnx(model)
+        check_graph(proto, source)
+        model = ir.from_proto(proto)
+        del proto
     elif not isinstance(model, ir.Model):
         raise InputError(f"expected an ONNX file path or an onnx_ir.Model, got {type(model).__name__}")
+    have = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if have > max_opset:
+        raise InputError(f"{source} uses ONNX opset {have}, newer than the installed onnx knows (up to {max_opset})",
+                         hint="export it at opset 21, or upgrade onnx")
 
     def run(name: str, p: ir.passes.PassBase) -> ir.passes.PassResult:
         try:
@@ -81,7 +80,7 @@ def import_onnx(model: ir.Model | str | os.PathLike, *, opset: int = DEFAULT_OPS
         except EdgeqError as e:
             raise type(e)(f"{source}: {e.message}", hint=e.hint) from e
         except Exception as e:
-            raise UnsupportedError(f"{source}: the import step {name!r} failed: {type(e).__name__}: {_first_line(e)}",
+            raise UnsupportedError(f"{source}: the import step {name!r} failed: {type(e).__name__}: {first_line(e)}",
                                    hint="check the model with onnx.checker; if it runs in ONNX Runtime, report this") from e
 
     steps = []
@@ -99,9 +98,16 @@ def import_onnx(model: ir.Model | str | os.PathLike, *, opset: int = DEFAULT_OPS
     return ImportResult(model=model, steps=tuple(steps))
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else ""
+def check_graph(proto: onnx.ModelProto, source: str) -> None:
+    """onnx's checker on the graph (not the ops of custom domains): a tensor read before anything makes
+    it, a missing graph output, a malformed attribute fail here, naming the file, not as a broken output later."""
+    if proto.ByteSize() > onnx_io.EXTERNAL_DATA_THRESHOLD_BYTES:
+        return  # the checker needs a path past 2 GB; ONNX Runtime checks such models when it loads them
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise InputError(f"{source} is not a valid ONNX graph: {first_line(e)}",
+                         hint="fix or re-export the model (onnx.checker.check_model shows the details)") from None
 
 
 def _listed(items: list[str] | tuple[str, ...] | dict, fmt: Callable = str) -> str:

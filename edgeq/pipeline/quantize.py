@@ -2,7 +2,7 @@
 
 :func:`quantize_model` reads::
 
-    model = load                        # every node named (plans refer to nodes by name)
+    model = import_onnx(path)           # weights as initializers, opset 21, BatchNorm folded, names
     plan  = make_plan(model, recipe, profile)          # weight formats, or float and why
     plan  = decide(model, plan, recipe, profile, data) # the algorithms, stage by stage
     apply_plan(model, plan, ...)                       # one declared pass pipeline
@@ -19,6 +19,7 @@ graph); weight-only recipes read it once.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 import os
 import time
 from collections.abc import Sequence
@@ -27,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common
 
 from edgeq import onnx_io
-from edgeq.errors import InputError
+from edgeq.errors import InputError, UnsupportedError
 from edgeq.pipeline.apply import apply_plan, rewrite_passes
+from edgeq.pipeline.import_onnx import import_onnx
 from edgeq.quant.activations import place_activations
 from edgeq.quant.algorithms import PREPASS_BATCHES, Context, Stage, Stats
 from edgeq.quant.calibrate import CalibrationTable, calibrate
@@ -118,10 +119,14 @@ def quantize_for_profiles(
                          hint="pass --calib (a sample name such as minilm, an .npz file or a folder of them)")
     model = load_model(model_path)
     float_bytes = onnx_io.tensor_bytes(model)
-    plans = [make_plan(model, rec, profile=prof) for prof in profiles]
+    plans = [replace(make_plan(model, rec, profile=prof), imported=model.meta.get(IMPORT_STEPS, ()))
+             for prof in profiles]
     for plan in plans:
         _check_weights_finite(model, plan)
     ideals = [planned_bytes(plan, model) for plan in plans]
+    if any(o is not None for o in outputs):
+        for plan in plans:
+            _check_something_quantized(model, plan, rec, model_path)
     if all(o is None for o in outputs):  # --explain: the plan and the placement, no data
         if rec.quantizes_activations:
             plans = [replace(plan, floats=plan.floats + place_activations(model, plan, rec, prof).notes)
@@ -140,10 +145,14 @@ def quantize_for_profiles(
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
-    """The float model as the plan sees it: every node named."""
-    model = onnx_io.load_ir(path)
-    name_nodes(model)
-    return model
+    """The float model as the plan sees it: through the import stage (weights as initializers, opset
+    ≥ 21, BatchNorm folded, dims and nodes named). The import's steps are in ``model.meta``."""
+    result = import_onnx(path)
+    result.model.meta[IMPORT_STEPS] = result.steps
+    return result.model
+
+
+IMPORT_STEPS = "edgeq.import_steps"  # ir.Model.meta key (in memory only): the import's ImportSteps
 
 
 @dataclass
@@ -222,22 +231,21 @@ def _observe(group: list[_Lane], handlers, stage: Stage, calib, progress: bool):
     return table, {k: v for k, v in values.items() if v is not None}
 
 
-class _PositionNames:
-    """NameFixPass naming: an unnamed node becomes ``<op_type>_<its position in the graph>``."""
-
-    def __init__(self, model: ir.Model):
-        self.index = {id(n): i for i, n in enumerate(model.graph)}
-
-    def generate_node_name(self, node: ir.Node) -> str:
-        return node.name or f"{node.op_type}_{self.index.get(id(node), 0)}"
-
-    def generate_value_name(self, value: ir.Value) -> str:
-        return value.name or "v"
-
-
-def name_nodes(model: ir.Model) -> None:
-    """Give every unnamed (or duplicate-named) node and value a unique name: plans and reports refer to them by name."""
-    ir.passes.common.NameFixPass(_PositionNames(model))(model)
+def _check_something_quantized(model: ir.Model, plan: QuantPlan, recipe: Recipe, path) -> None:
+    """A recipe that asks for quantized weights and finds none fails instead of writing a float model."""
+    if plan.weights or recipe.default.weights.value == "float" and not recipe.rules:
+        return
+    name = Path(str(path)).name
+    cov = plan.coverage()
+    if cov["quantizable"]:
+        raise UnsupportedError(f"{name}: recipe {recipe.name} left all {cov['quantizable']} weights float for profile "
+                               f"{plan.profile}: {plan.float_reasons()}",
+                               hint="see `edgeq quantize --explain`; change the recipe (or its rules) or the target")
+    ops = Counter(n.op_type for n in model.graph)
+    listed = ", ".join(f"{op} ×{k}" if k > 1 else op for op, k in ops.most_common(8))
+    raise UnsupportedError(f"{name} has no constant weight edgeq can quantize (Conv, ConvTranspose, MatMul, Gemm, "
+                           f"Gather, GRU, LSTM with a constant weight); its nodes: {listed}",
+                           hint="check that the weights are in the file; nothing was written")
 
 
 def _check_weights_finite(model: ir.Model, plan: QuantPlan) -> None:

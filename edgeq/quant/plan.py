@@ -110,6 +110,15 @@ class IntegerBias:
 
 
 @dataclass(frozen=True)
+class ImportStep:
+    """What one step of the import stage (edgeq.pipeline.import_onnx) did: ``changed`` things (0: nothing)."""
+
+    name: str
+    changed: int
+    detail: str
+
+
+@dataclass(frozen=True)
 class AlgorithmResult:
     """What one algorithm did (or why it did nothing), and what it cost."""
 
@@ -147,6 +156,7 @@ class QuantPlan:
     integer_biases: tuple[IntegerBias, ...] = ()  # W8A8 int32 biases
     algorithms: tuple[AlgorithmResult, ...] = ()
     weighted_float: tuple[str, ...] = ()  # nodes with a constant weight of their own that the plan left float
+    imported: tuple[ImportStep, ...] = ()  # what the import stage did to the model before planning
 
     def result(self, name: str) -> AlgorithmResult | None:
         return next((r for r in self.algorithms if r.name == name), None)
@@ -204,6 +214,7 @@ class QuantPlan:
     def as_dict(self) -> dict:
         """The plan for machines (``quantize --json``, ``build.json``)."""
         return {"summary": self.summary(), "plan": self.rows(),
+                "import": [{"step": i.name, "changed": i.changed, "detail": i.detail} for i in self.imported],
                 "algorithms": [r.as_dict() for r in self.algorithms],
                 "protected": [{"tensor": p.tensor, "channels": [int(c) for c in p.channels],
                                "consumers": list(p.consumers), "float_bytes": p.float_bytes} for p in self.protections],
@@ -215,6 +226,11 @@ class QuantPlan:
     def explain(self, *, all_nodes: bool = False) -> str:
         """The plan as text: each weighted node's format or why it stays float."""
         lines = [f"plan: recipe {self.recipe}, profile {self.profile}"]
+        for i in self.imported:
+            if i.changed:
+                lines.append(f"import: {i.name}: {i.detail}")
+        if self.imported and not any(i.changed for i in self.imported):
+            lines.append("import: the model needed no change")
         for d in self.weights:
             where = f" axis {d.axis}" + (f" block {d.block}" if d.block else "") if d.axis is not None else ""
             lines.append(f"  {d.node:<40} {d.op_type:<8} {d.format.value:<6}{where:<18} {d.reason}")

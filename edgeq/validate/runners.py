@@ -9,6 +9,7 @@ by file suffix. Targets plug their package formats in (``.ort``, ``.mlpackage``)
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq import onnx_io
-from edgeq.errors import InputError, first_line
+from edgeq.errors import InputError, UnsupportedError, first_line
 from edgeq.specs import TensorSpec
 
 
@@ -105,7 +106,8 @@ def ort_session(model, *, config: Mapping[str, str] | None = None, what: str = "
     import onnxruntime as ort
 
     so = options or ort.SessionOptions()
-    so.log_severity_level = 3
+    # fatal only: a failing kernel's error log would repeat, as raw text, what the exception raised here says
+    so.log_severity_level = 4
     if threads is not None:
         so.intra_op_num_threads = threads
     if not optimize:
@@ -123,6 +125,22 @@ def ort_session(model, *, config: Mapping[str, str] | None = None, what: str = "
         raise InputError(f"ONNX Runtime cannot load {name}{what}: {first_line(e)}", hint=hint) from e
 
 
+# ORT's message for a failing kernel: "... while running <Op> node. Name:'<node>' Status Message: <why>",
+# where <why> may start with the C++ location and the failed condition ("<file>:<line> <fn> <cond> was false.")
+_KERNEL_FAILURE = re.compile(r"running (?P<op>\S+) node\. Name:'(?P<node>[^']*)' Status Message: (?P<why>.*)",
+                             re.DOTALL)
+_CXX_CONDITION = re.compile(r"^\S+:\d+ .*? was false\.\s*", re.DOTALL)
+
+
+def ort_run_failure(e: BaseException) -> str:
+    """``node 'name' (Op): why`` from an ONNX Runtime run error, or its first line."""
+    m = _KERNEL_FAILURE.search(str(e))
+    if m is None:
+        return first_line(e)
+    why = _CXX_CONDITION.sub("", m["why"].strip()) or m["why"].strip()
+    return f"node {m['node']!r} ({m['op']}): {why.splitlines()[0][:300]}"
+
+
 class SessionRunner(Runner):
     """A runner backed by one ONNX Runtime session: inputs, outputs and ``run`` come from it."""
 
@@ -133,7 +151,15 @@ class SessionRunner(Runner):
         self._outputs = [o.name for o in session.get_outputs()]
 
     def run(self, feed):
-        return dict(zip(self._outputs, self._sess.run(self._outputs, dict(feed))))
+        return self._run(self._sess, self._outputs, feed)
+
+    def _run(self, session, names, feed) -> dict:
+        try:
+            return dict(zip(names, session.run(names, dict(feed))))
+        except Exception as e:
+            raise UnsupportedError(f"{self.label} fails when ONNX Runtime runs it: {ort_run_failure(e)}",
+                                   hint="the model is invalid where ONNX Runtime checks only at run time; "
+                                        "export or quantize it again") from e
 
 
 class OnnxRunner(SessionRunner, IntermediateRunner):
@@ -142,11 +168,8 @@ class OnnxRunner(SessionRunner, IntermediateRunner):
     kind = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike):
-        import onnxruntime as ort
-
         self.path = Path(path)
         self._proto = onnx_io.read_onnx(self.path)
-        self._ort = ort
         super().__init__(self.path.name, ort_session(self.path), onnx_io.io_specs(self._proto))
         self._values: list[str] | None = None
         self._value_sess = None
@@ -183,13 +206,9 @@ class OnnxRunner(SessionRunner, IntermediateRunner):
             model.CopyFrom(self._inferred)
             for n in names:
                 model.graph.output.append(self._typed[n])
-            so = self._ort.SessionOptions()
-            so.log_severity_level = 3
-            sess = self._ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            sess = ort_session(model.SerializeToString(), what=f" ({self.label} with its intermediates exposed)")
             self._value_sess = (tuple(names), sess)
-        sess = self._value_sess[1]
-        wanted = self._outputs + list(names)
-        return dict(zip(wanted, sess.run(wanted, dict(feed))))
+        return self._run(self._value_sess[1], self._outputs + list(names), feed)
 
     def describe(self):
         return {"kind": self.kind, "label": self.label, "path": str(self.path)}

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import onnx
 
 from edgeq._quiet import quiet
-from edgeq.errors import InputError, UnsupportedError
+from edgeq.errors import InputError, UnsupportedError, first_line
+from edgeq.validate.runners import ort_run_failure
 from targets.android import ortformat
 from targets.android.ortformat import type_name
 from targets.android.profile import DISABLED_OPTIMIZERS, SESSION_CONFIG
@@ -59,7 +59,7 @@ def convert(onnx_file: Path, ort_file: Path) -> None:
     try:
         _optimize(onnx_file, ort_file, ort_format=True)
     except Exception as e:
-        raise UnsupportedError(f"ONNX Runtime cannot convert {onnx_file.name} to the ORT format: {_first_line(e)}",
+        raise UnsupportedError(f"ONNX Runtime cannot convert {onnx_file.name} to the ORT format: {first_line(e)}",
                                hint="run `edgeq validate` on the QDQ model to see whether ORT loads it") from e
     ortformat.canonicalize_file(ort_file)
 
@@ -94,7 +94,7 @@ def load_ort(path: Path):
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise UnsupportedError(f"the converted {path.name} does not load in ONNX Runtime: {_first_line(e)}",
+        raise UnsupportedError(f"the converted {path.name} does not load in ONNX Runtime: {first_line(e)}",
                                hint="report this model; the QDQ ONNX itself may still run") from e
 
 
@@ -122,26 +122,10 @@ def smoke_run(session, name: str) -> str:
     try:
         session.run(None, feed, options)
     except Exception as e:
-        raise UnsupportedError(f"the converted {name} fails on its first run in ONNX Runtime: {_run_failure(e)}",
+        raise UnsupportedError(f"the converted {name} fails on its first run in ONNX Runtime: {ort_run_failure(e)}",
                                hint="the model is invalid where ONNX Runtime checks only at run time; quantize "
                                     "the float model again, or check the QDQ model with `edgeq validate`") from e
     return "passed"
-
-
-# ORT's message for a failing kernel: "... while running <Op> node. Name:'<node>' Status Message: <why>",
-# where <why> may start with the C++ location and the failed condition ("<file>:<line> <fn> <cond> was false.")
-_KERNEL_FAILURE = re.compile(r"running (?P<op>\S+) node\. Name:'(?P<node>[^']*)' Status Message: (?P<why>.*)",
-                             re.DOTALL)
-_CXX_CONDITION = re.compile(r"^\S+:\d+ .*? was false\.\s*", re.DOTALL)
-
-
-def _run_failure(e: BaseException) -> str:
-    """``node 'name' (Op): why`` from an ONNX Runtime run error, or its first line."""
-    m = _KERNEL_FAILURE.search(str(e))
-    if m is None:
-        return _first_line(e)
-    why = _CXX_CONDITION.sub("", m["why"].strip()) or m["why"].strip()
-    return f"node {m['node']!r} ({m['op']}): {why.splitlines()[0][:300]}"
 
 
 def write_config(ort_file: Path, config: Path) -> None:
@@ -158,6 +142,3 @@ def write_config(ort_file: Path, config: Path) -> None:
     config.write_text("\n".join(lines) + "\n")
     os.remove(tmp)
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

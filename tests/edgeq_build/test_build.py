@@ -11,7 +11,7 @@ import pytest
 
 from edgeq.pipeline import build as build_mod
 from edgeq.cli import main
-from edgeq.errors import InputError, ValidationFailed
+from edgeq.errors import InputError
 from edgeq.validate import Thresholds
 
 TARGETS = ("android", "ios18")

@@ -11,8 +11,7 @@ from edgeq.pipeline.analyze import sensitivity
 from edgeq.pipeline.variants import Variants
 from edgeq.cli import main
 from edgeq.errors import InputError
-from edgeq.onnx_io import load_ir
-from edgeq.pipeline.quantize import name_nodes, quantize_model
+from edgeq.pipeline.quantize import load_model, quantize_model
 from edgeq.quant.recipes import preset
 
 from w8a8_models import cnn, cnn_feeds, encoder_block, encoder_feeds
@@ -72,8 +71,7 @@ def test_variants_bypass_exactly(tmp_path, make, feeds, recipe):
     """Nothing quantized reproduces the float model (SmoothQuant kept exact); everything reproduces the QDQ file."""
     path = make(tmp_path / "m.onnx")
     res = quantize_model(path, tmp_path / "q.onnx", recipe, calib=feeds(), force=True, progress=False)
-    fm = load_ir(path)
-    name_nodes(fm)
+    fm = load_model(path)
     import onnx_ir as ir
 
     v = Variants(ir.to_proto(fm), onnx.load(str(res.path)), res.plan)

@@ -9,11 +9,10 @@ import pytest
 from onnx import numpy_helper as nh
 
 from edgeq.errors import InputError
-from edgeq.onnx_io import load_ir
 from edgeq.passes.protect import ProtectOutliersPass
 from edgeq.quant.plan import make_plan
 from edgeq.quant.protect import choose_protections, protection_candidates
-from edgeq.pipeline.quantize import name_nodes, quantize_model
+from edgeq.pipeline.quantize import load_model, quantize_model
 from edgeq.quant.recipes import ProtectConfig, load_recipe, preset
 from edgeq.validate.metrics import sqnr_db
 from w8a8_models import encoder_block, encoder_feeds
@@ -97,8 +96,7 @@ def test_planted_outlier_channel_is_protected(tmp_path):
 def test_protection_rewrite_is_exact_in_float(tmp_path):
     """Before any rounding, the rewritten graph computes what the float graph computes."""
     src = _plant_super_weight(encoder_block(tmp_path / "enc.onnx", outlier_channel=3), value=40.0)
-    model = load_ir(src)
-    name_nodes(model)
+    model = load_model(src)
     plan = make_plan(model, preset("w8a8"))
     cands = protection_candidates(model, plan)
     assert set(cands) == {"ln", "r1", "masked"}

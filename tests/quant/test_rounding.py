@@ -127,11 +127,9 @@ def test_hessian_rounding_reduces_the_output_error_on_held_out_smooth_inputs(tmp
 def test_small_scope_takes_the_convs_with_a_small_fan_in(tmp_path, monkeypatch):
     from edgeq.quant import rounding
     from edgeq.quant.plan import make_plan
-    from edgeq.pipeline.quantize import name_nodes
-    from edgeq import onnx_io
+    from edgeq.pipeline.quantize import load_model
 
-    model = onnx_io.load_ir(cnn(tmp_path / "cnn.onnx"))
-    name_nodes(model)
+    model = load_model(cnn(tmp_path / "cnn.onnx"))
     plan = make_plan(model, preset("w8a8"))
     monkeypatch.setattr(rounding, "SMALL_FAN_IN", 16)  # conv1 has 3·3·3 = 27 inputs per output
     assert set(rounding.rounding_sites(model, plan, ConvRoundingScope.SMALL)) == {"dwconv", "project", "expand"}
