@@ -1,7 +1,7 @@
 """The weight half of the QDQ pass: store each planned weight's integers behind a DequantizeLinear.
 
 Rules it applies, per :class:`~edgeq.quant.plan.WeightDecision`, with the integers the plan holds
-for the node (``plan.codes``: nearest rounding, GPTQ or Conv rounding, decided before any edit):
+for the weight (``plan.codes``, by weight name: nearest rounding, GPTQ or Conv rounding, decided before any edit):
 
 - int8: symmetric per-channel ``DequantizeLinear(int8, scale[C], zero_point 0, axis)`` (an explicit
   zero point: ORT fuses Gemm into QGemm only with one).
@@ -54,7 +54,7 @@ class WeightQDQPass(ir.passes.InPlacePass):
         missing = [d.node for d in self.plan.weights if d.node not in nodes]
         if missing:
             raise ir.passes.PreconditionError(f"plan names nodes the model lacks: {missing[:3]}")
-        uncoded = [d.node for d in self.plan.weights if d.node not in self.plan.codes]
+        uncoded = [d.weight for d in self.plan.weights if d.weight not in self.plan.codes]
         if uncoded:
             raise ir.passes.PreconditionError(f"plan has no integers for {uncoded[:3]} (decide before applying)")
 
@@ -70,7 +70,7 @@ class WeightQDQPass(ir.passes.InPlacePass):
         for d in self.plan.weights:
             node = by_name[d.node]
             value = node.inputs[d.input_index]
-            q = self.plan.codes[d.node]
+            q = self.plan.codes[d.weight]
             prefix = f"{d.node}/{d.weight}"
             if d.node in self.plan.biases:
                 b = node.inputs[2]

@@ -135,8 +135,12 @@ def place_activations(model: ir.Model, plan: QuantPlan, recipe: Recipe, profile:
         if consumer.name not in need[v.name]:
             need[v.name].append(consumer.name)
 
+    weighted = {d.node for d in plan.weights}
     for node in model.graph:
         if node.op_type not in profile.anchor_ops:
+            if node.name in weighted and recipe.spec_for(node.op_type, node.name)[0].activations != ActFormat.FLOAT:
+                notes.append(NodeNote(node.name, node.op_type, f"activations stay float: {profile.name} has no integer "
+                                                               f"{node.op_type} kernel; its weights are quantized alone"))
             continue
         spec, _ = recipe.spec_for(node.op_type, node.name)
         if spec.activations == ActFormat.FLOAT:

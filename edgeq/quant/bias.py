@@ -93,7 +93,7 @@ class BiasCorrectionHandler(Algorithm):
                 continue
             node = nodes[d.node]
             w = node.inputs[d.input_index].const_value.numpy().astype(np.float32)
-            b = corrected_bias(node, w, plan.codes[d.node], d, mean)
+            b = corrected_bias(node, w, plan.codes[d.weight], d, mean)
             if b is not None:
                 biases[d.node] = b
         done = [n for n in biases if n not in plan.biases]
@@ -125,6 +125,7 @@ class IntegerBiasHandler(Algorithm):
                 if node.inputs and node.inputs[0] is x:
                     s_in_of[c] = a.scale
         codes = dict(plan.codes)
+        weight_of = {d.node: d.weight for d in plan.weights if d.input_index == 1}
         integer: list[IntegerBias] = []
         raised: list[NodeNote] = []
         kept_float: list[NodeNote] = []
@@ -132,7 +133,7 @@ class IntegerBiasHandler(Algorithm):
             node = nodes[name]
             if node.op_type not in ("Conv", "Gemm") or len(node.inputs) <= 2 or node.inputs[2] is None:
                 continue
-            q = codes.get(name)
+            q = codes.get(weight_of.get(name, ""))
             bias = plan.biases.get(name)
             if bias is None and node.inputs[2].const_value is not None:
                 bias = node.inputs[2].const_value.numpy().astype(np.float32)
@@ -146,8 +147,8 @@ class IntegerBiasHandler(Algorithm):
                 if q is None:
                     kept_float.append(NodeNote(name, "", "bias kept float: it does not fit int32 at scale s_in*s_w"))
                     continue
-                count = int(np.sum(q.scale.reshape(-1) > codes[name].scale.reshape(-1)))
-                codes[name] = q
+                count = int(np.sum(q.scale.reshape(-1) > codes[weight_of[name]].scale.reshape(-1)))
+                codes[weight_of[name]] = q
                 s_w = q.scale.astype(np.float32)
                 raised.append(NodeNote(name, "", f"weight scale raised on {count} channel(s) so the int32 bias fits "
                                                  "(near-dead channels)"))

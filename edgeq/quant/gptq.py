@@ -206,7 +206,7 @@ class GPTQHandler(Algorithm):
         done = []
         for d in plan.weights:
             t = gram_of.get(d.node)
-            if t is None or d.node in codes:
+            if t is None or d.weight in codes:
                 continue
             key = (t, damp_of[d.node])
             if key not in factors:
@@ -217,7 +217,7 @@ class GPTQHandler(Algorithm):
             w = nodes[d.node].inputs[d.input_index].const_value.numpy().astype(np.float32)
             q = gptq_quantize(w, d, factors[key])
             if q is not None:
-                codes[d.node] = q
+                codes[d.weight] = q
                 done.append(d.node)
         damps = sorted(set(damp_of[n] for n in done)) or sorted(set(damp_of.values()))
         details = []

@@ -37,9 +37,9 @@ class NearestRounding(Algorithm):
         codes = dict(plan.codes)
         chosen = len(codes)
         for d in plan.weights:
-            if d.node not in codes:
+            if d.weight not in codes:
                 w = nodes[d.node].inputs[d.input_index].const_value.numpy().astype(np.float32)
-                codes[d.node] = quantize_weight(w, d)
+                codes[d.weight] = quantize_weight(w, d)
         summary = f"{len(codes) - chosen} weights rounded to nearest" + (
             f", {chosen} with codes chosen by the algorithms above" if chosen else "")
         return add_result(replace(plan, codes=MappingProxyType(codes)),

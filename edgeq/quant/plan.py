@@ -151,11 +151,11 @@ class QuantPlan:
     notes: tuple[NodeNote, ...] = ()  # adjustments worth knowing that leave a node quantized
     protections: tuple[Protection, ...] = ()  # applied first (edgeq.passes.protect)
     scalings: tuple[Scaling, ...] = ()  # applied next, in order (edgeq.passes.scale_inputs)
-    codes: Mapping[str, QuantizedTensor] = field(default_factory=_frozen)  # node -> its weight's integers
+    codes: Mapping[str, QuantizedTensor] = field(default_factory=_frozen)  # weight name -> its integers
     biases: Mapping[str, np.ndarray] = field(default_factory=_frozen)  # node -> corrected float bias
     integer_biases: tuple[IntegerBias, ...] = ()  # W8A8 int32 biases
     algorithms: tuple[AlgorithmResult, ...] = ()
-    weighted_float: tuple[str, ...] = ()  # nodes with a constant weight of their own that the plan left float
+    weighted_float: tuple[str, ...] = ()  # one entry (its node) per constant weight the plan left float
     imported: tuple[ImportStep, ...] = ()  # what the import stage did to the model before planning
 
     def result(self, name: str) -> AlgorithmResult | None:
@@ -181,7 +181,7 @@ class QuantPlan:
         return out
 
     def coverage(self) -> dict:
-        """How many weights got quantized, of how many constant weights the quantizable ops hold."""
+        """How many weights got quantized, of how many constant weights the quantizable ops hold (shared ones once)."""
         return {"quantized": len(self.weights), "quantizable": len(self.weights) + len(self.weighted_float)}
 
     def float_reasons(self, limit: int = 3) -> str:
@@ -268,23 +268,30 @@ def _const(value: ir.Value | None):
     return None
 
 
-def _weight_site(node: ir.Node) -> tuple[int, ir.Value] | None:
-    """The (input index, value) of the constant weight a node can quantize, if any."""
+RECURRENT_OPS = ("GRU", "LSTM", "RNN")
+
+
+def _weight_sites(node: ir.Node) -> list[tuple[int, ir.Value]]:
+    """The (input index, value) of each constant weight a node can quantize (GRU/LSTM/RNN: W and R)."""
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
-        return None
+        return []
     ins = list(node.inputs)
-    if op == "MatMul" and len(ins) == 2 and _const(ins[1]) is not None and len(_const(ins[1]).shape) == 2:
-        return 1, ins[1]
-    if op == "Gemm" and len(ins) >= 2 and _const(ins[1]) is not None:
-        return 1, ins[1]
-    if op == "Conv" and len(ins) >= 2 and _const(ins[1]) is not None and len(_const(ins[1]).shape) in (3, 4):
-        return 1, ins[1]
-    if op == "Gather" and _const(ins[0]) is not None and len(_const(ins[0]).shape) == 2:
-        axis = node.attributes.get_int("axis", 0)
-        if axis == 0:
-            return 0, ins[0]
-    return None
+
+    def const(i: int, ranks: tuple[int, ...]) -> bool:
+        return len(ins) > i and _const(ins[i]) is not None and len(_const(ins[i]).shape) in ranks
+
+    if op == "MatMul" and len(ins) == 2 and const(1, (2,)):
+        return [(1, ins[1])]
+    if op == "Gemm" and const(1, (2,)):
+        return [(1, ins[1])]
+    if op in ("Conv", "ConvTranspose") and const(1, (3, 4)):
+        return [(1, ins[1])]
+    if op == "Gather" and const(0, (2,)) and node.attributes.get_int("axis", 0) == 0:
+        return [(0, ins[0])]
+    if op in RECURRENT_OPS:
+        return [(i, ins[i]) for i in (1, 2) if const(i, (3,))]
+    return []
 
 
 def _layout(node: ir.Node, shape: tuple[int, ...], fmt: WeightFormat, block: int) -> tuple[int | None, bool, str | None]:
@@ -306,7 +313,46 @@ def _layout(node: ir.Node, shape: tuple[int, ...], fmt: WeightFormat, block: int
         return 1, False, None
     if op == "Gather":
         return (1 if blocked else 0), False, None  # table [V, D]: blocks along D, int8 one scale per row
+    if op == "ConvTranspose":  # W [C_in, C_out / group, k...]: channels along axis 1, the reduction along 0
+        if blocked and node.attributes.get_int("group", 1) != 1:
+            return None, False, "grouped ConvTranspose: no block along the reduction axis"
+        return (0 if blocked else 1), False, None
+    if op in RECURRENT_OPS:  # W [dirs, gates·H, in], R [dirs, gates·H, H]: rows per gate unit, reduction last
+        return (2 if blocked else 1), False, None
     return None, False, f"{op} weights are not quantizable"
+
+
+def _decide(node: ir.Node, name: str, index: int, value: ir.Value, spec, rule, chosen_by: str,
+            profile: TargetProfile) -> WeightDecision | NodeNote:
+    """The format of one weight: the spec's, or the first fallback the profile runs (float: a note why)."""
+    shape = tuple(int(d) for d in value.const_value.shape)
+    fmt = spec.weights
+    reason = f"{chosen_by}"
+    axis = transpose = None
+    while fmt != WeightFormat.FLOAT:
+        if not profile.supports(node.op_type, fmt):
+            why = profile.why_not(node.op_type, fmt)
+            fmt, reason = FALLBACK[fmt], f"{why}: fell back to {FALLBACK[fmt].value}"
+            continue
+        axis, transpose, impossible = _layout(node, shape, fmt, spec.block)
+        if impossible:
+            fmt, reason = FALLBACK[fmt], f"{impossible}: fell back to {FALLBACK[fmt].value}"
+            continue
+        break
+    if fmt == WeightFormat.FLOAT:
+        return NodeNote(name, node.op_type, reason)
+    blocked = fmt in (WeightFormat.INT4, WeightFormat.MXFP4)
+    int4 = fmt == WeightFormat.INT4
+    return WeightDecision(
+        node=name, op_type=node.op_type, input_index=index, weight=value.name, shape=shape, format=fmt,
+        axis=axis, block=(spec.block if blocked else None), clip_search=spec.clip_search and int4,
+        transpose=bool(transpose), reason=reason, rule=rule,
+        form="gather_block_quantized" if node.op_type == "Gather" and fmt in profile.gather_block_quantized else "dq",
+        # embedding tables are not fused into a kernel: symmetric with half-size scales saves
+        # 0.7 MB on MiniLM; fused MatMul/Gemm/Conv blocks get a zero point (more accurate)
+        symmetric=not (int4 and spec.asymmetric and node.op_type != "Gather"),
+        scale_dtype="float16" if int4 and node.op_type in profile.fp16_scale_ops else "float32",
+    )
 
 
 def make_plan(model: ir.Model, recipe: Recipe, *, profile: TargetProfile = ONNXRUNTIME_CPU) -> QuantPlan:
@@ -317,51 +363,27 @@ def make_plan(model: ir.Model, recipe: Recipe, *, profile: TargetProfile = ONNXR
     seen_weights: dict[str, str] = {}
     for node in model.graph:
         name = node.name or f"{node.op_type}_{len(weights) + len(floats)}"  # callers name nodes first
-        site = _weight_site(node)
-        if site is None:
+        sites = _weight_sites(node)
+        if not sites:
             floats.append(NodeNote(name, node.op_type, "no constant weight"))
             continue
-        index, value = site
         spec, rule = recipe.spec_for(node.op_type, name)
         chosen_by = f"rule {rule}" if rule else "default"
         if spec.weights == WeightFormat.FLOAT:
             floats.append(NodeNote(name, node.op_type, f"excluded by {chosen_by}" if rule else "recipe default is float"))
-            weighted_float.append(name)
+            weighted_float.extend([name] * len(sites))
             continue
-        if value.name in seen_weights:
-            floats.append(NodeNote(name, node.op_type, f"weight {value.name} is shared with {seen_weights[value.name]}; "
-                                                       "quantized once there"))
-            continue
-        shape = tuple(int(d) for d in value.const_value.shape)
-        fmt = spec.weights
-        reason = f"{chosen_by}"
-        axis = transpose = None
-        while fmt != WeightFormat.FLOAT:
-            if not profile.supports(node.op_type, fmt):
-                why = profile.why_not(node.op_type, fmt)
-                fmt, reason = FALLBACK[fmt], f"{why}: fell back to {FALLBACK[fmt].value}"
+        for index, value in sites:
+            if value.name in seen_weights:
+                floats.append(NodeNote(name, node.op_type, f"weight {value.name} is shared with "
+                                                           f"{seen_weights[value.name]}; quantized once there"))
                 continue
-            axis, transpose, impossible = _layout(node, shape, fmt, spec.block)
-            if impossible:
-                fmt, reason = FALLBACK[fmt], f"{impossible}: fell back to {FALLBACK[fmt].value}"
+            decision = _decide(node, name, index, value, spec, rule, chosen_by, profile)
+            if isinstance(decision, NodeNote):
+                floats.append(decision)
+                weighted_float.append(name)
                 continue
-            break
-        if fmt == WeightFormat.FLOAT:
-            floats.append(NodeNote(name, node.op_type, reason))
-            weighted_float.append(name)
-            continue
-        seen_weights[value.name] = name
-        blocked = fmt in (WeightFormat.INT4, WeightFormat.MXFP4)
-        int4 = fmt == WeightFormat.INT4
-        weights.append(WeightDecision(
-            node=name, op_type=node.op_type, input_index=index, weight=value.name, shape=shape, format=fmt,
-            axis=axis, block=(spec.block if blocked else None), clip_search=spec.clip_search and fmt == WeightFormat.INT4,
-            transpose=bool(transpose), reason=reason, rule=rule,
-            form="gather_block_quantized" if node.op_type == "Gather" and fmt in profile.gather_block_quantized else "dq",
-            # embedding tables are not fused into a kernel: symmetric with half-size scales saves
-            # 0.7 MB on MiniLM; fused MatMul/Gemm/Conv blocks get a zero point (more accurate)
-            symmetric=not (int4 and spec.asymmetric and node.op_type != "Gather"),
-            scale_dtype="float16" if int4 and node.op_type in profile.fp16_scale_ops else "float32",
-        ))
+            seen_weights[value.name] = name
+            weights.append(decision)
     return QuantPlan(recipe.name, profile.name, tuple(weights), tuple(floats), weighted_float=tuple(weighted_float))
 

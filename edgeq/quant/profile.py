@@ -62,6 +62,10 @@ _I8, _I4, _FP4 = WeightFormat.INT8, WeightFormat.INT4, WeightFormat.MXFP4
 ORT_INTEGER_OPS = frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax"})
 ORT_SAME_SCALE_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Resize"})
 
+# Weight-only ops: no integer kernel reads their input, a DequantizeLinear feeds them the weight
+# (ConvTranspose, GRU, LSTM, RNN: W and R).
+WEIGHT_ONLY_OPS = ("ConvTranspose", "GRU", "LSTM", "RNN")
+
 ONNXRUNTIME_CPU = TargetProfile(
     name="onnxruntime-cpu",
     weight_formats=MappingProxyType({
@@ -69,6 +73,7 @@ ONNXRUNTIME_CPU = TargetProfile(
         "Gemm": frozenset({_I8, _I4}),
         "Conv": frozenset({_I8, _I4}),
         "Gather": frozenset({_I8, _I4, _FP4}),
+        **{op: frozenset({_I8, _I4}) for op in WEIGHT_ONLY_OPS},
     }),
     gather_block_quantized=frozenset({_FP4}),
     integer_ops=ORT_INTEGER_OPS,
@@ -84,7 +89,8 @@ ONNXRUNTIME_CPU = TargetProfile(
 # onnx.reference.ReferenceEvaluator runs DequantizeLinear on float4e2m1 (opset 23): the DQ-23 form.
 ONNX_REFERENCE = TargetProfile(
     name="onnx-reference",
-    weight_formats=MappingProxyType({op: frozenset({_I8, _I4, _FP4}) for op in ("MatMul", "Gemm", "Conv", "Gather")}),
+    weight_formats=MappingProxyType({op: frozenset({_I8, _I4, _FP4})
+                                     for op in ("MatMul", "Gemm", "Conv", "Gather", *WEIGHT_ONLY_OPS)}),
     integer_ops=ORT_INTEGER_OPS,
     same_scale_ops=ORT_SAME_SCALE_OPS,
 )

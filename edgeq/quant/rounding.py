@@ -293,7 +293,8 @@ class ConvRoundingHandler(Algorithm):
         centered = {n for n in correction_sites(ctx.model, plan) if ctx.settings(n).bias_correction is not None}
         rounded = round_weights(ctx.model, plan, {n: m for n, m in moments.items() if m is not None}, centered=centered)
         codes = dict(plan.codes)
-        codes.update({node: r.quantized for node, r in rounded.items()})
+        weight_of = {d.node: d.weight for d in plan.weights}
+        codes.update({weight_of[node]: r.quantized for node, r in rounded.items()})
         gain = [r.sqnr_db - r.sqnr_nearest_db for r in rounded.values()]
         result = AlgorithmResult(
             self.name, f"{len(rounded)} of {len(sites)} int8 Convs got codes chosen for their calibration inputs"

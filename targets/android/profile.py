@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from types import MappingProxyType
 
-from edgeq.quant.profile import ONNXRUNTIME_CPU
+from edgeq.quant.profile import ONNXRUNTIME_CPU, WEIGHT_ONLY_OPS
 from edgeq.quant.recipes import WeightFormat
 
 _I8, _I4, _FP4 = WeightFormat.INT8, WeightFormat.INT4, WeightFormat.MXFP4
@@ -37,6 +37,7 @@ ANDROID = dataclasses.replace(
         "Gemm": frozenset({_I8, _I4}),
         "Conv": frozenset({_I8}),
         "Gather": frozenset({_I8}),
+        **{op: frozenset({_I8}) for op in WEIGHT_ONLY_OPS},
     }),
     gather_block_quantized=frozenset(),
     notes=MappingProxyType({
@@ -45,6 +46,8 @@ ANDROID = dataclasses.replace(
         **{(op, _FP4): f"mxfp4 cannot ship on Android: {_NO_FP4} (and ORT has no DequantizeLinear kernel for it)"
            for op in ("MatMul", "Gemm", "Conv")},
         ("Gather", _FP4): f"mxfp4 embeddings cannot ship on Android: {_NO_FP4}",
+        **{(op, _I4): f"int4 {op} weights cannot ship on Android: {_NO_4BIT}" for op in WEIGHT_ONLY_OPS},
+        **{(op, _FP4): f"mxfp4 cannot ship on Android: {_NO_FP4}" for op in WEIGHT_ONLY_OPS},
     }),
 )
 

@@ -188,3 +188,101 @@ def test_doctor_says_how_to_install_what_is_missing(monkeypatch):
     lines, missing = doctor.report()
     assert "coremltools (for the iOS targets ios17 / ios18 (.mlpackage)): pip install 'edgeq[ios]'" in missing
     assert "missing:" in lines and not any("torch" in m for m in missing)
+
+
+def test_a_failed_target_keeps_what_worked(tmp_path, monkeypatch, capfd):
+    from edgeq.errors import UnsupportedError
+
+    def no_lowering(*a, **k):
+        raise UnsupportedError("node 'x' (Fancy): no Core ML lowering", hint="use --targets android")
+
+    monkeypatch.setattr("targets.coreml.target.CoreMLTarget.build", no_lowering)
+    res = _build(tmp_path / "dist")
+    status = {(s.name, s.what.split(" ")[0]): s.status for s in res.stages}
+    assert status[("package", "ios18")] == "failed" and status[("package", "android")] == "ok"
+    assert res.exit_code == 2 and not res.passed
+    assert (res.path / "android" / "model.ort").is_file() and not (res.path / "ios18").exists()
+    data = json.loads((res.path / "build.json").read_text())
+    assert [c["model"]["label"] for c in data["validation"]["candidates"]][-1] == "android/model.ort"
+    assert "no Core ML lowering" in build_mod.format_summary(res)
+    # the CLI: the summary, then exit 2 with the failed stage on the last line
+    assert main(["build", "tiny_cnn", "-o", str(tmp_path / "cli"), "--no-latency", "--no-progress"]) == 2
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert "package (ios18" in last and "no Core ML lowering" in last
+
+
+def test_a_late_internal_error_keeps_the_validation(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("timer broke")
+
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("edgeq.validate.latency"), "host_latency", broken)
+    res = _build(tmp_path / "dist", latency=True, targets=("android",))
+    assert res.exit_code == 3 and res.failed_stages[0].name == "latency"
+    assert "internal error: RuntimeError: timer broke" in res.failed_stages[0].message
+    data = json.loads((res.path / "build.json").read_text())
+    assert data["validation"]["passed"] and (res.path / "report.html").is_file()
+
+
+def test_missing_parent_folders_of_the_output_are_created(tmp_path):
+    res = _build(tmp_path / "a" / "b" / "dist", targets=("android",))
+    assert (res.path / "android" / "model.ort").is_file()
+
+
+SCORES = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[batch, 4] x) => (float[batch, {n}] y) <float[4, {n}] w = {{{vals}}}>
+{{
+    y = MatMul(x, w)
+}}
+"""
+
+
+def _onnx_and_data(tmp_path, outputs: int):
+    import numpy as np
+    import onnx
+
+    rng = np.random.default_rng(0)
+    vals = ", ".join(f"{v:.4f}" for v in rng.standard_normal(4 * outputs))
+    model = tmp_path / f"m{outputs}.onnx"
+    onnx.save(onnx.parser.parse_model(SCORES.format(n=outputs, vals=vals)), str(model))
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.standard_normal((16, 4)).astype(np.float32))
+    return model, data
+
+
+def test_a_classifier_is_detected_and_gets_a_top1_gate(tmp_path):
+    model, data = _onnx_and_data(tmp_path, 5)
+    res = _build(tmp_path / "dist", model=model, targets=("android",), recipe="w8a16", data=data)
+    assert res.data["model"]["task"] == "classification" and "from MatMul" in res.data["model"]["task_reason"]
+    assert res.data["thresholds"]["min_top1_agreement"] == 0.9
+    assert all("top1_agreement" in r["task"] for r in res.summary)
+    generic = _build(tmp_path / "g", model=model, targets=("android",), recipe="w8a16", data=data, task="generic")
+    assert "min_top1_agreement" not in generic.data["thresholds"]
+
+
+def test_one_value_per_sample_is_judged_by_sqnr_not_cosine(tmp_path):
+    model, data = _onnx_and_data(tmp_path, 1)
+    res = _build(tmp_path / "dist", model=model, targets=("android",), recipe="w8a16", data=data)
+    checks = res.data["validation"]["candidates"][0]["checks"]
+    cos = next(c for c in checks if c["check"] == "y: cosine_mean")
+    assert cos["value"] is None and "cannot see errors in one value per sample" in cos["note"]
+    assert any(c["check"] == "y: sqnr_db" and c["value"] > 25 for c in checks)  # the floor that applies
+    # an impossible SQNR floor fails the build whatever the cosine would say
+    bad = _build(tmp_path / "bad", model=model, targets=("android",), recipe="w8a16", data=data,
+                 thresholds=Thresholds(min_sqnr_db=200))
+    assert not bad.passed and bad.exit_code == 1
+
+
+def test_a_gate_that_cannot_be_evaluated_says_why(tmp_path):
+    model, data = _onnx_and_data(tmp_path, 5)
+    res = _build(tmp_path / "dist", model=model, targets=("android",), recipe="w8a16", data=data, task="embedding",
+                 thresholds=Thresholds(min_top1_agreement=0.95))
+    row = res.summary[0]
+    assert not row["passed"] and any("not measured: the task is not classification" in f for f in row["failed"])
+    assert "top1_agreement (not measured" in build_mod.format_summary(res)
+    # asked for a top-1 gate without a task: the output has a classifier's shape, so it is one
+    ok = _build(tmp_path / "ok", model=model, targets=("android",), recipe="w8a16", data=data,
+                thresholds=Thresholds(min_top1_agreement=0.95))
+    assert ok.passed and ok.summary[0]["task"]["top1_agreement"] >= 0.95
