@@ -187,9 +187,10 @@ def _clean(model: ir.Model) -> ir.Model:
 def _check_against_torch(
     module, path: Path, specs: Sequence[TensorSpec], output_names: Sequence[str], example, *, random_checks, seed
 ) -> list[ExportCheck]:
-    import onnxruntime as ort
+    from edgeq.runtime import ort_session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort_session(path, what=" (the exported model)", error=ExportError,
+                       hint="the exporter wrote a graph ONNX Runtime refuses; try --opset or the TorchScript exporter")
     onnx_outputs = [o.name for o in sess.get_outputs()]
     feeds: list[tuple[str, dict]] = [("example", example)]
     rng = np.random.default_rng(seed)

@@ -237,6 +237,9 @@ def _check_something_quantized(model: ir.Model, plan: QuantPlan, recipe: Recipe,
         return
     name = Path(str(path)).name
     cov = plan.coverage()
+    left = set(plan.weighted_float)
+    if left and all(n.reason.startswith("excluded by") for n in plan.floats if n.node in left):
+        return  # the recipe's own rules keep every weight float (e.g. what a --budget search chose)
     if cov["quantizable"]:
         raise UnsupportedError(f"{name}: recipe {recipe.name} left all {cov['quantizable']} weights float for profile "
                                f"{plan.profile}: {plan.float_reasons()}",

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from edgeq import meta, onnx_io
+from edgeq.runtime import ort_session
 from edgeq.errors import InputError
 from edgeq.pipeline.quantize import load_model
 from edgeq.quant.plan import WeightDecision
@@ -74,17 +75,13 @@ class Evaluator:
     """Runs model variants on fixed evaluation feeds and scores them against the float model."""
 
     def __init__(self, float_proto: onnx.ModelProto | None, feeds: list, *, _shared: "Evaluator | None" = None):
-        import onnxruntime as ort
-
         self.feeds = feeds
         self.runs = 0
         if _shared is not None:  # a prefix of another evaluator's feeds: its reference, not a second float run
-            self.outputs, self._so = _shared.outputs, _shared._so
+            self.outputs = _shared.outputs
             self.reference = _shared.reference[:len(feeds)]
             return
         self.outputs = [o.name for o in float_proto.graph.output]
-        self._so = ort.SessionOptions()
-        self._so.log_severity_level = 3
         self.reference = self.run(float_proto.SerializeToString())
 
     def subset(self, n: int | None) -> "Evaluator":
@@ -100,9 +97,7 @@ class Evaluator:
         return first.ndim >= 1 and first.shape[-1] > 1
 
     def run(self, proto_bytes: bytes) -> list[list[np.ndarray]]:
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(proto_bytes, self._so, providers=["CPUExecutionProvider"])
+        sess = ort_session(proto_bytes, what=" (a variant of the quantized model)")
         return [sess.run(self.outputs, f) for f in self.feeds]
 
     def score(self, proto_bytes: bytes) -> Score:

@@ -18,6 +18,7 @@ import onnx
 
 from edgeq import onnx_io
 from edgeq.errors import InputError, first_line
+from edgeq.runtime import ort_session
 from edgeq.quant.observers import MASK_THRESHOLD
 from edgeq.quant.stats import Statistic
 from edgeq.specs import TensorSpec, check_feed
@@ -100,7 +101,6 @@ def calibrate(
     (range observers, channel maxima, Grams, ...; anything with ``update(x)`` and
     ``state_nbytes()``). Each batch is dropped once every statistic has seen it.
     """
-    import onnxruntime as ort
     from tqdm.auto import tqdm
 
     specs = list(specs) if specs is not None else onnx_io.io_specs(model)
@@ -109,13 +109,9 @@ def calibrate(
     stream = stream_feeds(feeds, specs, source=source)
     first = next(stream)  # validates before the (slow) session build; raises on an empty source
     _return_large_blocks_to_os()
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(_with_outputs(model, fetch, dtypes or {}).SerializeToString(), so,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise InputError(f"ONNX Runtime cannot run the float model for calibration: {first_line(e)}") from e
+    sess = ort_session(_with_outputs(model, fetch, dtypes or {}).SerializeToString(),
+                       what=f" ({source}: the float model with the tensors calibration observes as outputs)",
+                       hint="check that ONNX Runtime runs the float model (edgeq validate)")
     digest = hashlib.sha256()
     total = len(feeds) if hasattr(feeds, "__len__") else None
     batches = samples = 0

@@ -42,7 +42,7 @@ def host_latency(models: Mapping[str, Path], feed: Mapping[str, np.ndarray], *, 
 
     ``threads``: ONNX Runtime's intra-op threads (None: its default). ``.ort`` files load as ORT format.
     """
-    from edgeq.validate.runners import ort_session
+    from edgeq.runtime import ort_session
 
     sessions = {label: ort_session(path, threads=threads) for label, path in models.items()}
     times: dict[str, list[float]] = {k: [] for k in sessions}

@@ -18,7 +18,7 @@ import onnx
 
 from edgeq._quiet import quiet
 from edgeq.errors import InputError, UnsupportedError, first_line
-from edgeq.validate.runners import ort_run_failure
+from edgeq.runtime import ort_run_failure, ort_session
 from targets.android import ortformat
 from targets.android.ortformat import type_name
 from targets.android.profile import DISABLED_OPTIMIZERS, SESSION_CONFIG
@@ -87,15 +87,9 @@ def check_converted(data: bytes, model: onnx.ModelProto) -> None:
 
 
 def load_ort(path: Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise UnsupportedError(f"the converted {path.name} does not load in ONNX Runtime: {first_line(e)}",
-                               hint="report this model; the QDQ ONNX itself may still run") from e
+    """The converted package in ONNX Runtime, or an UnsupportedError saying it does not load."""
+    return ort_session(path, what=" (the converted package)", error=UnsupportedError,
+                       hint="report this model; the QDQ ONNX itself may still run")
 
 
 def smoke_run(session, name: str) -> str:

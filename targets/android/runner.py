@@ -12,7 +12,8 @@ from pathlib import Path
 
 from edgeq.errors import InputError
 from edgeq.specs import DTYPES, TensorSpec
-from edgeq.validate.runners import SessionRunner, ort_session
+from edgeq.runtime import ort_session
+from edgeq.validate.runners import SessionRunner
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",

@@ -73,14 +73,21 @@ def test_a_recipe_that_finds_no_weight_fails_and_writes_nothing(tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
 
-def test_a_recipe_that_leaves_every_weight_float_fails(tmp_path):
+def test_a_target_that_runs_none_of_the_weights_fails_but_rules_may_keep_all_float(tmp_path):
+    from types import MappingProxyType
+
+    from edgeq.quant.profile import TargetProfile
+
     rng = np.random.default_rng(1)
     src = tmp_path / "paddle.onnx"
     onnx.save(_paddle_style_cnn(rng), src)
-    recipe = tmp_path / "r.toml"
+    nothing = TargetProfile("nothing", MappingProxyType({}))
+    with pytest.raises(UnsupportedError, match="left all 2 weights float for profile nothing.*fell back to float"):
+        quantize_model(src, tmp_path / "q.onnx", "w8a16", profile=nothing, progress=False)
+    recipe = tmp_path / "r.toml"  # the user's own rules: their choice, written (and the plan says so)
     recipe.write_text('[default]\nweights = "int8"\n[[rules]]\nop = ["Conv", "MatMul"]\nweights = "float"\n')
-    with pytest.raises(UnsupportedError, match="left all 2 weights float.*excluded by rule 1"):
-        quantize_model(src, tmp_path / "q.onnx", recipe, progress=False)
+    res = quantize_model(src, tmp_path / "f.onnx", recipe, progress=False)
+    assert res.plan.coverage() == {"quantized": 0, "quantizable": 2} and "excluded by rule 1" in res.plan.float_reasons()
 
 
 def _lstm_and_convtranspose(rng) -> onnx.ModelProto:
