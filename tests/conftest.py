@@ -8,6 +8,13 @@ from helpers import make_onnx, mlp_text
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """End-to-end tests on real models are slow by nature: the inner loop (-m "not slow") skips them."""
+    for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def e2e_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("e2e")

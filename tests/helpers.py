@@ -53,3 +53,11 @@ def decided_plan(model, recipe, profile=None, calib=None):
     rec, prof = resolve_recipe(recipe), resolve_profile(profile)
     [(plan, _)] = decide(model, [make_plan(model, rec, profile=prof)], rec, [prof], calib, progress=False)
     return plan
+
+
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """The exception types ONNX Runtime raises (its pybind classes), for tests that expect ORT to refuse a model."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as s
+
+    return tuple(getattr(s, n) for n in ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NotImplemented",
+                                         "NoSuchFile", "RuntimeException") if hasattr(s, n))

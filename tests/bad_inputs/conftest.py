@@ -7,10 +7,6 @@ import pytest
 from bad_files import make_corpus
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "bad_inputs: the bad-input corpus (fast; `pytest -m bad_inputs` runs it alone)")
-
-
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus"))

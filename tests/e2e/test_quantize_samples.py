@@ -51,7 +51,12 @@ def test_efficientnet_w8a16_and_w4a16(effnet_onnx, e2e_dir, capsys):
     text = cli(capsys, "quantize", effnet_onnx, "--recipe", "w4a16", "-o", w4, "--explain")
     assert "depthwise Conv has one input channel per group" in text
     assert w4.stat().st_size <= 4e6  # measured 3.3 MB
-    cli(capsys, "validate", w4, "-r", effnet_onnx, "--data", "efficientnet_lite0:crops=1", "--no-intermediates")
+    report = e2e_dir / "eff4.json"
+    cli(capsys, "validate", w4, "-r", effnet_onnx, "--data", "efficientnet_lite0:crops=1", "--no-intermediates",
+        "--json", report)
+    # int4 blocks on a small CNN cost most of the signal (measured 3.6 dB logits, 44.8 % top-1 before
+    # data-aware int4 exists): the check guards against a broken graph, not for a usable model
+    assert json.loads(report.read_text())["candidates"][0]["outputs"]["logits"]["sqnr_db"] >= 2.0
 
 
 def test_minilm_w8a8(minilm_onnx, qdq_model, e2e_dir, tmp_path, capsys):

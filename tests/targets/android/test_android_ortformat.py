@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import ort_errors
 
 from targets.android import ortformat
 from targets.android.convert import _optimize
@@ -23,7 +24,7 @@ def test_an_unpacked_int4_tensor_makes_an_unloadable_file(tiny, tmp_path):
     _optimize(tiny["conv.w4a16"], out, ort_format=True)
     bad = ortformat.unstorable_tensors(out.read_bytes())
     assert [(t.name, ortformat.type_name(t.data_type)) for t in bad] == [("conv_w_q", "int4")]
-    with pytest.raises(Exception, match="Unsupported tensor data type"):
+    with pytest.raises(ort_errors(), match="Unsupported tensor data type"):
         ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
 
 
