@@ -82,31 +82,47 @@ def check_output_path(path: str | os.PathLike, *, force: bool = False) -> Path:
         raise InputError(f"output {p} already exists", hint="choose another path or pass --force")
     if p.is_dir():
         raise InputError(f"output {p} is a folder", hint="give a file path")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.exists():
-        raise InputError(f"cannot write {p}: folder {parent} does not exist", hint="create it first")
-    if not parent.is_dir():
-        raise InputError(f"cannot write {p}: {parent} is not a folder", hint="choose another output path")
-    try:  # the real test of writability (permissions, read-only mounts, root or not)
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise InputError(
-            f"cannot write {p}: folder {parent} is not writable ({e.strerror})", hint="choose another output path"
-        ) from e
+    _check_writable_parent(p)
     return p
 
 
-def make_parents(path: str | os.PathLike) -> None:
-    """Create the missing parent folders of an output path (``-o dist/android`` without ``dist/``)."""
-    parent = Path(path).absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise InputError(f"cannot write {path}: {parent} is not a folder", hint="choose another output path") from None
+def _check_writable_parent(p: Path) -> None:
+    """The folder ``p`` goes in, or (missing folders are created when writing) its nearest existing
+    ancestor, must be a folder we can write to."""
+    parent = p.absolute().parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write {p}: {existing} is not a folder", hint="choose another output path")
+    try:  # the real test of writability (permissions, read-only mounts, root or not)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
     except OSError as e:
-        raise InputError(f"cannot create the folder {parent} for {path}: {e.strerror}",
-                         hint="choose another output path") from e
+        raise InputError(
+            f"cannot write {p}: folder {existing} is not writable ({e.strerror})", hint="choose another output path"
+        ) from e
+
+
+@contextlib.contextmanager
+def _parents_made(dest: Path) -> Iterator[None]:
+    """Create ``dest``'s missing parent folders; remove the ones made here if the write fails."""
+    made = []
+    folder = dest.absolute().parent
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    for f in reversed(made):
+        f.mkdir()
+    try:
+        yield
+    except BaseException:
+        for f in made:  # innermost first; only if still empty
+            try:
+                f.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def external_data_files(path: str | os.PathLike) -> list[str]:
@@ -134,14 +150,7 @@ def check_output_folder(path: str | os.PathLike, *, force: bool = False) -> Path
     if p.exists() and any(p.iterdir()) and not force:
         raise InputError(f"output folder {p} already exists and is not empty",
                          hint="choose another folder or pass --force")
-    parent = p.absolute().parent
-    if not parent.is_dir():
-        raise InputError(f"cannot write {p}: folder {parent} does not exist", hint="create it first")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot write {p}: folder {parent} is not writable ({e.strerror})") from e
+    _check_writable_parent(p)
     return p
 
 
@@ -153,6 +162,12 @@ def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
     :func:`check_output_folder` first.
     """
     dest = Path(dest)
+    with _parents_made(dest), _atomic_folder(dest) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_folder(dest: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.absolute().parent))
     try:
         umask = os.umask(0)
@@ -187,6 +202,12 @@ def atomic_output(dest: str | os.PathLike, *, force: bool = False) -> Iterator[P
     whose external data is missing.
     """
     dest = check_output_path(dest, force=force)
+    with _parents_made(dest), _atomic_files(dest, force) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_files(dest: Path, force: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp

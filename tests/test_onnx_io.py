@@ -36,8 +36,8 @@ def test_save_refuses_existing_and_unwritable(tmp_path, mlp_onnx):
     model = onnx_io.load_ir(mlp_onnx)
     with pytest.raises(InputError, match="already exists"):
         onnx_io.save_ir(model, mlp_onnx)
-    with pytest.raises(InputError, match="does not exist"):
-        onnx_io.save_ir(model, tmp_path / "no" / "such" / "m.onnx")
+    onnx_io.save_ir(model, tmp_path / "no" / "such" / "m.onnx")  # missing folders are made
+    assert (tmp_path / "no" / "such" / "m.onnx").is_file()
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(InputError, match="is not a folder"):
@@ -95,3 +95,23 @@ def test_model_over_2gb_is_saved_with_external_data(tmp_path):
     proto = onnx.load(str(tmp_path / "big.onnx"), load_external_data=False)
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
+
+
+def test_missing_parent_folders_are_made_when_writing_and_removed_when_it_fails(tmp_path):
+    from edgeq.onnx_io import atomic_folder, atomic_output, check_output_folder, check_output_path
+
+    dest = tmp_path / "dist" / "deep" / "android"
+    check_output_folder(dest)  # checking creates nothing
+    assert not (tmp_path / "dist").exists()
+    with atomic_folder(dest) as tmp:
+        (tmp / "model.ort").write_bytes(b"x")
+    assert (dest / "model.ort").read_bytes() == b"x"
+    out = tmp_path / "new" / "m.onnx"
+    check_output_path(out)
+    with pytest.raises(RuntimeError):
+        with atomic_output(out):
+            raise RuntimeError("the write failed")
+    assert not (tmp_path / "new").exists()  # the folders made for it are gone again
+    (tmp_path / "file.txt").write_text("")
+    with pytest.raises(InputError, match="file.txt is not a folder"):
+        check_output_path(tmp_path / "file.txt" / "sub" / "m.onnx")

@@ -158,12 +158,11 @@ def _merge(default: Thresholds, given: Thresholds | None) -> Thresholds:
 
 
 def check_output_dir(path: str | os.PathLike, *, force: bool) -> Path:
-    """Fail before any work when the build folder cannot be written (missing parents are created)."""
+    """Fail before any work when the build folder cannot be written (missing parents are created when it is)."""
     out = Path(path)
     here = Path.cwd().resolve()
     if out.resolve() == here or out.resolve() in here.parents:
         raise InputError(f"output {out} is the current folder or holds it", hint="give a new folder, e.g. -o dist/")
-    onnx_io.make_parents(out)
     return onnx_io.check_output_folder(out, force=force)
 
 
