@@ -8,9 +8,12 @@ for the weight (``plan.codes``, by weight name: nearest rounding, GPTQ or Conv r
 - int4: blocks ``DequantizeLinear(int4, scale, [zero_point], axis, block_size)`` (opset 21); for a
   MatMul the block axis is K, the form ONNX Runtime fuses into MatMulNBits. float16 scales use
   DequantizeLinear-23's ``output_dtype`` (opset raised to 23).
-- mxfp4: ``DequantizeLinear(float4e2m1, scale, axis, block_size=32)`` (opset 23). Where the plan
-  says so (``form = "gather_block_quantized"``), an embedding Gather becomes
-  ``com.microsoft.GatherBlockQuantized`` instead, which ONNX Runtime runs.
+- mxfp4: ``DequantizeLinear(float4e2m1, scale, axis, block_size=32)`` (opset 23).
+- Embedding tables (Gather on axis 0), per the plan's ``form`` (the profile's ``gather_forms``):
+  ``gather_rows`` (int8: Gather the int8 rows and their scales, Cast, Mul — exactly DequantizeLinear
+  → Gather, with only the looked-up rows converted) or ``gather_block_quantized``
+  (``com.microsoft.GatherBlockQuantized`` on packed uint8 int4 or float4e2m1 data; a float16 scale
+  gives a float16 output, cast to float); ``dq`` dequantizes the whole table.
 - Gemm with ``transB=1`` and blocked weights: the weight is stored transposed and ``transB``
   cleared, so the blocks run along K as the fused kernels expect.
 - A corrected bias in the plan (``plan.biases``) replaces the node's bias input.
@@ -63,6 +66,107 @@ class WeightQDQPass(ir.passes.InPlacePass):
             if not init.uses() and not init.is_graph_output():
                 raise ir.passes.PostconditionError(f"initializer {init.name} left without a reader")
 
+    @staticmethod
+    def _initializers(graph: ir.Graph, prefix: str, data: np.ndarray, scale: np.ndarray) -> tuple[ir.Value, ir.Value]:
+        values = []
+        for suffix, array in (("quantized", data), ("scale", scale)):
+            v = ir.Value(name=f"{prefix}_{suffix}", const_value=ir.tensor(array, name=f"{prefix}_{suffix}"))
+            graph.register_initializer(v)
+            values.append(v)
+        return values[0], values[1]
+
+    @staticmethod
+    def _replace_output(graph: ir.Graph, node: ir.Node, new_out: ir.Value) -> None:
+        """Readers of ``node``'s output read ``new_out`` instead (which takes its name); ``node`` goes."""
+        out = node.outputs[0]
+        new_out.dtype = ir.DataType.FLOAT
+        new_out.shape = out.shape
+        out.replace_all_uses_with(new_out, replace_graph_outputs=True)
+        name = out.name
+        out.name = f"{name}_float_gather"  # freed: the new value takes the name readers know
+        new_out.name = name
+        graph.remove(node, safe=True)
+
+    def _dequantize(self, graph, node, d, q, prefix) -> bool:
+        """``DequantizeLinear`` of the whole weight before ``node``; True if it needs opset 23."""
+        half = q.scale.dtype == np.float16
+        data, scale = self._initializers(graph, prefix, _storage(q), q.scale if half else q.scale.astype(np.float32))
+        attrs = {"axis": d.axis}
+        if d.block:
+            attrs["block_size"] = d.block
+        if half:  # float16 scales, float32 output: DequantizeLinear-23's output_dtype
+            attrs["output_dtype"] = ir.DataType.FLOAT.value
+        inputs = [data, scale]
+        if q.zero_point is not None or q.dtype == "int8":
+            # int8: an explicit zero point (0) — ORT fuses Gemm into QGemm only with one
+            zp = q.zero_point if q.zero_point is not None else np.zeros(q.scale.shape, np.int8)
+            zp_value = ir.Value(name=f"{prefix}_zero_point",
+                                const_value=ir.tensor(_as_storage(zp, q.dtype), name=f"{prefix}_zero_point"))
+            graph.register_initializer(zp_value)
+            inputs.append(zp_value)
+        dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{prefix}_dequantize")
+        meta.mark(dq, meta.Role.WEIGHT, d.node)
+        dq.outputs[0].name = f"{prefix}_dequantized"
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = ir.Shape(list(q.data.shape))
+        graph.insert_before(node, dq)
+        node.replace_input_with(d.input_index, dq.outputs[0])
+        if d.transpose:
+            node.attributes["transB"] = ir.AttrInt64("transB", 0)
+        return half
+
+    def _gather_rows(self, graph, node, d, q, prefix) -> None:
+        """An int8 table read row by row: ``Cast(Gather(q, ids)) * Unsqueeze(Gather(scale, ids), -1)``.
+
+        Standard ONNX, and exactly what DequantizeLinear → Gather computes (``(float) q * scale``),
+        but only the looked-up rows are converted; the table stays int8 in the file and in memory.
+        """
+        data, scale = self._initializers(graph, prefix, q.data, q.scale.astype(np.float32))
+        ids = node.inputs[1]
+        axes = ir.Value(name=f"{prefix}_last_axis", const_value=ir.tensor(np.array([-1], np.int64), name=f"{prefix}_last_axis"))
+        graph.register_initializer(axes)
+        rows = ir.node("Gather", [data, ids], attributes={"axis": 0}, name=f"{prefix}_gather_rows")
+        rows.outputs[0].name = f"{prefix}_rows"
+        scales = ir.node("Gather", [scale, ids], attributes={"axis": 0}, name=f"{prefix}_gather_scales")
+        scales.outputs[0].name = f"{prefix}_row_scales"
+        cast = ir.node("Cast", [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT.value}, name=f"{prefix}_cast")
+        cast.outputs[0].name = f"{prefix}_rows_float"
+        unsq = ir.node("Unsqueeze", [scales.outputs[0], axes], name=f"{prefix}_unsqueeze")
+        unsq.outputs[0].name = f"{prefix}_row_scales_2d"
+        mul = ir.node("Mul", [cast.outputs[0], unsq.outputs[0]], name=f"{prefix}_scale_rows")
+        new = [rows, scales, cast, unsq, mul]
+        for n in new:
+            meta.mark(n, meta.Role.GATHER_QUANTIZED, d.node)
+        graph.insert_before(node, new)
+        self._replace_output(graph, node, mul.outputs[0])
+
+    def _gather_block_quantized(self, graph, node, d, q, prefix) -> None:
+        """``com.microsoft.GatherBlockQuantized``: int4 as packed uint8 (``q + 8``, even element in the low
+        nibble; no zero point = 8, so the symmetric codes map exactly), mxfp4 as float4e2m1; a float16
+        scale gives a float16 output, cast to float."""
+        attrs = {"gather_axis": 0, "quantize_axis": d.axis, "block_size": d.block}
+        if d.format == WeightFormat.INT4:
+            codes = (q.data.astype(np.int16) + 8).astype(np.uint8)
+            data_array = formats.pack_4bit(codes).reshape(codes.shape[0], codes.shape[1] // 2)
+            attrs["bits"] = 4
+        else:
+            data_array = _storage(q)
+        data, scale = self._initializers(graph, prefix, data_array, q.scale)
+        gbq = ir.node("GatherBlockQuantized", [data, node.inputs[1], scale], domain="com.microsoft", attributes=attrs,
+                      name=f"{d.node}/gather_block_quantized")
+        meta.mark(gbq, meta.Role.GATHER_QUANTIZED, d.node)
+        new = [gbq]
+        out = gbq.outputs[0]
+        if q.scale.dtype == np.float16:
+            out.name = f"{prefix}_rows_half"
+            out.dtype = ir.DataType.FLOAT16
+            cast = ir.node("Cast", [out], attributes={"to": ir.DataType.FLOAT.value}, name=f"{prefix}_cast")
+            meta.mark(cast, meta.Role.GATHER_QUANTIZED, d.node)
+            new.append(cast)
+            out = cast.outputs[0]
+        graph.insert_before(node, new)
+        self._replace_output(graph, node, out)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         by_name = nodes_by_name(graph)
@@ -79,54 +183,13 @@ class WeightQDQPass(ir.passes.InPlacePass):
                 graph.register_initializer(corrected)
                 node.replace_input_with(2, corrected)
                 drop_if_unused(graph, b)
-            data = ir.Value(name=f"{prefix}_quantized", const_value=ir.tensor(_storage(q), name=f"{prefix}_quantized"))
-            half = q.scale.dtype == np.float16
-            scale = ir.Value(name=f"{prefix}_scale", const_value=ir.tensor(q.scale if half else q.scale.astype(np.float32),
-                                                                         name=f"{prefix}_scale"))
-            graph.register_initializer(data)
-            graph.register_initializer(scale)
-            if d.form == "gather_block_quantized":
-                gbq = ir.node(
-                    "GatherBlockQuantized", [data, node.inputs[1], scale], domain="com.microsoft",
-                    attributes={"gather_axis": 0, "quantize_axis": d.axis, "block_size": d.block},
-                    name=f"{d.node}/gather_block_quantized",
-                )
-                meta.mark(gbq, meta.Role.GATHER_QUANTIZED, d.node)
-                graph.insert_before(node, gbq)
-                out = node.outputs[0]
-                new_out = gbq.outputs[0]
-                new_out.dtype = ir.DataType.FLOAT  # the output type is the scale's
-                new_out.shape = out.shape
-                out.replace_all_uses_with(new_out)
-                if out.is_graph_output():
-                    idx = [o for o in graph.outputs].index(out)
-                    graph.outputs[idx] = new_out
-                new_out.name = out.name
-                graph.remove(node, safe=True)
+            if d.form == "gather_rows":
+                self._gather_rows(graph, node, d, q, prefix)
+            elif d.form == "gather_block_quantized":
+                self._gather_block_quantized(graph, node, d, q, prefix)
                 needs_ms = True
             else:
-                attrs = {"axis": d.axis}
-                if d.block:
-                    attrs["block_size"] = d.block
-                if half:  # float16 scales, float32 output: DequantizeLinear-23's output_dtype
-                    attrs["output_dtype"] = ir.DataType.FLOAT.value
-                    needs_23 = True
-                inputs = [data, scale]
-                if q.zero_point is not None or q.dtype == "int8":
-                    zp = q.zero_point if q.zero_point is not None else np.zeros(q.scale.shape, np.int8)
-                    zp_value = ir.Value(name=f"{prefix}_zero_point",
-                                        const_value=ir.tensor(_as_storage(zp, q.dtype), name=f"{prefix}_zero_point"))
-                    graph.register_initializer(zp_value)
-                    inputs.append(zp_value)
-                dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{prefix}_dequantize")
-                meta.mark(dq, meta.Role.WEIGHT, d.node)
-                dq.outputs[0].name = f"{prefix}_dequantized"
-                dq.outputs[0].dtype = ir.DataType.FLOAT
-                dq.outputs[0].shape = ir.Shape(list(q.data.shape))
-                graph.insert_before(node, dq)
-                node.replace_input_with(d.input_index, dq.outputs[0])
-                if d.transpose:
-                    node.attributes["transB"] = ir.AttrInt64("transB", 0)
+                needs_23 |= self._dequantize(graph, node, d, q, prefix)
             needs_23 |= d.format == WeightFormat.MXFP4 and d.form == "dq"
             drop_if_unused(graph, value)
         if needs_ms:

@@ -147,11 +147,14 @@ class Variants:
             if n.op_type == "DequantizeLinear" and n.input[0] in producer and producer[n.input[0]].op_type == "QuantizeLinear":
                 self.act_dq[n.output[0]] = producer[n.input[0]].input[0]
         index = {n.name: i for i, n in enumerate(self.nodes)}
-        # a Gather the weight pass replaced: found by its metadata, not its name
+        # a Gather the weight pass replaced (one node, or a few: rows, scales, cast, scale): found by its
+        # metadata; the float Gather takes the place of the group's node that makes the Gather's output
         for i, n in enumerate(self.nodes):
             props = meta.proto_props(n)
-            if meta.role_of(props) == meta.Role.GATHER_QUANTIZED:
-                index.setdefault(props[meta.SOURCE], i)
+            source = props.get(meta.SOURCE)
+            if meta.role_of(props) == meta.Role.GATHER_QUANTIZED and source in float_nodes \
+                    and float_nodes[source].output[0] in n.output:
+                index[source] = i
         self.layers: list[str] = []
         self.float_node: dict[int, onnx.NodeProto] = {}  # index in the QDQ graph -> the float replacement
         self.layer_of: dict[int, str] = {}

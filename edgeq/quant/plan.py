@@ -38,7 +38,7 @@ class WeightDecision:
     block: int | None = None
     clip_search: bool = False
     transpose: bool = False  # Gemm transB=1 with blocks: store Wᵀ and set transB=0 (ORT fuses that form)
-    form: str = "dq"  # "dq": DequantizeLinear before the op; "gather_block_quantized": the fused Gather
+    form: str = "dq"  # how the op reads it: "dq" | "gather_rows" | "gather_block_quantized" (TargetProfile.gather_forms)
     symmetric: bool = True  # int4: False = a zero point per block
     scale_dtype: str = "float32"  # "float16" halves the scales where the runtime allows it
     reason: str = ""
@@ -341,18 +341,33 @@ def _decide(node: ir.Node, name: str, index: int, value: ir.Value, spec, rule, c
         break
     if fmt == WeightFormat.FLOAT:
         return NodeNote(name, node.op_type, reason)
+    form = profile.gather_forms.get(fmt, "dq") if node.op_type == "Gather" else "dq"
+    if form == "gather_block_quantized" and fmt == WeightFormat.INT4 and shape[1] % 2:
+        form = "dq"  # rows of odd length cannot be packed two codes per byte
+        if not profile.supports("Gather", WeightFormat.INT8) or "dq" != profile.gather_forms.get(WeightFormat.INT4, "dq"):
+            return _decide_fallback(node, name, index, value, spec, rule, profile,
+                                    "int4 rows of odd length cannot be packed two per byte")
     blocked = fmt in (WeightFormat.INT4, WeightFormat.MXFP4)
     int4 = fmt == WeightFormat.INT4
     return WeightDecision(
         node=name, op_type=node.op_type, input_index=index, weight=value.name, shape=shape, format=fmt,
         axis=axis, block=(spec.block if blocked else None), clip_search=spec.clip_search and int4,
         transpose=bool(transpose), reason=reason, rule=rule,
-        form="gather_block_quantized" if node.op_type == "Gather" and fmt in profile.gather_block_quantized else "dq",
+        form=form,
         # embedding tables are not fused into a kernel: symmetric with half-size scales saves
         # 0.7 MB on MiniLM; fused MatMul/Gemm/Conv blocks get a zero point (more accurate)
         symmetric=not (int4 and spec.asymmetric and node.op_type != "Gather"),
         scale_dtype="float16" if int4 and node.op_type in profile.fp16_scale_ops else "float32",
     )
+
+
+def _decide_fallback(node, name, index, value, spec, rule, profile, why: str) -> WeightDecision | NodeNote:
+    """:func:`_decide` one step down the fallback ladder, with ``why`` as the reason."""
+    from dataclasses import replace as _replace
+
+    lower = _replace(spec, weights=FALLBACK[spec.weights])
+    d = _decide(node, name, index, value, lower, rule, f"{why}: fell back to {lower.weights.value}", profile)
+    return d
 
 
 def make_plan(model: ir.Model, recipe: Recipe, *, profile: TargetProfile = ONNXRUNTIME_CPU) -> QuantPlan:

@@ -8,8 +8,10 @@ Hence the weight formats, per op:
 
 - MatMul, Gemm: int8 and int4. The converter fuses DequantizeLinear → MatMul/Gemm into
   ``com.microsoft.MatMulNBits`` whose packed weights are uint8, so int4 weights survive.
-- Conv, Gather: int8 only. An int4 (or mxfp4) weight there stays a 4-bit initializer, which the
-  ORT format cannot hold: the plan falls back to int8 and says why.
+- Gather (embedding tables): int8 (the rows gathered, then scaled) and int4 as
+  ``com.microsoft.GatherBlockQuantized`` on packed uint8 data, which the ORT format holds.
+- Conv, ConvTranspose, GRU, LSTM: int8 only. An int4 (or mxfp4) weight there stays a 4-bit
+  initializer, which the ORT format cannot hold: the plan falls back to int8 and says why.
 - MXFP4 nowhere: no float4e2m1 in the ORT format (and ORT CPU has no DequantizeLinear for it).
 
 Activation formats and the W8A8 placement rules are ORT CPU's (it is the same runtime).
@@ -36,13 +38,12 @@ ANDROID = dataclasses.replace(
         "MatMul": frozenset({_I8, _I4}),
         "Gemm": frozenset({_I8, _I4}),
         "Conv": frozenset({_I8}),
-        "Gather": frozenset({_I8}),
+        "Gather": frozenset({_I8, _I4}),  # int4 tables as GatherBlockQuantized: packed uint8 ships in .ort
         **{op: frozenset({_I8}) for op in WEIGHT_ONLY_OPS},
     }),
-    gather_block_quantized=frozenset(),
+    gather_forms=MappingProxyType({_I8: "gather_rows", _I4: "gather_block_quantized"}),
     notes=MappingProxyType({
         ("Conv", _I4): f"int4 Conv weights cannot ship on Android: {_NO_4BIT}",
-        ("Gather", _I4): f"int4 Gather (embedding) weights cannot ship on Android: {_NO_4BIT}",
         **{(op, _FP4): f"mxfp4 cannot ship on Android: {_NO_FP4} (and ORT has no DequantizeLinear kernel for it)"
            for op in ("MatMul", "Gemm", "Conv")},
         ("Gather", _FP4): f"mxfp4 embeddings cannot ship on Android: {_NO_FP4}",

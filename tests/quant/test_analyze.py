@@ -65,8 +65,28 @@ def test_deterministic_and_limit(tmp_path):
     assert a == b and a["feeds"] == 3 and [r["node"] for r in a["layers"]] == ["ffn2", "head", "ffn1"]
 
 
+def _embedder(path):
+    """ids → Gather(table) → MatMul: the embedding forms (int8 rows gathered, int4 fused Gather)."""
+    rng = np.random.default_rng(4)
+    table, w = rng.standard_normal((50, 32)).astype(np.float32), rng.standard_normal((32, 16)).astype(np.float32)
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+         onnx.helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")], "emb",
+        [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["batch", "seq"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "seq", 16])],
+        [onnx.numpy_helper.from_array(table, "table"), onnx.numpy_helper.from_array(w, "w")])
+    onnx.save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)]), str(path))
+    return path
+
+
+def _ids(n: int = 3):
+    rng = np.random.default_rng(5)
+    return [{"ids": rng.integers(0, 50, (2, 7)).astype(np.int64)} for _ in range(n)]
+
+
 @pytest.mark.parametrize("make,feeds,recipe", [(cnn, cnn_feeds, "w8a8"), (encoder_block, _feeds, "w8a8"),
-                                               (encoder_block, _feeds, "w4a16")])
+                                               (encoder_block, _feeds, "w4a16"), (_embedder, _ids, "w8a16"),
+                                               (_embedder, _ids, "w4a16")])
 def test_variants_bypass_exactly(tmp_path, make, feeds, recipe):
     """Nothing quantized reproduces the float model (SmoothQuant kept exact); everything reproduces the QDQ file."""
     path = make(tmp_path / "m.onnx")

@@ -22,10 +22,10 @@ def test_quantized_models_pass(tiny):
 
 def test_profile_keeps_4bit_where_the_ort_format_can_hold_it():
     assert ANDROID.supports("MatMul", WeightFormat.INT4) and ANDROID.supports("Gemm", WeightFormat.INT4)
-    assert not ANDROID.supports("Conv", WeightFormat.INT4) and not ANDROID.supports("Gather", WeightFormat.INT4)
+    assert not ANDROID.supports("Conv", WeightFormat.INT4) and ANDROID.supports("Gather", WeightFormat.INT4)
     assert not any(ANDROID.supports(op, WeightFormat.MXFP4) for op in ("MatMul", "Gemm", "Conv", "Gather"))
     assert "no 4-bit tensor type" in ANDROID.why_not("Conv", WeightFormat.INT4)
-    assert ANDROID.gather_block_quantized == frozenset()
+    assert ANDROID.gather_forms == {WeightFormat.INT8: "gather_rows", WeightFormat.INT4: "gather_block_quantized"}
 
 
 def test_quantize_with_the_android_profile_falls_back_with_a_reason(tiny):
