@@ -46,6 +46,7 @@ FACTORIES = textwrap.dedent(
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     (tmp_path / "my_models.py").write_text(FACTORIES)
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)  # another test's module of that name
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
@@ -125,8 +126,9 @@ def test_missing_or_corrupt_onnx(workdir, capsys):
 def test_unwritable_or_existing_output(workdir, capsys):
     code, _, err = run(capsys, "export", "my_models:tiny", "-o", "/proc/m.onnx", "--input", "x:float32[1,6]")
     assert_clean_error(code, err, "cannot write /proc/m.onnx", "not writable")
-    code, _, err = run(capsys, "export", "my_models:tiny", "-o", "nodir/m.onnx", "--input", "x:float32[1,6]")
-    assert_clean_error(code, err, "folder nodir does not exist")
+    (workdir / "afile").write_text("")
+    code, _, err = run(capsys, "export", "my_models:tiny", "-o", "afile/m.onnx", "--input", "x:float32[1,6]")
+    assert_clean_error(code, err, "afile is not a folder")
     (workdir / "m.onnx").write_text("precious")
     code, _, err = run(capsys, "export", "my_models:tiny", "-o", "m.onnx", "--input", "x:float32[1,6]")
     assert_clean_error(code, err, "already exists", "--force")
@@ -136,13 +138,16 @@ def test_unwritable_or_existing_output(workdir, capsys):
 def test_validation_threshold_failure_exits_1(workdir, capsys):
     assert run(capsys, "export", "my_models:tiny", "-o", "t.onnx", "--input", "x:float32[batch,6]")[0] == 0
     np.savez(workdir / "feed.npz", x=np.ones((3, 6), np.float32))
+    # a top-1 gate on a [batch, 3] Linear output: measured as a classifier (agreement 1.0), not failed blind
     code, out, err = run(capsys, "validate", "t.onnx", "-r", "t.onnx", "--data", "feed.npz",
                          "--min-top1-agreement", "0.9")
-    assert code == 1
-    assert "validation failed" in err and "top1_agreement" in err
-    code, out, err = run(capsys, "validate", "t.onnx", "-r", "t.onnx", "--data", "feed.npz", "--task",
-                         "classification", "--min-top1-agreement", "0.9")
     assert code == 0, err
+    assert "pass top1_agreement = 1" in out
+    # the same gate on a task that has no top-1: it fails and says why
+    code, out, err = run(capsys, "validate", "t.onnx", "-r", "t.onnx", "--data", "feed.npz", "--task",
+                         "embedding", "--min-top1-agreement", "0.9")
+    assert code == 1
+    assert "not measured: the task is not classification" in out and "top1_agreement" in err
 
 
 def test_debug_shows_the_traceback(workdir):

@@ -55,8 +55,8 @@ EXPORT = [
       names=("--dim", "batch=two")),
     c("export/output-exists", "export", "my_models:tiny", "-o", "existing.onnx", "--input", "x:float32[1,4]",
       names=("existing.onnx", "--force")),
-    c("export/output-folder-missing", "export", "my_models:tiny", "-o", "nodir/out.onnx", "--input",
-      "x:float32[1,4]", names="nodir"),
+    c("export/output-parent-is-a-file", "export", "my_models:tiny", "-o", "a_file.txt/out.onnx", "--input",
+      "x:float32[1,4]", names="a_file.txt"),
     # issue 17 case 3: the --json path is checked before the export, which would leave out.onnx
     c("export/json-unwritable", "export", "my_models:tiny", *OUT, "--input", "x:float32[batch,4]",
       "--json", "a_file.txt/export.json", names="a_file.txt/export.json"),
@@ -83,7 +83,7 @@ QUANTIZE = [
     c("quantize/unknown-profile", *Q, "tiny.onnx", "--profile", "symbian", *OUT, names="symbian"),
     c("quantize/no-output", *Q, "tiny.onnx", names=("-o", "--explain")),
     c("quantize/output-exists", *Q, "tiny.onnx", "-o", "existing.onnx", names=("existing.onnx", "--force")),
-    c("quantize/output-folder-missing", *Q, "tiny.onnx", "-o", "nodir/out.onnx", names="nodir"),
+    c("quantize/output-parent-is-a-file", *Q, "tiny.onnx", "-o", "a_file.txt/sub/out.onnx", names="a_file.txt"),
     c("quantize/output-unwritable", *Q, "tiny.onnx", "-o", "/proc/out.onnx", names=("/proc/out.onnx", "not writable")),
     c("quantize/output-is-a-folder", *Q, "tiny.onnx", "-o", "existing_dir", "--force", names="existing_dir"),
     # issue 17 case 2: an unwritable --json is found before out.onnx is written
