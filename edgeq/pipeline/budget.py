@@ -37,6 +37,7 @@ import onnx
 from edgeq import onnx_io
 from edgeq.errors import InputError
 from edgeq.pipeline.quantize import quantize_model
+from edgeq.quant.algorithms import Memo
 from edgeq.pipeline.variants import Evaluator, Variants, prepare_float
 from edgeq.quant.recipes import FLOAT, ActFormat, Recipe, Rule, WeightFormat, exact_name_pattern, exact_name_rule, resolve_recipe
 from edgeq.quant.weights import weight_bytes
@@ -189,9 +190,10 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
         raise InputError("top1_agreement needs a classifier output (class scores on the last axis)",
                          hint="use a cosine or sqnr budget for this model")
 
+    memo = Memo()  # the final quantization reuses the base one's statistics and per-layer results
     with tempfile.TemporaryDirectory(prefix="edgeq-budget-") as tmp:
         base_res = quantize_model(model, os.path.join(tmp, "base.onnx"), rec, block=block, profile=profile,
-                                  calib=calib, force=True, progress=progress)
+                                  calib=calib, force=True, progress=progress, memo=memo)
         base_file = Path(base_res.path).read_bytes()  # the answer when nothing needs raising
     qdq = onnx.load_from_string(base_file)
     plan = base_res.plan
@@ -267,7 +269,7 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
         while state:
             path = os.path.join(tmp, "final.onnx")
             res = quantize_model(model, path, with_rules(state), block=block, profile=profile, calib=calib,
-                                 force=True, progress=progress)
+                                 force=True, progress=progress, memo=memo)
             final_file = Path(path).read_bytes()
             final = full_eval.score(final_file).metric(b.metric)
             if b.met(final) or not extra:

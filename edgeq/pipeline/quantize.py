@@ -34,7 +34,7 @@ from edgeq.errors import InputError, UnsupportedError
 from edgeq.pipeline.apply import apply_plan, rewrite_passes
 from edgeq.pipeline.import_onnx import import_onnx
 from edgeq.quant.activations import place_activations
-from edgeq.quant.algorithms import PREPASS_BATCHES, Context, Stage, Stats
+from edgeq.quant.algorithms import PREPASS_BATCHES, Context, Memo, Stage, Stats
 from edgeq.quant.calibrate import CalibrationTable, calibrate
 from edgeq.quant.handlers import handlers_for
 from edgeq.quant.plan import QuantPlan, make_plan
@@ -82,6 +82,7 @@ def quantize_model(
     calib=None,
     force: bool = False,
     progress: bool = True,
+    memo: Memo | None = None,
 ) -> QuantizeResult:
     """Quantize the ONNX file at ``model_path`` with ``recipe``; write the QDQ model to ``output``.
 
@@ -90,7 +91,7 @@ def quantize_model(
     With ``output=None`` only the plan is made (``--explain``), without calibration.
     """
     return quantize_for_profiles(model_path, [(profile, output)], recipe, block=block, calib=calib, force=force,
-                                 progress=progress)[0]
+                                 progress=progress, memo=memo)[0]
 
 
 def quantize_for_profiles(
@@ -102,6 +103,7 @@ def quantize_for_profiles(
     calib=None,
     force: bool = False,
     progress: bool = True,
+    memo: Memo | None = None,
 ) -> list[QuantizeResult]:
     """One QDQ model per ``(profile, output)`` from one calibration (see :func:`decide`).
 
@@ -133,7 +135,7 @@ def quantize_for_profiles(
                      for plan, prof in zip(plans, profiles)]
         return [QuantizeResult(None, plan, float_bytes, 0, ideal, time.perf_counter() - t0)
                 for plan, ideal in zip(plans, ideals)]
-    decided = decide(model, plans, rec, profiles, calib, progress=progress)
+    decided = decide(model, plans, rec, profiles, calib, progress=progress, memo=memo)
     results = []
     for i, ((plan, table), output, ideal) in enumerate(zip(decided, outputs, ideals)):
         qdq = model if i == len(decided) - 1 else model.clone()  # the last one may edit the loaded model
@@ -171,14 +173,17 @@ class _Lane:
 
 
 def decide(model: ir.Model, plans: Sequence[QuantPlan], recipe: Recipe, profiles: Sequence[TargetProfile], calib, *,
-           progress: bool = True) -> list[tuple[QuantPlan, CalibrationTable | None]]:
+           progress: bool = True, memo: Memo | None = None) -> list[tuple[QuantPlan, CalibrationTable | None]]:
     """Every algorithm's decisions for each (plan, profile), stage by stage; ``model`` is not changed.
 
     Profiles whose working graphs are identical at a stage's start (the same rewrites so far)
-    share that stage's calibration pass: the union of their requests is observed once. Returns
+    share that stage's calibration pass: the union of their requests is observed once. ``memo``
+    (kept by a caller that quantizes the same model on the same data again, e.g. the budget
+    search) reuses statistics already gathered and per-layer results already computed. Returns
     each finished plan with the table of its last calibration pass (None without data).
     """
-    lanes = [_Lane(plan, Context(model.clone(), recipe, prof, has_data=calib is not None))
+    memo = memo or Memo()
+    lanes = [_Lane(plan, Context(model.clone(), recipe, prof, has_data=calib is not None, memo=memo))
              for plan, prof in zip(plans, profiles)]
     handlers = handlers_for(recipe)
     for stage in Stage:
@@ -192,8 +197,8 @@ def decide(model: ir.Model, plans: Sequence[QuantPlan], recipe: Recipe, profiles
         groups: dict[tuple, list[_Lane]] = {}
         for lane in lanes:
             groups.setdefault(lane.rewrites(), []).append(lane)
-        for group in groups.values():
-            table, values = _observe(group, todo, stage, calib, progress)
+        for rewrites, group in groups.items():
+            table, values = _observe(group, todo, stage, calib, progress, memo, (stage, rewrites))
             for lane in group:
                 lane.stats = Stats(values, samples=table.samples if table else 0)
                 lane.table = table or lane.table
@@ -208,27 +213,38 @@ def decide(model: ir.Model, plans: Sequence[QuantPlan], recipe: Recipe, profiles
     return [(lane.plan, lane.table) for lane in lanes]
 
 
-def _observe(group: list[_Lane], handlers, stage: Stage, calib, progress: bool):
-    """One calibration pass over the group's (identical) working graph for every request of ``handlers``."""
+def _observe(group: list[_Lane], handlers, stage: Stage, calib, progress: bool, memo: Memo, where):
+    """One calibration pass over the group's (identical) working graph for every request of ``handlers``
+    that ``memo`` does not already hold (statistics of the same tensors of the same graph, same data)."""
     requests = {}
     for lane in group:
         for h in handlers:
             for r in h.requests(lane.ctx, lane.plan):
                 requests.setdefault((r.kind, r.tensor), r)
-    if not requests:
-        return None, {}
-    objects = {key: r.make() for key, r in requests.items()}
-    by_tensor: dict[str, list] = {}
-    for (_, tensor), obj in objects.items():
-        by_tensor.setdefault(tensor, []).append(obj)
-    feeds, desc = open_feeds(calib, split="calibration")
-    if stage == Stage.PREPASS:
-        feeds = itertools.islice(feeds, PREPASS_BATCHES)
-    proto = ir.to_proto(group[0].ctx.model)
-    table = calibrate(proto, by_tensor, feeds, specs=onnx_io.io_specs(proto), source=desc, progress=progress)
-    del proto
-    values = {key: obj.result() for key, obj in objects.items()}
-    return table, {k: v for k, v in values.items() if v is not None}
+    known = {key: memo.get(("stats", where, key), lambda: None) for key in requests}
+    todo = {key: r for key, r in requests.items() if known[key] is None}
+    table = memo.get(("table", where), lambda: None)
+    if todo:
+        objects = {key: r.make() for key, r in todo.items()}
+        by_tensor: dict[str, list] = {}
+        for (_, tensor), obj in objects.items():
+            by_tensor.setdefault(tensor, []).append(obj)
+        feeds, desc = open_feeds(calib, split="calibration")
+        if stage == Stage.PREPASS:
+            feeds = itertools.islice(feeds, PREPASS_BATCHES)
+        proto = ir.to_proto(group[0].ctx.model)
+        table = calibrate(proto, by_tensor, feeds, specs=onnx_io.io_specs(proto), source=desc, progress=progress)
+        del proto
+        memo.put(("table", where), table)
+        for key, obj in objects.items():
+            result = obj.result()
+            known[key] = result if result is not None else _NOTHING
+            memo.put(("stats", where, key), known[key])
+    values = {k: v for k, v in known.items() if v is not None and v is not _NOTHING}
+    return table, values
+
+
+_NOTHING = object()  # memo: a statistic that saw nothing usable (so it is not gathered again)
 
 
 def _check_something_quantized(model: ir.Model, plan: QuantPlan, recipe: Recipe, path) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import onnx_ir as ir
@@ -75,6 +75,46 @@ class Stats:
         return {t: v for (k, t), v in self._values.items() if k == kind}
 
 
+class Memo:
+    """Results worth keeping across quantizations of the same model on the same data (the budget search
+    quantizes twice): calibration statistics and per-layer results (GPTQ codes, AWQ searches, Conv
+    rounding), each keyed by a fingerprint of everything it depends on, so a hit is the same answer."""
+
+    def __init__(self) -> None:
+        self._store: dict = {}
+        self.hits = 0
+
+    def get(self, key, compute):
+        """The value kept under ``key``, else ``compute()`` (kept unless it is None)."""
+        if key in self._store:
+            self.hits += 1
+            return self._store[key]
+        value = compute()
+        if value is not None:
+            self._store[key] = value
+        return value
+
+    def put(self, key, value) -> None:
+        self._store[key] = value
+
+
+def fingerprint(*parts) -> str:
+    """A short stable digest of arrays, strings, numbers and tuples of them."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha1()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(str(p.dtype).encode() + str(p.shape).encode())
+            h.update(np.ascontiguousarray(p).tobytes())
+        else:
+            h.update(repr(p).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
 @dataclass
 class Context:
     """What a handler sees: the working graph (float, with the rewrites decided so far), the recipe, the target."""
@@ -83,6 +123,7 @@ class Context:
     recipe: Recipe
     profile: TargetProfile
     has_data: bool  # calibration data was given
+    memo: Memo = field(default_factory=Memo)
 
     def nodes(self) -> dict[str, ir.Node]:
         return {n.name: n for n in self.model.graph}

@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 import onnx_ir as ir
 
-from edgeq.quant.algorithms import Algorithm, Context, Request, Stats, add_result, enabled_for_all
+from edgeq.quant.algorithms import Algorithm, Context, Request, Stats, add_result, enabled_for_all, fingerprint
 from edgeq.quant.plan import AlgorithmResult, QuantPlan, Scaling, WeightDecision
 from edgeq.quant.recipes import AWQConfig, WeightFormat
 from edgeq.quant.smooth import scaled_name
@@ -106,7 +106,15 @@ class AWQHandler(Algorithm):
         if not candidates:
             return self.skipped(plan, "nothing to do: no int4 MatMul weight of its own")
         grams = stats.of_kind("gram")
-        scalings, alphas = awq_scales(ctx.model, candidates, grams)
+        nodes = ctx.nodes()
+        scalings, alphas = [], {}
+        for tensor, decisions in sorted(candidates.items()):  # one search per tensor, kept in the memo
+            g = grams.get(tensor)
+            weights = [nodes[d.node].inputs[1].const_value.numpy() for d in decisions]
+            key = ("awq", tensor, fingerprint(g if g is not None else 0, *weights, repr(decisions)))
+            found = ctx.memo.get(key, lambda t=tensor, ds=decisions: awq_scales(ctx.model, {t: ds}, grams))
+            scalings += found[0]
+            alphas.update(found[1])
         for sc in scalings:  # the MatMuls will read x / s: their Gram follows exactly
             stats.put("gram", scaled_name(sc.tensor), scaled_gram(grams[sc.tensor], sc.scale))
         summary = f"{len(scalings)} of {len(candidates)} MatMul inputs scaled" + (

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeq.quant import formats
-from edgeq.quant.algorithms import Algorithm, Context, Request, Stats, add_result
+from edgeq.quant.algorithms import Algorithm, Context, Request, Stats, add_result, fingerprint
 from edgeq.quant.plan import AlgorithmResult, QuantPlan, WeightDecision
 from edgeq.quant.recipes import GPTQConfig, WeightFormat
 from edgeq.quant.stats import Gram
@@ -211,11 +211,13 @@ class GPTQHandler(Algorithm):
             key = (t, damp_of[d.node])
             if key not in factors:
                 g = stats.get("gram", t)
-                factors[key] = prepare_hessian(g, key[1]) if g is not None else None
+                factors[key] = None if g is None else ctx.memo.get(
+                    ("gptq-factor", fingerprint(g, key[1])), lambda g=g, damp=key[1]: prepare_hessian(g, damp))
             if factors[key] is None:
                 continue
             w = nodes[d.node].inputs[d.input_index].const_value.numpy().astype(np.float32)
-            q = gptq_quantize(w, d, factors[key])
+            factor = factors[key]
+            q = ctx.memo.get(("gptq", fingerprint(w, repr(d), factor)), lambda: gptq_quantize(w, d, factor))
             if q is not None:
                 codes[d.weight] = q
                 done.append(d.node)

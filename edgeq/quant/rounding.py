@@ -39,7 +39,7 @@ import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
 
 from edgeq.quant import formats
-from edgeq.quant.algorithms import Algorithm, Context, Request, Stats, add_result
+from edgeq.quant.algorithms import Algorithm, Context, Request, Stats, add_result, fingerprint
 from edgeq.quant.bias import correction_sites
 from edgeq.quant.plan import AlgorithmResult, NodeNote, QuantPlan
 from edgeq.quant.recipes import ConvRoundingConfig, ConvRoundingScope, WeightFormat
@@ -228,7 +228,7 @@ class RoundedWeight:
 
 
 def round_weights(model: ir.Model, plan: QuantPlan, moments: dict[str, PatchMoments], *,
-                  centered: Collection[str] = ()) -> dict[str, RoundedWeight]:
+                  centered: Collection[str] = (), memo=None) -> dict[str, RoundedWeight]:
     """The chosen int8 codes for every node in ``moments`` (statistics gathered by calibration).
 
     Nodes in ``centered`` get their bias corrected afterwards (the mean output error is removed
@@ -244,7 +244,10 @@ def round_weights(model: ir.Model, plan: QuantPlan, moments: dict[str, PatchMome
         w = nodes[d.node].inputs[d.input_index].const_value.numpy().astype(np.float32)
         if h is None or h.shape[0] != mom.geo.group or h.shape[1] != w[0].size or w.shape[0] % h.shape[0]:
             continue
-        qt, before, after = round_int8_per_channel(w, h)
+        def search(w=w, h=h):
+            return round_int8_per_channel(w, h)
+
+        qt, before, after = memo.get(("conv_rounding", fingerprint(w, h)), search) if memo is not None else search()
         out[d.node] = RoundedWeight(d.node, qt, before, after)
     return out
 
@@ -291,7 +294,8 @@ class ConvRoundingHandler(Algorithm):
         moments = {node: stats.get(f"patches/{node}", x) for node, (x, _) in sites.items()}
         # nodes whose bias is corrected later: their codes minimise the error around the mean
         centered = {n for n in correction_sites(ctx.model, plan) if ctx.settings(n).bias_correction is not None}
-        rounded = round_weights(ctx.model, plan, {n: m for n, m in moments.items() if m is not None}, centered=centered)
+        rounded = round_weights(ctx.model, plan, {n: m for n, m in moments.items() if m is not None}, centered=centered,
+                                memo=ctx.memo)
         codes = dict(plan.codes)
         weight_of = {d.node: d.weight for d in plan.weights}
         codes.update({weight_of[node]: r.quantized for node, r in rounded.items()})

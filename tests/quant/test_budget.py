@@ -94,3 +94,26 @@ def test_top1_budget_needs_class_scores(tmp_path):
     with pytest.raises(InputError, match="top1_agreement needs a classifier"):
         search(tmp_path / "r.onnx", "w8a16", "top1_agreement>=0.5", None,
                data=[{"x": np.ones((2, 4), np.float32)}], progress=False)
+
+
+def test_the_written_model_is_what_its_printed_rules_give_and_data_is_read_once(tmp_path, monkeypatch):
+    """The final quantization reuses the first one's statistics (no second pass over the data), and the
+    model written equals `quantize` with the printed rules pasted into the recipe."""
+    from edgeq.pipeline import quantize as qmod
+    from edgeq.pipeline.quantize import quantize_model
+
+    passes = []
+    real = qmod.calibrate
+    monkeypatch.setattr(qmod, "calibrate", lambda *a, **k: passes.append(1) or real(*a, **k))
+    src = _planted(tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    res = search(src, "w4a16", "sqnr>=23", out, data=_feeds(4, seed=5), calib=_feeds(), rank_limit=None,
+                 progress=False)
+    assert res.met and res.raised and len(passes) == 1
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "w4a16-b32+budget"\n[default]\nweights = "int4"\n[algorithms]\nawq = true\ngptq = true\n'
+                      + res.recipe_toml)
+    again = tmp_path / "again.onnx"
+    quantize_model(src, again, recipe, calib=_feeds(), progress=False)
+    strip = lambda p: onnx.load(str(p)).graph.SerializeToString()  # noqa: E731  (metadata names the recipe)
+    assert strip(again) == strip(out)
