@@ -24,8 +24,14 @@ import numpy as np
 
 from edgeq.errors import InputError
 from edgeq.export.causal_lm import (
-    LOGITS, CausalLMFacts, empty_cache, is_causal_lm_io, past_names, present_names, read_facts,
-    read_tokenizer_files, step_feed,
+    LOGITS,
+    CausalLMFacts,
+    is_causal_lm_io,
+    past_names,
+    present_names,
+    read_facts,
+    read_tokenizer_files,
+    step_feed,
 )
 from edgeq.validate.runners import Runner, TorchRunner, open_runner
 

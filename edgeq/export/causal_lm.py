@@ -37,7 +37,12 @@ from edgeq import onnx_io
 from edgeq._quiet import quiet
 from edgeq.errors import ExportError, InputError, UnsupportedError
 from edgeq.export.torch_export import (
-    DEFAULT_OPSET, ExportCheck, ExportResult, _clean, _import_torch, summarize_exception,
+    DEFAULT_OPSET,
+    ExportCheck,
+    ExportResult,
+    _clean,
+    _import_torch,
+    summarize_exception,
 )
 from edgeq.specs import TensorSpec
 from edgeq.validate.metrics import sqnr_db
@@ -401,6 +406,10 @@ def _check_feeds(step, facts: CausalLMFacts, ids: np.ndarray, in_names) -> list[
     return feeds
 
 
+def _max_abs_err(want: np.ndarray, got: np.ndarray) -> float:
+    return float(np.max(np.abs(want.astype(np.float64) - got))) if want.size else 0.0
+
+
 def _compare(step, path: Path, feeds, in_names, out_names) -> list[ExportCheck]:
     from edgeq.validate.runners import ort_session
 
@@ -417,9 +426,9 @@ def _compare(step, path: Path, feeds, in_names, out_names) -> list[ExportCheck]:
             if w.shape != g.shape:
                 raise ExportError(f"output {name!r} has shape {list(g.shape)} in ONNX but {list(w.shape)} in torch "
                                   f"on the {label} inputs", hint="a dynamic axis was fixed during export")
-        err = lambda w, g: float(np.max(np.abs(w.astype(np.float64) - g))) if w.size else 0.0  # noqa: E731
-        checks.append(ExportCheck(label, LOGITS, tuple(want[0].shape), sqnr_db(want[0], got[0]), err(want[0], got[0])))
-        cache = [(sqnr_db(w, g), err(w, g)) for w, g in zip(want[1:], got[1:])]
+        checks.append(ExportCheck(label, LOGITS, tuple(want[0].shape), sqnr_db(want[0], got[0]),
+                                  _max_abs_err(want[0], got[0])))
+        cache = [(sqnr_db(w, g), _max_abs_err(w, g)) for w, g in zip(want[1:], got[1:])]
         checks.append(ExportCheck(label, f"present.* ({len(cache)})", tuple(want[1].shape),
                                   min(s for s, _ in cache), max(e for _, e in cache)))
     return checks
@@ -464,14 +473,15 @@ def _tied_storage(model: ir.Model, facts: CausalLMFacts) -> str:
     prod = w.producer()
     if prod is not None and prod.op_type == "Transpose" and prod.inputs[0] is table:
         return f"one initializer: Gather + Transpose→{node.op_type}"
-    if w.name in g.initializers and w.const_value is not None and table.const_value is not None \
-            and tuple(w.const_value.shape) == tuple(table.const_value.shape)[::-1]:
-        if np.array_equal(w.const_value.numpy(), table.const_value.numpy().T):
-            t = ir.node("Transpose", [table], attributes={"perm": [1, 0]}, name=f"{table.name}_transposed")
-            g.insert_before(node, t)
-            node.replace_input_with(1, t.outputs[0])
-            del g.initializers[w.name]
-            return f"one initializer: Gather + Transpose→{node.op_type} (a folded transposed copy was removed)"
+    folded_copy = (w.name in g.initializers and w.const_value is not None and table.const_value is not None
+                   and tuple(w.const_value.shape) == tuple(table.const_value.shape)[::-1]
+                   and np.array_equal(w.const_value.numpy(), table.const_value.numpy().T))
+    if folded_copy:
+        t = ir.node("Transpose", [table], attributes={"perm": [1, 0]}, name=f"{table.name}_transposed")
+        g.insert_before(node, t)
+        node.replace_input_with(1, t.outputs[0])
+        del g.initializers[w.name]
+        return f"one initializer: Gather + Transpose→{node.op_type} (a folded transposed copy was removed)"
     raise ExportError("the tied embedding/output table was exported as two different tensors",
                       hint="report this model to edgeq; the export would store the table twice")
 

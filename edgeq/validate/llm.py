@@ -26,7 +26,7 @@ import numpy as np
 
 from edgeq.errors import InputError
 from edgeq.export.causal_lm import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, is_causal_lm_io
-from edgeq.generate import CausalLM, prompt_ids
+from edgeq.generate import CausalLM
 from edgeq.validate.compare import CandidateResult, ValidationReport
 from edgeq.validate.feeds import shapes_seen
 from edgeq.validate.metrics import TensorStats
@@ -117,17 +117,27 @@ def validate_causal_lm(
     prompt_texts: Sequence[str] | None = None,
     tokenizer=None,
     max_new_tokens: int = DEFAULT_NEW_TOKENS,
+    stop_ids: Sequence[int] | None = None,
     thresholds: LLMThresholds = LLMThresholds(),
     data_desc: str = "",
     progress: bool = True,
 ) -> ValidationReport:
-    """Compare candidates with the reference on teacher-forced texts and greedy generations."""
+    """Compare candidates with the reference on teacher-forced texts and greedy generations.
+
+    Generation stops at ``stop_ids`` for every model alike (default: the end-of-sequence ids any
+    of the models or the tokenizer declares; a torch reference declares none).
+    """
     from tqdm.auto import tqdm
 
     if not candidates:
         raise InputError("no candidate to validate", hint="give at least one candidate model")
     ref = CausalLM(reference)
     cands = [CausalLM(c) for c in candidates]
+    if stop_ids is None:
+        stop = {t for lm in (ref, *cands) for t in lm.eos_token_ids}
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            stop.add(int(tokenizer.eos_token_id))
+        stop_ids = sorted(stop)
     ref_st = _TextStats()
     cand_st = [_TextStats() for _ in cands]
     klds: list[list[np.ndarray]] = [[] for _ in cands]
@@ -153,7 +163,7 @@ def validate_causal_lm(
             klds[i].append(np.maximum((r_p * (r_logp - c_logp)).sum(axis=-1), 0.0))
             logit_stats[i].update(r_logits, c_logits)
 
-    ref_runs = [ref.generate(p, max_new_tokens).tokens for p in prompts]
+    ref_runs = [ref.generate(p, max_new_tokens, stop_ids=stop_ids).tokens for p in prompts]
     ref_ppl = ref_st.perplexity()
     results = []
     for i, c in enumerate(cands):
@@ -161,7 +171,7 @@ def validate_causal_lm(
         greedy = []
         for k, (p, want) in enumerate(zip(prompts, ref_runs)):
             t0 = time.perf_counter()
-            got = c.generate(p, max_new_tokens).tokens
+            got = c.generate(p, max_new_tokens, stop_ids=stop_ids).tokens
             seconds[i] += time.perf_counter() - t0
             row = {"prompt": prompt_texts[k] if prompt_texts else list(map(int, p)),
                    "prefix": common_prefix(want, got), "reference_tokens": len(want), "candidate_tokens": len(got),
@@ -189,7 +199,7 @@ def validate_causal_lm(
         results.append(res)
     data = {"source": data_desc, "feeds": len(sequences), "tokens": ref_st.tokens,
             "input_shapes": shapes_seen({INPUT_IDS: np.zeros((1, len(s)))} for s in sequences),
-            "prompts": len(prompts), "max_new_tokens": max_new_tokens}
+            "prompts": len(prompts), "max_new_tokens": max_new_tokens, "stop_ids": list(stop_ids)}
     return ValidationReport(reference.describe(), data, "causal_lm", thresholds, results)
 
 
@@ -213,9 +223,10 @@ def _checks(m: Mapping, th: LLMThresholds) -> list[dict]:
 def format_llm_report(report: ValidationReport) -> str:
     """The LLM metrics as a table, the greedy generations side by side, and the gates."""
     ref_ppl = next((c.task["reference_perplexity"] for c in report.candidates), float("nan"))
+    d = report.data
     lines = [f"reference: {report.reference['label']} ({report.reference['kind']}), perplexity {ref_ppl:.3f}",
-             f"data: {report.data['source']}: {report.data['feeds']} texts, {report.data['tokens']} predicted tokens; "
-             f"greedy: {report.data['prompts']} prompts x {report.data['max_new_tokens']} tokens", ""]
+             (f"data: {d['source']}: {d['feeds']} texts, {d['tokens']} predicted tokens; "
+              f"greedy: {d['prompts']} prompts x {d['max_new_tokens']} tokens"), ""]
     header = (f"{'candidate':<30} {'perplexity':>10} {'ratio':>7} {'KLD mean':>9} {'KLD p99':>8} {'top-1':>7} "
               f"{'greedy':>7} {'logit SQNR':>10}")
     lines += [header, "-" * len(header)]

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from tiny_llama import tiny_llama, tiny_tokenizer
 
 
@@ -40,3 +39,14 @@ def texts(n: int = 6, seed: int = 3) -> list[list[int]]:
     """Fixed random token sequences of a few lengths."""
     rng = np.random.default_rng(seed)
     return [rng.integers(3, 256, int(rng.integers(5, 24))).tolist() for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx(e2e_dir):
+    """SmolLM2 exported once per session with the CLI, as a user would (e2e tests only)."""
+    from edgeq.cli import main
+
+    path = e2e_dir / "smollm2.onnx"
+    if not path.exists():
+        assert main(["export", "smollm2", "-o", str(path), "--json", str(e2e_dir / "smollm2.export.json")]) == 0
+    return path

@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgeq.validate.metrics import sqnr_db
 from edgeq.errors import InputError
 from edgeq.export import causal_lm as cl
+from edgeq.validate.metrics import sqnr_db
 
 MIN_SQNR_DB = 60.0  # fp32 export vs torch: measured ~130 dB on the tiny model
 
@@ -88,7 +88,7 @@ def test_export_names_dims_and_metadata(tiny_onnx):
 
 @pytest.mark.slow
 def test_export_matches_torch_at_empty_and_real_past(tiny_onnx):
-    path, res = tiny_onnx
+    _, res = tiny_onnx
     feeds = {c.feed for c in res.checks}
     assert any(f.startswith("prefill (past 0") for f in feeds)
     assert any(f.startswith("decode (past") for f in feeds) and any(f.startswith("chunk (past") for f in feeds)
