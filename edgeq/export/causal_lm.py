@@ -182,13 +182,13 @@ def _plain_copy(model):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with quiet():
-        plain = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=_import_torch().float32)
+        plain = transformers.AutoModelForCausalLM.from_config(config)
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied: one tensor under two names
     if missing or unexpected:
         raise ExportError(f"rebuilding the model from its weights left {missing[:3] or unexpected[:3]} unmatched")
     plain.tie_weights()
-    return plain.eval()
+    return plain.float().eval()
 
 
 def load_gguf(path: str | os.PathLike) -> LoadedCausalLM:
@@ -220,8 +220,7 @@ def load_hf_folder(path: str | os.PathLike) -> LoadedCausalLM:
     transformers = _import_transformers("reading a Hugging Face folder")
     try:
         with quiet():
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True,
-                                                                      torch_dtype=_import_torch().float32)
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True)
     except (ValueError, KeyError, OSError) as e:
         raise UnsupportedError(f"transformers cannot load {p} as a causal LM: {summarize_exception(e, 200)}",
                                hint="the folder needs config.json and the weights of a *ForCausalLM model") from e
@@ -229,7 +228,7 @@ def load_hf_folder(path: str | os.PathLike) -> LoadedCausalLM:
     if any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         with quiet():
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    return LoadedCausalLM(model.eval(), tokenizer, f"folder {p.name}")
+    return LoadedCausalLM(model.float().eval(), tokenizer, f"folder {p.name}")  # fp32: bf16/fp16 weights widened
 
 
 def load_causal_lm(path: str | os.PathLike) -> LoadedCausalLM:

@@ -10,12 +10,16 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory, tiny_model):
-    """The tiny Llama exported once per session with its tokenizer (about 30 s: tests using it are slow)."""
-    from edgeq.export.causal_lm import export_causal_lm
+    """The tiny Llama saved as a Hugging Face folder (weights + tokenizer) and exported from it once per
+    session with ``edgeq.export(folder, ...)`` (about 30 s: tests using it are slow)."""
+    import edgeq
 
-    path = tmp_path_factory.mktemp("tiny_llm") / "tiny.onnx"
-    res = export_causal_lm(tiny_model, path, tokenizer=tiny_tokenizer(), source="tiny llama")
-    return path, res
+    root = tmp_path_factory.mktemp("tiny_llm")
+    folder = root / "tiny-llama-hf"
+    tiny_model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    res = edgeq.export(folder, root / "tiny.onnx")
+    return res.path, res
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ def test_export_names_dims_and_metadata(tiny_onnx):
     assert facts == res.facts and facts.has_tokenizer and facts.has_chat_template
     files = cl.read_tokenizer_files(meta)
     assert "tokenizer.json" in files and "tokenizer_config.json" in files
-    assert meta[cl.SOURCE_KEY] == "tiny llama"
+    assert meta[cl.SOURCE_KEY] == "folder tiny-llama-hf"
 
 
 @pytest.mark.slow

@@ -64,3 +64,21 @@ def test_common_prefix():
     assert llm.common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
     assert llm.common_prefix([1, 2], [1, 2]) == 2
     assert llm.common_prefix([], [3]) == 0
+
+
+@pytest.mark.slow
+def test_cli_validate_detects_a_causal_lm(tiny_onnx, tiny_model, tmp_path, capsys):
+    """`edgeq validate` on explicit-cache graphs prints the LLM metrics and applies the LLM gates."""
+    from edgeq.cli import main
+
+    path, _ = tiny_onnx
+    facts = generation_facts(tiny_model)
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    for i, ids in enumerate(texts()):
+        np.savez(feeds / f"{i}.npz", **step_feed(np.array([ids]), empty_cache(facts)))
+    argv = ["validate", str(path), "--reference", str(path), "--data", str(feeds), "--no-progress"]
+    assert main([*argv, "--max-perplexity-ratio", "1.0", "--min-greedy-agreement", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "pass perplexity_ratio = 1 (<= 1)" in out and "result: PASS" in out
+    assert main([*argv, "--max-kld", "-1"]) == 1  # an impossible gate fails with exit code 1

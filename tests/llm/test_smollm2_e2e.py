@@ -54,3 +54,19 @@ def test_validate_the_float_onnx_against_torch(smollm2_onnx, tmp_path):
     m = json.loads(out.read_text())["candidates"][0]["task"]
     assert m["tokens"] == 1545 and m["perplexity"] == pytest.approx(61.69, rel=5e-3)
     assert np.isclose(m["perplexity"], m["reference_perplexity"], rtol=1e-4)
+
+
+def test_the_gguf_loader_gives_the_sample_weights():
+    """`edgeq export model.gguf` reads the file like the sample's cached folder does (same fp32 weights)."""
+    import torch
+
+    from edgeq.export.causal_lm import is_causal_lm_source, load_causal_lm
+    from samples.smollm2 import SmolLM2Sample, gguf_path
+
+    assert is_causal_lm_source(gguf_path())
+    direct = load_causal_lm(gguf_path())
+    cached = SmolLM2Sample().load_causal_lm()
+    a, b = direct.model.state_dict(), cached.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert direct.tokenizer.chat_template == cached.tokenizer.chat_template
+    assert direct.source == "gguf SmolLM2-135M-Instruct.Q4_1.gguf"
