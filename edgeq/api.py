@@ -211,8 +211,8 @@ def validate(
     from edgeq.validate import llm
 
     if task == "causal_lm" or task == "auto" and cands and all(llm.is_causal_lm_runner(c) for c in cands):
-        return _validate_causal_lm(ref, sample, cands, data, limit=limit, progress=progress,
-                                   thresholds=llm_thresholds or llm.LLMThresholds(min_top1_agreement=thresholds.min_top1_agreement),
+        gates = llm_thresholds or llm.LLMThresholds(min_top1_agreement=thresholds.min_top1_agreement)
+        return _validate_causal_lm(ref, sample, cands, data, limit=limit, progress=progress, thresholds=gates,
                                    max_new_tokens=max_new_tokens or llm.DEFAULT_NEW_TOKENS)
     if task == "auto":
         task = sample.task if sample is not None else "generic"

@@ -500,6 +500,8 @@ def export_causal_lm(
 ) -> CausalLMExportResult:
     """Export a transformers causal LM with its KV cache (see the module docstring) and check it.
 
+    The model is exported in fp32 (``model.float()``, in place).
+
     ``tokenizer`` (a transformers tokenizer) is stored in the metadata for ``edgeq generate``
     and ``validate``; ``check_ids`` [1, n] are the token ids the torch comparison runs (default:
     :data:`CHECK_TEXT` tokenized, else fixed random ids). Raises :class:`ExportError` if the ONNX
@@ -558,7 +560,8 @@ def export_causal_lm(
         files = onnx_io.write_ir(onnx_model, tmp / out_path.name)
         checks: list[ExportCheck] = []
         if check:
-            feeds = [("example (batch 2, past 4, sequence 3)", example), *_check_feeds(step, facts, check_ids, in_names)]
+            feeds = [("example (batch 2, past 4, sequence 3)", example),
+                     *_check_feeds(step, facts, check_ids, in_names)]
             checks = _compare(step, tmp / out_path.name, feeds, in_names, out_names)
             bad = [c for c in checks if not c.sqnr_db >= min_sqnr_db]
             if bad:
