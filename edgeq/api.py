@@ -78,6 +78,9 @@ def export(
                                    force=force, verbose=verbose)
         if causal is not None:
             return causal
+    if isinstance(obj, Path) and obj.is_dir():
+        raise InputError(f"{obj} is a folder without config.json",
+                         hint="give a Hugging Face causal LM folder (config.json + weights), a .gguf file or a sample")
     if isinstance(obj, Path):
         raise InputError(f"{obj} is already a model file",
                          hint="export takes a PyTorch model, a factory, a sample, a .gguf file or a model folder")

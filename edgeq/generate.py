@@ -272,6 +272,10 @@ def generate(model, prompt: str, *, max_tokens: int = 128, chat: bool = True, to
     else:
         tok, source = tokenizer, "given"
     ids = prompt_ids(tok, prompt, chat=chat)
+    if lm.facts is not None and max(ids, default=0) >= lm.facts.vocab_size:
+        raise InputError(f"the tokenizer from {source} gives token id {max(ids)}, but {lm.label} has a vocabulary "
+                         f"of {lm.facts.vocab_size}: the tokenizer belongs to another model",
+                         hint="pass the model's own tokenizer with --tokenizer")
     stop = set(lm.eos_token_ids)
     if getattr(tok, "eos_token_id", None) is not None:
         stop.add(int(tok.eos_token_id))

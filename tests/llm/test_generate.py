@@ -79,3 +79,18 @@ def test_a_tokenizer_beside_the_model_wins(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path)
     tok, source = load_tokenizer(tmp_path / "model.ort", {TOKENIZER_KEY: "not read"})
     assert source == str(tmp_path / "tokenizer.json") and tok("w9").input_ids == [9]
+
+
+@pytest.mark.slow
+def test_a_tokenizer_of_another_model_is_refused(tiny_onnx, tmp_path, capsys):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "big": 999}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path)
+    shutil.copy(tiny_onnx[0], tmp_path / "tiny.onnx")
+    assert main(["generate", str(tmp_path / "tiny.onnx"), "--prompt", "big", "--no-chat"]) == 2
+    assert "gives token id 999, but tiny.onnx has a vocabulary of 256" in capsys.readouterr().err
