@@ -62,16 +62,28 @@ def export(
     check: bool = True,
     force: bool = False,
     verbose: bool = False,
+    tokenizer=None,
 ) -> ExportResult:
     """Export a PyTorch model (module, sample name or factory) to ONNX and check it against torch.
 
     ``inputs`` are :class:`TensorSpec` or their text form ``name:dtype[dims]``; a sample brings
-    its own specs, example inputs and output names.
+    its own specs, example inputs and output names. A causal LM (a transformers ``*ForCausalLM``
+    module, the ``smollm2`` sample, a ``.gguf`` file or a Hugging Face folder) is exported with its
+    KV cache (:mod:`edgeq.export.causal_lm`); ``tokenizer`` is then stored in the ONNX metadata.
     """
     specs = [TensorSpec.parse(s) if isinstance(s, str) else s for s in inputs or []]
     obj, sample = resolve_model(model)
+    if not specs:  # a causal LM needs no input specs: the exporter knows its cache layout
+        causal = _causal_lm_export(obj, sample, output, tokenizer=tokenizer, opset=opset, check=check,
+                                   force=force, verbose=verbose)
+        if causal is not None:
+            return causal
+    if isinstance(obj, Path) and obj.is_dir():
+        raise InputError(f"{obj} is a folder without config.json",
+                         hint="give a Hugging Face causal LM folder (config.json + weights), a .gguf file or a sample")
     if isinstance(obj, Path):
-        raise InputError(f"{obj} is already a model file", hint="export takes a PyTorch model, a factory or a sample")
+        raise InputError(f"{obj} is already a model file",
+                         hint="export takes a PyTorch model, a factory, a sample, a .gguf file or a model folder")
     if sample is not None:
         output_names = output_names or sample.output_names
         if not specs:
@@ -84,6 +96,28 @@ def export(
         obj, specs, output, example_inputs=example_inputs, sizes=sizes, output_names=output_names,
         opset=opset, fallback=fallback, check=check, force=force, verbose=verbose,
     )
+
+
+def _causal_lm_export(obj, sample, output, **kwargs):
+    """Export ``obj`` as a causal LM with its cache if it is one, else return None."""
+    from edgeq.export import causal_lm
+
+    tokenizer = kwargs.pop("tokenizer")
+    from edgeq.onnx_io import check_output_path
+
+    if sample is not None and hasattr(sample, "load_causal_lm") or isinstance(obj, Path) \
+            and causal_lm.is_causal_lm_source(obj):
+        check_output_path(output, force=kwargs["force"])  # before a long model load
+    if sample is not None and hasattr(sample, "load_causal_lm"):
+        loaded = sample.load_causal_lm()
+    elif isinstance(obj, Path) and causal_lm.is_causal_lm_source(obj):
+        loaded = causal_lm.load_causal_lm(obj)
+    elif causal_lm.is_causal_lm_module(obj):
+        loaded = causal_lm.LoadedCausalLM(obj, tokenizer, type(obj).__name__)
+    else:
+        return None
+    return causal_lm.export_causal_lm(loaded.model, output, tokenizer=tokenizer or loaded.tokenizer,
+                                      source=loaded.source, **kwargs)
 
 
 def quantize(
@@ -159,20 +193,29 @@ def validate(
     inputs: Sequence[TensorSpec | str] | None = None,
     output_names: Sequence[str] | None = None,
     progress: bool = True,
+    llm_thresholds=None,
+    max_new_tokens: int | None = None,
 ) -> ValidationReport:
     """Compare one or more candidate models with a reference on real inputs.
 
     ``reference`` is an ``nn.Module``, a sample name, a factory or a model file; ``candidates``
     one or a list of model files (or runners). ``data`` is a sample name, an ``.npz`` file or
     folder, or an iterable of feeds; it defaults to the reference sample's evaluation set.
+    Causal LMs (the explicit-cache graph) get the LLM metrics of :mod:`edgeq.validate.llm`
+    instead (gates: ``llm_thresholds``, an :class:`~edgeq.validate.llm.LLMThresholds`).
     """
     specs = [TensorSpec.parse(s) if isinstance(s, str) else s for s in inputs or []] or None
     ref, sample = _open(reference, specs, output_names)
     if isinstance(candidates, (str, os.PathLike, Runner)) or not isinstance(candidates, Sequence):
         candidates = [candidates]
     cands = [_open(c, specs, output_names)[0] for c in candidates]
+    from edgeq.validate import llm
     from edgeq.validate.tasks import resolve_task
 
+    if task == "causal_lm" or task == "auto" and cands and all(llm.is_causal_lm_runner(c) for c in cands):
+        gates = llm_thresholds or llm.LLMThresholds(min_top1_agreement=thresholds.min_top1_agreement)
+        return _validate_causal_lm(ref, sample, cands, data, limit=limit, progress=progress, thresholds=gates,
+                                   max_new_tokens=max_new_tokens or llm.DEFAULT_NEW_TOKENS)
     is_onnx = isinstance(reference, (str, os.PathLike)) and Path(reference).suffix == ".onnx" and Path(reference).is_file()
     ref_onnx = onnx_io.read_onnx(reference) if is_onnx else None
     task, _ = resolve_task(task, sample=sample, model=ref_onnx,
@@ -191,3 +234,35 @@ def validate(
             check_feeds([dict(f) for f in feeds], r.input_specs, source=f"{desc} for {r.label}")
     return compare(ref, cands, feeds, data_desc=desc, task=task, thresholds=thresholds,
                    intermediates=intermediates, progress=progress)
+
+
+def _validate_causal_lm(ref, sample, cands, data, *, limit, progress, thresholds, max_new_tokens):
+    """LLM metrics: texts from ``data`` (default: the sample the reference or the export came from)."""
+    from edgeq.generate import CausalLM, load_tokenizer, prompt_ids
+    from edgeq.validate import llm
+
+    if sample is None:  # an exported model names the sample it came from
+        source = CausalLM(cands[0]).metadata.get("edgeq.source", "")
+        name = source.split()[1] if source.startswith("sample ") else ""
+        sample = sources.get_sample(name) if sources.is_sample(name) else None
+    if data is None:
+        if sample is None:
+            raise InputError("no evaluation text to validate on", hint="give --data (a sample name or .npz feeds)")
+        data = sample
+    feeds, desc = load_feeds(data, cands[0].input_specs, split="evaluation", limit=limit)
+    sequences = llm.sequences_from_feeds(feeds)
+    tokenizer = sample.tokenizer() if sample is not None and hasattr(sample, "tokenizer") else None
+    if tokenizer is None:
+        try:
+            tokenizer, _ = load_tokenizer(getattr(cands[0], "path", None), CausalLM(cands[0]).metadata)
+        except InputError:
+            tokenizer = None
+    texts = sample.prompts() if sample is not None and hasattr(sample, "prompts") else None
+    if texts and tokenizer is not None:
+        prompts = [prompt_ids(tokenizer, t) for t in texts]
+    else:  # no chat prompts: the first tokens of a few evaluation texts
+        texts = None
+        prompts = [s[: max(1, min(8, len(s) // 2))] for s in sequences[:4]]
+    return llm.validate_causal_lm(ref, cands, sequences, prompts=prompts, prompt_texts=texts, tokenizer=tokenizer,
+                                  max_new_tokens=max_new_tokens, thresholds=thresholds, data_desc=desc,
+                                  progress=progress)

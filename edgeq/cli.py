@@ -60,6 +60,12 @@ def cmd_export(args) -> int:
         _say(f"note: torch.export failed ({res.fallback_reason}); used the TorchScript exporter instead")
     for f in res.files[1:]:
         _say(f"weights: {f} (external data: the model is over 2 GB)")
+    facts = getattr(res, "facts", None)
+    if facts is not None:  # a causal LM with its KV cache
+        _say(f"causal LM: {facts.num_layers} layers, cache [batch, {facts.num_kv_heads}, past_sequence, "
+             f"{facts.head_dim}] per key/value; tied embedding/output table: {res.tied_storage}")
+        _say(f"metadata: {', '.join(res.metadata_keys)} (eos {list(facts.eos_token_ids)}, bos {facts.bos_token_id}, "
+             f"chat template {'yes' if facts.has_chat_template else 'no'}, max positions {facts.max_positions})")
     if res.checks:
         _say("ONNX Runtime vs torch:")
         for c in res.checks:
@@ -73,6 +79,7 @@ def cmd_export(args) -> int:
             "exporter": res.exporter, "fallback_reason": res.fallback_reason, "opset": res.opset,
             "inputs": [str(s) for s in res.inputs], "outputs": list(res.output_names),
             "checks": [c.__dict__ for c in res.checks], "seconds": round(res.seconds, 2),
+            **({"causal_lm": facts.as_dict(), "tied_storage": res.tied_storage} if facts is not None else {}),
         }, args.json)
     return 0
 
@@ -83,19 +90,39 @@ def cmd_validate(args) -> int:
     from edgeq.validate import Thresholds
     from edgeq.validate.report import format_report, write_json
 
+    from edgeq.validate.llm import LLMThresholds, format_llm_report
+
     th = Thresholds(args.min_sqnr, args.min_cosine, args.min_top1_agreement)
+    llm_th = LLMThresholds(args.max_perplexity_ratio, args.max_kld, args.min_top1_agreement,
+                           args.min_greedy_agreement)
     report = api.validate(
         args.candidates, args.reference, args.data, task=args.task, thresholds=th,
         intermediates=not args.no_intermediates, limit=args.limit, inputs=args.input or None,
-        progress=not args.no_progress,
+        progress=not args.no_progress, llm_thresholds=llm_th, max_new_tokens=args.max_new_tokens,
     )
-    _say(format_report(report))
+    _say(format_llm_report(report) if report.task_kind == "causal_lm" else format_report(report))
     if args.json:
         write_json(report.as_dict(), args.json)
         _say(f"wrote {args.json}")
     if not report.passed:
         failed = [f"{c.runner['label']}: {k['check']}" for c in report.candidates for k in c.checks if not k["passed"]]
         raise ValidationFailed(f"validation failed: {'; '.join(failed)}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from edgeq.generate import generate
+
+    res = generate(args.model, args.prompt, max_tokens=args.max_tokens, chat=not args.no_chat,
+                   tokenizer=args.tokenizer, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                   stream=sys.stdout)
+    _say("")
+    g = res.generation
+    t = g.times
+    print(f"[{res.model_label}: prefill {t.prefill_tokens} tokens in {t.prefill_seconds * 1e3:.0f} ms "
+          f"({t.prefill_tps:.1f} tokens/s); decode {t.decode_tokens} tokens in {t.decode_seconds:.2f} s "
+          f"({t.decode_tps:.1f} tokens/s); stopped by {g.stopped_by}; tokenizer from {res.tokenizer_source}]",
+          file=sys.stderr, flush=True)
     return 0
 
 
@@ -278,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", parents=[common], help="export a PyTorch model to ONNX, checked against torch",
                        description="Export a PyTorch model to ONNX (torch.export + onnxscript; TorchScript "
                                    "fallback) and check the ONNX against torch on example and random inputs.")
-    e.add_argument("model", help="a sample name (see `edgeq samples`) or a package.module:callable factory")
+    e.add_argument("model", help="a sample name (see `edgeq samples`), a package.module:callable factory, or a "
+                                 "causal LM as a .gguf file or a Hugging Face folder (exported with its KV cache)")
     e.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     e.add_argument("--input", action="append", metavar="SPEC",
                    help="an input as name:dtype[dims], dynamic axes named (e.g. x:float32[batch,3,224,224]); "
@@ -300,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the float reference: a sample name, a package.module:callable factory, or an .onnx file")
     v.add_argument("--data", help="inputs: a sample name (optionally name:key=value,...), an .npz file, or a folder "
                                   "of .npz files (default: the reference sample's evaluation set)")
-    v.add_argument("--task", default="auto", choices=["auto", "generic", "classification", "embedding"],
+    v.add_argument("--task", default="auto", choices=["auto", "generic", "classification", "embedding", "causal_lm"],
                    help="which task metrics to add (default: the sample's)")
     v.add_argument("--input", action="append", metavar="SPEC", help="input specs for a torch factory reference")
     v.add_argument("--limit", type=int, help="use only the first N feeds")
@@ -308,9 +336,32 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-sqnr", type=float, metavar="DB", help="fail if any output's SQNR is below this")
     v.add_argument("--min-cosine", type=float, metavar="C", help="fail if any output's mean cosine is below this")
     v.add_argument("--min-top1-agreement", type=float, metavar="F", help="fail if top-1 agreement is below this")
+    v.add_argument("--max-perplexity-ratio", type=float, metavar="R",
+                   help="causal LMs: fail if candidate perplexity / reference perplexity is above this")
+    v.add_argument("--max-kld", type=float, metavar="NATS",
+                   help="causal LMs: fail if the mean KL divergence of next-token distributions is above this")
+    v.add_argument("--min-greedy-agreement", type=float, metavar="F",
+                   help="causal LMs: fail if fewer of the reference's greedy tokens are reproduced (until the first "
+                        "divergence)")
+    v.add_argument("--max-new-tokens", type=int, metavar="N", help="causal LMs: greedy tokens per prompt (default 32)")
     v.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.set_defaults(func=cmd_validate)
+
+    gn = sub.add_parser("generate", parents=[common], help="generate text with an exported causal LM",
+                        description="Stream an answer from a causal LM exported by edgeq (float ONNX, QDQ ONNX, "
+                                    ".ort or a package folder) in ONNX Runtime, with the model's chat template; "
+                                    "greedy unless --temperature. Speed goes to stderr.")
+    gn.add_argument("model", help="the .onnx, .ort or package folder")
+    gn.add_argument("--prompt", required=True, help="the user's message")
+    gn.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    gn.add_argument("--no-chat", action="store_true", help="feed the prompt as plain text, without the chat template")
+    gn.add_argument("--tokenizer", metavar="PATH",
+                    help="a tokenizer folder or tokenizer.json (default: beside the model, else the model's metadata)")
+    gn.add_argument("--temperature", type=float, help="sample at this temperature instead of greedy decoding")
+    gn.add_argument("--top-k", type=int, help="with --temperature: sample among the K most likely tokens")
+    gn.add_argument("--seed", type=int, default=0, help="with --temperature: the random seed (default 0)")
+    gn.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quantize", parents=[common], help="quantize an ONNX model into a QDQ ONNX",
                        description="Plan (recipe + target profile) and apply QDQ quantization to an ONNX model.")

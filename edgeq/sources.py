@@ -19,7 +19,7 @@ import numpy as np
 from edgeq.errors import InputError
 from edgeq.specs import TensorSpec
 
-TASKS = ("generic", "classification", "embedding")
+TASKS = ("generic", "classification", "embedding", "causal_lm")
 
 
 class LazyFeeds:

@@ -8,4 +8,5 @@ REGISTRY = {
     "efficientnet_lite0": "samples.efficientnet_lite0:EfficientNetLite0Sample",
     "tiny_cnn": "samples.tiny:TinyCNNSample",
     "tiny_transformer": "samples.tiny:TinyTransformerSample",
+    "smollm2": "samples.smollm2:SmolLM2Sample",
 }

@@ -13,8 +13,8 @@ from __future__ import annotations
 import onnx
 
 from edgeq.errors import InputError
+from edgeq.sources import TASKS
 
-TASKS = ("generic", "classification", "embedding")
 _SCORE_OPS = {"Gemm", "MatMul", "Softmax", "LogSoftmax", "Sigmoid"}
 _PASS_THROUGH = {"Flatten", "Reshape", "Squeeze", "Identity"}
 
