@@ -8,6 +8,8 @@ top-level ``samples`` package; :func:`get_sample` looks them up by name.
 from __future__ import annotations
 
 import importlib
+import re
+from pathlib import Path
 import itertools
 import os
 import sys
@@ -20,6 +22,35 @@ from edgeq.errors import InputError
 from edgeq.specs import TensorSpec
 
 TASKS = ("generic", "classification", "embedding", "causal_lm")
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def resolve_model(model) -> tuple[object, Sample | None]:
+    """An ``nn.Module`` (or a path/Runner, returned as is) and the sample it came from, if any.
+
+    ``model`` may be a module, a :class:`~edgeq.Sample`, a sample name, a
+    ``package.module:callable`` factory, or a path to a model file.
+    """
+    if isinstance(model, Sample):
+        return model, model
+    if isinstance(model, (str, os.PathLike)):
+        text = str(model)
+        if Path(text).exists():
+            return Path(text), None
+        if is_sample(text):
+            s = get_sample(text)
+            return s, s
+        if _FACTORY_RE.match(text):
+            return load_factory(text), None
+        looks_like_path = "/" in text or os.sep in text or Path(text).suffix != ""
+        if looks_like_path:
+            raise InputError(f"model file not found: {text}", hint="check the path")
+        raise InputError(
+            f"cannot find a model called {text!r}",
+            hint=f"give a model file, a package.module:callable factory, or a sample ({', '.join(sample_names())})",
+        )
+    return model, None
+
 
 
 class LazyFeeds:

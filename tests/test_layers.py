@@ -22,7 +22,7 @@ LAYERS = {
     "edgeq.report": 4,
     "targets": 5,
     "edgeq.pipeline": 6,
-    "edgeq.generate": 6,
+    "edgeq.generate": 4,  # a generation loop over runners; LLM validation uses it
     "edgeq.api": 7,
     "edgeq.doctor": 7,
     "edgeq.cli": 8,

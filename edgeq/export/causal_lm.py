@@ -410,7 +410,7 @@ def _max_abs_err(want: np.ndarray, got: np.ndarray) -> float:
 
 
 def _compare(step, path: Path, feeds, in_names, out_names) -> list[ExportCheck]:
-    from edgeq.validate.runners import ort_session
+    from edgeq.runtime import ort_session
 
     sess = ort_session(path, what=" (the export just written)")
     checks = []

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeq import __version__, api, onnx_io, sources
+from edgeq import __version__, onnx_io, sources
 from edgeq.errors import EdgeqError, InputError, first_line
 from edgeq.quant.recipes import Recipe, resolve_recipe
 from edgeq.validate import Thresholds
@@ -335,7 +335,7 @@ def _prepare(cfg: BuildConfig) -> _Inputs:
         raise InputError("no targets given", hint=f"e.g. --targets {','.join(DEFAULT_TARGETS)}")
     targets = [plugins.load_target(t) for t in cfg.targets]  # an unknown target fails before any work
     recipe = resolve_recipe(cfg.recipe, block=cfg.block)
-    obj, sample = api.resolve_model(cfg.model)
+    obj, sample = sources.resolve_model(cfg.model)
     is_onnx = isinstance(obj, Path)
     if is_onnx and obj.suffix.lower() != ".onnx":
         raise InputError(f"{obj} is not an .onnx file", hint="give an ONNX file, a sample, or a PyTorch factory")

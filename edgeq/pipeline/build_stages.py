@@ -7,7 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from edgeq import __version__, api, onnx_io, sources
+from edgeq import __version__, onnx_io, sources
+from edgeq.export import export_model
+from edgeq.pipeline.package import package_model
+from edgeq.validate.run import validate_models
 from edgeq._quiet import quiet
 from edgeq.errors import UnsupportedError
 from edgeq.pipeline.build import (
@@ -34,7 +37,7 @@ def run_stages(cfg: BuildConfig, inp: _Inputs, stages: _Stages, tmp: Path, profi
 
         def _package(t=t, q=q):
             with quiet(cfg.verbose):
-                return api.package(tmp / q.file, t, tmp / t.name)
+                return package_model(tmp / q.file, t, tmp / t.name)
 
         res = stages.run("package", f"{t.name} <- {q.file}", _package,
                          lambda r: f"{r.model_file.relative_to(tmp)} {_sizes(r.model_file) / 1e6:.2f} MB")
@@ -84,7 +87,7 @@ def _export(cfg: BuildConfig, inp: _Inputs, float_path: Path) -> dict:
     if isinstance(inp.obj, Path):
         onnx_io.copy_onnx(inp.obj, float_path)
         return {"kind": "onnx", "path": str(inp.obj)}
-    res = api.export(inp.sample if inp.sample is not None else cfg.model, float_path, inputs=cfg.inputs,
+    res = export_model(inp.sample if inp.sample is not None else cfg.model, float_path, inputs=cfg.inputs,
                      verbose=cfg.verbose)
     worst = min((c.sqnr_db for c in res.checks), default=float("nan"))
     return {"kind": "sample" if inp.sample is not None else "pytorch", "name": inp.name, "exporter": res.exporter,
@@ -124,7 +127,7 @@ def _quantize_done(qdqs: dict[str, QDQArtifact]) -> str:
 
 
 def _validate(cfg: BuildConfig, inp: _Inputs, float_path: Path, paths: list[Path], labels: list[str]) -> dict:
-    rep = api.validate(paths, float_path, inp.data, task=inp.task, thresholds=inp.thresholds, limit=cfg.limit,
+    rep = validate_models(paths, float_path, inp.data, task=inp.task, thresholds=inp.thresholds, limit=cfg.limit,
                        progress=cfg.progress)
     vdict = rep.as_dict()
     for c, label in zip(vdict["candidates"], labels):

@@ -375,6 +375,7 @@ def make_plan(model: ir.Model, recipe: Recipe, *, profile: TargetProfile = ONNXR
     weights: list[WeightDecision] = []
     floats: list[NodeNote] = []
     weighted_float: list[str] = []
+    notes: list[NodeNote] = []
     seen_weights: dict[str, str] = {}
     for node in model.graph:
         name = node.name or f"{node.op_type}_{len(weights) + len(floats)}"  # callers name nodes first
@@ -400,5 +401,10 @@ def make_plan(model: ir.Model, recipe: Recipe, *, profile: TargetProfile = ONNXR
                 continue
             seen_weights[value.name] = name
             weights.append(decision)
-    return QuantPlan(recipe.name, profile.name, tuple(weights), tuple(floats), weighted_float=tuple(weighted_float))
+            slow = profile.slow_weight_only.get(node.op_type)
+            if slow and (spec.activations == ActFormat.FLOAT or node.op_type not in profile.anchor_ops
+                         or decision.format != WeightFormat.INT8):
+                notes.append(NodeNote(name, node.op_type, f"weight-only: {slow}"))
+    return QuantPlan(recipe.name, profile.name, tuple(weights), tuple(floats), notes=tuple(notes),
+                     weighted_float=tuple(weighted_float))
 

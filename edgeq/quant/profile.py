@@ -45,6 +45,10 @@ class TargetProfile:
     integer_ops: frozenset[str] = frozenset()
     same_scale_ops: frozenset[str] = frozenset()
     fused_activations: frozenset[str] = frozenset({"Relu", "Clip"})
+    # anchors whose output is quantized even when no consumer needs it (the kernel needs Q on both sides)
+    quantized_outputs: frozenset[str] = frozenset()
+    # ops whose weight-only quantization has no fast kernel here, and what that costs (a plan note)
+    slow_weight_only: Mapping[str, str] = field(default_factory=dict)
     # int4 weights of these ops store float16 scales (DequantizeLinear-23 with output_dtype float).
     # Not for ops ORT fuses into MatMulNBits: its fusion fails on float16 scales (ORT 1.32).
     fp16_scale_ops: frozenset[str] = frozenset()
@@ -69,12 +73,16 @@ ORT_SAME_SCALE_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "S
 # (ConvTranspose, GRU, LSTM, RNN: W and R).
 WEIGHT_ONLY_OPS = ("ConvTranspose", "GRU", "LSTM", "RNN")
 
+_SLOW_CONV = ("ONNX Runtime has no weight-only Conv kernel: the weight is dequantized on every run (measured on "
+              "EfficientNet-Lite0: about +10 % on Android, 2.6x slower on x86 hosts, where the float model uses "
+              "NCHWc); smaller, not faster — a W8A8 recipe runs it as QLinearConv")
+
 ONNXRUNTIME_CPU = TargetProfile(
     name="onnxruntime-cpu",
     weight_formats=MappingProxyType({
         "MatMul": frozenset({_I8, _I4}),
         "Gemm": frozenset({_I8, _I4}),
-        "Conv": frozenset({_I8, _I4}),
+        "Conv": frozenset({_I8}),
         "Gather": frozenset({_I8, _I4, _FP4}),
         **{op: frozenset({_I8, _I4}) for op in WEIGHT_ONLY_OPS},
     }),
@@ -83,8 +91,12 @@ ONNXRUNTIME_CPU = TargetProfile(
     gather_forms=MappingProxyType({_I8: "gather_rows", _I4: "gather_block_quantized", _FP4: "gather_block_quantized"}),
     integer_ops=ORT_INTEGER_OPS,
     same_scale_ops=ORT_SAME_SCALE_OPS,
+    quantized_outputs=frozenset({"Conv"}),
     fp16_scale_ops=frozenset({"Gather"}),
+    slow_weight_only=MappingProxyType({"Conv": _SLOW_CONV, "ConvTranspose": _SLOW_CONV}),
     notes=MappingProxyType({
+        ("Conv", _I4): "int4 Conv weights are dequantized on every run in ONNX Runtime, 7x the time of int8 "
+                       "per-channel (EfficientNet-Lite0 W4A16 ran at 0.31x float)",
         ("MatMul", _FP4): "mxfp4 not runnable here: ONNX Runtime CPU has no DequantizeLinear for float4e2m1",
         ("Gemm", _FP4): "mxfp4 not runnable here: ONNX Runtime CPU has no DequantizeLinear for float4e2m1",
         ("Conv", _FP4): "mxfp4 not runnable here: ONNX Runtime CPU has no DequantizeLinear for float4e2m1",

@@ -35,7 +35,7 @@ def _by_node(plan):
 
 
 def test_w4a16_layouts_and_depthwise_fallback():
-    plan = make_plan(_model(), preset("w4a16"))
+    plan = make_plan(_model(), preset("w4a16"), profile=ONNX_REFERENCE)
     w, f = _by_node(plan)
     assert (w["gather_0"].format, w["gather_0"].axis, w["gather_0"].block) == (WeightFormat.INT4, 1, 32)
     assert (w["matmul_1"].axis, w["matmul_1"].block) == (0, 32)  # blocks along K
@@ -63,10 +63,21 @@ def test_mxfp4_falls_back_where_the_profile_says_and_reports_why():
 def test_rules_exclude_and_explain():
     rec = Recipe("r", QuantSpec(WeightFormat.INT4), (Rule(QuantSpec(WeightFormat.FLOAT), ("Gemm",)),
                                                      Rule(QuantSpec(WeightFormat.INT8), (), "gather")))
-    plan = make_plan(_model(), rec, profile=ONNXRUNTIME_CPU)
+    plan = make_plan(_model(), rec, profile=ONNX_REFERENCE)
     w, f = _by_node(plan)
     assert f["gemm_6"].reason == "excluded by rule 1"
     assert w["gather_0"].format == WeightFormat.INT8 and w["gather_0"].reason == "rule 2"
     text = plan.explain()
     assert "excluded by rule 1" in text and "fell back to int8" in text and "other nodes (no constant weight)" in text
     assert plan.summary()["weights"] == {"int4": 2, "int8": 2}
+
+
+def test_onnxruntime_keeps_conv_weights_int8_and_says_weight_only_convs_are_not_faster():
+    plan = make_plan(_model(), preset("w4a16"), profile=ONNXRUNTIME_CPU)
+    w, _ = _by_node(plan)
+    assert w["conv_2"].format == WeightFormat.INT8 and "7x the time of int8" in w["conv_2"].reason
+    assert w["matmul_1"].format == WeightFormat.INT4
+    notes = {n.node: n.reason for n in plan.notes}
+    assert "dequantized on every run" in notes["conv_2"] and "matmul_1" not in notes
+    w8a8 = {n.node for n in make_plan(_model(), preset("w8a8"), profile=ONNXRUNTIME_CPU).notes}
+    assert "conv_2" not in w8a8  # W8A8: QLinearConv, no note
