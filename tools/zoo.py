@@ -65,9 +65,14 @@ def _reason(text: str) -> str:
             msg = lines[i].strip()
             if i + 1 < len(lines) and lines[i + 1].startswith(" "):
                 msg += " — " + lines[i + 1].strip()
-            stage = next((ln.strip() for ln in reversed(lines[:i]) if ln.startswith("[") and "/" in ln[:6]), None)
+            stage = _stage(lines[:i])
             return ((f"in {' '.join(stage.split()[1:3])}: " if stage else "") + msg)[:400]
     return lines[-1].strip()[:400] if lines else ""
+
+
+def _stage(lines: list[str]) -> str | None:
+    """The last stage line a build printed (``[5/8] package   ios18 <- m.w8a8.ios18.onnx``)."""
+    return next((ln.strip() for ln in reversed(lines) if ln.startswith("[") and "/" in ln[:6]), None)
 
 
 def run_cmd(cmd: list[str], log: Path, timeout: float) -> dict:
@@ -85,7 +90,8 @@ def run_cmd(cmd: list[str], log: Path, timeout: float) -> dict:
             killed = f"killed by the zoo after {timeout:.0f} s (--timeout)"
     text = log.read_text(errors="replace")
     return {"cmd": " ".join(_quote(c) for c in cmd), "rc": rc, "seconds": round(time.perf_counter() - t0, 1),
-            "reason": killed or (_reason(text) if rc else ""), "log": str(log)}
+            "reason": killed or (_reason(text) if rc else ""), "stage": _stage(text.splitlines()) if rc else None,
+            "log": str(log)}
 
 
 def _quote(s: str) -> str:
@@ -179,42 +185,63 @@ class Zoo:
         row["seconds"] = round(time.perf_counter() - t0, 1)
         return row
 
-    def build(self, m: ZooModel, float_path: Path, data: Path, row: dict) -> None:
-        out = self.work / "out" / m.name
-        cmd = [sys.executable, "-m", "edgeq", "build", str(float_path), "--targets", ",".join(TARGETS),
-               "--recipe", m.recipe, "--calib", str(data / "calib"), "--data", str(data / "eval"),
-               "-o", str(out), "--no-progress"]
+    def _build_cmd(self, m: ZooModel, float_path: Path, data: Path, targets, out: Path) -> list[str]:
+        return [sys.executable, "-m", "edgeq", "build", str(float_path), "--targets", ",".join(targets),
+                "--recipe", m.recipe, "--calib", str(data / "calib"), "--data", str(data / "eval"),
+                "-o", str(out), "--no-progress"]
+
+    def _one_build(self, m: ZooModel, float_path: Path, data: Path, targets, out: Path, tag: str) -> tuple[dict, dict]:
+        cmd = self._build_cmd(m, float_path, data, targets, out)
         shutil.rmtree(out, ignore_errors=True)  # a failed build must not leave the last run's results
         say("  build: edgeq build " + " ".join(cmd[4:]))
-        res = run_cmd(cmd, self.work / "logs" / f"{m.name}.build.log", self.args.timeout)
-        row["build"] = res
+        res = run_cmd(cmd, self.work / "logs" / f"{m.name}.{tag}.log", self.args.timeout)
         report = out / "build.json"
-        b = json.loads(report.read_text()) if report.exists() else None
+        return res, (json.loads(report.read_text()) if report.exists() else {})
+
+    def build(self, m: ZooModel, float_path: Path, data: Path, row: dict) -> None:
+        out = self.work / "out" / m.name
+        res, b = self._one_build(m, float_path, data, TARGETS, out, "build")
+        row["build"] = res
         pkgs: dict[str, dict] = {}
-        rows = {r.get("target"): r for r in (b or {}).get("summary", [])}
+        folders: dict[str, Path] = {}
+        reports = [(b, out)]
+        rows = {r.get("target"): r for r in b.get("summary", [])}
         for t in TARGETS:
             r = rows.get(t)
             if r is not None:
-                pkgs[t] = {"status": "pass" if r.get("passed") else "FAIL",
-                           "reason": "; ".join(r.get("failed", [])), "sqnr_db": r.get("sqnr_db"),
-                           "cosine": r.get("cosine_mean")}
+                pkgs[t] = _package_status(r)
+                folders[t] = out / t
             else:
                 pkgs[t] = {"status": "error", "reason": res["reason"] or "no package in build.json"}
+        # edgeq build discards every package when one target fails: a target whose own stages did not
+        # fail is built alone, so the table shows how far it gets (a diagnostic, marked "alone")
+        stage = res.get("stage") or ""
+        for t in TARGETS:
+            if t in rows or not res["rc"] or t in stage or not any(o in stage for o in TARGETS):
+                continue
+            alone_out = self.work / "out" / f"{m.name}.{t}-alone"
+            ares, ab = self._one_build(m, float_path, data, [t], alone_out, f"build.{t}-alone")
+            ar = {r.get("target"): r for r in ab.get("summary", [])}.get(t)
+            pkgs[t]["alone"] = _package_status(ar) if ar else {"status": "error", "reason": ares["reason"]}
+            pkgs[t]["alone"]["cmd"] = ares["cmd"]
+            if ar:
+                folders[t] = alone_out / t
+                reports.append((ab, alone_out))
         row["packages"] = pkgs
-        # weights: each QDQ ONNX the build wrote, against the float model
+        # weights: each QDQ ONNX the build(s) wrote, against the float model
         qdqs = {}
-        for q in (b or {}).get("qdq", []):
-            qpath = out / q["file"]
-            if qpath.exists():
-                try:
-                    qdqs[q.get("profile", q["file"])] = weight_summary(float_path, qpath)
-                except Exception as e:
-                    qdqs[q.get("profile", q["file"])] = {"text": f"? ({type(e).__name__})"}
+        for rep, folder in reports:
+            for q in rep.get("qdq", []):
+                qpath = folder / q["file"]
+                if qpath.exists() and q.get("profile", q["file"]) not in qdqs:
+                    try:
+                        qdqs[q.get("profile", q["file"])] = weight_summary(float_path, qpath)
+                    except Exception as e:
+                        qdqs[q.get("profile", q["file"])] = {"text": f"? ({type(e).__name__})"}
         row["weights"] = qdqs
         # the natural metric on each package
         row["fidelity"] = {}
-        for t in TARGETS:
-            folder = out / t
+        for t, folder in folders.items():
             if folder.is_dir():
                 say(f"  metric: {t} package")
                 row["fidelity"][t] = run_worker({"kind": "eval", "model": m.name, "float": str(float_path),
@@ -262,6 +289,11 @@ class Zoo:
                                                    indent=1, default=float) + "\n")
 
 
+def _package_status(r: dict) -> dict:
+    return {"status": "pass" if r.get("passed") else "FAIL", "reason": "; ".join(r.get("failed", [])),
+            "sqnr_db": r.get("sqnr_db"), "cosine": r.get("cosine_mean")}
+
+
 # ---- the table -----------------------------------------------------------------------------------
 
 def _weights_cell(w: dict) -> str:
@@ -289,6 +321,13 @@ def format_table(rows: list[dict]) -> str:
             if st != "pass" and p.get("reason"):
                 notes.append(f"{r['model']} {t}: {st}: {p['reason']}")
                 st = f"{st} [{len(notes)}]"
+            a = p.get("alone")
+            if a:
+                ast = a["status"]
+                if ast != "pass" and a.get("reason"):
+                    notes.append(f"{r['model']} {t} built alone: {ast}: {a['reason']}")
+                    ast = f"{ast} [{len(notes)}]"
+                st += f", alone {ast}"
             cells.append(st)
         fid = r.get("fidelity", {})
         for t in TARGETS:
