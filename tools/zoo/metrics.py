@@ -66,12 +66,17 @@ def ctc_text(output: str, decode, *, truth: str = "texts"):
     """Greedy-CTC text of each line: share of lines decoded identically, and the character error
     rate of the quantized text against the float text (and both against the rendered truth)."""
     def metric(float_run, cand_run, feeds, extra) -> dict:
-        ref, cand = _collect(float_run, feeds), _collect(cand_run, feeds)
-        ft = [decode(r) for r in ref[output].argmax(-1)]
-        qt = [decode(r) for r in cand[output].argmax(-1)]
+        ft, qt, refs, cands = [], [], [], []
+        for feed in feeds:  # per feed: line widths (and so sequence lengths) differ between feeds
+            r, c = float_run(feed)[output], np.asarray(cand_run(feed)[output])
+            ft += [decode(x) for x in r.argmax(-1)]
+            qt += [decode(x) for x in c.argmax(-1)]
+            refs.append(r.ravel())
+            cands.append(c.ravel())
         same = float(np.mean([f == q for f, q in zip(ft, qt)]))
         cer = _cer(qt, ft)
-        out = {"line_agreement": same, "cer_vs_float": cer, "lines": len(ft), "sqnr_db": _sqnrs(ref, cand),
+        out = {"line_agreement": same, "cer_vs_float": cer, "lines": len(ft),
+               "sqnr_db": {output: round(sqnr_db(np.concatenate(refs), np.concatenate(cands)), 2)},
                "examples": [[f, q] for f, q in zip(ft, qt) if f != q][:5],
                "headline": f"text {100 * same:.1f}% lines, CER {100 * cer:.2f}%"}
         if truth in extra:
