@@ -38,8 +38,8 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # tools/, the repo
 
-from zoo.models import ZOO, ZooModel, shipped_path  # noqa: E402
-from zoo.weights import summary as weight_summary  # noqa: E402
+from zoo.models import ZOO, ZooModel, shipped_path
+from zoo.weights import summary as weight_summary
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("android", "ios18")
@@ -96,13 +96,6 @@ def run_cmd(cmd: list[str], log: Path, timeout: float) -> dict:
 
 def _quote(s: str) -> str:
     return f'"{s}"' if any(c in s for c in " []") else s
-
-
-def _rel(p: Path) -> str:
-    try:
-        return str(p.relative_to(REPO))
-    except ValueError:
-        return str(p)
 
 
 def run_worker(job: dict, folder: Path, tag: str, timeout: float) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,6 @@ class ZooModel:
     inputs: tuple[str, ...] = ()
     dims: tuple[str, ...] = ()  # --dim NAME=SIZE for the export's example inputs
     outputs: tuple[str, ...] = ()
-    notes: tuple[str, ...] = field(default=())
 
 
 def _seed(name: str, split: str) -> np.random.Generator:
@@ -105,7 +104,7 @@ def _resize_h(img: np.ndarray, height: int, max_width: int) -> np.ndarray:
     from PIL import Image
 
     h, w = img.shape[:2]
-    nw = min(max_width, max(8, int(math.ceil(height * w / h))))
+    nw = min(max_width, max(8, math.ceil(height * w / h)))
     return np.asarray(Image.fromarray(img).resize((nw, height), Image.BILINEAR))
 
 
@@ -129,7 +128,7 @@ def _ppocr_rec_data(folder: Path, onnx: Path) -> dict:
 def _ppocr_cls_data(folder: Path, onnx: Path) -> dict:
     out = {}
     for split, n in (("calib", 64), ("eval", 96)):
-        texts, imgs, rng = _lines(split, n, "ppocr_cls", (1, 4))
+        _, imgs, _ = _lines(split, n, "ppocr_cls", (1, 4))
         labels = (np.arange(n) % 2).astype(np.int64)  # 1: upside down
         xs = [_paddle_norm(_resize_h(i[::-1, ::-1] if lab else i, 48, 192), 192) for i, lab in zip(imgs, labels)]
         out[split] = ([{"x": b} for b in D.batches(xs, 8)], labels)

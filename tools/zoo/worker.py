@@ -77,8 +77,13 @@ def ort_static(job: dict) -> dict:
 
 
 def _ort_quantize(src: str, out: Path, calib: Path, notes: list[str]) -> float:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from zoo.data import read_feeds
