@@ -382,7 +382,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(ZOO), help=f"comma-separated, from: {', '.join(ZOO)}")
     ap.add_argument("--work", default="/tmp/edgeq-zoo", help="folder for exports, data, outputs and logs")
     ap.add_argument("--json", help="write every row (commands, errors, metrics) as JSON")
-    ap.add_argument("--timeout", type=float, default=1500, help="seconds per subprocess (export, build, each metric)")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess (export, build, each metric)")
     ap.add_argument("--no-baseline", action="store_true", help="skip ONNX Runtime's quantize_static")
     ap.add_argument("--fresh", action="store_true", help="remake exports and data")
     ap.add_argument("--table", metavar="JSON", nargs="+", help="only print the table of earlier runs' JSON files "
