@@ -66,7 +66,8 @@ def _reason(text: str) -> str:
             if i + 1 < len(lines) and lines[i + 1].startswith(" "):
                 msg += " — " + lines[i + 1].strip()
             stage = _stage(lines[:i])
-            return ((f"in {' '.join(stage.split()[1:3])}: " if stage else "") + msg)[:400]
+            where = " ".join(stage.split("->")[0].split("<-")[0].split()[1:]) if stage else ""
+            return ((f"in {where}: " if where else "") + msg)[:400]
     return lines[-1].strip()[:400] if lines else ""
 
 
