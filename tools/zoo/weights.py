@@ -1,0 +1,108 @@
+"""Weights quantized / quantizable, read from the ONNX files themselves (not from edgeq's report).
+
+Quantizable: every weight input of Conv, ConvTranspose, MatMul, Gemm, Gather (the table), GRU and
+LSTM (W and R) in the *float* model that is constant — an initializer, a ``Constant`` node, or
+computed from constants only (e.g. a Slice of an initializer); If/Loop bodies included.
+Quantized: the same weight inputs in a *quantized* model that read an integer constant through
+``DequantizeLinear`` (possibly via Reshape/Transpose/...), plus the weights of ORT's integer
+contrib ops (MatMulNBits, GatherBlockQuantized, QLinear*/…Integer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHT_SLOTS = {"Conv": (1,), "ConvTranspose": (1,), "MatMul": (0, 1), "Gemm": (0, 1), "Gather": (0,),
+                "GRU": (1, 2), "LSTM": (1, 2), "RNN": (1, 2)}
+INTEGER_OPS = {"MatMulNBits": 1, "GatherBlockQuantized": 1, "QLinearConv": 1, "QLinearMatMul": 1, "QGemm": 1,
+               "ConvInteger": 1, "MatMulInteger": 1, "DynamicQuantizeLSTM": 2}
+PASS_THROUGH = {"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Cast", "Flatten"}
+NON_CONSTANT = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def _graphs(graph, outer: frozenset = frozenset()):
+    """(graph, names constant in its scope) for the graph and every subgraph, outermost first."""
+    const = set(outer) | {t.name for t in graph.initializer}
+    changed = True
+    while changed:  # constant propagation through nodes whose inputs are all constant
+        changed = False
+        for n in graph.node:
+            if n.op_type in NON_CONSTANT or any(a.g.node or a.graphs for a in n.attribute):
+                continue
+            if all(not i or i in const for i in n.input) and not all(o in const for o in n.output):
+                const.update(o for o in n.output if o)
+                changed = True
+    yield graph, const
+    for n in graph.node:
+        for a in n.attribute:
+            subs = list(a.graphs) + ([a.g] if a.HasField("g") else [])
+            for g in subs:
+                yield from _graphs(g, frozenset(const))
+
+
+def _float_tables(graph) -> set[str]:
+    """Initializers and Constant outputs that are float tensors of rank >= 2 (what a Gather table is;
+    a Gather from a small integer constant is shape arithmetic, not a weight)."""
+    import onnx
+
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    out = {t.name for t in graph.initializer if t.data_type in floats and len(t.dims) >= 2}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and a.t.data_type in floats and len(a.t.dims) >= 2:
+                    out.add(n.output[0])
+    return out
+
+
+def _producer_map(graph) -> dict:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def count(path: str | Path) -> dict:
+    """``{"slots": constant weight inputs, "dq": of them read through DequantizeLinear of an integer
+    constant, "integer_ops": weights inside ORT integer/contrib ops, "float_ops": op types with a
+    float constant weight left}``."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    slots = dq = integer = 0
+    float_ops: dict[str, int] = {}
+    for graph, const in _graphs(model.graph):
+        prod = _producer_map(graph)
+        tables = _float_tables(graph)
+        for n in graph.node:
+            if n.op_type in INTEGER_OPS:
+                integer += INTEGER_OPS[n.op_type]
+                continue
+            for i in WEIGHT_SLOTS.get(n.op_type, ()):
+                if i >= len(n.input) or n.input[i] not in const:
+                    continue
+                if n.op_type == "Gather" and n.input[i] not in tables and not _through_dq(n.input[i], prod):
+                    continue
+                slots += 1
+                name, src = n.input[i], None
+                while name in prod:
+                    src = prod[name]
+                    if src.op_type in PASS_THROUGH:
+                        name = src.input[0]
+                        continue
+                    break
+                if src is not None and src.op_type == "DequantizeLinear":
+                    dq += 1
+                else:
+                    float_ops[n.op_type] = float_ops.get(n.op_type, 0) + 1
+    return {"slots": slots, "dq": dq, "integer_ops": integer, "float_ops": float_ops}
+
+
+def _through_dq(name: str, prod: dict) -> bool:
+    src = prod.get(name)
+    return src is not None and src.op_type == "DequantizeLinear"
+
+
+def summary(float_path: str | Path, quant_path: str | Path) -> dict:
+    """Quantized weights of ``quant_path`` against the quantizable weights of ``float_path``."""
+    f, q = count(float_path), count(quant_path)
+    quantized = q["dq"] + q["integer_ops"]
+    return {"quantized": quantized, "quantizable": f["slots"], "float_left": q["float_ops"],
+            "text": f"{quantized}/{f['slots']}"}
