@@ -42,7 +42,9 @@ class FoldConstantsPass(ir.passes.InPlacePass):
        inputs are all constant is replaced by its result when the result has at most
        ``output_size_limit`` elements or no more than the single-use constants it consumes (so a
        Transpose/Slice/Concat/Cast/Unsqueeze of a weight is folded at any size; a broadcast that
-       would grow the file is not). Shape computations fold where shapes are static, an ``If``
+       would grow the file is not), except a node reading a weight that other nodes read too (a
+       tied embedding / output table: folding its Transpose would store the table twice). Shape
+       computations fold where shapes are static, an ``If``
        whose condition is constant is replaced by its branch, Identity and inference Dropout
        disappear. Quantize/DequantizeLinear and ConstantOfShape are never folded. The folder's
        shape inference gives a shape to values that had none (counted).
@@ -68,7 +70,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         unlisted = inputs_before - len(model.graph.inputs)
         modified |= onnxscript.optimizer.fold_constants(
             model, onnx_shape_inference=True, input_size_limit=NO_INPUT_SIZE_LIMIT,
-            output_size_limit=self.output_size_limit).modified
+            output_size_limit=self.output_size_limit, should_fold=_keep_shared_weights).modified
         modified |= common_passes.RemoveUnusedNodesPass()(model).modified
         constants_left = _count(model, "Constant")
         for p in (common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
@@ -87,6 +89,20 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and not node.outputs[0].is_graph_output():
                 raise ir.passes.PostconditionError(f"Constant node {node.name!r} was not lifted")
+
+
+SHARED_WEIGHT_ELEMENTS = 1024  # a constant this large read by several nodes is a weight, not a shape
+
+
+def _keep_shared_weights(node: ir.Node) -> bool | None:
+    """Do not fold a node reading a weight other nodes read too: the result would be a second copy of it
+    (a language model's output layer reads the embedding table through a Transpose: folding that makes
+    two tables). None: the folder's own rules decide."""
+    for v in node.inputs:
+        if v is not None and v.const_value is not None and v.const_value.size >= SHARED_WEIGHT_ELEMENTS \
+                and len(v.uses()) > 1:
+            return False
+    return None
 
 
 def _count(model: ir.Model, op_type: str | None = None) -> int:

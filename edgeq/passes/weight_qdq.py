@@ -167,10 +167,88 @@ class WeightQDQPass(ir.passes.InPlacePass):
         graph.insert_before(node, new)
         self._replace_output(graph, node, out)
 
+    def _tied(self, graph, node, d, q, tied: dict) -> bool:
+        """A table tied between an embedding Gather and output MatMuls (read through Transpose); True if
+        it used com.microsoft ops.
+
+        ``tied_dq``: one DequantizeLinear replaces the table for every reader. ``tied_gbq`` (the Gather)
+        and ``tied_matmulnbits`` (each MatMul): the integers stored once as MatMulNBits' packed B
+        ``uint8 [V, D/bs, bs·bits/8]`` (codes + 2^(bits-1): no zero point needed, the kernels' default),
+        read by ``MatMulNBits(x, B, scales)`` for the logits and by ``GatherBlockQuantized(B, ids,
+        Reshape(scales, [V, D/bs, 1]))`` with ``quantize_axis=2`` — then reshaped to ``[..., D]`` — for
+        the embedding (the only copy in the file is of the scales, which ORT folds from the Reshape).
+        """
+        table = graph.initializers.get(d.weight)
+        if d.form == "tied_dq":
+            if d.op_type != "Gather":
+                return False  # the Gather's DequantizeLinear already feeds the Transpose
+            half = q.scale.dtype == np.float16
+            data, scale = self._initializers(graph, d.weight, _storage(q), q.scale if half else q.scale.astype(np.float32))
+            attrs = {"axis": d.axis, **({"block_size": d.block} if d.block else {})}
+            inputs = [data, scale]
+            if q.dtype == "int8" and not d.block:
+                zp = ir.Value(name=f"{d.weight}_zero_point",
+                              const_value=ir.tensor(np.zeros(q.scale.shape, np.int8), name=f"{d.weight}_zero_point"))
+                graph.register_initializer(zp)
+                inputs.append(zp)
+            dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{d.weight}_dequantize")
+            meta.mark(dq, meta.Role.WEIGHT, d.node)
+            dq.outputs[0].name = f"{d.weight}_dequantized"
+            dq.outputs[0].dtype = ir.DataType.FLOAT
+            dq.outputs[0].shape = ir.Shape(list(q.data.shape))
+            graph.insert_before(next(iter(graph)), dq)
+            table.replace_all_uses_with(dq.outputs[0])
+            drop_if_unused(graph, table)
+            return False
+        bits = 4 if q.dtype == "int4" else 8
+        v, k = q.data.shape
+        nb = k // d.block
+        if d.weight not in tied:
+            codes = (q.data.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)  # the kernels' default zero point
+            packed = (formats.pack_4bit(codes).reshape(v, nb, d.block // 2) if bits == 4
+                      else codes.reshape(v, nb, d.block))
+            b, scales = self._initializers(graph, d.weight, packed, q.scale.astype(np.float32))
+            tied[d.weight] = (b, scales)
+        b, scales = tied[d.weight]
+        if d.form == "tied_gbq":
+            shape3 = ir.Value(name=f"{d.weight}_scales_shape", const_value=ir.tensor(np.array([v, nb, 1], np.int64),
+                                                                                     name=f"{d.weight}_scales_shape"))
+            dim = ir.Value(name=f"{d.weight}_row_length", const_value=ir.tensor(np.array([k], np.int64),
+                                                                                 name=f"{d.weight}_row_length"))
+            graph.register_initializer(shape3)
+            graph.register_initializer(dim)
+            ids = node.inputs[1]
+            s3 = ir.node("Reshape", [scales, shape3], name=f"{d.weight}_scales_3d")
+            gbq = ir.node("GatherBlockQuantized", [b, ids, s3.outputs[0]], domain="com.microsoft",
+                          attributes={"gather_axis": 0, "quantize_axis": 2, "block_size": d.block, "bits": bits},
+                          name=f"{d.node}/gather_block_quantized")
+            ids_shape = ir.node("Shape", [ids], name=f"{d.node}/ids_shape")
+            out_shape = ir.node("Concat", [ids_shape.outputs[0], dim], attributes={"axis": 0}, name=f"{d.node}/row_shape")
+            rows = ir.node("Reshape", [gbq.outputs[0], out_shape.outputs[0]], name=f"{d.node}/rows")
+            new = [s3, gbq, ids_shape, out_shape, rows]
+            for n in new:
+                meta.mark(n, meta.Role.GATHER_QUANTIZED, d.node)
+            graph.insert_before(node, new)
+            self._replace_output(graph, node, rows.outputs[0])
+        else:  # tied_matmulnbits: the output MatMul, reading the table through a Transpose
+            transpose = node.inputs[1].producer()
+            mm = ir.node("MatMulNBits", [node.inputs[0], b, scales], domain="com.microsoft",
+                         attributes={"K": k, "N": v, "bits": bits, "block_size": d.block, "accuracy_level": 4},
+                         name=f"{d.node}/matmul_nbits")
+            meta.mark(mm, meta.Role.WEIGHT, d.node)
+            graph.insert_before(node, mm)
+            self._replace_output(graph, node, mm.outputs[0])
+            if transpose is not None and not transpose.outputs[0].uses():
+                graph.remove(transpose, safe=True)
+        if table is not None:
+            drop_if_unused(graph, table)
+        return True
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         by_name = nodes_by_name(graph)
         needs_ms = needs_23 = False
+        tied: dict[str, tuple[ir.Value, ir.Value]] = {}  # table -> (its stored integers, scales), written once
         for d in self.plan.weights:
             node = by_name[d.node]
             value = node.inputs[d.input_index]
@@ -183,6 +261,9 @@ class WeightQDQPass(ir.passes.InPlacePass):
                 graph.register_initializer(corrected)
                 node.replace_input_with(2, corrected)
                 drop_if_unused(graph, b)
+            if d.form.startswith("tied_"):
+                needs_ms |= self._tied(graph, node, d, q, tied)
+                continue
             if d.form == "gather_rows":
                 self._gather_rows(graph, node, d, q, prefix)
             elif d.form == "gather_block_quantized":

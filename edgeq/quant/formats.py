@@ -142,6 +142,22 @@ def quantize_int8_per_channel(w: np.ndarray, axis: int) -> QuantizedTensor:
     return QuantizedTensor(q.astype(np.int8), scale, None, axis, None, "int8")
 
 
+def quantize_int8_blockwise(w: np.ndarray, axis: int, block_size: int) -> QuantizedTensor:
+    """Symmetric int8 in blocks of ``block_size`` along ``axis``: ``scale = max|block| / 127``, codes in [-127, 127].
+
+    For kernels that read int8 weights in blocks (MatMulNBits with 8 bits, GatherBlockQuantized).
+    """
+    name = "quantize_int8_blockwise"
+    w64 = _check_weight(w, name)
+    axis = _check_axis(axis, w64.ndim, name)
+    block_size = _check_block_size(block_size, name)
+    blocks, restore = _to_blocks(w64, axis, block_size)
+    scale = _safe_scale(np.max(np.abs(blocks), axis=-1) / 127.0)
+    q = np.clip(np.rint(blocks / scale.astype(np.float64)[..., None]), -127, 127)
+    return QuantizedTensor(restore(q).astype(np.int8), np.moveaxis(scale, -1, axis).copy(), None, axis, block_size,
+                           "int8")
+
+
 def quantize_int4_blockwise(w: np.ndarray, axis: int, block_size: int, *, clip_search: bool = False,
                             scale_dtype=np.float32) -> QuantizedTensor:
     """Symmetric int4 in blocks of ``block_size`` along ``axis`` (last block may be partial).

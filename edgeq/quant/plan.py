@@ -162,7 +162,7 @@ class QuantPlan:
         return next((r for r in self.algorithms if r.name == name), None)
 
     def summary(self) -> dict:
-        fmt = Counter(d.format.value for d in self.weights)
+        fmt = Counter({d.weight: d.format.value for d in self.weights}.values())  # a tied table counts once
         out = {
             "recipe": self.recipe,
             "profile": self.profile,
@@ -182,7 +182,8 @@ class QuantPlan:
 
     def coverage(self) -> dict:
         """How many weights got quantized, of how many constant weights the quantizable ops hold (shared ones once)."""
-        return {"quantized": len(self.weights), "quantizable": len(self.weights) + len(self.weighted_float)}
+        quantized = len({d.weight for d in self.weights})
+        return {"quantized": quantized, "quantizable": quantized + len(self.weighted_float)}
 
     def float_reasons(self, limit: int = 3) -> str:
         """Why weighted nodes stayed float, most common reasons first (for a one-line message)."""
@@ -269,6 +270,38 @@ def _const(value: ir.Value | None):
 
 
 RECURRENT_OPS = ("GRU", "LSTM", "RNN")
+
+
+@dataclass(frozen=True)
+class TiedTable:
+    """A table ``[V, D]`` read by one embedding Gather and, through ``Transpose(perm=[1, 0])``, by output MatMuls."""
+
+    weight: str
+    gather: str
+    matmuls: tuple[str, ...]
+    transposes: tuple[str, ...]
+
+
+def tied_tables(model: ir.Model) -> dict[str, TiedTable]:
+    """Tables tied between an embedding and an output layer (a language model's ``lm_head``), by gather node."""
+    out = {}
+    for v in model.graph.initializers.values():
+        if v.const_value is None or len(v.const_value.shape) != 2:
+            continue
+        uses = list(v.uses())
+        gathers = [u.node for u in uses if u.node.op_type == "Gather" and u.idx == 0
+                   and u.node.attributes.get_int("axis", 0) == 0]
+        transposes = [u.node for u in uses if u.node.op_type == "Transpose"
+                      and list(u.node.attributes.get_ints("perm", [1, 0])) == [1, 0]]
+        if len(gathers) != 1 or not transposes or len(gathers) + len(transposes) != len(uses):
+            continue
+        matmuls = [u for t in transposes for u in t.outputs[0].uses()]
+        if any(u.node.op_type != "MatMul" or u.idx != 1 for u in matmuls) or \
+                any(t.outputs[0].is_graph_output() for t in transposes) or not matmuls:
+            continue
+        out[gathers[0].name] = TiedTable(v.name, gathers[0].name, tuple(u.node.name for u in matmuls),
+                                         tuple(t.name for t in transposes))
+    return out
 
 
 def _weight_sites(node: ir.Node) -> list[tuple[int, ir.Value]]:
@@ -361,6 +394,33 @@ def _decide(node: ir.Node, name: str, index: int, value: ir.Value, spec, rule, c
     )
 
 
+def _decide_tied(node: ir.Node, name: str, table: TiedTable, spec, rule, profile: TargetProfile
+                 ) -> list[WeightDecision] | NodeNote:
+    """One format for a tied table, blocked along D, symmetric (both kernels read the same bytes): a decision
+    for the Gather and one per output MatMul, sharing the table's integers."""
+    shape = tuple(int(d) for d in node.inputs[0].const_value.shape)
+    chosen_by = f"rule {rule}" if rule else "default"
+    fmt, reason = spec.weights, chosen_by
+    while fmt not in (WeightFormat.FLOAT, WeightFormat.INT8, WeightFormat.INT4) or \
+            (fmt != WeightFormat.FLOAT and not (profile.supports("Gather", fmt) and profile.supports("MatMul", fmt))):
+        why = "a tied table is stored once as int8 or int4" if fmt == WeightFormat.MXFP4 else \
+            profile.why_not("Gather" if not profile.supports("Gather", fmt) else "MatMul", fmt)
+        fmt, reason = FALLBACK[fmt], f"{why}: fell back to {FALLBACK[fmt].value}"
+    if fmt == WeightFormat.FLOAT:
+        return NodeNote(name, node.op_type, reason if spec.weights != WeightFormat.FLOAT else
+                        (f"excluded by {chosen_by}" if rule else "recipe default is float"))
+    gather_form, matmul_form = profile.tied_forms.get(fmt, ("tied_dq", "tied_dq"))
+    block = spec.block if fmt == WeightFormat.INT4 or gather_form == "tied_gbq" else None
+    common = dict(input_index=0, weight=table.weight, shape=shape, format=fmt, axis=1 if block else 0, block=block,
+                  clip_search=spec.clip_search and fmt == WeightFormat.INT4, symmetric=True, rule=rule)
+    note = f"{reason}; tied with {', '.join(table.matmuls)} (one table, stored once)"
+    out = [WeightDecision(node=name, op_type="Gather", form=gather_form, reason=note, **common)]
+    for mm in table.matmuls:
+        out.append(WeightDecision(node=mm, op_type="MatMul", form=matmul_form,
+                                  reason=f"{reason}; reads the table tied with {name}", **{**common, "input_index": 1}))
+    return out
+
+
 def _decide_fallback(node, name, index, value, spec, rule, profile, why: str) -> WeightDecision | NodeNote:
     """:func:`_decide` one step down the fallback ladder, with ``why`` as the reason."""
     from dataclasses import replace as _replace
@@ -377,8 +437,22 @@ def make_plan(model: ir.Model, recipe: Recipe, *, profile: TargetProfile = ONNXR
     weighted_float: list[str] = []
     notes: list[NodeNote] = []
     seen_weights: dict[str, str] = {}
+    tied = tied_tables(model)
+    tied_readers = {n for t in tied.values() for n in (*t.matmuls, *t.transposes)}
     for node in model.graph:
         name = node.name or f"{node.op_type}_{len(weights) + len(floats)}"  # callers name nodes first
+        if name in tied_readers:
+            continue  # decided with its table's Gather
+        if name in tied:
+            spec, rule = recipe.spec_for(node.op_type, name)
+            decided = _decide_tied(node, name, tied[name], spec, rule, profile)
+            if isinstance(decided, NodeNote):
+                floats.append(decided)
+                weighted_float.append(name)
+            else:
+                weights.extend(decided)
+                seen_weights[tied[name].weight] = name
+            continue
         sites = _weight_sites(node)
         if not sites:
             floats.append(NodeNote(name, node.op_type, "no constant weight"))

@@ -35,6 +35,11 @@ class TargetProfile:
     # ONNX, only the looked-up rows dequantized) or "gather_block_quantized" (com.microsoft's fused
     # kernel on packed uint8 / float4 data). Formats not listed: "dq".
     gather_forms: Mapping[WeightFormat, str] = field(default_factory=dict)
+    # A table tied between an embedding Gather and an output MatMul (read through Transpose), per
+    # format: (the Gather's form, the MatMul's form). "tied_gbq" + "tied_matmulnbits": ONNX Runtime's
+    # GatherBlockQuantized and MatMulNBits read ONE packed initializer (stored once in .onnx and .ort);
+    # formats not listed: "tied_dq" (one DequantizeLinear feeding both readers).
+    tied_forms: Mapping[WeightFormat, tuple[str, str]] = field(default_factory=dict)
     notes: Mapping[tuple[str, WeightFormat], str] = field(default_factory=dict)
     # W8A8 placement, as data. Anchors take quantized inputs (weighted ops with int8 weights);
     # integer ops have integer kernels and are quantized when their output feeds a quantized
@@ -89,6 +94,7 @@ ONNXRUNTIME_CPU = TargetProfile(
     # measured (MiniLM, 16 tokens, 1-thread CPU time): the table dequantized whole was 33 % of a W8A8
     # run and 80 % of a W4A16 run; gathering the rows first: W8A8 1.04x → 1.8x float, W4A16 → 1.3x
     gather_forms=MappingProxyType({_I8: "gather_rows", _I4: "gather_block_quantized", _FP4: "gather_block_quantized"}),
+    tied_forms=MappingProxyType({f: ("tied_gbq", "tied_matmulnbits") for f in (_I8, _I4)}),
     integer_ops=ORT_INTEGER_OPS,
     same_scale_ops=ORT_SAME_SCALE_OPS,
     quantized_outputs=frozenset({"Conv"}),

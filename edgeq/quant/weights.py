@@ -25,6 +25,8 @@ def quantize_weight(w: np.ndarray, d) -> formats.QuantizedTensor:
     if d.transpose:
         w = w.T
     if d.format == WeightFormat.INT8:
+        if d.block:  # tables a blocked kernel reads (tied embedding / output layer)
+            return formats.quantize_int8_blockwise(w, d.axis, d.block)
         return formats.quantize_int8_per_channel(w, d.axis)
     if d.format == WeightFormat.INT4:
         if not d.symmetric:
@@ -46,6 +48,8 @@ def weight_bytes(shape: Iterable[int], fmt: WeightFormat, *, axis: int | None = 
         return 4 * n
     total = n * BITS[fmt] // 8
     groups = -(-n // block) if block else (shape[axis] if axis is not None else 1)
+    if fmt == WeightFormat.INT8 and block:
+        return total + groups * 4
     scale_bytes = 1 if fmt == WeightFormat.MXFP4 else 2 if scale_dtype == "float16" else 4
     return total + groups * scale_bytes + (0 if symmetric else -(-groups // 2))  # int4 zero points: 4 bits
 

@@ -42,6 +42,7 @@ ANDROID = dataclasses.replace(
         **{op: frozenset({_I8}) for op in WEIGHT_ONLY_OPS},
     }),
     gather_forms=MappingProxyType({_I8: "gather_rows", _I4: "gather_block_quantized"}),
+    tied_forms=MappingProxyType({f: ("tied_gbq", "tied_matmulnbits") for f in (_I8, _I4)}),
     notes=MappingProxyType({
         ("Conv", _I4): f"int4 Conv weights cannot ship on Android: {_NO_4BIT}",
         **{(op, _FP4): f"mxfp4 cannot ship on Android: {_NO_FP4} (and ORT has no DequantizeLinear kernel for it)"

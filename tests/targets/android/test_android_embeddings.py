@@ -49,3 +49,26 @@ def test_rows_are_dequantized_exactly_in_the_qdq_model_and_the_ort(tmp_path, rec
     got_ort = ort_session(pkg.model_file).run(["e"], {"ids": ids})[0]
     np.testing.assert_array_equal(got_ort, want)
     assert sqnr_db(table[ids], got_ort) > (35 if recipe == "w8a16" else 15)  # int8 ~42 dB, int4 ~19 dB
+
+
+@pytest.mark.parametrize("recipe", ["w4a16", "w8a16"])
+def test_a_tied_table_ships_once_in_the_ort(tmp_path, recipe):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "passes"))
+    from test_tied_table import V, D, _tied_lm
+
+    src, table, _ = _tied_lm(tmp_path / "lm.onnx")
+    qdq = tmp_path / "q.onnx"
+    res = api.quantize(src, qdq, recipe, profile="android", progress=False)
+    pkg = api.package(qdq, "android", tmp_path / "android")
+    ids = np.array([[0, 5, 95, 5, 17]], np.int64)
+    want = ort_session(qdq).run(None, {"input_ids": ids})
+    got = ort_session(pkg.model_file).run(None, {"input_ids": ids})
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)  # the .ort computes what its QDQ model computes
+    table_bytes = V * D // (2 if recipe == "w4a16" else 1)
+    # one copy of the table's integers (plus scales and the small mixing weight), not two
+    assert pkg.model_file.stat().st_size < 1.6 * table_bytes + 20_000, pkg.model_file.stat().st_size
+    assert res.plan.coverage()["quantized"] == 2

@@ -1,0 +1,62 @@
+"""A table tied between the embedding and the output layer (a language model's lm_head): one format,
+one set of integers, stored once — GatherBlockQuantized and MatMulNBits on the same packed bytes for
+ONNX Runtime, one DequantizeLinear feeding both readers elsewhere; exact against the dequantized table."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeq.pipeline.quantize import quantize_model
+from edgeq.quant.profile import ONNX_REFERENCE, ONNXRUNTIME_CPU
+from edgeq.runtime import ort_session
+
+V, D = 96, 64
+
+
+def _tied_lm(path):
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((V, D)).astype(np.float32)
+    mix = (rng.standard_normal((D, D)) / 8).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
+         helper.make_node("MatMul", ["e", "mix"], ["h"], name="mix"),
+         helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="lm_head_t"),
+         helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="lm_head")], "lm",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", V]),
+         helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", "sequence", D])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(mix, "mix")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    return path, table, mix
+
+
+@pytest.mark.parametrize("recipe", ["w4a16", "w8a16"])
+@pytest.mark.parametrize("profile", [ONNXRUNTIME_CPU, ONNX_REFERENCE])
+def test_the_tied_table_is_stored_once_and_read_exactly(tmp_path, recipe, profile):
+    src, table, mix = _tied_lm(tmp_path / "lm.onnx")
+    out = tmp_path / "q.onnx"
+    res = quantize_model(src, out, recipe, profile=profile, progress=False)
+    tied = [d for d in res.plan.weights if d.weight == "table"]
+    assert [d.node for d in tied] == ["embed", "lm_head"] and len({d.format for d in tied}) == 1
+    assert res.plan.coverage() == {"quantized": 2, "quantizable": 2}  # the table counts once
+    proto = onnx.load(str(out))
+    sizes = {t.name: t for t in proto.graph.initializer}
+    big = [n for n, t in sizes.items() if np.prod(t.dims) >= V * D // 2 and n.startswith("table")]
+    assert len(big) == 1, big  # the table's integers, once (no float copy, no second integer copy)
+    ops = [n.op_type for n in proto.graph.node]
+    if profile is ONNXRUNTIME_CPU:
+        assert {"GatherBlockQuantized", "MatMulNBits"} <= set(ops) and "Transpose" not in ops
+    else:
+        assert ops.count("DequantizeLinear") >= 1 and "Transpose" in ops
+    codes = res.plan.codes["table"]
+    deq = codes.dequantize()
+    ids = np.array([[0, 5, 95, 5, 17]], np.int64)
+    if profile is ONNX_REFERENCE:
+        return  # the DQ-23 form is for onnx.reference / Core ML, not ONNX Runtime
+    e, logits = (ort_session(out, optimize=False).run(["e", "logits"], {"input_ids": ids}))
+    np.testing.assert_array_equal(e, deq[ids])  # only the looked-up rows, exactly the dequantized table
+    h = e @ res.plan.codes["mix"].dequantize()
+    ref = h @ deq.T
+    # MatMulNBits at accuracy level 4 computes with int8 activations: close to, not equal to, float
+    assert np.abs(logits - ref).max() < 0.05 * np.abs(ref).max()
