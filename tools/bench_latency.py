@@ -4,6 +4,7 @@
     PYTHONPATH=$PWD .venv/bin/python tools/bench_latency.py --work /tmp/edgeq-latency --json latency.json
     ... --models minilm --runs 60 --threads 2,default,1
     ... --extra "minilm:w8a8 gbq=/tmp/proto.onnx"      # time a prototype graph next to the others
+    ... --report latency.json                           # print the tables of a saved run again
 
 The models are made with edgeq's own CLI into ``WORK/models`` (kept and reused; ``--rebuild``
 remakes them): the float export, ``quantize --recipe w8a8 --calib SAMPLE``, ``--recipe w4a16``
@@ -16,12 +17,19 @@ Shapes: MiniLM at 16, 64 and 128 tokens (real text, no padding: evaluation sente
 cut), EfficientNet-Lite0 at 224x224 (one evaluation crop); batch 1. For each intra-op thread
 setting (``2``, ``default`` = ORT's own choice, ``1``), every model of one sample gets a session
 (ORT_ENABLE_ALL, sequential) and all are timed interleaved in this one process; the table shows
-the median and the ratio float/candidate (> 1 is faster than float). At 1 thread it also shows the
-CPU time of the run (ORT computes on the calling thread), which a busy machine barely disturbs:
-read it when the load average is high (it is printed). Per candidate and shape, ORT's profiler
-gives the time per op type (per-node medians over ``--profile-runs`` runs, 1 thread); the table
-lists the top op types. ``--fidelity`` (default on) adds mean cosine (MiniLM) or top-1 agreement
-(EfficientNet) against the float model on the sample's evaluation split.
+the median and the ratio float/candidate (> 1 is faster than float); an ``.ort`` is also compared
+with the float model converted the same way (``float .ort``: on x86 the arm-targeted conversion
+drops the NCHWc Conv layout, which costs CNNs 2.6x by itself). At 1 thread the table shows the
+CPU time of the run (ORT computes on the calling thread), which a busy machine barely disturbs,
+and a compact table of those ratios comes first. On a loaded machine (the load average is
+printed) the 2-thread wall clock is not a latency: a 2-thread run waits for its pool thread at
+every parallelized kernel and that thread waits for a core, so the wall time counts parallel
+sections times scheduler delay (ratios of 40x were seen); read the CPU-time table then.
+
+Per candidate and shape, ORT's profiler gives the time per op type (each node's fastest of
+``--profile-runs`` runs, 1 thread: see ``bench/timing.py``); the table lists the top op types.
+``--no-fidelity`` skips the mean cosine (MiniLM) or top-1 agreement (EfficientNet) against the
+float model on the sample's evaluation split.
 """
 
 from __future__ import annotations
@@ -253,6 +261,29 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def compact(sample: str, res: dict) -> str:
+    """The 1-thread CPU-time ratios and fidelity only: the table to read on a busy machine."""
+    lat = res["latency"]
+    key = "cosine_mean" if MODELS[sample].task == "embedding" else "top1_agreement"
+    header = ["model", "MB", *(f"{shape_name(sample, int(s))} (CPU, 1 thr)" for s in lat), key.replace("_", " ")]
+    rows = []
+    for label, f in res["files"].items():
+        if "error" in f:
+            rows.append([label, "-", *(["failed"] * (len(header) - 2))])
+            continue
+        cells = []
+        for s in lat:
+            r = lat[s]["1"]["models"].get(label, {})
+            cell = f"{r['cpu_ratio']:.2f}x" if "cpu_ratio" in r else "-"
+            if "cpu_ratio_vs_float_ort" in r and label != "float .ort":
+                cell += f" ({r['cpu_ratio_vs_float_ort']:.2f}x .ort)"
+            cells.append(cell)
+        fv = res["fidelity"].get(label, {})
+        fid = "ref" if label == "float" else f"{fv[key]:.4f}" if key in fv else fv.get("error", "-")
+        rows.append([label, f"{f['bytes'] / MB:.2f}", *cells, fid])
+    return table(header, rows)
+
+
 def report(results: dict, args) -> str:
     out = []
     for sample, res in results["models"].items():
@@ -278,15 +309,17 @@ def report(results: dict, args) -> str:
                     if r is None:
                         row.append("-")
                         continue
-                    key = "cpu_" if tname == "1" else ""
-                    cell = f"{r[key + 'median_ms']:.2f} ({r[key + 'ratio']:.2f}x"
-                    if label != "float .ort" and key + "ratio_vs_float_ort" in r:
-                        cell += f"; {r[key + 'ratio_vs_float_ort']:.2f}x .ort"
+                    pre = "cpu_" if tname == "1" else ""
+                    cell = f"{r[pre + 'median_ms']:.2f} ({r[pre + 'ratio']:.2f}x"
+                    if label != "float .ort" and pre + "ratio_vs_float_ort" in r:
+                        cell += f"; {r[pre + 'ratio_vs_float_ort']:.2f}x .ort"
                     row.append(cell + ")")
             if res["fidelity"]:
                 fv = res["fidelity"].get(label, {})
                 row.append("ref" if label == "float" else f"{fv[key]:.4f}" if key in fv else fv.get("error", "-"))
             rows.append(row)
+        if "1" in args.threads:
+            out += [compact(sample, res), ""]
         out.append(table(header, rows))
         loads = sorted({round(v["loadavg_1min"], 1) for s in lat.values() for v in s.values()})
         out.append(f"\nms: median of {args.runs} interleaved batch-1 runs (wall clock; 1 thread: CPU time of the run); "
@@ -345,6 +378,7 @@ def parse_args(argv=None):
                    help="also time this .onnx/.ort file (a prototype) with the sample's models")
     p.add_argument("--rebuild", action="store_true", help="remake the models even if they exist")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--report", type=Path, metavar="JSON", help="print the tables of an earlier --json run and exit")
     a = p.parse_args(argv)
     a.models = [m.strip() for m in a.models.split(",") if m.strip()]
     for m in a.models:
@@ -360,6 +394,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        for k in ("runs", "profile_runs"):
+            setattr(args, k, int(saved["settings"][k]))
+        args.threads = [t for t in ("2", "default", "1") if t in saved["settings"]["threads"]]
+        say(report(saved, args))
+        return 0
     sys.path.insert(0, str(REPO))  # samples/, targets/ for the inputs and the converter
     results = {"environment": environment(), "settings": {k: str(v) for k, v in vars(args).items()}, "models": {}}
     started = time.time()
