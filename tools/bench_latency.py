@@ -157,9 +157,11 @@ class Models:
             raise Failed(f"ORT quantize_static failed: {o.result.get('error') or log_tail(o.log, 3)}")
         return path
 
-    def make(self) -> dict[str, dict]:
+    def make(self, only: set[str] | None = None) -> dict[str, dict]:
         out = {}
         for label, kind, recipe in candidates(self.sample):
+            if only is not None and label not in only:
+                continue
             try:
                 path = self.float() if kind == "float" else self.packaged(recipe) if kind == "ort" \
                     else self.quantized(recipe)
@@ -406,10 +408,8 @@ def main(argv=None) -> int:
     started = time.time()
     for sample in args.models:
         say(f"== {sample} ==")
-        files = Models(args.work, sample, args.rebuild).make()
-        if args.only:
-            keep = {"float", *(s.strip() for s in args.only.split(","))}
-            files = {k: v for k, v in files.items() if k in keep}
+        only = {"float", *(s.strip() for s in args.only.split(","))} if args.only else None
+        files = Models(args.work, sample, args.rebuild).make(only)
         for spec in args.extra:
             owner, _, rest = spec.partition(":")
             label, _, path = rest.partition("=")
