@@ -54,7 +54,9 @@ def kotlin(manifest: dict) -> str:
              ", ".join(f"{s['name']} {s['dtype']}{_shape(s)}" for s in outputs) + ". */",
              "class EdgeqModel(modelBytes: ByteArray) : AutoCloseable {",
              "    private val env = OrtEnvironment.getEnvironment()",
-             "    private val session: OrtSession = env.createSession(modelBytes, OrtSession.SessionOptions())",
+             "    private val session: OrtSession = env.createSession(modelBytes, OrtSession.SessionOptions().apply {",
+             "        setIntraOpNumThreads(2)  // the thread count the speed was measured with; the phone's big cores",
+             "    })",
              "",
              f"    fun run({', '.join(params)}): Map<String, {_result_type(outputs)}> {{"]
     names = []
@@ -190,6 +192,12 @@ val model = EdgeqModel(context.assets.open("{manifest['model_file']}").readBytes
 ```
 
 Create one `EdgeqModel` and reuse it: creating the session is the slow part.
+
+**Session options the speed depends on** (also in `manifest.json`, `runtime.session_options`):
+`intra_op_num_threads` (edgeq measures with 2; use the number of big cores). Do not set
+`mlas.qnbit.force_fp32`: it moves `MatMulNBits` from its int8 kernels to a slower fp32 path. The
+`MatMulNBits` accuracy level (4: int8 compute) is an attribute of the nodes in the file, set at
+conversion; no runtime option changes it.
 
 ## Quantization
 

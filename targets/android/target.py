@@ -70,6 +70,11 @@ class AndroidTarget(Target):
                 "minimum_version_reason": "ONNX Runtime loads .ort files written by the same or an older release, "
                                           "not newer ones, and this file holds operators this release fused",
                 "ort_format_version": ortformat.format_version(data),
+                "session_options": {
+                    "intra_op_num_threads": "the speed edgeq reports was measured with 2; set the phone's big cores",
+                    "mlas.qnbit.force_fp32": "do not set: it moves MatMulNBits to a slower fp32 kernel",
+                    "matmulnbits_accuracy_level": "4 (int8 compute), an attribute of the nodes, set at conversion",
+                },
             },
             "conversion": {
                 "tool": "onnxruntime.tools.convert_onnx_models_to_ort (its session options)",
