@@ -108,7 +108,7 @@ def smoke_run(session, name: str) -> str:
 
     rng = np.random.default_rng(0)
     try:
-        feed = {arg.name: input_spec(arg).random(rng) for arg in session.get_inputs()}
+        feed = _causal_lm_feed(session) or {arg.name: input_spec(arg).random(rng) for arg in session.get_inputs()}
     except InputError as e:  # an input type edgeq cannot make (string, uint16, ...): say so in the manifest
         return f"skipped: {e.message}"
     options = ort.RunOptions()
@@ -120,6 +120,28 @@ def smoke_run(session, name: str) -> str:
                                hint="the model is invalid where ONNX Runtime checks only at run time; quantize "
                                     "the float model again, or check the QDQ model with `edgeq validate`") from e
     return "passed"
+
+
+def _causal_lm_feed(session) -> dict | None:
+    """A consistent decoder step for a causal LM (its axes depend on each other: the mask covers past +
+    new tokens, positions count on from the past): 2 tokens after a past of 2; None for other models."""
+    import numpy as np
+
+    from edgeq.export.causal_lm import is_causal_lm_io
+
+    inputs = {a.name: a for a in session.get_inputs()}
+    if not is_causal_lm_io(list(inputs), [o.name for o in session.get_outputs()]):
+        return None
+    past, new = 2, 2
+    feed = {"input_ids": np.arange(3, 3 + new, dtype=np.int64)[None],
+            "attention_mask": np.ones((1, past + new), np.int64),
+            "position_ids": np.arange(past, past + new, dtype=np.int64)[None]}
+    for name, arg in inputs.items():
+        if name.startswith("past_key_values."):
+            heads, head_dim = arg.shape[1], arg.shape[3]
+            dtype = np.float16 if "float16" in arg.type else np.float32
+            feed[name] = np.zeros((1, heads, past, head_dim), dtype)
+    return feed
 
 
 def write_config(ort_file: Path, config: Path) -> None:

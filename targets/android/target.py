@@ -24,6 +24,7 @@ from edgeq import onnx_io
 from edgeq.errors import UnsupportedError
 from edgeq.quant.profile import TargetProfile
 from targets.android import ortformat
+from targets.android.llm import is_causal_lm, readme_section, write_llm_files
 from targets.android.convert import check_converted, convert, load_ort, smoke_run, write_config
 from targets.android.preflight import nnapi_partitions, preflight
 from targets.android.profile import ANDROID, DISABLED_OPTIMIZERS, OPTIMIZATION_LEVEL, SESSION_CONFIG
@@ -91,12 +92,17 @@ class AndroidTarget(Target):
             "first_run": first_run,
             "nnapi_partitions": nnapi_partitions(model),
         }
+        if is_causal_lm(model):
+            facts.update(write_llm_files(model, folder, MODEL_ORT))
         return ort_file, facts
 
     def readme(self, manifest: dict) -> str:
         from targets.android.readme import render
 
-        return render(manifest)
+        text = render(manifest)
+        if "causal_lm" in manifest:
+            text += readme_section(manifest)
+        return text
 
 
 def _spec(s) -> dict:
