@@ -32,12 +32,13 @@ import onnx_ir as ir
 from edgeq import onnx_io
 from edgeq.errors import InputError, UnsupportedError
 from edgeq.pipeline.apply import apply_plan, rewrite_passes
+from edgeq.passes.fuse_for_ort import FuseForOrtPass
 from edgeq.pipeline.import_onnx import import_onnx
 from edgeq.quant.activations import place_activations
 from edgeq.quant.algorithms import PREPASS_BATCHES, Context, Memo, Stage, Stats
 from edgeq.quant.calibrate import CalibrationTable, calibrate
 from edgeq.quant.handlers import handlers_for
-from edgeq.quant.plan import QuantPlan, make_plan
+from edgeq.quant.plan import ImportStep, QuantPlan, make_plan
 from edgeq.quant.profile import ONNXRUNTIME_CPU, PROFILES, TargetProfile
 from edgeq.quant.recipes import Recipe, resolve_recipe
 from edgeq.quant.weights import planned_bytes
@@ -121,24 +122,25 @@ def quantize_for_profiles(
                          hint="pass --calib (a sample name such as minilm, an .npz file or a folder of them)")
     model = load_model(model_path)
     float_bytes = onnx_io.tensor_bytes(model)
-    plans = [replace(make_plan(model, rec, profile=prof), imported=model.meta.get(IMPORT_STEPS, ()))
-             for prof in profiles]
-    for plan in plans:
-        _check_weights_finite(model, plan)
-    ideals = [planned_bytes(plan, model) for plan in plans]
+    bases = [for_profile(model, prof) for prof in profiles]  # the graph each profile plans on
+    plans = [replace(make_plan(base, rec, profile=prof), imported=base.meta.get(IMPORT_STEPS, ()))
+             for base, prof in zip(bases, profiles)]
+    for plan, base in zip(plans, bases):
+        _check_weights_finite(base, plan)
+    ideals = [planned_bytes(plan, base) for plan, base in zip(plans, bases)]
     if any(o is not None for o in outputs):
-        for plan in plans:
-            _check_something_quantized(model, plan, rec, model_path)
+        for plan, base in zip(plans, bases):
+            _check_something_quantized(base, plan, rec, model_path)
     if all(o is None for o in outputs):  # --explain: the plan and the placement, no data
         if rec.quantizes_activations:
-            plans = [replace(plan, floats=plan.floats + place_activations(model, plan, rec, prof).notes)
-                     for plan, prof in zip(plans, profiles)]
+            plans = [replace(plan, floats=plan.floats + place_activations(base, plan, rec, prof).notes)
+                     for plan, prof, base in zip(plans, profiles, bases)]
         return [QuantizeResult(None, plan, float_bytes, 0, ideal, time.perf_counter() - t0)
                 for plan, ideal in zip(plans, ideals)]
-    decided = decide(model, plans, rec, profiles, calib, progress=progress, memo=memo)
+    decided = decide(bases, plans, rec, profiles, calib, progress=progress, memo=memo)
     results = []
-    for i, ((plan, table), output, ideal) in enumerate(zip(decided, outputs, ideals)):
-        qdq = model if i == len(decided) - 1 else model.clone()  # the last one may edit the loaded model
+    for i, ((plan, table), output, ideal, base) in enumerate(zip(decided, outputs, ideals, bases)):
+        qdq = base if base is not model or i == len(decided) - 1 else base.clone()  # the last may edit it
         apply_plan(qdq, plan, rec, table)
         files = onnx_io.save_ir(qdq, output, force=force)
         size = sum(f.stat().st_size for f in files)
@@ -157,22 +159,43 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 IMPORT_STEPS = "edgeq.import_steps"  # ir.Model.meta key (in memory only): the import's ImportSteps
 
 
+def for_profile(model: ir.Model, profile: TargetProfile) -> ir.Model:
+    """The graph ``profile`` plans on: ``model`` itself, or for a causal language model on a runtime
+    with fused transformer kernels (``profile.fuse_causal_lm``) a copy with them fused — reported as
+    one more import step."""
+    if not profile.fuse_causal_lm or CAUSAL_LM_KEY not in model.metadata_props:
+        return model
+    fused = model.clone()
+    res = FuseForOrtPass()(fused)
+    made = ", ".join(f"{op} {k}" for op, k in sorted(res.ops.items()))
+    step = ImportStep(f"fuse for {profile.name}", sum(res.fused.values()),
+                      f"onnxscript ORT fusions: {made}" if res.modified else "no transformer pattern matched")
+    fused.meta[IMPORT_STEPS] = (*model.meta.get(IMPORT_STEPS, ()), step)
+    return fused
+
+
+CAUSAL_LM_KEY = "edgeq.causal_lm"  # model metadata the causal LM export writes (edgeq.export.causal_lm)
+
+
 @dataclass
 class _Lane:
     """One profile's decisions in progress: its plan and its working copy of the graph."""
 
     plan: QuantPlan
     ctx: Context
+    base: tuple = ()  # what made the lane's starting graph (the import's and fusion's steps)
     table: CalibrationTable | None = None
     stats: Stats | None = None
 
     def rewrites(self) -> tuple:
-        """What has been rewritten so far: lanes with equal rewrites have identical working graphs."""
-        return (tuple((p.tensor, p.consumers, p.channels.tobytes()) for p in self.plan.protections),
+        """What has been rewritten so far: lanes with equal rewrites (and the same base graph) have identical
+        working graphs."""
+        return (self.base, tuple((p.tensor, p.consumers, p.channels.tobytes()) for p in self.plan.protections),
                 tuple((s.tensor, s.consumers, s.scale.tobytes()) for s in self.plan.scalings))
 
 
-def decide(model: ir.Model, plans: Sequence[QuantPlan], recipe: Recipe, profiles: Sequence[TargetProfile], calib, *,
+def decide(models: ir.Model | Sequence[ir.Model], plans: Sequence[QuantPlan], recipe: Recipe,
+           profiles: Sequence[TargetProfile], calib, *,
            progress: bool = True, memo: Memo | None = None) -> list[tuple[QuantPlan, CalibrationTable | None]]:
     """Every algorithm's decisions for each (plan, profile), stage by stage; ``model`` is not changed.
 
@@ -183,8 +206,10 @@ def decide(model: ir.Model, plans: Sequence[QuantPlan], recipe: Recipe, profiles
     each finished plan with the table of its last calibration pass (None without data).
     """
     memo = memo or Memo()
-    lanes = [_Lane(plan, Context(model.clone(), recipe, prof, has_data=calib is not None, memo=memo))
-             for plan, prof in zip(plans, profiles)]
+    models = [models] * len(plans) if isinstance(models, ir.Model) else list(models)
+    lanes = [_Lane(plan, Context(m.clone(), recipe, prof, has_data=calib is not None, memo=memo),
+                   tuple(m.meta.get(IMPORT_STEPS, ())))
+             for m, plan, prof in zip(models, plans, profiles)]
     handlers = handlers_for(recipe)
     for stage in Stage:
         todo = []

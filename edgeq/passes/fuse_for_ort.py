@@ -1,0 +1,85 @@
+"""Fuse a transformer's small ops into the kernels ONNX Runtime has, with onnxscript's ORT fusions.
+
+Rules (onnxscript ``rewriter.ort_fusions``, applied in its order): RMSNorm →
+``SimplifiedLayerNormalization``, residual Add + RMSNorm → ``SkipSimplifiedLayerNormalization``
+(LayerNorm too), rotary position embedding → ``RotaryEmbedding`` (and its cos/sin cache),
+scaled dot-product attention → ``GroupQueryAttention`` (shared key/value heads, with packed QKV
+where the pattern allows) or ``MultiHeadAttention``, GELU → ``Gelu``/``BiasGelu``. Every fusion is
+exact in float up to the kernels' rounding (checked by the tests at ≥ 100 dB).
+
+What it leaves alone, and why: onnxscript's own ``optimize_for_ort`` also runs its generic
+optimizer (constant folding without a guard for shared weights) and the ``FusedMatMul`` rules,
+which turn the output layer's ``Transpose → MatMul`` into a ``FusedMatMul`` — then the embedding
+table tied to it could no longer be stored once. Those two steps are skipped; unused nodes are
+removed and fusion helper functions inlined instead. Run before planning (the plan quantizes the
+weights the fused graph reads); used for causal language models on ONNX Runtime profiles.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+
+@dataclasses.dataclass
+class FuseForOrtResult(ir.passes.PassResult):
+    fused: dict[str, int] = dataclasses.field(default_factory=dict)  # fusion -> how many times it applied
+    ops: dict[str, int] = dataclasses.field(default_factory=dict)  # com.microsoft op types made
+
+
+class FuseForOrtPass(ir.passes.InPlacePass):
+    def call(self, model: ir.Model) -> FuseForOrtResult:
+        from onnxscript.rewriter.ort_fusions import shape_optimization
+        from onnxscript.rewriter.ort_fusions.attention import fuse_attention
+        from onnxscript.rewriter.ort_fusions.bias_gelu import fuse_bias_gelu
+        from onnxscript.rewriter.ort_fusions.cos_sin_cache import fuse_cos_sin_cache
+        from onnxscript.rewriter.ort_fusions.erfgelu import fuse_erfgelu
+        from onnxscript.rewriter.ort_fusions.gelu import fuse_gelu
+        from onnxscript.rewriter.ort_fusions.gqa import fuse_gqa
+        from onnxscript.rewriter.ort_fusions.gqa_packed_qkv import fuse_qkv_gqa
+        from onnxscript.rewriter.ort_fusions.mha import fuse_mha1, fuse_mha2
+        from onnxscript.rewriter.ort_fusions.mha_bias import fuse_mha_bias
+        from onnxscript.rewriter.ort_fusions.mha_scale import fuse_mha_scale
+        from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+        from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_partial_rotary_embedding, fuse_rotary_embedding
+        from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
+        from onnxscript.rewriter.ort_fusions.sdpa_via_mha import replace_sdpa_by_mha
+        from onnxscript.rewriter.ort_fusions.skip_normalization import (
+            fuse_skip_layer_normalization,
+            fuse_skip_rms_normalization,
+        )
+
+        before = collections.Counter((n.domain, n.op_type) for n in model.graph)
+        common_passes.ShapeInferencePass()(model)
+        shape_optimization.rules.apply_to_model(model)
+        fused = {}
+        for name, fn, kwargs in (
+            ("erf_gelu", fuse_erfgelu, {}), ("rms_normalization", fuse_rms_normalization, {}),
+            ("skip_layer_normalization", fuse_skip_layer_normalization, {}),
+            ("skip_rms_normalization", fuse_skip_rms_normalization, {}),
+            ("rotary_embedding", fuse_rotary_embedding, {}), ("cos_sin_cache", fuse_cos_sin_cache, {}),
+            ("partial_rotary_embedding", fuse_partial_rotary_embedding, {}),
+            ("sdpa", fuse_sdpa, {"apply_shape_inference": True}), ("gqa", fuse_gqa, {}),
+            ("packed_qkv_for_gqa", fuse_qkv_gqa, {}), ("mha1", fuse_mha1, {}), ("mha2", fuse_mha2, {}),
+            ("mha_scale", fuse_mha_scale, {}),
+        ):
+            fused[name] = fn(model, **kwargs)
+        if fused["mha1"] or fused["mha2"]:
+            fused["mha_bias"] = fuse_mha_bias(model)
+            fused["attention"] = fuse_attention(model)
+        fused["gelu"] = fuse_gelu(model)
+        fused["bias_gelu"] = fuse_bias_gelu(model)
+        fused["sdpa_via_mha"] = replace_sdpa_by_mha(model)
+        common_passes.InlinePass()(model)  # fusion helper functions nothing consumed
+        common_passes.RemoveUnusedNodesPass()(model)
+        common_passes.RemoveUnusedFunctionsPass()(model)
+        # the fusions' small constants (axes, shapes) as initializers, like the import stage leaves them
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        after = collections.Counter((n.domain, n.op_type) for n in model.graph)
+        made = {op: k for (domain, op), k in after.items() if k > before.get((domain, op), 0) and
+                op not in ("Reshape", "Transpose", "Concat", "Shape", "Gather", "Unsqueeze", "Slice")}
+        return FuseForOrtResult(model, modified=any(fused.values()), fused={k: v for k, v in fused.items() if v},
+                                ops=made)
