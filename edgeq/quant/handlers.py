@@ -22,6 +22,7 @@ from edgeq.quant.plan import AlgorithmResult, QuantPlan
 from edgeq.quant.protect import ProtectHandler
 from edgeq.quant.recipes import Recipe
 from edgeq.quant.rounding import ConvRoundingHandler
+from edgeq.quant.sequence_starts import SequenceStarts
 from edgeq.quant.smooth import SmoothingHandler
 from edgeq.quant.weights import quantize_weight
 
@@ -47,7 +48,7 @@ class NearestRounding(Algorithm):
 
 
 ORDER: tuple[type[Algorithm], ...] = (
-    ProtectHandler, SmoothingHandler, AWQHandler, ActivationRanges, ConvRoundingHandler, GPTQHandler,
+    SequenceStarts, ProtectHandler, SmoothingHandler, AWQHandler, ActivationRanges, ConvRoundingHandler, GPTQHandler,
     NearestRounding, BiasCorrectionHandler, IntegerBiasHandler,
 )
 

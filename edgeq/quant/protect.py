@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from edgeq.quant.algorithms import Algorithm, Context, Request, Stage, Stats, add_result, enabled_for_all
 from edgeq.quant.plan import AlgorithmResult, Protection, QuantPlan
-from edgeq.quant.recipes import ProtectConfig, Recipe, WeightFormat
+from edgeq.quant.recipes import MASSIVE_RATIO, ProtectConfig, Recipe, WeightFormat
 from edgeq.quant.stats import ChannelAbsMax
 
 PERCENTILE = 90.0
@@ -129,5 +129,7 @@ class ProtectHandler(Algorithm):
         result = AlgorithmResult(
             self.name, f"{channels} outlier channels of {len(chosen)} of {len(candidates)} MatMul inputs run in float "
                        f"(+{kb:.1f} KB float weights, +{macs} MACs per token/pixel)",
-            nodes=tuple(c for p in chosen for c in p.consumers), details=tuple(f"protected {p.describe()}" for p in chosen))
+            nodes=tuple(c for p in chosen for c in p.consumers),
+            details=tuple(("protected massive activation " if float(p.scores.max()) >= MASSIVE_RATIO else "protected ")
+                          + p.describe() for p in chosen))
         return add_result(replace(plan, protections=plan.protections + tuple(chosen)), result)

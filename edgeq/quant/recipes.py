@@ -82,6 +82,7 @@ class ConvRoundingScope(str, enum.Enum):
 
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+MASSIVE_RATIO = 32.0  # × the 90th percentile of a tensor's channel maxima: a massive activation
 
 
 @dataclass(frozen=True)
@@ -324,8 +325,12 @@ def preset(name: str, *, block: int | None = None) -> Recipe:
     if name == "w4a16":
         # AWQ + GPTQ when calibration data is given (nearest rounding without). MiniLM block 32 mean
         # cosine: nearest 0.973, AWQ 0.981, GPTQ 0.987, AWQ + GPTQ 0.988 (+70 KB of input scales)
+        # Massive activations (a channel 32x the 90th percentile, e.g. SmolLM2 layer 11's down_proj
+        # input at ~3100 on a sequence's first token vs ~8 elsewhere) and the super-weight rows they
+        # meet are kept float: a few channels, a few KB.
         return Recipe(f"w4a16-b{block or 32}", QuantSpec(WeightFormat.INT4, block=block or 32),
-                      algorithms=Algorithms(awq=AWQConfig(), gptq=GPTQConfig()))
+                      algorithms=Algorithms(awq=AWQConfig(), gptq=GPTQConfig(),
+                                            protect=ProtectConfig(ratio=MASSIVE_RATIO, max_channels=2)))
     if name == "mxfp4":
         if block not in (None, 32):
             raise InputError("mxfp4 uses blocks of 32 (the OCP MX rule)")

@@ -51,7 +51,8 @@ def test_decide_leaves_the_model_alone_and_reads_the_data_as_often_as_said(tmp_p
     if recipe == "w8a8":
         assert count_calibrations == [4, 6]
     names = [r.name for r in plan.algorithms]
-    assert names == [h.name for h in ORDER if h().enabled(rec)]  # every enabled algorithm says what it did
+    # every enabled algorithm says what it did (the sequence-start check speaks for causal LMs only)
+    assert names == [h.name for h in ORDER if h().enabled(rec) and h.name != "sequence_starts"]
     assert set(plan.codes) == {d.weight for d in plan.weights}
 
 
@@ -83,3 +84,23 @@ def test_profiles_share_one_calibration_and_carry_the_same_integers(tmp_path, co
         np.testing.assert_array_equal(a.codes[w].data, i.codes[w].data)
         np.testing.assert_array_equal(a.codes[w].scale, i.codes[w].scale)
     assert set(a.codes) == set(i.codes)
+
+
+def test_a_causal_lm_calibrated_without_sequence_starts_is_warned_about():
+    """Feeds from mid-text only (smallest position 5): the plan says the first token's activations are missing."""
+    import onnx_ir as ir
+
+    from edgeq.quant.algorithms import Context, Stats
+    from edgeq.quant.plan import QuantPlan
+    from edgeq.quant.sequence_starts import SequenceStarts
+
+    g = ir.Graph([ir.Value(name="input_ids"), ir.Value(name="position_ids"), ir.Value(name="past_key_values.0.key")],
+                 [], nodes=[])
+    ctx = Context(ir.Model(g, ir_version=10), preset("w4a16"), ONNXRUNTIME_CPU, has_data=True)
+    h = SequenceStarts()
+    assert [r.tensor for r in h.requests(ctx, None)] == ["position_ids"]
+    plan = QuantPlan("r", "p", (), ())
+    late = h.decide(ctx, plan, Stats({("smallest", "position_ids"): 5}))
+    assert "WARNING: no calibration feed starts a sequence" in late.algorithms[0].summary
+    ok = h.decide(ctx, plan, Stats({("smallest", "position_ids"): 0}))
+    assert ok.algorithms[0].ran and "position 0" in ok.algorithms[0].summary
