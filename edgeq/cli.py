@@ -234,10 +234,14 @@ def cmd_build(args) -> int:
     from edgeq.pipeline.build import BuildFailed, build, format_summary
     from edgeq.validate import Thresholds
 
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    from edgeq.validate.llm import LLMThresholds
+
+    targets = None if args.targets is None else [t.strip() for t in args.targets.split(",") if t.strip()]
     th = Thresholds(args.min_sqnr, args.min_cosine, args.min_top1_agreement)
+    llm_th = LLMThresholds(args.max_perplexity_ratio, args.max_kld, args.min_top1_agreement, args.min_greedy_agreement)
     res = build(args.model, targets=targets, recipe=args.recipe, block=args.block, calib=args.calib, data=args.data,
-                output=args.output, force=args.force, thresholds=th, inputs=args.input, task=args.task,
+                output=args.output, force=args.force, thresholds=th, llm_thresholds=llm_th, inputs=args.input,
+                task=args.task,
                 limit=args.limit, calib_limit=args.calib_limit, latency=not args.no_latency, verbose=args.verbose,
                 progress=not args.no_progress, say=_say)
     _say(format_summary(res))
@@ -420,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model", nargs="?", default=None,
                    help="a sample name, a package.module:callable factory (with --input), or an .onnx file "
                         "(default: the minilm sample)")
-    b.add_argument("--targets", default="android,ios18", help="comma-separated targets (default android,ios18)")
-    b.add_argument("--recipe", default="w8a8", help="w8a8, w8a16, w4a16, mxfp4, or a .toml recipe (default w8a8)")
+    b.add_argument("--targets", help="comma-separated targets (default android,ios18; the smollm2 sample: android)")
+    b.add_argument("--recipe", help="w8a8, w8a16, w4a16, mxfp4, or a .toml recipe (default w8a8; the smollm2 "
+                                    "sample: w4a16)")
     b.add_argument("--block", type=int, help="block size for w4a16 (32, 64 or 128; default 32)")
     b.add_argument("--calib", help="calibration data (default: the sample's calibration set)")
     b.add_argument("--data", help="evaluation data (default: the sample's evaluation set)")
@@ -433,8 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--min-cosine", type=float, metavar="C",
                    help="fail if any output's mean cosine is below this (default: the recipe's, e.g. 0.99 for w8a8)")
     b.add_argument("--min-top1-agreement", type=float, metavar="F",
-                   help="fail if top-1 agreement is below this (default 0.9 for a classifier)")
-    b.add_argument("--task", default="auto", choices=["auto", "generic", "classification", "embedding"],
+                   help="fail if top-1 agreement is below this (default 0.9 for a classifier, 0.8 for a w4a16 LLM)")
+    b.add_argument("--max-perplexity-ratio", type=float, metavar="R",
+                   help="causal LMs: fail if perplexity / the float model's is above this (default 1.10 for w4a16, "
+                        "1.01 for w8a16)")
+    b.add_argument("--max-kld", type=float, metavar="NATS",
+                   help="causal LMs: fail if the mean KL divergence of next-token distributions is above this")
+    b.add_argument("--min-greedy-agreement", type=float, metavar="F",
+                   help="causal LMs: fail if fewer of the float model's greedy tokens are reproduced")
+    b.add_argument("--task", default="auto", choices=["auto", "generic", "classification", "embedding", "causal_lm"],
                    help="which task metrics and gates to add (default: the sample's, or detected from the model's "
                         "output: a [batch, classes] score output is a classifier)")
     b.add_argument("--no-latency", action="store_true", help="skip the host latency measurement")

@@ -93,6 +93,9 @@ class Sample(ABC):
     output_names: tuple[str, ...] = ("output",)
     # which splits exist; calibration and evaluation are disjoint by construction
     splits: tuple[str, ...] = ("calibration", "evaluation")
+    # what ``edgeq build`` uses for this sample unless told (None: the build's defaults)
+    recipe: str | None = None
+    targets: tuple[str, ...] | None = None
 
     @abstractmethod
     def load_model(self):

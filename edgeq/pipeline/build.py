@@ -33,6 +33,7 @@ from edgeq import __version__, onnx_io, sources
 from edgeq.errors import EdgeqError, InputError, first_line
 from edgeq.quant.recipes import Recipe, resolve_recipe
 from edgeq.validate import Thresholds
+from edgeq.validate.llm import LLMThresholds
 from edgeq.validate.report import format_number
 
 DEFAULT_MODEL = "minilm"
@@ -48,6 +49,10 @@ DEFAULT_MIN_COSINE = {"w8a8": 0.99, "w8a16": 0.999, "w4a16": 0.98, "mxfp4": 0.95
 DEFAULT_MIN_COSINE_OTHER = 0.98
 # and for a classifier, top-1 agreement with the float model (EfficientNet-Lite0 w8a8: 0.97)
 DEFAULT_MIN_TOP1 = 0.9
+# Causal LMs: perplexity / the float model's and teacher-forced top-1 agreement on held-out text.
+# w4a16 is issue 13's acceptance (peer int4 tools: +29-32 % perplexity on SmolLM2-135M); w8a16 must
+# be near-lossless; other presets get the w4a16 gates.
+DEFAULT_LLM_GATES = {"w4a16": (1.10, 0.80), "w8a16": (1.01, 0.95)}
 REPORT_HTML = "report.html"
 REPORT_JSON = "build.json"
 VERSION_PACKAGES = ("onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy", "torch", "coremltools", "transformers")
@@ -66,16 +71,17 @@ class BuildConfig:
     """What to build (``edgeq build``'s arguments, as data)."""
 
     model: object = DEFAULT_MODEL  # a sample name, a package.module:callable factory, an nn.Module or an .onnx file
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    recipe: str | Recipe = DEFAULT_RECIPE
+    targets: tuple[str, ...] | None = None  # None: the sample's (Sample.targets), else DEFAULT_TARGETS
+    recipe: str | Recipe | None = None  # None: the sample's (Sample.recipe), else DEFAULT_RECIPE
     block: int | None = None
     calib: object = None  # default: the sample's calibration split
     data: object = None  # default: the sample's evaluation split
     output: str | os.PathLike = "dist"
     force: bool = False
     thresholds: Thresholds | None = None  # override the recipe's gates field by field
+    llm_thresholds: LLMThresholds | None = None  # the same for a causal LM's gates
     inputs: tuple[str, ...] | None = None  # input specs of a PyTorch model
-    task: str = "auto"  # auto | generic | classification | embedding
+    task: str = "auto"  # auto | generic | classification | embedding | causal_lm
     limit: int | None = None  # validate on the first N evaluation feeds
     calib_limit: int | None = None  # calibrate on the first N calibration feeds
     latency: bool = True
@@ -149,12 +155,17 @@ def default_thresholds(recipe_name: str, task: str) -> Thresholds:
     )
 
 
-def _merge(default: Thresholds, given: Thresholds | None) -> Thresholds:
+def default_llm_thresholds(recipe_name: str) -> LLMThresholds:
+    """The gates of a causal LM for a preset (others get the w4a16 gates)."""
+    ratio, top1 = DEFAULT_LLM_GATES.get(recipe_name.split("-")[0], DEFAULT_LLM_GATES["w4a16"])
+    return LLMThresholds(max_perplexity_ratio=ratio, min_top1_agreement=top1)
+
+
+def _merge(default, given):
+    """``given``'s gates where set, ``default``'s elsewhere (two dataclasses of one type)."""
     if given is None:
         return default
-    return Thresholds(*(g if g is not None else d for g, d in zip(
-        (given.min_sqnr_db, given.min_cosine, given.min_top1_agreement),
-        (default.min_sqnr_db, default.min_cosine, default.min_top1_agreement))))
+    return type(default)(**{k: g if (g := getattr(given, k)) is not None else v for k, v in default.__dict__.items()})
 
 
 def check_output_dir(path: str | os.PathLike, *, force: bool) -> Path:
@@ -281,7 +292,7 @@ class _Inputs:
     data: object
     task: str
     task_reason: str
-    thresholds: Thresholds
+    thresholds: Thresholds | LLMThresholds  # LLMThresholds for a causal LM
 
 
 def build(model=None, *, say: Callable[[str], None] = print, **options) -> BuildResult:
@@ -293,7 +304,7 @@ def build(model=None, *, say: Callable[[str], None] = print, **options) -> Build
     ``task``, ...). Raises on bad input (before any work) and when export or quantization fails;
     a later failure is recorded in the result (``exit_code``) with everything that worked kept.
     """
-    if "targets" in options:
+    if options.get("targets") is not None:
         options["targets"] = tuple(dict.fromkeys(options["targets"]))
     if "inputs" in options and options["inputs"] is not None:
         options["inputs"] = tuple(options["inputs"])
@@ -331,10 +342,13 @@ def _prepare(cfg: BuildConfig) -> _Inputs:
     from edgeq import plugins
     from edgeq.validate.tasks import resolve_task
 
-    if not cfg.targets:
+    named = sources.get_sample(cfg.model) if isinstance(cfg.model, str) and sources.is_sample(cfg.model) else None
+    names = cfg.targets if cfg.targets is not None else getattr(named, "targets", None) or DEFAULT_TARGETS
+    if not names:
         raise InputError("no targets given", hint=f"e.g. --targets {','.join(DEFAULT_TARGETS)}")
-    targets = [plugins.load_target(t) for t in cfg.targets]  # an unknown target fails before any work
-    recipe = resolve_recipe(cfg.recipe, block=cfg.block)
+    targets = [plugins.load_target(t) for t in names]  # an unknown target fails before any work
+    recipe = resolve_recipe(cfg.recipe if cfg.recipe is not None else getattr(named, "recipe", None)
+                            or DEFAULT_RECIPE, block=cfg.block)
     obj, sample = sources.resolve_model(cfg.model)
     is_onnx = isinstance(obj, Path)
     if is_onnx and obj.suffix.lower() != ".onnx":
@@ -364,7 +378,13 @@ def _prepare(cfg: BuildConfig) -> _Inputs:
     onnx_model = onnx_io.read_onnx(obj) if is_onnx else None
     task, reason = resolve_task(cfg.task, sample=sample, model=onnx_model,
                                 wants_top1=cfg.thresholds is not None and cfg.thresholds.min_top1_agreement is not None)
-    th = _merge(default_thresholds(recipe.name, task), cfg.thresholds)
+    if task == "causal_lm":
+        given = cfg.llm_thresholds
+        if cfg.thresholds is not None and cfg.thresholds.min_top1_agreement is not None:
+            given = _merge(given or LLMThresholds(), LLMThresholds(min_top1_agreement=cfg.thresholds.min_top1_agreement))
+        th = _merge(default_llm_thresholds(recipe.name), given)
+    else:
+        th = _merge(default_thresholds(recipe.name, task), cfg.thresholds)
     return _Inputs(obj, sample, _model_name(cfg.model, sample), targets, recipe, calib, data, task, reason, th)
 
 
@@ -420,9 +440,13 @@ def format_summary(result: BuildResult) -> str:
              f"{'weights':>9}  result"]
     lines.append("-" * len(lines[0]))
     for r in result.summary:
-        extra = ""
-        if "top1_agreement" in r["task"]:
-            extra = f" top-1 {r['task']['top1_agreement']:.3f}"
+        extra, t = "", r["task"]
+        if "perplexity_ratio" in t:
+            extra = f" perplexity x{t['perplexity_ratio']:.3f}, KLD {t['kld_mean']:.4f}"
+        if "top1_agreement" in t:
+            extra += f" top-1 {t['top1_agreement']:.3f}"
+        if "greedy_agreement" in t:
+            extra += f", greedy {t['greedy_agreement']:.2f}"
         cov = r.get("coverage")
         weights = f"{cov['quantized']}/{cov['quantizable']}" if cov else ""
         lines.append(f"{r['model'][:40]:<40} {r['target']:<12} {r['bytes'] / 1e6:8.2f} {r['ideal_bytes'] / 1e6:8.2f} "

@@ -24,6 +24,10 @@ from edgeq.pipeline.build import (
 )
 
 
+LLM_PROMPT_TOKENS = 32  # causal LMs: prefill a prompt of this many tokens of the first evaluation text,
+LLM_DECODE_TOKENS = 16  # then time this many decode steps
+
+
 def run_stages(cfg: BuildConfig, inp: _Inputs, stages: _Stages, tmp: Path, profiles: list[str]) -> dict:
     """Run export → quantize → package → validate → latency; return the report data (``build.json``)."""
     float_path = tmp / f"{inp.name}.onnx"
@@ -52,8 +56,9 @@ def run_stages(cfg: BuildConfig, inp: _Inputs, stages: _Stages, tmp: Path, profi
         vdict = {"candidates": [], "data": {"source": str(inp.data), "feeds": 0}, "task": inp.task, "passed": False}
     lat = None
     if cfg.latency:
+        per = " per decoded token" if inp.task == "causal_lm" else ""
         lat = stages.run("latency", "ONNX Runtime CPU, batch 1", lambda: _latency(inp, float_path, qdqs, packages, tmp),
-                         lambda r: ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in r["models"].items()))
+                         lambda r: ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in r["models"].items()) + per)
     summary = _summary(qdqs, packages, vdict)
     hashes = {f.name: onnx_io.file_sha256(f) for f in [float_path, *(tmp / q.file for q in qdqs.values())]}
     for p in packages:
@@ -127,8 +132,12 @@ def _quantize_done(qdqs: dict[str, QDQArtifact]) -> str:
 
 
 def _validate(cfg: BuildConfig, inp: _Inputs, float_path: Path, paths: list[Path], labels: list[str]) -> dict:
-    rep = validate_models(paths, float_path, inp.data, task=inp.task, thresholds=inp.thresholds, limit=cfg.limit,
-                       progress=cfg.progress)
+    if inp.task == "causal_lm":
+        rep = validate_models(paths, float_path, inp.data, task="causal_lm", llm_thresholds=inp.thresholds,
+                              limit=cfg.limit, progress=cfg.progress)
+    else:
+        rep = validate_models(paths, float_path, inp.data, task=inp.task, thresholds=inp.thresholds,
+                              limit=cfg.limit, progress=cfg.progress)
     vdict = rep.as_dict()
     for c, label in zip(vdict["candidates"], labels):
         c["model"]["label"] = label
@@ -137,13 +146,20 @@ def _validate(cfg: BuildConfig, inp: _Inputs, float_path: Path, paths: list[Path
 
 def _latency(inp: _Inputs, float_path: Path, qdqs: dict, packages: list, tmp: Path) -> dict:
     from edgeq.validate.feeds import load_feeds
-    from edgeq.validate.latency import batch_of_one, host_latency
+    from edgeq.validate.latency import batch_of_one, causal_lm_latency, host_latency
 
     specs = onnx_io.io_specs(onnx_io.read_onnx(float_path))
     feeds, _ = load_feeds(inp.data, specs, limit=1)
-    feed = batch_of_one(feeds[0], specs)
     models = {float_path.name: float_path, **{q.file: tmp / q.file for q in qdqs.values()}}
     models.update({p.model_file: tmp / p.model_file for p in packages if p.model_file.endswith(".ort")})
+    if inp.task == "causal_lm":  # a phone prefills a prompt, then decodes one token at a time
+        from edgeq.validate.llm import sequences_from_feeds
+
+        prompt = sequences_from_feeds(feeds)[0][:LLM_PROMPT_TOKENS]
+        return {"kind": "causal_lm", "prompt_tokens": len(prompt), "decode_tokens": LLM_DECODE_TOKENS,
+                "threads": "ONNX Runtime default",
+                "models": causal_lm_latency(models, prompt, decode_tokens=LLM_DECODE_TOKENS)}
+    feed = batch_of_one(feeds[0], specs)
     return {"feed_shapes": {k: list(v.shape) for k, v in feed.items()}, "threads": "ONNX Runtime default",
             "models": host_latency(models, feed)}
 

@@ -67,7 +67,8 @@ def render(data: dict) -> str:
     m = data["model"]
     title = f"edgeq build: {m['name']} ({data['recipe']})"
     badge = f'<span class="badge {"pass" if data["passed"] else "fail"}">{"PASS" if data["passed"] else "FAIL"}</span>'
-    th = ", ".join(f"{k} ≥ {v:g}" for k, v in data["thresholds"].items()) or "none"
+    th = ", ".join(f"{k.removeprefix('max_').removeprefix('min_')} {'≤' if k.startswith('max_') else '≥'} {v:g}"
+                   for k, v in data["thresholds"].items()) or "none"
     parts = [
         f"<h1>{escape(title)} {badge}</h1>",
         f'<p class="note">targets {escape(", ".join(data["targets"]))} · built {escape(data["created"])} in '
@@ -90,7 +91,7 @@ def render(data: dict) -> str:
 def _summary(data: dict, th: str) -> str:
     rows = []
     for r in data["summary"]:
-        task = ", ".join(f"{k.replace('_', ' ')} {_num(v)}" for k, v in r["task"].items() if k != "samples")
+        task = ", ".join(f"{k.replace('_', ' ')} {_num(v)}" for k, v in _scalars(r["task"]).items() if k != "samples")
         rows.append([f"<code>{escape(r['model'])}</code>", escape(r["target"]), _mb(r["bytes"]), _mb(r["ideal_bytes"]),
                      _num(r["sqnr_db"], ".1f"), _num(r["cosine_mean"], ".4f"), escape(task),
                      _verdict(r["passed"]) + (f' <span class="note">{escape("; ".join(r["failed"]))}</span>'
@@ -143,7 +144,7 @@ def _fidelity(data: dict) -> str:
             checks.append([f"<code>{escape(label)}</code>", escape(k["check"]), _num(k["value"]),
                            _num(k["threshold"], "g"), _verdict(k["passed"])])
     task_rows = [[f"<code>{escape(c['model']['label'])}</code>"]
-                 + [_num(c["task"].get(k)) for k in _task_keys(v)] for c in v["candidates"] if c["task"]]
+                 + [_num(c["task"].get(k)) for k in _task_keys(v)] for c in v["candidates"] if _scalars(c["task"])]
     html = "<h2>Fidelity per output and per model</h2>" + _table(
         ["model", "runner", "output", "SQNR dB", "cos mean", "cos min", "max abs err"], rows, {3, 4, 5, 6})
     if task_rows:
@@ -151,16 +152,35 @@ def _fidelity(data: dict) -> str:
             ["model", *[k.replace("_", " ") for k in _task_keys(v)]], task_rows, set(range(1, 10)))
     if checks:
         html += "<p>Gates:</p>" + _table(["model", "check", "value", "threshold", "result"], checks, {2, 3})
-    return html
+    return html + _generations(v)
+
+
+def _scalars(task: dict) -> dict:
+    """The task metrics that are numbers (a causal LM's ``greedy`` runs are shown on their own)."""
+    return {k: v for k, v in task.items() if isinstance(v, (int, float, str)) or v is None}
 
 
 def _task_keys(v: dict) -> list[str]:
     keys: list[str] = []
     for c in v["candidates"]:
-        for k in c["task"]:
+        for k in _scalars(c["task"]):
             if k not in keys:
                 keys.append(k)
     return keys
+
+
+def _generations(v: dict) -> str:
+    """A causal LM's greedy generations: the float model's and each candidate's, side by side."""
+    rows = []
+    for c in v["candidates"]:
+        for g in c["task"].get("greedy", []):
+            mark = "same" if g["equal"] else f"diverges after {g['prefix']} of {g['reference_tokens']} tokens"
+            rows.append([f"<code>{escape(c['model']['label'])}</code>", escape(str(g["prompt"])),
+                         escape(g.get("reference_text", "")), escape(g.get("candidate_text", "")), escape(mark)])
+    if not rows:
+        return ""
+    return ("<p>Greedy generations (each model with its own KV cache, from the same prompts):</p>"
+            + _table(["model", "prompt", "float model", "this model", "agreement"], rows))
 
 
 def _per_layer(data: dict) -> str:
@@ -246,6 +266,8 @@ def _latency(data: dict) -> str:
     if not lat:
         return html + '<p class="note">not measured</p>'
     models = lat["models"]
+    if lat.get("kind") == "causal_lm":
+        return html + _llm_latency(lat)
     base = next(iter(models.values()))["median_ms"]
     items = [(k, v["median_ms"], PALETTE[0 if i == 0 else 2]) for i, (k, v) in enumerate(models.items())]
     rows = [[f"<code>{escape(k)}</code>", _num(v["median_ms"], ".3f"), _num(base / v["median_ms"], ".2f"),
@@ -256,6 +278,22 @@ def _latency(data: dict) -> str:
             + f'<p class="note">Batch 1 ({escape(shapes)}), runs interleaved across models, {escape(lat["threads"])} '
               'threads. The host is not a phone: this compares the models, it does not predict device latency. '
               'Core ML packages are not timed (Core ML runs on Apple devices only).</p>')
+
+
+def _llm_latency(lat: dict) -> str:
+    models = lat["models"]
+    base = next(iter(models.values()))
+    items = [(k, v["median_ms"], PALETTE[0 if i == 0 else 2]) for i, (k, v) in enumerate(models.items())]
+    rows = [[f"<code>{escape(k)}</code>", _num(v["median_ms"], ".2f"), _num(v["decode_tokens_per_s"], ".1f"),
+             _num(base["median_ms"] / v["median_ms"], ".2f"), _num(v["prefill_ms"], ".1f"),
+             _num(v["prefill_tokens_per_s"], ".0f"), _num(base["prefill_ms"] / v["prefill_ms"], ".2f")]
+            for k, v in models.items()]
+    return (bars(items, unit="ms per token")
+            + _table(["model", "decode ms/token", "decode tokens/s", "decode speed-up", "prefill ms",
+                      "prefill tokens/s", "prefill speed-up"], rows, set(range(1, 7)))
+            + f'<p class="note">Batch 1: a {lat["prompt_tokens"]}-token prompt prefilled with an empty cache, then '
+              f'{lat["decode_tokens"]} tokens decoded one at a time (medians; rounds interleaved across models; '
+              f'{escape(lat["threads"])} threads). The host is not a phone: this compares the models.</p>')
 
 
 def _provenance(data: dict) -> str:

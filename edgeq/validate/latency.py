@@ -57,3 +57,45 @@ def host_latency(models: Mapping[str, Path], feed: Mapping[str, np.ndarray], *, 
         if i >= 2 and time.perf_counter() > t_end:
             break
     return {k: {"median_ms": statistics.median(v), "runs": len(v)} for k, v in times.items()}
+
+
+def causal_lm_latency(models: Mapping[str, Path], prompt: Sequence[int], *, decode_tokens: int = 16,
+                      rounds: int = 5, budget_s: float = 20.0) -> dict[str, dict]:
+    """Prefill and per-token decode latency of causal LMs (the explicit-cache graph), batch 1.
+
+    Each round prefills ``prompt`` with an empty cache and then decodes ``decode_tokens`` greedy
+    tokens one at a time (the shape a phone runs); rounds alternate between the models. Returns
+    per model the median decode step (``median_ms``, per token), the median prefill, and the rates.
+    ONNX Runtime runs with its default threads; ``.ort`` files run through their package runner.
+    """
+    from edgeq.generate import CausalLM
+    from edgeq.validate.runners import open_runner
+
+    lms = {label: CausalLM(open_runner(path)) for label, path in models.items()}
+    prefill: dict[str, list[float]] = {k: [] for k in lms}
+    decode: dict[str, list[float]] = {k: [] for k in lms}
+
+    def one_round(label: str, lm) -> None:
+        t0 = time.perf_counter()
+        logits, past = lm.step(prompt, lm.empty_cache())
+        prefill[label].append((time.perf_counter() - t0) * 1e3)
+        for _ in range(decode_tokens):
+            token = int(np.argmax(logits[-1]))
+            t0 = time.perf_counter()
+            logits, past = lm.step([token], past)
+            decode[label].append((time.perf_counter() - t0) * 1e3)
+
+    for label, lm in lms.items():  # warm up
+        lm.step(prompt, lm.empty_cache())
+    t_end = time.perf_counter() + budget_s
+    for i in range(rounds):
+        for label, lm in lms.items():
+            one_round(label, lm)
+        if i >= 1 and time.perf_counter() > t_end:
+            break
+    out = {}
+    for label in lms:
+        step, pre = statistics.median(decode[label]), statistics.median(prefill[label])
+        out[label] = {"median_ms": step, "runs": len(decode[label]), "decode_tokens_per_s": 1e3 / step,
+                      "prefill_ms": pre, "prefill_tokens": len(prompt), "prefill_tokens_per_s": len(prompt) * 1e3 / pre}
+    return out

@@ -4,7 +4,8 @@ A classifier is recognised from its graph: one output of shape ``[batch, classes
 a fixed size) computed by a layer that produces scores — Gemm, MatMul (+ Add), Softmax,
 LogSoftmax or Sigmoid at the end of the graph, possibly behind a Flatten/Reshape/Squeeze. An
 embedding model ends in a normalisation (Div / LpNormalization / ReduceMean pooling) and is not
-taken for a classifier. When detection is unsure the task stays ``generic`` and the report says
+taken for a classifier. A causal LM is the explicit-cache decoder step of
+:mod:`edgeq.export.causal_lm`. When detection is unsure the task stays ``generic`` and the report says
 how to ask for classification explicitly.
 """
 
@@ -21,7 +22,11 @@ _PASS_THROUGH = {"Flatten", "Reshape", "Squeeze", "Identity"}
 
 def detect_task(model: onnx.ModelProto) -> tuple[str, str]:
     """(task, why) from the graph of ``model``."""
+    from edgeq.export.causal_lm import is_causal_lm_io
+
     outputs = list(model.graph.output)
+    if is_causal_lm_io([i.name for i in model.graph.input], [o.name for o in outputs]):
+        return "causal_lm", "a decoder step with an explicit KV cache (input_ids, past_key_values.* -> logits)"
     if len(outputs) != 1:
         return "generic", f"{len(outputs)} outputs (a classifier has one score output)"
     out = outputs[0]

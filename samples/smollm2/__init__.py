@@ -168,6 +168,8 @@ class SmolLM2Sample(Sample):
     name = "smollm2"
     description = "SmolLM2-135M-Instruct chat LLM (GGUF, dequantized), Python docs / 100 sentences"
     task = "causal_lm"
+    recipe = "w4a16"  # W4A16 is what a phone runs an LLM at
+    targets = ("android",)  # the Core ML package of a causal LM comes with the stateful cache (issue 16)
 
     @property
     def output_names(self) -> tuple[str, ...]:
