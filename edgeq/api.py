@@ -13,7 +13,7 @@ import numpy as np
 
 from edgeq.export import ExportResult, export_model
 from edgeq.export.torch_export import DEFAULT_OPSET
-from edgeq.sources import resolve_model  # noqa: F401  (part of the API: what a model argument resolves to)
+from edgeq.sources import resolve_model
 from edgeq.specs import TensorSpec
 from edgeq.validate import Thresholds, ValidationReport
 

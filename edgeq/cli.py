@@ -88,9 +88,8 @@ def cmd_validate(args) -> int:
     _check_json_path(args)
     from edgeq import api
     from edgeq.validate import Thresholds
-    from edgeq.validate.report import format_report, write_json
-
     from edgeq.validate.llm import LLMThresholds, format_llm_report
+    from edgeq.validate.report import format_report, write_json
 
     th = Thresholds(args.min_sqnr, args.min_cosine, args.min_top1_agreement)
     llm_th = LLMThresholds(args.max_perplexity_ratio, args.max_kld, args.min_top1_agreement,
@@ -233,7 +232,6 @@ def cmd_package(args) -> int:
 def cmd_build(args) -> int:
     from edgeq.pipeline.build import BuildFailed, build, format_summary
     from edgeq.validate import Thresholds
-
     from edgeq.validate.llm import LLMThresholds
 
     targets = None if args.targets is None else [t.strip() for t in args.targets.split(",") if t.strip()]

@@ -8,13 +8,13 @@ top-level ``samples`` package; :func:`get_sample` looks them up by name.
 from __future__ import annotations
 
 import importlib
-import re
-from pathlib import Path
 import itertools
 import os
+import re
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 

@@ -44,7 +44,10 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         from onnxscript.rewriter.ort_fusions.mha_bias import fuse_mha_bias
         from onnxscript.rewriter.ort_fusions.mha_scale import fuse_mha_scale
         from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
-        from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_partial_rotary_embedding, fuse_rotary_embedding
+        from onnxscript.rewriter.ort_fusions.rotary_embedding import (
+            fuse_partial_rotary_embedding,
+            fuse_rotary_embedding,
+        )
         from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
         from onnxscript.rewriter.ort_fusions.sdpa_via_mha import replace_sdpa_by_mha
         from onnxscript.rewriter.ort_fusions.skip_normalization import (

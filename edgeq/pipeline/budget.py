@@ -37,9 +37,18 @@ import onnx
 from edgeq import onnx_io
 from edgeq.errors import InputError
 from edgeq.pipeline.quantize import quantize_model
-from edgeq.quant.algorithms import Memo
 from edgeq.pipeline.variants import Evaluator, Variants, prepare_float
-from edgeq.quant.recipes import FLOAT, ActFormat, Recipe, Rule, WeightFormat, exact_name_pattern, exact_name_rule, resolve_recipe
+from edgeq.quant.algorithms import Memo
+from edgeq.quant.recipes import (
+    FLOAT,
+    ActFormat,
+    Recipe,
+    Rule,
+    WeightFormat,
+    exact_name_pattern,
+    exact_name_rule,
+    resolve_recipe,
+)
 from edgeq.quant.weights import weight_bytes
 
 METRICS = ("cosine", "sqnr", "top1_agreement")

@@ -8,21 +8,20 @@ import time
 from pathlib import Path
 
 from edgeq import __version__, onnx_io, sources
-from edgeq.export import export_model
-from edgeq.pipeline.package import package_model
-from edgeq.validate.run import validate_models
 from edgeq._quiet import quiet
 from edgeq.errors import UnsupportedError
+from edgeq.export import export_model
 from edgeq.pipeline.build import (
+    BuildConfig,
     PackageArtifact,
     QDQArtifact,
     _Inputs,
     _sizes,
     _Stages,
-    BuildConfig,
     versions,
 )
-
+from edgeq.pipeline.package import package_model
+from edgeq.validate.run import validate_models
 
 LLM_PROMPT_TOKENS = 32  # causal LMs: prefill a prompt of this many tokens of the first evaluation text,
 LLM_DECODE_TOKENS = 16  # then time this many decode steps

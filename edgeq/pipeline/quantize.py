@@ -19,9 +19,9 @@ graph); weight-only recipes read it once.
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,8 +31,8 @@ import onnx_ir as ir
 
 from edgeq import onnx_io
 from edgeq.errors import InputError, UnsupportedError
-from edgeq.pipeline.apply import apply_plan, rewrite_passes
 from edgeq.passes.fuse_for_ort import FuseForOrtPass
+from edgeq.pipeline.apply import apply_plan, rewrite_passes
 from edgeq.pipeline.import_onnx import import_onnx
 from edgeq.quant.activations import place_activations
 from edgeq.quant.algorithms import PREPASS_BATCHES, Context, Memo, Stage, Stats

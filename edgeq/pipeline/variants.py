@@ -21,12 +21,12 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from edgeq import meta, onnx_io
-from edgeq.runtime import ort_session
 from edgeq.errors import InputError
 from edgeq.pipeline.quantize import load_model
 from edgeq.quant.plan import WeightDecision
 from edgeq.quant.recipes import WeightFormat
 from edgeq.quant.weights import quantize_weight
+from edgeq.runtime import ort_session
 from edgeq.validate.feeds import load_feeds
 from edgeq.validate.metrics import TensorStats
 
@@ -74,7 +74,7 @@ def prepare_float(model, data, limit: int | None):
 class Evaluator:
     """Runs model variants on fixed evaluation feeds and scores them against the float model."""
 
-    def __init__(self, float_proto: onnx.ModelProto | None, feeds: list, *, _shared: "Evaluator | None" = None):
+    def __init__(self, float_proto: onnx.ModelProto | None, feeds: list, *, _shared: Evaluator | None = None):
         self.feeds = feeds
         self.runs = 0
         if _shared is not None:  # a prefix of another evaluator's feeds: its reference, not a second float run
@@ -84,7 +84,7 @@ class Evaluator:
         self.outputs = [o.name for o in float_proto.graph.output]
         self.reference = self.run(float_proto.SerializeToString())
 
-    def subset(self, n: int | None) -> "Evaluator":
+    def subset(self, n: int | None) -> Evaluator:
         """An evaluator on the first ``n`` feeds (itself when that is all of them)."""
         if not n or n >= len(self.feeds):
             return self

@@ -18,9 +18,9 @@ import onnx
 
 from edgeq import onnx_io
 from edgeq.errors import InputError, first_line
-from edgeq.runtime import ort_session
 from edgeq.quant.observers import MASK_THRESHOLD
 from edgeq.quant.stats import Statistic
+from edgeq.runtime import ort_session
 from edgeq.specs import TensorSpec, check_feed
 
 
@@ -162,4 +162,4 @@ def _chain(first, rest):
     yield from rest
 
 
-__all__ = ["CalibrationTable", "TensorRange", "calibrate", "stream_feeds", "tensor_range", "MASK_THRESHOLD"]
+__all__ = ["MASK_THRESHOLD", "CalibrationTable", "TensorRange", "calibrate", "stream_feeds", "tensor_range"]

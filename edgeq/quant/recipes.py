@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import enum
 import re
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
+
+import tomllib
 
 from edgeq.errors import InputError
 
@@ -276,7 +277,7 @@ class Recipe:
             return self.algorithms
         return replace(self.algorithms, **dict(rule.algorithms))
 
-    def with_algorithms(self, **changes) -> "Recipe":
+    def with_algorithms(self, **changes) -> Recipe:
         """This recipe with some algorithms changed (``awq=None`` turns AWQ off)."""
         return replace(self, algorithms=replace(self.algorithms, **changes))
 

@@ -136,7 +136,7 @@ class PatchMoments:
     def state_nbytes(self) -> int:
         return 0 if self.second is None else self.second.nbytes + self.first.nbytes
 
-    def result(self) -> "PatchMoments":
+    def result(self) -> PatchMoments:
         return self
 
     def hessian(self, centered: bool) -> np.ndarray | None:
@@ -169,7 +169,7 @@ def round_int8_per_channel(w: np.ndarray, hessian: np.ndarray, *, damping: float
     h0 = 0.5 * (hessian + hessian.transpose(0, 2, 1))
     h = h0 + (damping * np.einsum("gii->g", h0) / n)[:, None, None] * np.eye(n) if damping else h0
     e = s * q - wf
-    energy = lambda x: float(np.sum(np.matmul(x, h0) * x))  # noqa: E731  Σ over rows of xᵀHx
+    energy = lambda x: float(np.sum(np.matmul(x, h0) * x))
     signal, before = energy(wf), energy(e)
     grad = np.matmul(e, h)  # [g, m, n]: H e per row
     diag = np.einsum("gii->gi", h)[:, None, :]

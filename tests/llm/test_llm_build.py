@@ -20,7 +20,7 @@ def _write_texts(folder, facts, texts):
 
 @pytest.fixture(scope="module")
 def built(tiny_onnx, tmp_path_factory):
-    path, res = tiny_onnx
+    path, _ = tiny_onnx
     import onnx
 
     facts = read_facts({p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props})
@@ -39,7 +39,7 @@ def built(tiny_onnx, tmp_path_factory):
 
 @pytest.mark.slow
 def test_an_llm_build_is_validated_with_the_llm_metrics(built):
-    res, lines = built
+    res, _ = built
     d = res.data
     assert d["model"]["task"] == "causal_lm" and "decoder step" in d["model"]["task_reason"]
     assert d["thresholds"] == {"max_perplexity_ratio": 1.01, "min_top1_agreement": 0.85}
