@@ -95,13 +95,17 @@ SHARED_WEIGHT_ELEMENTS = 1024  # a constant this large read by several nodes is 
 
 
 def _keep_shared_weights(node: ir.Node) -> bool | None:
-    """Do not fold a node reading a weight other nodes read too: the result would be a second copy of it
-    (a language model's output layer reads the embedding table through a Transpose: folding that makes
-    two tables). None: the folder's own rules decide."""
+    """Do not fold a node reading a weight that a node computing on run-time data reads too: the result
+    would be a second copy of the weight (a language model's output layer reads the embedding table
+    through a Transpose while a Gather reads it directly: folding the Transpose makes two tables).
+    Readers that fold as well (two Slices of one initializer) replace the weight, they do not copy it.
+    None: the folder's own rules decide."""
     for v in node.inputs:
-        if v is not None and v.const_value is not None and v.const_value.size >= SHARED_WEIGHT_ELEMENTS \
-                and len(v.uses()) > 1:
-            return False
+        if v is None or v.const_value is None or v.const_value.size < SHARED_WEIGHT_ELEMENTS:
+            continue
+        for user, _ in v.uses():
+            if user is not node and any(i is not None and i.const_value is None for i in user.inputs):
+                return False
     return None
 
 

@@ -131,3 +131,18 @@ def test_a_clean_model_is_not_modified():
     proto = ir.to_proto(model).SerializeToString()
     assert not FoldConstantsPass()(model).modified
     assert ir.to_proto(model).SerializeToString() == proto
+
+
+def test_a_table_read_by_a_gather_is_not_copied_by_folding_its_transpose():
+    # a tied LM head: Gather reads the table for the embedding, MatMul reads it through a Transpose;
+    # folding the Transpose would store the table twice
+    rng = np.random.default_rng(2)
+    table = nh.from_array(rng.standard_normal((64, 32)).astype(np.float32), "table")
+    nodes = [oh.make_node("Gather", ["table", "ids"], ["emb"]),
+             oh.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+             oh.make_node("MatMul", ["emb", "table_t"], ["logits"])]
+    graph = oh.make_graph(nodes, "tied", [oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, "S"])],
+                          [oh.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)], [table])
+    model = ir.from_proto(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)], ir_version=10))
+    result = FoldConstantsPass()(model)
+    assert result.folded == 0 and result.initializers == 1 and "Transpose" in ops(model)
