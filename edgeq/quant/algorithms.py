@@ -124,9 +124,16 @@ class Context:
     profile: TargetProfile
     has_data: bool  # calibration data was given
     memo: Memo = field(default_factory=Memo)
+    progress: bool = False  # show a progress bar over long per-layer work
 
     def nodes(self) -> dict[str, ir.Node]:
         return {n.name: n for n in self.model.graph}
+
+    def bar(self, items, desc: str, unit: str):
+        """``items`` (a list), behind a progress bar when asked for and when there is enough to wait for."""
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, unit=unit, leave=False, disable=not self.progress or len(items) < 8 or None)
 
     def settings(self, node: ir.Node | str) -> Algorithms:
         """The algorithm settings for one node (the recipe's, or its first matching rule's)."""

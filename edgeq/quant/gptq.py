@@ -204,9 +204,9 @@ class GPTQHandler(Algorithm):
         factors: dict[tuple[str, float], np.ndarray | None] = {}  # one factorization per input tensor and damp
         codes = dict(plan.codes)
         done = []
-        for d in plan.weights:
-            t = gram_of.get(d.node)
-            if t is None or d.weight in codes:
+        for d in ctx.bar([d for d in plan.weights if d.node in gram_of], "gptq", "weight"):
+            t = gram_of[d.node]
+            if d.weight in codes:
                 continue
             key = (t, damp_of[d.node])
             if key not in factors:

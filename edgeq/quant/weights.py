@@ -39,6 +39,14 @@ def quantize_weight(w: np.ndarray, d) -> formats.QuantizedTensor:
     raise ValueError(f"not a weight format: {d.format}")
 
 
+def roundtrip_for_search(w: np.ndarray, d) -> np.ndarray:
+    """``quantize_weight(w, d).dequantize()``, fast where a float32 path exists (plain int4 with
+    float32 scales): for searches ranking candidates, not for the stored integers."""
+    if d.format == WeightFormat.INT4 and not (d.clip_search or d.transpose) and d.scale_dtype == "float32":
+        return formats.int4_roundtrip_f32(w, d.axis, d.block, symmetric=d.symmetric)
+    return quantize_weight(w, d).dequantize()
+
+
 def weight_bytes(shape: Iterable[int], fmt: WeightFormat, *, axis: int | None = None, block: int | None = None,
                  symmetric: bool = True, scale_dtype: str = "float32") -> int:
     """Bytes of one weight of ``shape`` stored in ``fmt``: codes, scales and (int4) zero points."""
