@@ -28,11 +28,11 @@ class MLPackageRunner(Runner):
     kind = "coreml-reference"
 
     def __init__(self, path: str | os.PathLike):
-        from targets.coreml.executor import Executor, load_program
+        from targets.coreml.executor import Executor, read_program
 
         self.path = Path(path)
         super().__init__(self.path.name)
-        prog, spec = load_program(self.path)
+        prog, spec = read_program(self.path)
         self.executor = Executor(prog)
         meta = dict(spec.description.metadata.userDefined)
         self.precision = meta.get("edgeq.compute_precision", "unknown")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from targets.coreml.executor import parallel
 from targets.coreml.executor.ops_math import f32
 
 
@@ -25,8 +26,25 @@ def _matmul(x, y, transpose_x=False, transpose_y=False):
     # contiguous operands: numpy's matmul only calls BLAS on them (strided views take a slow loop)
     x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
     if x.ndim > 2 and y.ndim == 2:  # one 2-d product: much faster here than numpy's batched loop
-        return (x.reshape(-1, x.shape[-1]) @ y).reshape(*x.shape[:-1], y.shape[-1])
+        return _matmul_2d(x.reshape(-1, x.shape[-1]), y).reshape(*x.shape[:-1], y.shape[-1])
+    if x.ndim == 2 and y.ndim == 2:
+        return _matmul_2d(x, y)
+    if x.ndim == y.ndim > 2 and x.shape[:-2] == y.shape[:-2]:  # e.g. attention: blocks of the batch in parallel
+        lead = x.shape[:-2]
+        out = parallel.batched_matmul(x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]))
+        return out.reshape(*lead, *out.shape[-2:])
     return np.matmul(x, y)
+
+
+_SMALL_K = 16
+
+
+def _matmul_2d(x, y):
+    # OpenBLAS takes milliseconds for a reduction over a few channels (e.g. the low-rank
+    # "protected channels" products); numpy's own loop is many times faster there
+    if x.shape[1] <= _SMALL_K:
+        return np.einsum("ik,kj->ij", x, y)
+    return parallel.matmul_2d(x, y)
 
 
 def _linear(x, weight, bias=None):

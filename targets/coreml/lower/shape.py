@@ -334,4 +334,6 @@ def _pad(ctx, node, ins):
     first = next((i for i in range(rank) if full[2 * i] or full[2 * i + 1]), rank)
     mil_pad = np.array(full[2 * first :], np.int32)
     mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[attr_str(node, "mode", "constant")]
-    return [ctx.mb.pad(x=x, pad=mil_pad, mode=mode, constant_val=float(np.asarray(value).reshape(-1)[0]))]
+    fill = np.asarray(value).reshape(-1)[0]
+    fill = np.array(fill, np.float32 if ctx.is_float(x) else np.int32)  # x's dtype (fp16 in fp16 compute)
+    return [ctx.mb.pad(x=x, pad=mil_pad, mode=mode, constant_val=ctx.const(fill))]

@@ -1,0 +1,172 @@
+"""The reference executor's fast path against its plain path, and its float16 rounding against numpy's.
+
+The fast path holds fp16 tensors as float32 arrays of float16 values, rounds with float32
+arithmetic, lays constant weights out once and splits large ops over threads; the plain path
+(``fast=False``) holds float16 arrays and casts with numpy around every op. Both run the same op
+implementations, so the tolerance between them is zero: identical bits, checked on every op case
+of test_coreml_ops and on W8A8 models, with the thread split forced on tiny tensors.
+"""
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from coreml_models import cnn_feeds, package_and_load, rng_array, single_op, tiny_cnn
+from test_coreml_ops import CASES
+
+from edgeq import api
+from targets.coreml.executor import Executor, parallel
+from targets.coreml.executor.fp16 import round_fp16
+from targets.coreml.executor.ops_math import _erf
+
+
+def _cast(x):
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x.astype(np.float16).astype(np.float32)
+
+
+def _same_bits(a, b) -> bool:
+    """Equal shapes, dtypes and bits (-0.0 differs from 0.0; any nan equals any nan)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.kind != "f":
+        return np.array_equal(a, b)
+    nan = np.isnan(a)
+    uint = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize]
+    return np.array_equal(nan, np.isnan(b)) and np.array_equal(np.where(nan, 0, a).view(uint),
+                                                               np.where(nan, 0, b).view(uint))
+
+
+def _fp16_edges() -> np.ndarray:
+    """Every finite float16, the midpoints between neighbours, and the float32 numbers next to those."""
+    h = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    h = np.sort(h[np.isfinite(h)])
+    mids = ((h[1:].astype(np.float64) + h[:-1]) / 2).astype(np.float32)
+    pts = np.concatenate([h, mids, [65504.0, 65519.996, 65520.0, 70000.0, 2.0**-25, 3 * 2.0**-26, 1e-40, 3e38]])
+    pts = np.concatenate([pts, -pts]).astype(np.float32)
+    return np.concatenate([pts, np.nextafter(pts, np.float32(np.inf)), np.nextafter(pts, np.float32(-np.inf)),
+                           np.array([np.inf, -np.inf, np.nan, 0.0, -0.0], np.float32)])
+
+
+@pytest.mark.parametrize("where", ["new array", "in place"])
+def test_round_fp16_is_a_float16_cast_bit_for_bit(where):
+    rng = np.random.default_rng(0)
+    cases = {
+        "edges": _fp16_edges(),  # > 1 % below 2**-14: rounded by exponent
+        "random bits": rng.integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+        "activations": (rng.standard_normal(200_000) * 3).astype(np.float32),  # few tiny values: patched
+    }
+    cases["activations"][:4] = [1e-6, -3e-8, -0.0, 7e4]
+    for name, x in cases.items():
+        want = _cast(x)
+        got = round_fp16(x.copy(), out=None) if where == "new array" else round_fp16(y := x.copy(), out=y)
+        assert _same_bits(got, want), name
+
+
+def test_erf_is_within_2e_7_of_math_erf():
+    x = np.concatenate([np.linspace(-6, 6, 200_001), [0.0, -0.0, 1e-30, 3.9, 4.0, 4.1, 40.0]]).astype(np.float32)
+    want = np.array([math.erf(v) for v in x.astype(np.float64)])
+    got = _erf(x)
+    assert got.dtype == np.float32 and np.abs(got - want).max() <= 2e-7
+    assert np.all(np.abs(got) <= 1)
+
+
+def _always_split(monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_FLOPS", 0)
+    monkeypatch.setattr(parallel, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(parallel, "workers", lambda: 3)  # an odd block count: uneven blocks
+    monkeypatch.setattr(parallel, "_pool", None)
+
+
+@pytest.fixture(params=["thresholds", "always split"])
+def split(request, monkeypatch):
+    """Run a test as shipped and with every op split over threads, however small."""
+    if request.param == "always split":
+        _always_split(monkeypatch)
+    return request.param
+
+
+def _both(pkg):
+    return Executor.from_package(pkg, fast=True), Executor.from_package(pkg, fast=False)
+
+
+def _assert_same(fast, plain, feed, keep=None):
+    a, b = fast.run(feed, keep=keep), plain.run(feed, keep=keep)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert _same_bits(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fast_path_equals_plain_path_on_every_op(case, tmp_path, monkeypatch):
+    _always_split(monkeypatch)  # tiny tensors: split every op, or the threaded code would not run
+    op, inputs, attrs = CASES[case]
+    model, feed = single_op(op, inputs, attrs)
+    _, _, _, pkg = package_and_load(model, tmp_path, compute="fp16")
+    _assert_same(*_both(pkg), feed)
+
+
+def test_fast_path_equals_plain_path_w8a8_cnn(tmp_path, split):
+    qdq = tmp_path / "cnn.w8a8.onnx"
+    api.quantize(tiny_cnn(tmp_path / "cnn.onnx"), qdq, "w8a8", profile="ios18", calib=cnn_feeds())
+    _, _, _, pkg = package_and_load(onnx.load(str(qdq)), tmp_path, compute="fp16")
+    fast, plain = _both(pkg)
+    keep = {op.outputs[0].name for op in fast.ops if op.op_type in ("quantize", "dequantize", "conv")}
+    for feed in cnn_feeds(2, seed=5):
+        _assert_same(fast, plain, feed, keep)
+
+
+ATTENTION = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[batch, seq, 64] x, float[batch, 1, 1, seq] bias) => (float[batch, seq, 64] y)
+<float[64, 64] wq = {%s}, float[64, 64] wk = {%s}, float[64, 256] w1 = {%s}, float[256, 64] w2 = {%s},
+ float[64] g = {%s}>
+{
+    n = LayerNormalization <axis = -1> (x, g)
+    q = MatMul (n, wq)
+    k = MatMul (n, wk)
+    qh = Reshape (q, qs)
+    kh = Reshape (k, qs)
+    qt = Transpose <perm = [0, 2, 1, 3]> (qh)
+    kt = Transpose <perm = [0, 2, 3, 1]> (kh)
+    s = MatMul (qt, kt)
+    sb = Add (s, bias)
+    p = Softmax <axis = -1> (sb)
+    vh = Transpose <perm = [0, 2, 1, 3]> (qh)
+    o = MatMul (p, vh)
+    ot = Transpose <perm = [0, 2, 1, 3]> (o)
+    a = Reshape (ot, xs)
+    r = Add (x, a)
+    h = MatMul (r, w1)
+    ge = Gelu (h)
+    y = MatMul (ge, w2)
+}
+"""
+
+
+def test_fast_path_equals_plain_path_attention_block(tmp_path, split):
+    rng = np.random.default_rng(3)
+    fmt = lambda *shape: ", ".join(f"{v:.4f}" for v in rng.standard_normal(shape).ravel() * 0.2)  # noqa: E731
+    text = ATTENTION % (fmt(64, 64), fmt(64, 64), fmt(64, 256), fmt(256, 64), fmt(64))
+    text = text.replace("{\n    n =", "{\n    qs = Constant <value = int64[4] {0, 0, 4, 16}> ()\n"
+                                      "    xs = Constant <value = int64[3] {0, 0, 64}> ()\n    n =")
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model, full_check=True)
+    _, _, _, pkg = package_and_load(model, tmp_path, compute="fp16")
+    bias = np.zeros((3, 1, 1, 7), np.float32)
+    bias[1, ..., 5:] = -3.4e38  # padding as exports mask it: saturates to -65504 in fp16
+    feed = {"x": rng_array((3, 7, 64), 4) * 3, "bias": bias}
+    _assert_same(*_both(pkg), feed)
+
+
+def test_gelu_tail_and_softmax_underflow_are_rounded_like_float16(tmp_path):
+    """Values below float16's normal range (GELU's negative tail, small probabilities) take the
+    subnormal rounding: the fast path gives what a float16 cast gives."""
+    model, feed = single_op("Gelu", {"x": ("input", np.linspace(-6, 1, 4000, dtype=np.float32).reshape(40, 100))})
+    _, _, _, pkg = package_and_load(model, tmp_path, compute="fp16")
+    fast, plain = _both(pkg)
+    got = fast.run(feed)["y"]
+    assert np.count_nonzero((got != 0) & (np.abs(got) < 2.0**-14)) > 100  # float16 subnormals were produced
+    _assert_same(fast, plain, feed)
