@@ -60,9 +60,11 @@ class CoreMLTarget(Target):
         problems = [Problem(n.name, n.op_type, reason, hint)
                     for n, reason, hint in unsupported_nodes(model, deployment=self.deployment)]
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        if opset > profiles.MAX_OPSET:
+        if opset > self.profile.max_opset:
             problems.append(Problem("", "model", f"ONNX opset {opset} is newer than the lowering knows "
-                                                 f"(≤ {profiles.MAX_OPSET})"))
+                                                 f"(≤ {self.profile.max_opset})",
+                                    f"export the model at opset {self.profile.max_opset} or lower, or convert "
+                                    "it with onnx.version_converter"))
         return problems
 
     def _check_axes(self, model: onnx.ModelProto) -> None:
