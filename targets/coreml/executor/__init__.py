@@ -75,6 +75,8 @@ class Executor:
 
     def __init__(self, program: Program, *, fast: bool = True):
         self.fast = fast
+        if fast:
+            parallel.keep_freed_memory()
         self.ops = program.operations
         missing = sorted({op.op_type for op in self.ops if op.op_type not in OPS and op.op_type != "const"})
         if missing:
