@@ -30,18 +30,19 @@ import numpy as np
 
 from edgeq._quiet import quiet
 from edgeq.errors import InputError, UnsupportedError
-from targets.coreml.executor import ops_math, ops_nn, ops_tensor, parallel
+from targets.coreml.executor import ops_math, ops_nn, ops_rnn, ops_tensor, parallel
 from targets.coreml.executor.fp16 import round_fp16
 from targets.coreml.executor.program import Const, Program, load_spec, read_program, weights_dir
 
-OPS = {**ops_math.OPS, **ops_tensor.OPS, **ops_nn.OPS}
+OPS = {**ops_math.OPS, **ops_tensor.OPS, **ops_nn.OPS, **ops_rnn.OPS}
 
 # ops whose float outputs are elements of their float inputs (or of constants of the same dtype):
 # on fp16-valued inputs they need no rounding
 VALUE_PRESERVING = frozenset({
     "reshape", "transpose", "concat", "slice_by_index", "slice_by_size", "gather", "gather_along_axis",
     "gather_nd", "squeeze", "expand_dims", "split", "tile", "pad", "identity", "relu", "maximum", "minimum",
-    "select", "clip", "reduce_max", "reduce_min", "max_pool", "upsample_nearest_neighbor", "fill",
+    "select", "clip", "reduce_max", "reduce_min", "max_pool", "upsample_nearest_neighbor", "fill", "reverse",
+    "pixel_shuffle", "pixel_unshuffle", "stack",
 })
 
 __all__ = ["OPS", "Executor", "load_program", "read_program", "weights_dir"]

@@ -239,6 +239,50 @@ def _constexpr_blockwise_shift_scale(data, scale, offset=None):
     return (d * _repeat_blocks(np.asarray(scale).astype(np.float32), d.shape)).astype(np.asarray(scale).dtype)
 
 
+def _silu(x):
+    x = f32(x)
+    return x * _sigmoid(x)
+
+
+def _prelu(x, alpha):
+    """One slope per channel (axis 1), as MIL defines it: max(x, 0) + min(x, 0) * alpha."""
+    x = f32(x)
+    a = f32(alpha).reshape([1, -1] + [1] * (x.ndim - 2))
+    return np.maximum(x, 0) + np.minimum(x, 0) * a
+
+
+def _arg_reduce(fn):
+    def run(x, axis=-1, keep_dims=False, output_dtype="int32"):
+        out = fn(f32(x), axis=int(axis))
+        return (np.expand_dims(out, int(axis)) if bool(keep_dims) else out).astype(str(output_dtype))
+
+    return run
+
+
+def _constexpr_lut_to_dense(indices, lut, shape=None, vector_axis=None):
+    """Palettized weights: iOS 16 form (``indices`` packed into bytes, one ``lut``, the output ``shape``)
+    or iOS 18 form (``indices`` one per element, a LUT per block: ``lut`` [*blocks, palettes, vector])."""
+    lut = np.asarray(lut)
+    if shape is not None:
+        from coremltools.optimize._utils import restore_elements_from_packed_bits
+
+        dims = [int(d) for d in np.asarray(shape).reshape(-1)]
+        bits = int(np.log2(lut.size))
+        idx = restore_elements_from_packed_bits(np.asarray(indices, np.uint8), bits, int(np.prod(dims)), False)
+        return lut.reshape(-1)[np.asarray(idx, np.int64)].reshape(dims)
+    idx = np.asarray(indices).astype(np.int64)
+    k = idx.ndim
+    # each element's block along every axis, broadcast against the indices
+    blocks = tuple((np.arange(n) // (n // g)).reshape([-1 if i == a else 1 for i in range(k)])
+                   for a, (n, g) in enumerate(zip(idx.shape, lut.shape[:k])))
+    vals = lut[(*blocks, idx)]  # [*indices.shape, vector]
+    if vals.shape[-1] == 1:
+        return vals[..., 0]
+    axis = int(vector_axis) % k
+    vals = np.moveaxis(vals, -1, axis + 1)
+    return vals.reshape(*idx.shape[:axis], idx.shape[axis] * vals.shape[axis + 1], *idx.shape[axis + 1 :])
+
+
 OPS = {
     "add": _binary(np.add), "sub": _binary(np.subtract), "mul": _binary(np.multiply), "real_div": _real_div,
     "floor_div": _floor_div, "pow": _pow, "maximum": _binary(np.maximum), "minimum": _binary(np.minimum),
@@ -251,6 +295,8 @@ OPS = {
     "exp": _unary(np.exp), "log": _log, "abs": _unary(np.abs), "sqrt": _unary(np.sqrt), "rsqrt": _rsqrt,
     "floor": _unary(np.floor), "ceil": _unary(np.ceil), "sin": _unary(np.sin), "cos": _unary(np.cos),
     "inverse": _inverse, "sign": _unary(np.sign), "softplus": _softplus, "round": _unary(np.rint),
+    "silu": _silu, "prelu": _prelu, "square": _unary(np.square),
+    "reduce_argmax": _arg_reduce(np.argmax), "reduce_argmin": _arg_reduce(np.argmin),
     "gelu": _gelu, "clip": _clip, "sigmoid_hard": _sigmoid_hard, "leaky_relu": _leaky_relu,
     "select": _select, "cast": _cast, "identity": lambda x: x,
     "softmax": _softmax, "layer_norm": _layer_norm, "batch_norm": _batch_norm, "instance_norm": _instance_norm,
@@ -259,11 +305,12 @@ OPS = {
     "quantize": _quantize, "dequantize": _dequantize,
     "constexpr_affine_dequantize": _constexpr_affine_dequantize,
     "constexpr_blockwise_shift_scale": _constexpr_blockwise_shift_scale,
+    "constexpr_lut_to_dense": _constexpr_lut_to_dense,
 }
 
 # How the fast path may split an op's work over threads (see Executor): an elementwise op over
 # these (numpy-broadcast) operands, every other array parameter a scalar ...
-_UNARY = ("relu", "sigmoid", "tanh", "erf", "exp", "log", "abs", "sqrt", "rsqrt", "floor", "ceil", "sin", "cos",
+_UNARY = ("relu", "sigmoid", "silu", "square", "tanh", "erf", "exp", "log", "abs", "sqrt", "rsqrt", "floor", "ceil", "sin", "cos",
           "inverse", "sign", "softplus", "round", "gelu", "clip", "sigmoid_hard", "leaky_relu", "cast",
           "logical_not")
 _BINARY = ("add", "sub", "mul", "real_div", "floor_div", "pow", "maximum", "minimum", "mod", "equal", "not_equal",

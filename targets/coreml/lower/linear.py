@@ -53,7 +53,7 @@ def _spatial(node, n: int) -> dict:
     return out
 
 
-def _window_check(node):
+def _window_check(node, deployment):
     auto = attr_str(node, "auto_pad", "NOTSET")
     if auto not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
         return f"auto_pad {auto!r} is not supported"
@@ -109,8 +109,8 @@ def _batch_norm(ctx, node, ins):
                               beta=ctx.const(bias), epsilon=ctx.float_np(eps))]
 
 
-def _pool_check(node):
-    why = _window_check(node)
+def _pool_check(node, deployment):
+    why = _window_check(node, deployment)
     if why:
         return why
     if any(int(d) != 1 for d in attrs(node).get("dilations", [])):
@@ -142,7 +142,7 @@ def _global_pool(ctx, node, ins):
     return [op(x=x, axes=axes, keep_dims=True)]
 
 
-def _resize_check(node):
+def _resize_check(node, deployment):
     mode = attr_str(node, "mode", "nearest")
     ctm = attr_str(node, "coordinate_transformation_mode", "half_pixel")
     if mode == "nearest":

@@ -10,7 +10,7 @@ import onnx
 from targets.coreml.lower.context import Context, LoweringError
 
 Lowering = Callable[[Context, onnx.NodeProto, list], list]
-Check = Callable[[onnx.NodeProto], str | None]
+Check = Callable[[onnx.NodeProto, int], str | None]  # (node, iOS version) -> why it cannot be lowered
 
 LOWERINGS: dict[str, Lowering] = {}
 CHECKS: dict[str, Check] = {}

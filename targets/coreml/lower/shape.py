@@ -275,8 +275,11 @@ def _flatten(ctx, node, ins):
         shape = [-1, int(np.prod(tail))] if head else [1, int(np.prod(tail))]
     elif None not in head:
         shape = [int(np.prod(head)), -1]
-    else:
-        raise LoweringError(node, "Flatten with flexible dims on both sides of axis is not supported")
+    else:  # flexible on both sides: the product of the leading dims, computed at run time
+        lead = ctx.mb.slice_by_index(x=ctx.mb.shape(x=x), begin=np.array([0], np.int32),
+                                     end=np.array([axis], np.int32))
+        rows = ctx.mb.reduce_prod(x=lead, axes=[0], keep_dims=True)
+        return [ctx.mb.reshape(x=x, shape=ctx.mb.concat(values=[rows, np.array([-1], np.int32)], axis=0))]
     return [ctx.mb.reshape(x=x, shape=np.array(shape, np.int32))]
 
 
@@ -312,7 +315,7 @@ def _tile(ctx, node, ins):
     return [ctx.mb.tile(x=ctx.var(ins[0]), reps=ctx.var(ins[1]))]
 
 
-def _pad_check(node):
+def _pad_check(node, deployment):
     mode = attr_str(node, "mode", "constant")
     return None if mode in ("constant", "reflect", "edge") else f"Pad mode {mode!r} is not supported"
 

@@ -16,6 +16,7 @@ from coreml_models import cnn_feeds, package_and_load, rng_array, single_op, tin
 from test_coreml_ops import CASES
 
 from edgeq import api
+from edgeq._quiet import quiet
 from targets.coreml.executor import Executor, parallel
 from targets.coreml.executor.fp16 import round_fp16
 from targets.coreml.executor.ops_math import _erf
@@ -170,3 +171,135 @@ def test_gelu_tail_and_softmax_underflow_are_rounded_like_float16(tmp_path):
     got = fast.run(feed)["y"]
     assert np.count_nonzero((got != 0) & (np.abs(got) < 2.0**-14)) > 100  # float16 subnormals were produced
     _assert_same(fast, plain, feed)
+
+
+def _mil_ops_emitted_by(paths) -> set[str]:
+    """MIL op types built with ``mb.<op>(...)`` in the given source files."""
+    import re
+
+    ops = set()
+    for p in paths:
+        ops |= set(re.findall(r"\bmb\.([a-z_0-9]+)\(", p.read_text()))
+    return ops - {"program", "const", "set_before_op", "placeholder", "scope", "state_tensor_placeholder"}
+
+
+def test_every_op_the_lowering_can_emit_runs_in_the_executor():
+    """A package edgeq built must be one its executor can run: every MIL op the lowering builds, by
+    name in its source or through its op tables."""
+    from pathlib import Path
+
+    import targets.coreml.lower as lower
+    from targets.coreml.executor import OPS
+    from targets.coreml.lower import elementwise, norm
+
+    emitted = _mil_ops_emitted_by(Path(lower.__file__).parent.glob("*.py"))
+    emitted |= set(elementwise._UNARY.values()) | set(elementwise._BINARY.values()) | set(norm._REDUCE.values())
+    emitted |= {"real_div", "floor_div", "maximum", "minimum", "mul"}  # binary(ctx, "<op>", ...) calls
+    assert len(emitted) > 60
+    assert sorted(emitted - set(OPS)) == []
+
+
+def test_every_op_coremltools_passes_can_emit_runs_in_the_executor():
+    """coremltools rewrites the program on save (its cleanup and ML-program backend passes, e.g.
+    sigmoid * x -> silu) and, with its default pipeline, fuses more (prelu, pixel_shuffle, LUT weights):
+    every op those passes build is one the executor runs. Not covered: state updates
+    (coreml_update_state), which only programs with state inputs have; edgeq builds none and the
+    program reader rejects state inputs by name."""
+    from pathlib import Path
+
+    import coremltools.converters.mil as mil
+
+    from targets.coreml.executor import OPS
+
+    root = Path(mil.__file__).parent
+    sources = [p for p in [*(root / "mil" / "passes" / "defs").rglob("*.py"), *(root / "backend" / "mil" / "passes").glob("*.py")]
+               if not p.name.startswith("test")]
+    emitted = _mil_ops_emitted_by(sources)
+    assert {"silu", "prelu", "pixel_shuffle", "constexpr_lut_to_dense", "gelu", "layer_norm"} <= emitted
+    assert sorted(emitted - set(OPS)) == ["coreml_update_state"]
+
+
+def test_sigmoid_times_x_is_saved_as_silu_and_runs(tmp_path):
+    from coreml_models import ort_run
+
+    from edgeq.validate.metrics import sqnr_db
+
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[2, 8, 5] x) => (float[2, 8, 5] y)
+    {
+        s = Sigmoid (x)
+        y = Mul (x, s)
+    }
+    """
+    model = onnx.parser.parse_model(text)
+    feed = {"x": rng_array((2, 8, 5), 1) * 4}
+    for compute, floor in (("fp32", 90), ("fp16", 45)):
+        ex, _, _, pkg = package_and_load(model, tmp_path / compute, compute=compute)
+        assert "silu" in {op.op_type for op in ex.ops}  # fused by coremltools' backend on save
+        assert sqnr_db(ort_run(model, feed)[0], ex.run(feed)["y"]) >= floor
+
+
+def _saved_mil(tmp_path, build, x: np.ndarray, opset=18):
+    """The MIL program ``build(mb, x)`` saved as an .mlpackage (no passes), loaded by the executor."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    target = {17: ct.target.iOS17, 18: ct.target.iOS18}[opset]
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape, dtype=types.fp32)], opset_version=target)
+    def prog(x):
+        return build(mb, x)
+
+    with quiet():
+        ml = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=target,
+                        pass_pipeline=ct.PassPipeline.EMPTY, compute_precision=ct.precision.FLOAT32, skip_model_load=True)
+    path = tmp_path / "mil.mlpackage"
+    ml.save(str(path))
+    ex = Executor.from_package(path)
+    out = ex.run({next(iter(ex.input_dtypes)): x})
+    return [out[n] for n in ex.output_names]
+
+
+def test_ops_coremltools_fuses_in(tmp_path):
+    """pixel_shuffle / pixel_unshuffle, square, reduce_argmax, stack, reverse, silu, rank-3 prelu: against
+    their definitions written out element by element."""
+    x = rng_array((2, 8, 3, 3), 5)
+
+    def build(mb, x):
+        return (mb.pixel_shuffle(x=x, upscale_factor=2), mb.pixel_unshuffle(x=x, downscale_factor=np.uint32(3)),
+                mb.square(x=x), mb.reduce_argmax(x=x, axis=1),
+                mb.stack(values=[x, x], axis=2), mb.reverse(x=x, axes=[1, 3]), mb.silu(x=x),
+                mb.prelu(x=mb.reshape(x=x, shape=[2, 8, 9]), alpha=np.full(8, 0.25, np.float32)))
+
+    outs = _saved_mil(tmp_path, build, x)
+    shuffle = np.zeros((2, 2, 6, 6), np.float32)
+    for c, i, j, h, w in np.ndindex(2, 2, 2, 3, 3):
+        shuffle[:, c, h * 2 + i, w * 2 + j] = x[:, c * 4 + i * 2 + j, h, w]
+    unshuffle = np.zeros((2, 72, 1, 1), np.float32)
+    for c, i, j in np.ndindex(8, 3, 3):
+        unshuffle[:, c * 9 + i * 3 + j, 0, 0] = x[:, c, i, j]
+    r = x.reshape(2, 8, 9)
+    want = [shuffle, unshuffle, x * x, x.argmax(axis=1), np.stack([x, x], axis=2), x[:, ::-1, :, ::-1],
+            x / (1 + np.exp(-x)), np.where(r > 0, r, 0.25 * r)]
+    for w, g in zip(want, outs):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_palettized_weights_iOS18_lut_per_block(tmp_path):
+    """constexpr_lut_to_dense (iOS 18): 2-bit indices, a LUT per block of 3 rows, vectors of 2 along axis 1."""
+    from coremltools.converters.mil.mil import types
+
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 4, (6, 4)).astype(types.np_uint2_dtype)
+    lut = rng.standard_normal((2, 1, 4, 2)).astype(np.float32)
+    w = np.zeros((6, 8), np.float32)
+    for r, c in np.ndindex(6, 4):
+        w[r, 2 * c : 2 * c + 2] = lut[r // 3, 0, int(idx[r, c])]
+    x = rng_array((5, 6), 3)
+
+    def build(mb, x):
+        return mb.matmul(x=x, y=mb.constexpr_lut_to_dense(indices=idx, lut=lut, vector_axis=1))
+
+    np.testing.assert_allclose(_saved_mil(tmp_path, build, x)[0], x @ w, rtol=1e-5, atol=1e-5)
