@@ -72,7 +72,7 @@ class MLPackageRunner(Runner):
                 x = x.astype(np.int32)
             else:
                 x = x.astype(np.float32)
-            feeds[i["coreml_name"]] = x
+            feeds[i["coreml_name"]] = x.reshape(1) if x.ndim == 0 else x  # Core ML takes a scalar as [1]
         return feeds
 
     def describe(self):

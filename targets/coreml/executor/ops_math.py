@@ -86,8 +86,8 @@ def _rsqrt(x, epsilon=1e-12):
 
 def _sigmoid(x):
     x = f32(x)
-    with np.errstate(over="ignore"):
-        return np.where(x >= 0, 1 / (1 + np.exp(-x)), np.exp(x) / (1 + np.exp(x))).astype(np.float32)
+    e = np.exp(-np.abs(x))  # never overflows: 1 / (1 + e^-x) for x >= 0, e^x / (1 + e^x) below
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(np.float32)
 
 
 def _gelu(x, mode="EXACT"):

@@ -168,7 +168,8 @@ def lower_model(
             spec_dims.append(axis)
         coreml_dtype = "float32" if np_dtype.startswith("float") else "int32"
         mil_dtype = types.fp32 if coreml_dtype == "float32" else types.int32
-        placeholders[mil_name(vi.name)] = mb.placeholder(shape=tuple(dims), dtype=mil_dtype)
+        # Core ML has no rank-0 inputs: a scalar is fed as [1] and squeezed inside
+        placeholders[mil_name(vi.name)] = mb.placeholder(shape=tuple(dims) or (1,), dtype=mil_dtype)
         in_specs.append(IOSpec(vi.name, mil_name(vi.name), np_dtype, coreml_dtype, tuple(spec_dims)))
 
     out_specs: list[IOSpec] = []
@@ -180,6 +181,8 @@ def lower_model(
                 v = mb.cast(x=v, dtype="fp16", name=f"{spec.mil_name}_to_fp16")
             elif spec.onnx_dtype == "bool":
                 v = mb.cast(x=v, dtype="bool", name=f"{spec.mil_name}_to_bool")
+            if not spec.shape:
+                v = mb.squeeze(x=v, axes=[0], name=f"{spec.mil_name}_scalar")
             ctx.set(spec.name, v)
         for name, arr in inits.items():
             ctx.set(name, arr)

@@ -39,10 +39,18 @@ class LoweringError(UnsupportedError):
         self.reason = message
 
 
+# names coremltools renames on save (its NameSanitizer appends "_workaround"): MIL type names and "state"
+_RESERVED = frozenset({"any", "bool", "program", "func", "tensor", "list", "dict", "tuple", "true", "false", "string",
+                       "bf16", "fp16", "fp32", "fp64", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                       "uint32", "uint64", "state"})
+
+
 def mil_name(name: str) -> str:
-    """The MIL name edgeq gives an ONNX value (letters, digits and underscores only)."""
+    """The MIL name edgeq gives an ONNX value (letters, digits and underscores only; a reserved word
+    such as ``state`` gets a trailing underscore, so the saved package keeps the name edgeq chose)."""
     safe = re.sub(r"[^0-9A-Za-z_]", "_", name)
-    return safe if safe and not safe[0].isdigit() else f"v_{safe}"
+    safe = safe if safe and not safe[0].isdigit() else f"v_{safe}"
+    return f"{safe}_" if safe in _RESERVED else safe
 
 
 def axis_name(input_name: str, index: int, dim) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from targets.coreml.lower.registry import lowers
-from targets.coreml.lower.context import Context, LoweringError, attr_str, attrs, is_known
+from targets.coreml.lower.context import FP16_MAX, Context, LoweringError, attr_str, attrs, is_known
 
 
 @lowers("MatMul")
@@ -105,6 +105,13 @@ def _batch_norm(ctx, node, ins):
     if not all(is_known(v) for v in (scale, bias, mean, var)):
         raise LoweringError(node, "BatchNormalization needs constant statistics (training mode is not supported)")
     eps = float(attrs(node).get("epsilon", 1e-5))
+    stats = [np.asarray(v, np.float32) for v in (scale, bias, mean, var)]
+    if ctx.compute == "fp16" and max(float(np.abs(v).max(initial=0)) for v in stats) > FP16_MAX:
+        # statistics beyond fp16 (paddle detectors carry variances of 1e8): the same normalisation
+        # with them folded into the scale and shift in float32, so no constant saturates
+        s, b, m, v = stats
+        scale = s / np.sqrt(v + np.float32(eps))
+        scale, bias, mean, var = scale, b - m * scale, np.zeros_like(m), np.full_like(v, 1 - eps)
     return [ctx.mb.batch_norm(x=x, mean=ctx.const(mean), variance=ctx.const(var), gamma=ctx.const(scale),
                               beta=ctx.const(bias), epsilon=ctx.float_np(eps))]
 

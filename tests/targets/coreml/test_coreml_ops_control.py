@@ -265,3 +265,55 @@ def test_odd_dynamic_dim_names_build_and_run(dim, tmp_path):
     assert set(low.flexible) == {axis}
     assert np.array_equal(ex.run(feed)["y"], np.maximum(feed["x"], 0))
     assert np.array_equal(ex.run({"x": rng_array((2, 3, 7), 2)})["y"].shape, (2, 3, 7))
+
+
+REAL_MODEL_PATTERNS = """
+<ir_version: 10, opset_import: ["" : 12]>
+g (float[batch, 4, height, 6] x, float[] sr, float[2, batch, 3] state) => (float[A, B, C, D] y, float[E, F, G] z, int64[] n, float[2, batch, 3] s2)
+{
+    h = ReduceMean <axes = [2], keepdims = 1> (x)
+    sq = Squeeze <axes = [2]> (h)
+    shp = Shape (sq)
+    b = Slice (shp, two, three)
+    target = Concat <axis = 0> (zeros1, tail, b)
+    y = Reshape (sq, target)
+    z = Transpose <perm = [2, 0, 1]> (sq)
+    n = Size (x)
+    s2 = Mul (state, sr)
+}
+"""
+
+
+def test_paddle_and_silero_patterns(tmp_path):
+    """What real exports do: Squeeze of a flexible axis (PP-OCR), Reshape to a run-time shape with a
+    leading 0 and a different rank (ONNX copies axis 0, MIL's 0 counts from the right), Size of a
+    flexible tensor, a scalar input, and an input named "state" (a word coremltools renames)."""
+    from onnx import numpy_helper
+
+    model = onnx.parser.parse_model(REAL_MODEL_PATTERNS)
+    for v in (model.graph.input[1], model.graph.output[2]):  # "[]" parses as no shape: make them scalars
+        v.type.tensor_type.shape.SetInParent()
+    for name, arr in (("two", [2]), ("three", [3]), ("zeros1", [0]), ("tail", [2, 2])):
+        model.graph.initializer.append(numpy_helper.from_array(np.array(arr, np.int64), name))
+    onnx.checker.check_model(model, full_check=True)
+    ex, low, _, _ = package_and_load(model, tmp_path, compute="fp32")
+    assert [s.mil_name for s in low.inputs] == ["x", "sr", "state_"]
+    for b, hgt in ((2, 5), (3, 1)):
+        feed = {"x": rng_array((b, 4, hgt, 6), b), "sr": np.array(1.5, np.float32), "state": rng_array((2, b, 3), 7)}
+        want = ort_run(model, feed)
+        got = ex.run({"x": feed["x"], "sr": feed["sr"].reshape(1), "state_": feed["state"]})
+        for name, w in zip(("y", "z", "n", "s2"), want):
+            assert got[name].shape == w.shape, name
+            assert np.allclose(got[name], w, rtol=1e-6, atol=1e-6), name
+
+
+def test_batch_norm_statistics_beyond_fp16_are_folded(tmp_path):
+    """A paddle detector's variance of 1e8 saturates in fp16: folded into scale and shift instead."""
+    x = rng_array((2, 3, 4, 4), 1) * 3000
+    inputs = {"x": ("input", x), "s": ("const", np.array([0.8, 1.1, 1.0], np.float32)),
+              "b": ("const", np.array([0.1, -0.4, 0.3], np.float32)),
+              "m": ("const", np.array([-559.0, 275.0, 3.0], np.float32)),
+              "v": ("const", np.array([9.8e7, 1.05e7, 4.0], np.float32))}
+    model, feed = single_op("BatchNormalization", inputs, {"epsilon": 1e-5})
+    ex, _, _, _ = package_and_load(model, tmp_path, compute="fp16")
+    assert sqnr_db(ort_run(model, feed)[0], ex.run(feed)["y"]) >= 50
