@@ -317,3 +317,30 @@ def test_batch_norm_statistics_beyond_fp16_are_folded(tmp_path):
     model, feed = single_op("BatchNormalization", inputs, {"epsilon": 1e-5})
     ex, _, _, _ = package_and_load(model, tmp_path, compute="fp16")
     assert sqnr_db(ort_run(model, feed)[0], ex.run(feed)["y"]) >= 50
+
+
+def test_lstm_with_int8_weights_from_dequantize_linear(tmp_path):
+    """A QDQ model's LSTM reads its weights through DequantizeLinear: they are dequantized at
+    conversion with ONNX semantics (MIL's lstm takes constants in its own gate order)."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    w_q = rng.integers(-127, 128, (1, 4 * H, I)).astype(np.int8)
+    r_q = rng.integers(-127, 128, (1, 4 * H, H)).astype(np.int8)
+    scale = (rng.uniform(0.002, 0.01, 4 * H)).astype(np.float32)
+    op, ins, attrs, outputs, _ = RNN_CASES["lstm_forward"]
+    model, feed = single_op(op, ins, attrs, outputs=outputs, opset=21)
+    g = model.graph
+    for name, q in (("w", w_q), ("r", r_q)):  # the float weights become DequantizeLinear of int8 codes
+        g.initializer.remove(next(i for i in g.initializer if i.name == name))
+        g.initializer.extend([numpy_helper.from_array(q, f"{name}_q"), numpy_helper.from_array(scale, f"{name}_s")])
+        g.node.insert(0, helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s"], [name], axis=1,
+                                          name=f"{name}_dq"))
+    model = onnx.shape_inference.infer_shapes(model)
+    onnx.checker.check_model(model, full_check=True)
+    ex, low, _, _ = package_and_load(model, tmp_path, compute="fp32")
+    assert not low.weights  # no constexpr left for them
+    want = ort_run(model, feed)
+    got = ex.run(feed)
+    for i, w in enumerate(want):
+        assert sqnr_db(w, got[f"y{i}"]) >= 90
