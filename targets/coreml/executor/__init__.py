@@ -112,8 +112,13 @@ class Executor:
                         step.split = ("rows", ops_math.ROWWISE[kind])
         self._computed = {name for s in self._steps for name, _, _ in s.outs}
 
+    @property
+    def computed(self) -> frozenset[str]:
+        """Names of the values the program computes per run (those ``run`` can force)."""
+        return frozenset(self._computed)
+
     @classmethod
-    def from_package(cls, package: str | os.PathLike, *, fast: bool = True) -> "Executor":
+    def from_package(cls, package: str | os.PathLike, *, fast: bool = True) -> Executor:
         prog, _ = read_program(package)
         return cls(prog, fast=fast)
 
