@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -33,7 +34,7 @@ class CoreMLTarget(Target):
     """
 
     deployment = 18
-    OPTIONS = {"compute": "fp16 | fp32", "shapes": "{axis: size | (lower, upper)}"}
+    OPTIONS: ClassVar[dict[str, str]] = {"compute": "fp16 | fp32", "shapes": "{axis: size | (lower, upper)}"}
 
     def __init__(self, *, compute: str = "fp16", shapes: Mapping[str, int | tuple[int, int]] | None = None,
                  **unknown):
@@ -47,7 +48,7 @@ class CoreMLTarget(Target):
         self.compute = compute
         self.shapes = {axis: _axis_option(axis, v) for axis, v in (shapes or {}).items()}
 
-    def configure(self, **options) -> "CoreMLTarget":
+    def configure(self, **options) -> CoreMLTarget:
         """A copy of this target with ``options`` changed (validated like the constructor's)."""
         return type(self)(**{"compute": self.compute, "shapes": self.shapes, **options})
 

@@ -233,7 +233,7 @@ class Executor:
                 return None
         elif any(isinstance(v, np.ndarray) and v.ndim > 0 for p, v in args.items() if p not in arrays):
             return None  # e.g. a per-channel quantize scale: the op lays it out itself
-        name, dtype, exact = step.outs[0]
+        _, dtype, exact = step.outs[0]
         out = np.empty(shape, self._held_dtype(dtype))
 
         def block(lo, hi):

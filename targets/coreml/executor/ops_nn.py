@@ -199,7 +199,7 @@ def _nearest(x, scale_factor_height=1, scale_factor_width=1):
     out = x
     for axis, s in ((-2, float(scale_factor_height)), (-1, float(scale_factor_width))):
         n = x.shape[axis]
-        m = int(math.floor(n * s))
+        m = math.floor(n * s)
         idx = np.minimum(np.floor(np.arange(m) / s).astype(np.int64), n - 1)
         out = np.take(out, idx, axis=axis)
     return out
@@ -222,7 +222,7 @@ def _bilinear(x, scale_factor_height=1, scale_factor_width=1, align_corners=True
     out = x
     for axis, s in ((-2, float(scale_factor_height)), (-1, float(scale_factor_width))):
         n = out.shape[axis]
-        m = int(math.floor(n * s))
+        m = math.floor(n * s)
         src = _source(n, m, s, bool(align_corners), half)
         lo = np.floor(src).astype(np.int64)
         hi = np.minimum(lo + 1, n - 1)

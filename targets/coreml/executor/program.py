@@ -132,7 +132,7 @@ class _Reader:
         return Operation(spec.type, name, inputs, outputs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuple_parameters(op_type: str) -> frozenset[str]:
     """Parameters that take a list of values even when given one (e.g. ``concat``'s ``values``)."""
     from coremltools.converters.mil.mil.input_type import TupleInputType
@@ -140,6 +140,6 @@ def _tuple_parameters(op_type: str) -> frozenset[str]:
 
     try:
         cls = SSAOpRegistry._get_core_op_cls(op_type)  # how coremltools' own loader decides it
-    except Exception:  # an op coremltools does not define: a list only where there are several values
+    except ValueError:  # an op coremltools does not define: a list only where there are several values
         return frozenset()
     return frozenset(k for k, t in cls.input_spec.input_types.items() if isinstance(t, TupleInputType))

@@ -22,13 +22,17 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from targets.coreml.lower import context
-from targets.coreml.lower.context import (  # noqa: F401
-    Context, LoweringError, WeightRecord, axis_name, is_known, mil_name, symbol_names,
-)
-
 # importing the families fills the registry
-from targets.coreml.lower import control, elementwise, linear, norm, quant, recurrent, shape  # noqa: F401
+from targets.coreml.lower import context, control, elementwise, linear, norm, quant, recurrent, shape  # noqa: F401
+from targets.coreml.lower.context import (
+    Context,
+    LoweringError,
+    WeightRecord,
+    axis_name,
+    is_known,
+    mil_name,
+    symbol_names,
+)
 from targets.coreml.lower.registry import CHECKS, LOWERINGS, fold
 
 NEVER_FOLDED = quant.HANDLED | {"If"}  # lowered by their own rules even when every input is known

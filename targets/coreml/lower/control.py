@@ -62,8 +62,8 @@ def if_problems(model: onnx.ModelProto, fixed: Mapping[str, int]) -> list[tuple[
             if n.op_type == "If":
                 why = _why_dynamic(n.input[0], producers, inputs, scope_inits, fixed)
                 if why:
-                    problems.append((n, f"the If condition depends on {why[0]}, so it is not known when the "
-                                        "Core ML program is built", why[1]))
+                    reason = f"the If condition depends on {why[0]}, so it is not known when the Core ML program is built"
+                    problems.append((n, reason, why[1]))
                 for a in n.attribute:
                     if a.type == onnx.AttributeProto.GRAPH:
                         walk(a.g.node, scope_inits | {i.name for i in a.g.initializer})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from targets.coreml.lower.registry import lowers
 from targets.coreml.lower.context import FP16_MAX, Context, LoweringError, attr_str, attrs, is_known
+from targets.coreml.lower.registry import lowers
 
 _BINARY = {
     "Add": "add", "Sub": "sub", "Mul": "mul", "Pow": "pow",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from targets.coreml.lower.context import FP16_MAX, LoweringError, attr_str, attrs, is_known
 from targets.coreml.lower.registry import lowers
-from targets.coreml.lower.context import FP16_MAX, Context, LoweringError, attr_str, attrs, is_known
 
 
 @lowers("MatMul")
@@ -111,7 +111,7 @@ def _batch_norm(ctx, node, ins):
         # with them folded into the scale and shift in float32, so no constant saturates
         s, b, m, v = stats
         scale = s / np.sqrt(v + np.float32(eps))
-        scale, bias, mean, var = scale, b - m * scale, np.zeros_like(m), np.full_like(v, 1 - eps)
+        bias, mean, var = b - m * scale, np.zeros_like(m), np.full_like(v, 1 - eps)
     return [ctx.mb.batch_norm(x=x, mean=ctx.const(mean), variance=ctx.const(var), gamma=ctx.const(scale),
                               beta=ctx.const(bias), epsilon=ctx.float_np(eps))]
 

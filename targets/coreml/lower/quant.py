@@ -35,8 +35,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from targets.coreml.lower.registry import fold, lowers
 from targets.coreml.lower.context import Context, LoweringError, WeightRecord, attrs, is_known, mil_name
+from targets.coreml.lower.registry import fold, lowers
 
 HANDLED = frozenset({"DequantizeLinear", "QuantizeLinear"})
 _FP16_NORMAL = (float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max))
@@ -49,9 +49,9 @@ def weight_problem(init: onnx.TensorProto, deployment: int) -> tuple[str, str] |
     kind = _WEIGHT_TYPES.get(init.data_type)
     name = onnx.TensorProto.DataType.Name(init.data_type).lower()
     if init.data_type in (onnx.TensorProto.FLOAT4E2M1,):
+        fallback = "int4" if deployment >= 18 else "int8"
         return ("mxfp4 (float4e2m1) weights: Core ML has no 4-bit float type",
-                f"quantize for this target: edgeq quantize --profile ios{deployment} (falls back to "
-                f"{'int4' if deployment >= 18 else 'int8'})")
+                f"quantize for this target: edgeq quantize --profile ios{deployment} (falls back to {fallback})")
     if kind is None:
         return f"{name} weights have no Core ML constexpr form", f"quantize with --profile ios{deployment}"
     if kind == "int4" and deployment < 18:

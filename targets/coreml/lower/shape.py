@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from targets.coreml.lower.registry import lowers
 from targets.coreml.lower.context import Context, LoweringError, attr_str, attrs, is_known
+from targets.coreml.lower.registry import lowers
 
 _I32_MAX = np.iinfo(np.int32).max
 

@@ -35,7 +35,7 @@ def test_a_faithful_package_is_accepted(w8a8):
 
 
 def test_a_package_whose_convolutions_are_off_fails_its_segments(w8a8, monkeypatch):
-    float_path, qdq, pkg = w8a8
+    _, qdq, pkg = w8a8
     conv = executor.OPS["conv"]
     monkeypatch.setitem(executor.OPS, "conv", lambda **kw: conv(**kw) * np.float32(1.01))
     seg = compare_segments(qdq, pkg, cnn_feeds(1, seed=11))

@@ -149,7 +149,7 @@ g (float[batch, seq, 64] x, float[batch, 1, 1, seq] bias) => (float[batch, seq, 
 
 def test_fast_path_equals_plain_path_attention_block(tmp_path, split):
     rng = np.random.default_rng(3)
-    fmt = lambda *shape: ", ".join(f"{v:.4f}" for v in rng.standard_normal(shape).ravel() * 0.2)  # noqa: E731
+    fmt = lambda *shape: ", ".join(f"{v:.4f}" for v in rng.standard_normal(shape).ravel() * 0.2)
     text = ATTENTION % (fmt(64, 64), fmt(64, 64), fmt(64, 256), fmt(256, 64), fmt(64))
     text = text.replace("{\n    n =", "{\n    qs = Constant <value = int64[4] {0, 0, 4, 16}> ()\n"
                                       "    xs = Constant <value = int64[3] {0, 0, 64}> ()\n    n =")
@@ -188,7 +188,7 @@ def test_every_op_the_lowering_can_emit_runs_in_the_executor():
     name in its source or through its op tables."""
     from pathlib import Path
 
-    import targets.coreml.lower as lower
+    from targets.coreml import lower
     from targets.coreml.executor import OPS
     from targets.coreml.lower import elementwise, norm
 
@@ -207,7 +207,7 @@ def test_every_op_coremltools_passes_can_emit_runs_in_the_executor():
     program reader rejects state inputs by name."""
     from pathlib import Path
 
-    import coremltools.converters.mil as mil
+    from coremltools.converters import mil
 
     from targets.coreml.executor import OPS
 
@@ -235,7 +235,7 @@ def test_sigmoid_times_x_is_saved_as_silu_and_runs(tmp_path):
     model = onnx.parser.parse_model(text)
     feed = {"x": rng_array((2, 8, 5), 1) * 4}
     for compute, floor in (("fp32", 90), ("fp16", 45)):
-        ex, _, _, pkg = package_and_load(model, tmp_path / compute, compute=compute)
+        ex, _, _, _ = package_and_load(model, tmp_path / compute, compute=compute)
         assert "silu" in {op.op_type for op in ex.ops}  # fused by coremltools' backend on save
         assert sqnr_db(ort_run(model, feed)[0], ex.run(feed)["y"]) >= floor
 

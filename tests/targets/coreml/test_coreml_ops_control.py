@@ -116,7 +116,7 @@ def test_rnn_with_sequence_lens_fails_preflight():
 def test_lstm_with_flexible_sequence_and_batch(tmp_path):
     """No initial state and flexible batch: the zero state is built from the input's run-time shape."""
     op, ins, attrs, outputs, _ = RNN_CASES["lstm_forward"]
-    model, feed = single_op(op, ins, attrs, outputs=outputs, opset=14, dynamic={"x": {0: "sequence", 1: "batch"}})
+    model, _ = single_op(op, ins, attrs, outputs=outputs, opset=14, dynamic={"x": {0: "sequence", 1: "batch"}})
     ex, _, facts, _ = package_and_load(model, tmp_path, compute="fp32")
     assert "fill" in facts["mil_ops"]
     for s, b in ((S, B), (2, 7)):
@@ -214,7 +214,7 @@ def test_if_on_an_input_value_fails_preflight_with_the_android_fix(tmp_path):
 def test_prelu_uses_mil_prelu_only_for_one_slope_per_channel(case, mil_op, tmp_path):
     from test_coreml_ops import CASES
 
-    model, feed = single_op(*CASES[case])
+    model, _ = single_op(*CASES[case])
     _, _, facts, _ = package_and_load(model, tmp_path, compute="fp16")
     assert mil_op in facts["mil_ops"] and ("prelu" in facts["mil_ops"]) is (mil_op == "prelu")
 
