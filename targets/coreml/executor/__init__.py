@@ -22,6 +22,7 @@ An op this executor does not know fails by name; nothing is skipped.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,10 @@ from targets.coreml.executor.fp16 import round_fp16
 from targets.coreml.executor.program import Const, Program, load_spec, read_program, weights_dir
 
 OPS = {**ops_math.OPS, **ops_tensor.OPS, **ops_nn.OPS, **ops_rnn.OPS}
+
+# how an op's fp16 result is rounded on the fast path: not at all (its values already are fp16
+# values), Veltkamp's passes only (nonzero results are known to be normal fp16 numbers), in full
+EXACT, NORMAL, FULL = "exact", "normal", "full"
 
 # ops whose float outputs are elements of their float inputs (or of constants of the same dtype):
 # on fp16-valued inputs they need no rounding
@@ -67,7 +72,7 @@ class _Step:
     fn: object
     consts: dict  # parameter -> value
     vars: list  # (parameter, value name | tuple of value names)
-    outs: list  # (value name, numpy dtype | None, exact: output needs no fp16 rounding)
+    outs: list  # (value name, numpy dtype | None, fp16 rounding: EXACT (none needed) | NORMAL | FULL)
     split: tuple | None = None  # ("elementwise", operand params) | ("rows", axis param): may run in blocks
 
 
@@ -105,6 +110,8 @@ class Executor:
                 if step.op.op_type == "matmul":
                     _prepare_matmul(step)
                 kind = step.op.op_type
+                if kind == "dequantize" and _normal_products(step, self._dtypes):
+                    step.outs[0] = (*step.outs[0][:2], NORMAL)
                 if len(step.outs) == 1 and step.outs[0][1] is not None:
                     if kind in ops_math.ELEMENTWISE:
                         step.split = ("elementwise", ops_math.ELEMENTWISE[kind])
@@ -160,7 +167,7 @@ class Executor:
         outs = []
         for var in op.outputs:
             exact = op.op_type in VALUE_PRESERVING and float_in <= {var.dtype}
-            outs.append((var.name, var.dtype, exact))
+            outs.append((var.name, var.dtype, EXACT if exact else FULL))
         return _Step(op, OPS[op.op_type], consts, names, outs)
 
     # --- values ------------------------------------------------------------------------------
@@ -174,18 +181,19 @@ class Executor:
             return np.ascontiguousarray(val, dtype=np.float32) if val.dtype == np.float16 else round_fp16(val)
         return val.astype(dtype) if dtype is not None and val.dtype != dtype else val
 
-    def _convert(self, val, dtype, exact: bool, *, threads: bool = True) -> np.ndarray:
+    def _convert(self, val, dtype, rounding: str, *, threads: bool = True) -> np.ndarray:
         """An op's result as held for a value of the program's ``dtype``."""
         val = np.asarray(val)
         if self.fast and dtype == np.float16:
-            if val.dtype == np.float32 and exact:
+            if val.dtype == np.float32 and rounding == EXACT:
                 return val
             if val.dtype == np.float16:
                 return val.astype(np.float32)
             out = val if _fresh(val) else np.empty(val.shape, np.float32)
+            fn = functools.partial(round_fp16, normal=rounding == NORMAL)
             if threads:
-                return parallel.map_flat(round_fp16, val, out)
-            return round_fp16(val, out=out)
+                return parallel.map_flat(fn, val, out)
+            return fn(val, out=out)
         if dtype is not None and val.dtype != dtype:
             with np.errstate(over="ignore", invalid="ignore"):
                 return val.astype(dtype)
@@ -205,11 +213,11 @@ class Executor:
                 return
         out = self._call(step, args)
         if len(step.outs) == 1:
-            name, dtype, exact = step.outs[0]
-            env[name] = self._convert(out[0] if isinstance(out, (list, tuple)) else out, dtype, exact)
+            name, dtype, rounding = step.outs[0]
+            env[name] = self._convert(out[0] if isinstance(out, (list, tuple)) else out, dtype, rounding)
             return
-        for (name, dtype, exact), val in zip(step.outs, out):
-            env[name] = self._convert(val, dtype, exact)
+        for (name, dtype, rounding), val in zip(step.outs, out):
+            env[name] = self._convert(val, dtype, rounding)
 
     def _run_split(self, step: _Step, args: dict) -> np.ndarray | None:
         """Run a large elementwise or row-wise op in blocks along its first non-unit axis, on threads;
@@ -233,7 +241,7 @@ class Executor:
                 return None
         elif any(isinstance(v, np.ndarray) and v.ndim > 0 for p, v in args.items() if p not in arrays):
             return None  # e.g. a per-channel quantize scale: the op lays it out itself
-        _, dtype, exact = step.outs[0]
+        _, dtype, rounding = step.outs[0]
         out = np.empty(shape, self._held_dtype(dtype))
 
         def block(lo, hi):
@@ -244,10 +252,10 @@ class Executor:
                     part[p] = v[(slice(None),) * i + (slice(lo, hi),)]
             dst = out[(slice(None),) * axis + (slice(lo, hi),)]
             val = self._call(step, part)
-            if self.fast and dtype == np.float16 and not exact and np.asarray(val).dtype == np.float32:
-                round_fp16(val, out=dst)
+            if self.fast and dtype == np.float16 and rounding != EXACT and np.asarray(val).dtype == np.float32:
+                round_fp16(val, out=dst, normal=rounding == NORMAL)
             else:
-                dst[...] = self._convert(val, dtype, exact, threads=False)
+                dst[...] = self._convert(val, dtype, rounding, threads=False)
 
         parallel.rows(block, shape[axis], size, parallel.MIN_ELEMENTS)
         return out
@@ -303,6 +311,19 @@ class Executor:
                                              f"the program computes {env[name].shape}")
                         env[name] = self._convert(want.astype(dtype), dtype, False)
         return env
+
+
+def _normal_products(step: _Step, dtypes: dict) -> bool:
+    """Whether a dequantize's nonzero results are normal fp16 numbers: |q - zp| is 1..255 (8-bit
+    codes), so a scale of at least 2**-14 and at most 65504 / 256 keeps them in range."""
+    codes = dict(step.vars).get("input")
+    if codes is None or dtypes.get(codes) not in (np.int8, np.uint8):
+        return False
+    scale = step.consts.get("scale")
+    if scale is None or np.asarray(scale).dtype.kind != "f":
+        return False
+    a = np.abs(np.asarray(scale, np.float32))
+    return bool(a.size and a.min() >= 2.0**-14 and a.max() * 256 <= 65504)
 
 
 def _fresh(val: np.ndarray) -> bool:

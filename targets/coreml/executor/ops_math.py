@@ -206,16 +206,21 @@ def _quantize(input, scale, output_dtype, zero_point=None, axis=None):
     dt = np.dtype(str(output_dtype))
     lo, hi = np.iinfo(dt).min, np.iinfo(dt).max
     s = _expand_param(f32(scale), x, axis)
-    zp = 0 if zero_point is None else _expand_param(zero_point, x, axis).astype(np.float32)
-    return np.clip(np.rint(x / s) + zp, lo, hi).astype(dt)
+    t = np.divide(x, s, dtype=np.float32)
+    np.rint(t, out=t)
+    if zero_point is not None:
+        t += _expand_param(zero_point, x, axis).astype(np.float32)
+    np.clip(t, lo, hi, out=t)
+    return t.astype(dt)
 
 
 def _dequantize(input, scale, zero_point=None, axis=None):
     x = np.asarray(input).astype(np.float32)
     s = _expand_param(f32(scale), x, axis)
     if zero_point is not None:
-        x = x - _expand_param(zero_point, x, axis).astype(np.float32)
-    return (x * s).astype(np.asarray(scale).dtype)
+        x -= _expand_param(zero_point, x, axis).astype(np.float32)
+    x *= s
+    return x.astype(np.asarray(scale).dtype, copy=False)
 
 
 def _constexpr_affine_dequantize(quantized_data, zero_point, scale, axis):

@@ -66,6 +66,15 @@ def test_round_fp16_is_a_float16_cast_bit_for_bit(where):
         assert _same_bits(got, want), name
 
 
+def test_round_fp16_normal_only_on_dequantized_codes():
+    """The dequantize shortcut (Veltkamp's passes only): codes -255..255 times fp16 scales of 2**-14 ..
+    256, bit for bit a float16 cast."""
+    rng = np.random.default_rng(2)
+    scales = _cast(np.concatenate([[2.0**-14, 255.875], 2.0 ** rng.uniform(-14, 8, 200)]).astype(np.float32))
+    x = (np.arange(-255, 256, dtype=np.float32)[None, :] * scales[:, None]).astype(np.float32)
+    assert _same_bits(round_fp16(x, normal=True), _cast(x))
+
+
 def test_erf_is_within_2e_7_of_math_erf():
     x = np.concatenate([np.linspace(-6, 6, 200_001), [0.0, -0.0, 1e-30, 3.9, 4.0, 4.1, 40.0]]).astype(np.float32)
     want = np.array([math.erf(v) for v in x.astype(np.float64)])
