@@ -265,7 +265,46 @@ def _bilinear(x, scale_factor_height=1, scale_factor_width=1, align_corners=True
     return out
 
 
+def _grid(n_in: int, n_out: int, mode: str) -> np.ndarray:
+    """Source coordinates of MIL resize's sampling modes (coremltools' resize_bilinear notes)."""
+    i = np.arange(n_out, dtype=np.float64)
+    if mode in ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS"):
+        if n_out == 1:
+            src = np.full(1, (n_in - 1) / 2 if mode == "ALIGN_CORNERS" else 0.0)
+        else:
+            src = i * (n_in - 1) / (n_out - 1)
+    elif mode == "DEFAULT":
+        src = i * n_in / n_out
+    elif mode == "OFFSET_CORNERS":
+        delta = max(1, n_in - 1) / n_out
+        src = 0.5 * delta + i * delta
+    elif mode == "UNALIGN_CORNERS":
+        src = (i + 0.5) * n_in / n_out - 0.5
+    else:
+        raise ValueError(f"sampling mode {mode}")
+    return np.clip(src, 0, n_in - 1)
+
+
+def _resize(x, shape, resized_dims, interpolation_mode="LINEAR", sampling_mode="DEFAULT"):
+    x = f32(x)
+    if str(interpolation_mode) != "LINEAR":
+        raise ValueError(f"resize interpolation {interpolation_mode} is not implemented")
+    k = int(resized_dims)
+    target = [int(v) for v in np.asarray(shape).reshape(-1)][-k:]
+    out = x
+    for axis, size in zip(range(x.ndim - k, x.ndim), target):
+        n = out.shape[axis]
+        m = size or n
+        src = _grid(n, m, str(sampling_mode))
+        lo = np.floor(src).astype(np.int64)
+        hi = np.minimum(lo + 1, n - 1)
+        frac = (src - lo).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(out.ndim)])
+        out = np.take(out, lo, axis=axis) * (1 - frac) + np.take(out, hi, axis=axis) * frac
+    return out
+
+
 OPS = {
+    "resize": _resize,
     "matmul": _matmul,
     "linear": _linear,
     "conv": _conv,

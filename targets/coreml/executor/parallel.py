@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -31,6 +32,7 @@ import numpy as np
 MIN_FLOPS = 4_000_000
 MIN_ELEMENTS = 200_000
 
+_PREFIX = "edgeq-coreml"
 _pool: ThreadPoolExecutor | None = None
 _controller = None
 _memory_kept = False
@@ -52,17 +54,21 @@ def keep_freed_memory() -> None:
         pass
 
 
+MAX_WORKERS = 8  # beyond this the blocks of a transformer layer get too small to pay for the hand-off
+
+
 def workers() -> int:
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_WORKERS))
 
 
 def _get_pool() -> ThreadPoolExecutor | None:
     global _pool
     if _pool is None and workers() > 1:
-        _pool = ThreadPoolExecutor(workers(), thread_name_prefix="edgeq-coreml")
+        _pool = ThreadPoolExecutor(workers(), thread_name_prefix=_PREFIX)
     return _pool
 
 
@@ -86,8 +92,8 @@ def _blocks(n: int, parts: int) -> list[tuple[int, int]]:
 def rows(fn, n: int, work: int, min_work: int) -> None:
     """Call ``fn(start, stop)`` over row blocks covering ``range(n)``, on the pool when ``work`` is large."""
     pool = _get_pool()
-    if pool is None or work < min_work or n < 2:
-        fn(0, n)
+    if pool is None or work < min_work or n < 2 or threading.current_thread().name.startswith(_PREFIX):
+        fn(0, n)  # (inside a pool thread: never wait on the pool from it)
         return
     first, *rest = _blocks(n, min(workers(), n))
     futures = [pool.submit(fn, a, b) for a, b in rest]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from targets.coreml.lower.context import FP16_MAX, LoweringError, attr_str, attrs, is_known
+from targets.coreml.lower.context import FP16_MAX, Context, LoweringError, attr_str, attrs, is_known
 from targets.coreml.lower.registry import lowers
 
 
@@ -161,6 +161,26 @@ def _resize_check(node, deployment):
     return f"Resize mode {mode!r} is not supported"
 
 
+_FIX_SHAPES = "fix the input shapes (--shape AXIS=N) so the sizes fold, or build for Android only (--targets android)"
+# ONNX coordinate_transformation_mode -> MIL resize sampling_mode (coremltools' resize_bilinear notes)
+_SAMPLING = {"half_pixel": "UNALIGN_CORNERS", "pytorch_half_pixel": "UNALIGN_CORNERS",
+             "align_corners": "STRICT_ALIGN_CORNERS", "asymmetric": "DEFAULT"}
+
+
+def _resize_to(ctx: Context, node, x, sizes):
+    """Bilinear resize of the last two axes to sizes computed at run time (MIL iOS 17 ``resize``)."""
+    if attr_str(node, "mode", "nearest") != "linear":
+        raise LoweringError(node, "Resize nearest to sizes computed at run time is not supported", hint=_FIX_SHAPES)
+    if is_known(sizes):
+        hw = ctx.const(np.asarray(sizes, np.int64)[2:].astype(np.int32))
+    else:
+        hw = ctx.mb.slice_by_index(x=sizes, begin=np.array([2], np.int32), end=np.array([4], np.int32))
+        hw = ctx.mb.cast(x=hw, dtype="int32") if ctx.np_dtype(hw) != np.int32 else hw
+    ctm = attr_str(node, "coordinate_transformation_mode", "half_pixel")
+    return ctx.mb.resize(x=x, shape=hw, resized_dims=np.uint32(2), interpolation_mode="LINEAR",
+                         sampling_mode=_SAMPLING[ctm])
+
+
 @lowers("Resize", check=_resize_check)
 def _resize(ctx, node, ins):
     x = ins[0]
@@ -175,12 +195,13 @@ def _resize(ctx, node, ins):
         sh, sw = float(scales[2]), float(scales[3])
         if float(scales[0]) != 1 or float(scales[1]) != 1:
             raise LoweringError(node, "Resize of the batch or channel axis is not supported")
-    elif sizes is not None and is_known(sizes):
-        if xs[2] is None or xs[3] is None:
-            raise LoweringError(node, "Resize to fixed sizes needs fixed input shapes")
+    elif sizes is not None and is_known(sizes) and xs[2] is not None and xs[3] is not None:
         sh, sw = int(sizes[2]) / xs[2], int(sizes[3]) / xs[3]
+    elif sizes is not None:  # sizes known only at run time (e.g. a skip tensor's): iOS 17 resize
+        return [_resize_to(ctx, node, x, sizes)]
     else:
-        raise LoweringError(node, "Resize without constant scales or sizes is not supported")
+        raise LoweringError(node, "Resize with scales computed at run time is not supported",
+                            hint=_FIX_SHAPES)
     mode = attr_str(node, "mode", "nearest")
     ctm = attr_str(node, "coordinate_transformation_mode", "half_pixel")
     if mode == "nearest":

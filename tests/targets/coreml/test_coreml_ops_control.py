@@ -344,3 +344,29 @@ def test_lstm_with_int8_weights_from_dequantize_linear(tmp_path):
     got = ex.run(feed)
     for i, w in enumerate(want):
         assert sqnr_db(w, got[f"y{i}"]) >= 90
+
+
+RESIZE_TO_SKIP = """
+<ir_version: 10, opset_import: ["" : 17]>
+g (float[batch, 4, height, width] x, float[batch, 2, h2, w2] skip) => (float[A, B, C, D] y)
+{
+    nc = Shape <end = 2> (x)
+    hw = Shape <start = 2> (skip)
+    s = Concat <axis = 0> (nc, hw)
+    y = Resize <mode = "linear", coordinate_transformation_mode = "%s"> (x, "", "", s)
+}
+"""
+
+
+@pytest.mark.parametrize("ctm", ["half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel"])
+def test_resize_to_a_size_known_at_run_time(ctm, tmp_path):
+    """CRAFT's upsampling to a skip tensor's size (F.interpolate(size=skip.shape[2:])): MIL resize."""
+    model = onnx.parser.parse_model(RESIZE_TO_SKIP % ctm)
+    onnx.checker.check_model(model, full_check=True)
+    ex, _, facts, _ = package_and_load(model, tmp_path, compute="fp32")
+    assert "resize" in facts["mil_ops"]
+    for (h, w), (h2, w2) in (((5, 7), (10, 14)), ((6, 4), (11, 9)), ((8, 8), (3, 5))):
+        feed = {"x": rng_array((2, 4, h, w), h), "skip": rng_array((2, 2, h2, w2), w)}
+        got = ex.run(feed)["y"]
+        want = ort_run(model, feed)[0]
+        assert got.shape == want.shape and sqnr_db(want, got) >= 90, (h, w, h2, w2)
