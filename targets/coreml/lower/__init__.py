@@ -96,7 +96,7 @@ def unsupported_nodes(model: onnx.ModelProto, *, deployment: int,
             problems.append((node, reason, context.DEFAULT_HINT))
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
             init = inits[node.input[0]]
-            why = quant.weight_problem(init, deployment)
+            why = quant.weight_problem(init, deployment) or quant.scale_problem(node, init, inits.get(node.input[1]))
             if why:
                 problems.append((node, why[0], why[1]))
 

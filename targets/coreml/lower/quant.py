@@ -60,6 +60,27 @@ def weight_problem(init: onnx.TensorProto, deployment: int) -> tuple[str, str] |
     return None
 
 
+def scale_problem(node, data: onnx.TensorProto, scale: onnx.TensorProto | None) -> tuple[str, str] | None:
+    """Why a weight's per-axis scale does not fit it (one scale per index of the axis), or None.
+
+    Core ML infers blocks from the data and scale shapes, so 4 scales for 8 channels would silently
+    become blocks of 2; ONNX (and ONNX Runtime) refuse such a per-axis DequantizeLinear."""
+    if scale is None or len(scale.dims) != 1 or attrs(node).get("block_size"):
+        return None
+    axis = int(attrs(node).get("axis", 1))
+    axis = axis + len(data.dims) if axis < 0 else axis
+    if 0 <= axis < len(data.dims) and scale.dims[0] != data.dims[axis]:
+        return _scale_mismatch(scale.dims[0], data.dims[axis], axis), _INVALID_QDQ
+    return None
+
+
+_INVALID_QDQ = "the QDQ ONNX is invalid (ONNX Runtime refuses it too): quantize the model again with edgeq"
+
+
+def _scale_mismatch(n_scales: int, n: int, axis: int) -> str:
+    return f"per-axis scale has {n_scales} values for the {n} indices of axis {axis}"
+
+
 def _qparams(ctx: Context, node, ins):
     scale = ins[1]
     zp = ins[2] if len(ins) > 2 else None
@@ -149,6 +170,8 @@ def _weight(ctx: Context, node, x: np.ndarray, scale: np.ndarray, zp, axis: int,
         raise LoweringError(node, "int4 block weights need iOS 18 (constexpr_blockwise_shift_scale)",
                             hint="package for ios18, or quantize with --profile ios17")
     shape = tuple(data.shape)
+    if scale.ndim == 1 and not block and scale.size != shape[axis]:
+        raise LoweringError(node, _scale_mismatch(scale.size, shape[axis], axis), hint=_INVALID_QDQ)
     pad = 0
     if block and data.shape[axis] % block and data.shape[axis] > block:
         # Core ML infers the block from data/scale shapes: store whole blocks (zeros appended along

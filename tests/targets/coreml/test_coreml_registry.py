@@ -47,3 +47,27 @@ def test_preflight_checks_the_opset_against_its_own_profile():
     assert [p.op_type for p in problems] == ["model"]
     assert "opset 21" in problems[0].message and "≤ 20" in problems[0].message
     onnx.checker.check_model(model)
+
+
+@pytest.mark.parametrize("scales", [4, 5])
+def test_per_axis_scale_of_the_wrong_length_fails_preflight(scales, tmp_path):
+    """4 scales for 8 channels must not become blocks of 2 (Core ML infers blocks from shapes)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from edgeq.errors import UnsupportedError
+
+    q = numpy_helper.from_array(np.arange(-32, 32, dtype=np.int8).reshape(8, 8), "wq")
+    s = numpy_helper.from_array(np.full(scales, 0.01, np.float32), "ws")
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=1, name="w_dq"),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])], [q, s])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    problems = IOS18Target().preflight(model)
+    assert [(p.node, p.op_type) for p in problems] == [("w_dq", "DequantizeLinear")]
+    assert f"{scales} values for the 8 indices of axis 1" in problems[0].message
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(UnsupportedError, match="w_dq"):
+        IOS18Target().package(path, tmp_path / "pkg")
