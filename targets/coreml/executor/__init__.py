@@ -283,7 +283,6 @@ class Executor:
         unknown = sorted(set(force) - self._computed)
         if unknown:
             raise InputError(f"cannot force {', '.join(unknown[:5])}: not computed by the program")
-        parallel.use_threads(not parallel.machine_is_busy())
         with parallel.single_threaded_blas():
             env = self._run(feeds, force)
         result = {}

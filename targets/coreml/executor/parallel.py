@@ -34,7 +34,6 @@ MIN_ELEMENTS = 200_000
 
 _PREFIX = "edgeq-coreml"
 _pool: ThreadPoolExecutor | None = None
-_enabled = True
 _controller = None
 _memory_kept = False
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -66,25 +65,8 @@ def workers() -> int:
     return max(1, min(n, MAX_WORKERS))
 
 
-def machine_is_busy() -> bool:
-    """Whether the machine already has a runnable thread per core (1-minute load average): measured on
-    a shared 2-core machine at load 10, splitting cost 12 % more CPU time and 14 % more wall time."""
-    try:
-        return os.getloadavg()[0] >= workers()
-    except OSError:  # no load average (Windows)
-        return False
-
-
-def use_threads(on: bool) -> None:
-    """Split work over the pool (True) or run every block on the calling thread (False)."""
-    global _enabled
-    _enabled = on
-
-
 def _get_pool() -> ThreadPoolExecutor | None:
     global _pool
-    if not _enabled:
-        return None
     if _pool is None and workers() > 1:
         _pool = ThreadPoolExecutor(workers(), thread_name_prefix=_PREFIX)
     return _pool

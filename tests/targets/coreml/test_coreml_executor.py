@@ -87,7 +87,6 @@ def _always_split(monkeypatch):
     monkeypatch.setattr(parallel, "MIN_FLOPS", 0)
     monkeypatch.setattr(parallel, "MIN_ELEMENTS", 0)
     monkeypatch.setattr(parallel, "workers", lambda: 3)  # an odd block count: uneven blocks
-    monkeypatch.setattr(parallel, "machine_is_busy", lambda: False)  # (a loaded test machine runs inline)
     monkeypatch.setattr(parallel, "_pool", None)
 
 
@@ -97,22 +96,6 @@ def split(request, monkeypatch):
     if request.param == "always split":
         _always_split(monkeypatch)
     return request.param
-
-
-def test_the_pool_really_runs_blocks_when_told_to(monkeypatch):
-    """The split the fast-path tests force does reach the pool's threads."""
-    import threading
-
-    _always_split(monkeypatch)
-    seen = []
-
-    def block(a, b):
-        seen.append((a, b, threading.current_thread().name))
-
-    parallel.use_threads(True)
-    parallel.rows(block, 9, 1, 0)
-    assert sorted((a, b) for a, b, _ in seen) == [(0, 3), (3, 6), (6, 9)]
-    assert {name.startswith("edgeq-coreml") for _, _, name in seen} == {True, False}  # the caller and the pool
 
 
 def _both(pkg):
