@@ -98,6 +98,21 @@ def split(request, monkeypatch):
     return request.param
 
 
+def test_the_pool_really_runs_blocks_when_told_to(monkeypatch):
+    """The split the fast-path tests force does reach the pool's threads."""
+    import threading
+
+    _always_split(monkeypatch)
+    seen = []
+
+    def block(a, b):
+        seen.append((a, b, threading.current_thread().name))
+
+    parallel.rows(block, 9, 1, 0)
+    assert sorted((a, b) for a, b, _ in seen) == [(0, 3), (3, 6), (6, 9)]
+    assert {name.startswith("edgeq-coreml") for _, _, name in seen} == {True, False}  # the caller and the pool
+
+
 def _both(pkg):
     return Executor.from_package(pkg, fast=True), Executor.from_package(pkg, fast=False)
 
