@@ -5,6 +5,8 @@
 - :mod:`.build` — ``ct.convert`` of that program, metadata, save.
 - :mod:`.executor` — runs a saved ``.mlpackage`` op by op in numpy (the ``.mlpackage`` runner
   of ``edgeq validate``); :mod:`.runner` wraps it.
+- :mod:`.acceptance` — when a W8A8 package counts as computing what its QDQ ONNX computes
+  (segments between quantization points, fidelity next to the QDQ ONNX's).
 - :mod:`.profile` — what iOS 17 and iOS 18 run, for the quantization plan.
 """
 

@@ -65,7 +65,7 @@ def _input_types(ct, low: Lowered) -> list:
                 lo, hi = low.flexible[d]
                 dims.append(ct.RangeDim(lower_bound=lo, upper_bound=hi, default=lo))
         dtype = np.float32 if spec.coreml_dtype == "float32" else np.int32
-        out.append(ct.TensorType(name=spec.mil_name, shape=ct.Shape(dims), dtype=dtype))
+        out.append(ct.TensorType(name=spec.mil_name, shape=ct.Shape(dims or [1]), dtype=dtype))  # a scalar as [1]
     return out
 
 

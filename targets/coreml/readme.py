@@ -42,6 +42,7 @@ def render(manifest: dict) -> str:
         flex_note = (f"\nFlexible axes: {axes}. Any size in range runs on the CPU and GPU; for the Neural Engine "
                      "package with fixed sizes (`edgeq package --shape AXIS=SIZE`, or `shapes={...}` from Python), "
                      "e.g. a sentence encoder padded to 128 tokens.\n")
+    w8a8_note = _W8A8_NOTE if q.get("activation_qdq") else ""
     return f"""# {model_file}
 
 Core ML ML program built by edgeq {manifest.get('edgeq_version', '')} from `{manifest.get('source_model', '')}`
@@ -61,7 +62,7 @@ stored as constexpr ops carrying exactly the integers and float32 scales of the 
 | name | type | shape |
 |---|---|---|
 {rows_out}
-{flex_note}
+{flex_note}{w8a8_note}
 ## Use it from Swift
 
 Add `{model_file}` to the Xcode target (Xcode compiles it and generates the `{cls}` class), or
@@ -88,6 +89,20 @@ func run{cls.capitalize()}() throws -> MLMultiArray {{
 ## Files
 
 `manifest.json` lists every file with its sha256 and how the package was built.
+"""
+
+
+_W8A8_NOTE = """
+## Why this package is ~30 dB from its QDQ ONNX (W8A8)
+
+Core ML runs the program in fp16: every activation is rounded to 11 significant bits before it is
+quantized to 8. A value within that rounding of a code boundary gets the neighbouring code (about
+1 % of the codes of a layer), and every later quantized layer carries the difference on, so the
+outputs end about 30 dB from the exact float32 QDQ math (MiniLM 30.0 dB, EfficientNet-Lite0
+30.6 dB; fp32 compute 35-36 dB; ONNX Runtime's own int8 kernels 32-36 dB). No fp16 run can do
+better, and it costs no accuracy: edgeq accepts the package when each segment between two
+quantization points, fed the QDQ ONNX's own values, matches it at 50 dB or more (measured 58-60 dB)
+and its fidelity to the float model is within 1 dB SQNR and 0.002 cosine of the QDQ ONNX's.
 """
 
 

@@ -28,11 +28,11 @@ class MLPackageRunner(Runner):
     kind = "coreml-reference"
 
     def __init__(self, path: str | os.PathLike):
-        from targets.coreml.executor import Executor, load_program
+        from targets.coreml.executor import Executor, read_program
 
         self.path = Path(path)
         super().__init__(self.path.name)
-        prog, spec = load_program(self.path)
+        prog, spec = read_program(self.path)
         self.executor = Executor(prog)
         meta = dict(spec.description.metadata.userDefined)
         self.precision = meta.get("edgeq.compute_precision", "unknown")
@@ -72,7 +72,7 @@ class MLPackageRunner(Runner):
                 x = x.astype(np.int32)
             else:
                 x = x.astype(np.float32)
-            feeds[i["coreml_name"]] = x
+            feeds[i["coreml_name"]] = x.reshape(1) if x.ndim == 0 else x  # Core ML takes a scalar as [1]
         return feeds
 
     def describe(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -12,7 +13,7 @@ from edgeq.errors import InputError
 from targets.base import Problem, Target
 from targets.coreml import profile as profiles
 from targets.coreml.lower import LoweringError, unsupported_nodes
-from targets.coreml.lower.context import mil_name
+from targets.coreml.lower.context import axis_name, mil_name
 
 COMPUTE = ("fp16", "fp32")
 
@@ -33,7 +34,7 @@ class CoreMLTarget(Target):
     """
 
     deployment = 18
-    OPTIONS = {"compute": "fp16 | fp32", "shapes": "{axis: size | (lower, upper)}"}
+    OPTIONS: ClassVar[dict[str, str]] = {"compute": "fp16 | fp32", "shapes": "{axis: size | (lower, upper)}"}
 
     def __init__(self, *, compute: str = "fp16", shapes: Mapping[str, int | tuple[int, int]] | None = None,
                  **unknown):
@@ -47,7 +48,7 @@ class CoreMLTarget(Target):
         self.compute = compute
         self.shapes = {axis: _axis_option(axis, v) for axis, v in (shapes or {}).items()}
 
-    def configure(self, **options) -> "CoreMLTarget":
+    def configure(self, **options) -> CoreMLTarget:
         """A copy of this target with ``options`` changed (validated like the constructor's)."""
         return type(self)(**{"compute": self.compute, "shapes": self.shapes, **options})
 
@@ -58,19 +59,27 @@ class CoreMLTarget(Target):
     def preflight(self, model: onnx.ModelProto) -> list[Problem]:
         self._check_axes(model)
         problems = [Problem(n.name, n.op_type, reason, hint)
-                    for n, reason, hint in unsupported_nodes(model, deployment=self.deployment)]
+                    for n, reason, hint in unsupported_nodes(model, deployment=self.deployment, shapes=self.shapes)]
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        if opset > profiles.MAX_OPSET:
+        if opset > self.profile.max_opset:
             problems.append(Problem("", "model", f"ONNX opset {opset} is newer than the lowering knows "
-                                                 f"(≤ {profiles.MAX_OPSET})"))
+                                                 f"(≤ {self.profile.max_opset})",
+                                    f"export the model at opset {self.profile.max_opset} or lower, or convert "
+                                    "it with onnx.version_converter"))
         return problems
+
+    @staticmethod
+    def _axis_names(model: onnx.ModelProto) -> set[str]:
+        """The model's dynamic axes, by the names ``shapes`` takes (see lower.context.axis_name)."""
+        inits = {i.name for i in model.graph.initializer}
+        return {axis_name(vi.name, i, d)
+                for vi in model.graph.input if vi.name not in inits
+                for i, d in enumerate(vi.type.tensor_type.shape.dim)
+                if not (d.HasField("dim_value") and d.dim_value > 0)}
 
     def _check_axes(self, model: onnx.ModelProto) -> None:
         """Every axis named in ``shapes`` must be a dynamic axis of a model input."""
-        inits = {i.name for i in model.graph.initializer}
-        axes = {d.dim_param or f"{vi.name}_dim{i}"
-                for vi in model.graph.input if vi.name not in inits
-                for i, d in enumerate(vi.type.tensor_type.shape.dim) if not d.HasField("dim_value")}
+        axes = self._axis_names(model)
         unknown = sorted(set(self.shapes) - axes)
         if unknown:
             raise InputError(f"the model has no dynamic axis {', '.join(repr(a) for a in unknown)} (shapes option)",

@@ -1,137 +1,343 @@
 """A reference executor for saved Core ML ML programs: MIL semantics, op by op, in numpy.
 
 It reads the ``.mlpackage`` a user ships (its ``model.mlmodel`` program and ``weights/``
-file, through coremltools' milproto loader) and runs every operation in order. Precision
-follows the program: each op computes in float32 from its (possibly fp16) inputs and its result
-is rounded to the dtype the program declares for that output — fp16 storage with fp32
-arithmetic inside an op, which is how Core ML's GPU and Neural Engine kernels behave. Constexpr
-weights are expanded exactly (int8/int4 codes times float32 scales).
+file, see :mod:`.program`) and runs every operation in order. Precision follows the program:
+each op computes in float32 from its (possibly fp16) inputs and its result is rounded to the
+dtype the program declares for that output — fp16 storage with fp32 arithmetic inside an op,
+which is how Core ML's GPU and Neural Engine kernels behave. Constexpr weights are expanded
+exactly (int8/int4 codes times float32 scales), once, when the program is loaded.
+
+Two ways to hold an fp16 program's tensors, with the same op implementations:
+
+- ``fast=True`` (the default): as float32 arrays whose values are float16 numbers (each op's
+  result is rounded with :func:`.fp16.round_fp16`, bit-identical to a float16 cast); ops that
+  only move or select values (reshape, gather, max, ...) are not rounded again; constant matmul
+  weights are laid out once for BLAS; large products and roundings are split over threads
+  (:mod:`.parallel`). No float16 array is converted on the way into an op.
+- ``fast=False``: as float16 arrays, every op's inputs cast up and its output cast down by
+  numpy: the plain reading of the semantics, kept to check the fast path against.
 
 An op this executor does not know fails by name; nothing is skipped.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgeq._quiet import quiet
 from edgeq.errors import InputError, UnsupportedError
-from targets.coreml.executor import ops_math, ops_nn, ops_tensor
+from targets.coreml.executor import ops_math, ops_nn, ops_rnn, ops_tensor, parallel
+from targets.coreml.executor.fp16 import round_fp16
+from targets.coreml.executor.program import Const, Program, load_spec, read_program, weights_dir
 
-OPS = {**ops_math.OPS, **ops_tensor.OPS, **ops_nn.OPS}
+OPS = {**ops_math.OPS, **ops_tensor.OPS, **ops_nn.OPS, **ops_rnn.OPS}
 
-_DTYPES = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int32": np.int32, "int16": np.int16,
-           "int8": np.int8, "uint8": np.uint8, "uint16": np.uint16, "bool": np.bool_, "int64": np.int64}
+# how an op's fp16 result is rounded on the fast path: not at all (its values already are fp16
+# values), Veltkamp's passes only (nonzero results are known to be normal fp16 numbers), in full
+EXACT, NORMAL, FULL = "exact", "normal", "full"
 
+# ops whose float outputs are elements of their float inputs (or of constants of the same dtype):
+# on fp16-valued inputs they need no rounding
+VALUE_PRESERVING = frozenset({
+    "reshape", "transpose", "concat", "slice_by_index", "slice_by_size", "gather", "gather_along_axis",
+    "gather_nd", "squeeze", "expand_dims", "split", "tile", "pad", "identity", "relu", "maximum", "minimum",
+    "select", "clip", "reduce_max", "reduce_min", "max_pool", "upsample_nearest_neighbor", "fill", "reverse",
+    "pixel_shuffle", "pixel_unshuffle", "stack",
+})
 
-def weights_dir(package: Path) -> Path:
-    return package / "Data" / "com.apple.CoreML" / "weights"
+__all__ = ["OPS", "Executor", "load_program", "read_program", "weights_dir"]
 
 
 def load_program(package: str | os.PathLike):
-    """The MIL program and the Core ML spec of a saved ``.mlpackage``."""
+    """The package's program as coremltools' PyMIL ``Program`` (for inspection), and its spec."""
     p = Path(package)
-    if not (p / "Manifest.json").exists():
-        raise InputError(f"{p} is not an .mlpackage (no Manifest.json)", hint="give the .mlpackage folder")
+    spec = load_spec(p)
     with quiet():
-        import coremltools as ct
         from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
 
-        spec = ct.utils.load_spec(str(p))
-        if spec.WhichOneof("Type") != "mlProgram":
-            raise InputError(f"{p} holds a {spec.WhichOneof('Type')} model, not an ML program")
         prog = milproto_load(spec, spec.specificationVersion, file_weights_dir=str(weights_dir(p)))
     return prog, spec
 
 
+@dataclass
+class _Step:
+    """One op, ready to run: its constant arguments bound, the others named."""
+
+    op: object  # the program.Operation (for error messages)
+    fn: object
+    consts: dict  # parameter -> value
+    vars: list  # (parameter, value name | tuple of value names)
+    outs: list  # (value name, numpy dtype | None, fp16 rounding: EXACT (none needed) | NORMAL | FULL)
+    split: tuple | None = None  # ("elementwise", operand params) | ("rows", axis param): may run in blocks
+
+
 class Executor:
-    """Runs the ``main`` function of a MIL program on numpy feeds (by Core ML feature name)."""
+    """Runs one function of an ML program (:class:`.program.Program`) on numpy feeds by Core ML name."""
 
-    def __init__(self, program):
-        from coremltools.converters.mil.mil import types
-
-        self._types = types
-        self.func = program.functions["main"]
-        self.ops = list(self.func.operations)
+    def __init__(self, program: Program, *, fast: bool = True):
+        self.fast = fast
+        if fast:
+            parallel.keep_freed_memory()
+        self.ops = program.operations
         missing = sorted({op.op_type for op in self.ops if op.op_type not in OPS and op.op_type != "const"})
         if missing:
             raise UnsupportedError(f"the reference executor has no implementation of MIL {', '.join(missing)}",
-                                   hint="add them to targets/coreml/executor")
-        self.input_dtypes = {n: self._np(v.dtype) for n, v in self.func.inputs.items()}
-        self.output_names = [v.name for v in self.func.outputs]
-        self._consts = {}
-        self._steps = []
-        for op in self.ops:  # ops that read only constants (constexpr weights and their casts) run once
-            if op.op_type == "const":
-                self._consts[op.outputs[0].name] = op.outputs[0].val
-            elif op.inputs and all(v.name in self._consts for v in self._vars(op)):
-                self._execute(op, self._consts)
-            else:
-                self._steps.append(op)
+                                   hint="package for Android instead (--targets android)")
+        self.input_dtypes = {n: v.dtype for n, v in program.inputs.items()}
+        self.output_names = list(program.outputs)
+        self._dtypes = {v.name: v.dtype for op in self.ops for v in op.outputs}
+        self._dtypes.update(self.input_dtypes)
+        self._consts: dict[str, np.ndarray] = {}
+        self._mixed: dict[str, np.ndarray] = {}  # constants read by name: in a list mixing them with variables
+        self._steps: list[_Step] = []
+        with parallel.single_threaded_blas():
+            for op in self.ops:  # ops that read only constants (constexpr weights and their casts) run once
+                if op.op_type == "const":
+                    self._consts[op.outputs[0].name] = self._hold(op.val, op.outputs[0].dtype)
+                    continue
+                step = self._compile(op)
+                if not step.vars:
+                    self._run_step(step, self._consts)
+                else:
+                    self._steps.append(step)
+        if fast:
+            for step in self._steps:
+                if step.op.op_type == "matmul":
+                    _prepare_matmul(step)
+                kind = step.op.op_type
+                if kind == "dequantize" and _normal_products(step, self._dtypes):
+                    step.outs[0] = (*step.outs[0][:2], NORMAL)
+                if len(step.outs) == 1 and step.outs[0][1] is not None:
+                    if kind in ops_math.ELEMENTWISE:
+                        step.split = ("elementwise", ops_math.ELEMENTWISE[kind])
+                    elif kind in ops_math.ROWWISE:
+                        step.split = ("rows", ops_math.ROWWISE[kind])
+        self._computed = {name for s in self._steps for name, _, _ in s.outs}
 
-    @staticmethod
-    def _vars(op):
-        for v in op.inputs.values():
-            yield from (v if isinstance(v, (list, tuple)) else [v])
-
-    def _execute(self, op, env: dict) -> None:
-        args = {}
-        for param, v in op.inputs.items():
-            args[param] = [env[x.name] for x in v] if isinstance(v, (list, tuple)) else env[v.name]
-        try:
-            out = OPS[op.op_type](**args)
-        except Exception as e:
-            raise UnsupportedError(f"reference executor: MIL op {op.name!r} ({op.op_type}) failed: "
-                                   f"{type(e).__name__}: {str(e)[:200]}") from e
-        outs = out if isinstance(out, (list, tuple)) else [out]
-        for var, val in zip(op.outputs, outs):
-            dtype = self._np(var.dtype)
-            val = np.asarray(val)
-            if dtype is not None and val.dtype != dtype:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    val = val.astype(dtype)
-            env[var.name] = val
+    @property
+    def computed(self) -> frozenset[str]:
+        """Names of the values the program computes per run (those ``run`` can force)."""
+        return frozenset(self._computed)
 
     @classmethod
-    def from_package(cls, package: str | os.PathLike) -> "Executor":
-        prog, _ = load_program(package)
-        return cls(prog)
+    def from_package(cls, package: str | os.PathLike, *, fast: bool = True) -> Executor:
+        prog, _ = read_program(package)
+        return cls(prog, fast=fast)
 
-    def _np(self, builtin):
-        name = self._types.builtin_to_string(builtin)
-        return _DTYPES.get(name, np.int8 if name in ("int4", "uint4") else None)
+    # --- building ----------------------------------------------------------------------------
+
+    def _const_of(self, ref):
+        """The value of a constant argument, or None when ``ref`` names a computed value."""
+        if isinstance(ref, Const):
+            return (self._hold(ref.val, None),)
+        if ref in self._consts:
+            return (self._consts[ref],)
+        return None
+
+    def _compile(self, op) -> _Step:
+        consts, names = {}, []
+        float_in = set()
+        for param, ref in op.inputs.items():
+            group = list(ref) if isinstance(ref, list) else None
+            members = group if group is not None else [ref]
+            float_in |= {self._dtypes.get(m) if isinstance(m, str) else _dtype_of(m.val) for m in members}
+            known = [self._const_of(m) for m in members]
+            if all(k is not None for k in known):
+                vals = [k[0] for k in known]
+                consts[param] = vals if group is not None else vals[0]
+                continue
+            if group is None:
+                names.append((param, ref))
+                continue
+            refs = []
+            for i, (m, k) in enumerate(zip(members, known)):
+                if k is None:
+                    refs.append(m)
+                else:  # a constant among variables: read by a name of its own
+                    key = m if isinstance(m, str) else f"{op.name}/{param}/{i}"
+                    self._mixed[key] = k[0]
+                    refs.append(key)
+            names.append((param, tuple(refs)))
+        float_in = {d for d in float_in if d is not None and np.dtype(d).kind == "f"}
+        outs = []
+        for var in op.outputs:
+            exact = op.op_type in VALUE_PRESERVING and float_in <= {var.dtype}
+            outs.append((var.name, var.dtype, EXACT if exact else FULL))
+        return _Step(op, OPS[op.op_type], consts, names, outs)
+
+    # --- values ------------------------------------------------------------------------------
+
+    def _hold(self, val, dtype):
+        """A constant as this executor holds values of ``dtype`` (strings and lists as they are)."""
+        if not isinstance(val, (np.ndarray, np.generic, int, float, bool)):
+            return val
+        val = np.asarray(val)
+        if self.fast and (dtype == np.float16 or (dtype is None and val.dtype == np.float16)):
+            return np.ascontiguousarray(val, dtype=np.float32) if val.dtype == np.float16 else round_fp16(val)
+        return val.astype(dtype) if dtype is not None and val.dtype != dtype else val
+
+    def _convert(self, val, dtype, rounding: str, *, threads: bool = True) -> np.ndarray:
+        """An op's result as held for a value of the program's ``dtype``."""
+        val = np.asarray(val)
+        if self.fast and dtype == np.float16:
+            if val.dtype == np.float32 and rounding == EXACT:
+                return val
+            if val.dtype == np.float16:
+                return val.astype(np.float32)
+            out = val if _fresh(val) else np.empty(val.shape, np.float32)
+            fn = functools.partial(round_fp16, normal=rounding == NORMAL)
+            if threads:
+                return parallel.map_flat(fn, val, out)
+            return fn(val, out=out)
+        if dtype is not None and val.dtype != dtype:
+            with np.errstate(over="ignore", invalid="ignore"):
+                return val.astype(dtype)
+        return val
+
+    def _held_dtype(self, dtype):
+        return np.float32 if self.fast and dtype == np.float16 else dtype
+
+    def _run_step(self, step: _Step, env: dict) -> None:
+        args = dict(step.consts)
+        for param, name in step.vars:
+            args[param] = env[name] if isinstance(name, str) else [env[n] for n in name]
+        if step.split is not None:
+            out = self._run_split(step, args)
+            if out is not None:
+                env[step.outs[0][0]] = out
+                return
+        out = self._call(step, args)
+        if len(step.outs) == 1:
+            name, dtype, rounding = step.outs[0]
+            env[name] = self._convert(out[0] if isinstance(out, (list, tuple)) else out, dtype, rounding)
+            return
+        for (name, dtype, rounding), val in zip(step.outs, out):
+            env[name] = self._convert(val, dtype, rounding)
+
+    def _run_split(self, step: _Step, args: dict) -> np.ndarray | None:
+        """Run a large elementwise or row-wise op in blocks along its first non-unit axis, on threads;
+        None when the op is small or its arguments do not split that way."""
+        kind, which = step.split
+        operands = ("x",) if kind == "rows" else which
+        arrays = {p: args[p] for p in operands if isinstance(args.get(p), np.ndarray)}
+        if len(arrays) != len(operands):
+            return None
+        shape = np.broadcast_shapes(*(v.shape for v in arrays.values()))
+        size = int(np.prod(shape))
+        if size < parallel.MIN_ELEMENTS:
+            return None
+        axis = next((i for i, d in enumerate(shape) if d > 1), None)
+        if axis is None:
+            return None
+        if kind == "rows":
+            reduced = args.get(which)
+            reduced = range(len(shape)) if reduced is None else [int(a) % len(shape) for a in np.atleast_1d(reduced)]
+            if axis in reduced:
+                return None
+        elif any(isinstance(v, np.ndarray) and v.ndim > 0 for p, v in args.items() if p not in arrays):
+            return None  # e.g. a per-channel quantize scale: the op lays it out itself
+        _, dtype, rounding = step.outs[0]
+        out = np.empty(shape, self._held_dtype(dtype))
+
+        def block(lo, hi):
+            part = dict(args)
+            for p, v in arrays.items():
+                i = axis - (len(shape) - v.ndim)
+                if i >= 0 and v.shape[i] == shape[axis]:
+                    part[p] = v[(slice(None),) * i + (slice(lo, hi),)]
+            dst = out[(slice(None),) * axis + (slice(lo, hi),)]
+            val = self._call(step, part)
+            if self.fast and dtype == np.float16 and rounding != EXACT and np.asarray(val).dtype == np.float32:
+                round_fp16(val, out=dst, normal=rounding == NORMAL)
+            else:
+                dst[...] = self._convert(val, dtype, rounding, threads=False)
+
+        parallel.rows(block, shape[axis], size, parallel.MIN_ELEMENTS)
+        return out
+
+    def _call(self, step: _Step, args: dict):
+        try:
+            return step.fn(**args)
+        except Exception as e:
+            op = step.op
+            raise UnsupportedError(f"reference executor: MIL op {op.name!r} ({op.op_type}) failed: "
+                                   f"{type(e).__name__}: {str(e)[:200]}") from e
+
+    # --- running -----------------------------------------------------------------------------
 
     def run(self, feeds: dict[str, np.ndarray], *, keep: set[str] | None = None,
             force: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Outputs (and the values named in ``keep``) for one set of inputs.
+        """Outputs (and the values named in ``keep``) for one set of inputs, in their declared dtypes.
 
         ``force`` replaces the values it names as soon as they are computed (cast to the
         program's dtype for them): a teacher-forced run, e.g. every activation ``dequantize``
         output set to the reference run's, so that each segment between two quantization points
         is compared on its own.
         """
-        env = dict(self._consts)
+        force = force or {}
+        unknown = sorted(set(force) - self._computed)
+        if unknown:
+            raise InputError(f"cannot force {', '.join(unknown[:5])}: not computed by the program")
+        with parallel.single_threaded_blas():
+            env = self._run(feeds, force)
+        result = {}
+        for n in [*self.output_names, *(keep or ())]:
+            if n not in env and n not in self._consts:
+                raise InputError(f"the program has no value {n!r}")
+            val = env[n] if n in env else self._consts[n]
+            # fast-path fp16 values are held as float32: give them back in the declared dtype
+            result[n] = val.astype(np.float16) if self.fast and self._dtypes.get(n) == np.float16 else val
+        return result
+
+    def _run(self, feeds, force) -> dict[str, np.ndarray]:
+        env = dict(self._mixed)
         for name, dtype in self.input_dtypes.items():
             if name not in feeds:
                 raise InputError(f"missing input {name!r}", hint=f"the model takes {', '.join(self.input_dtypes)}")
-            env[name] = np.asarray(feeds[name]).astype(dtype, copy=False)
-        force = force or {}
-        unknown = sorted(set(force) - {v.name for op in self._steps for v in op.outputs})
-        if unknown:
-            raise InputError(f"cannot force {', '.join(unknown[:5])}: not computed by the program")
-        for op in self._steps:
-            self._execute(op, env)
-            for var in op.outputs:
-                if var.name in force:
-                    want = np.asarray(force[var.name])
-                    if want.shape != env[var.name].shape:
-                        raise InputError(f"forced value {var.name!r} has shape {want.shape}, "
-                                         f"the program computes {env[var.name].shape}")
-                    env[var.name] = want.astype(env[var.name].dtype)
-        result = {n: env[n] for n in self.output_names}
-        for n in keep or ():
-            result[n] = env[n]
-        return result
+            env[name] = self._convert(np.asarray(feeds[name]).astype(dtype, copy=False), dtype, False)
+        for step in self._steps:
+            self._run_step(step, env)
+            if force:
+                for name, dtype, _ in step.outs:
+                    if name in force:
+                        want = np.asarray(force[name])
+                        if want.shape != env[name].shape:
+                            raise InputError(f"forced value {name!r} has shape {want.shape}, "
+                                             f"the program computes {env[name].shape}")
+                        env[name] = self._convert(want.astype(dtype), dtype, False)
+        return env
+
+
+def _normal_products(step: _Step, dtypes: dict) -> bool:
+    """Whether a dequantize's nonzero results are normal fp16 numbers: |q - zp| is 1..255 (8-bit
+    codes), so a scale of at least 2**-14 and at most 65504 / 256 keeps them in range."""
+    codes = dict(step.vars).get("input")
+    if codes is None or dtypes.get(codes) not in (np.int8, np.uint8):
+        return False
+    scale = step.consts.get("scale")
+    if scale is None or np.asarray(scale).dtype.kind != "f":
+        return False
+    a = np.abs(np.asarray(scale, np.float32))
+    return bool(a.size and a.min() >= 2.0**-14 and a.max() * 256 <= 65504)
+
+
+def _fresh(val: np.ndarray) -> bool:
+    """Whether an op's result is a new array of its own (safe to overwrite)."""
+    return val.flags.owndata and val.flags.writeable and val.flags.c_contiguous and val.dtype == np.float32
+
+
+def _dtype_of(val):
+    return val.dtype.type if isinstance(val, (np.ndarray, np.generic)) else None
+
+
+def _prepare_matmul(step: _Step) -> None:
+    """A constant ``y`` that the op transposes is stored transposed once (BLAS wants it contiguous)."""
+    y, ty = step.consts.get("y"), step.consts.get("transpose_y")
+    if y is not None and ty is not None and bool(ty) and y.ndim >= 2:
+        step.consts["y"] = np.ascontiguousarray(np.swapaxes(y, -1, -2))
+        step.consts["transpose_y"] = np.bool_(False)

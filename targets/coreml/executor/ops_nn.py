@@ -7,6 +7,7 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from targets.coreml.executor import parallel
 from targets.coreml.executor.ops_math import f32
 
 
@@ -25,8 +26,25 @@ def _matmul(x, y, transpose_x=False, transpose_y=False):
     # contiguous operands: numpy's matmul only calls BLAS on them (strided views take a slow loop)
     x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
     if x.ndim > 2 and y.ndim == 2:  # one 2-d product: much faster here than numpy's batched loop
-        return (x.reshape(-1, x.shape[-1]) @ y).reshape(*x.shape[:-1], y.shape[-1])
+        return _matmul_2d(x.reshape(-1, x.shape[-1]), y).reshape(*x.shape[:-1], y.shape[-1])
+    if x.ndim == 2 and y.ndim == 2:
+        return _matmul_2d(x, y)
+    if x.ndim == y.ndim > 2 and x.shape[:-2] == y.shape[:-2]:  # e.g. attention: blocks of the batch in parallel
+        lead = x.shape[:-2]
+        out = parallel.batched_matmul(x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]))
+        return out.reshape(*lead, *out.shape[-2:])
     return np.matmul(x, y)
+
+
+_SMALL_K = 16
+
+
+def _matmul_2d(x, y):
+    # OpenBLAS takes milliseconds for a reduction over a few channels (e.g. the low-rank
+    # "protected channels" products); numpy's own loop is many times faster there
+    if x.shape[1] <= _SMALL_K:
+        return np.einsum("ik,kj->ij", x, y)
+    return parallel.matmul_2d(x, y)
 
 
 def _linear(x, weight, bias=None):
@@ -82,6 +100,9 @@ def _windows(xp, kh, kw, dh, dw, sh, sw, oh, ow):
             yield i, j, xp[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
 
 
+_DEPTHWISE_BYTES = 1 << 17  # per accumulator: it and its temporary fit in a 1 MiB L2 cache with the input rows
+
+
 @_as_2d
 def _conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1):
     x, w = f32(x), f32(weight)
@@ -95,23 +116,46 @@ def _conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilati
     ow = (xp.shape[3] - keff[1]) // sw + 1
     g = int(groups)
     n, c = x.shape[:2]
-    if g == c and cg == 1:  # depthwise: one multiply-add per kernel offset
-        mult = n_out // c
-        out = np.zeros((n, n_out, oh, ow), np.float32)
-        for i, j, win in _windows(xp, kh, kw, dh, dw, sh, sw, oh, ow):
-            out += (np.repeat(win, mult, axis=1) if mult > 1 else win) * w[:, 0, i, j][None, :, None, None]
+    og = n_out // g
+    out = np.empty((n, n_out, oh, ow), np.float32)
+
+    mult = n_out // c
+
+    def depthwise(a, b):  # one multiply-add per kernel offset, a cache-sized group of channels at a time
+        chunk = max(1, _DEPTHWISE_BYTES // ((b - a) * oh * ow * 4))  # channels whose sums stay in cache
+        for c0 in range(0, c, chunk):
+            xs, ws = xp[a:b, c0 : c0 + chunk], w[c0 * mult : (c0 + chunk) * mult, 0]
+            acc = np.zeros((b - a, ws.shape[0], oh, ow), np.float32)
+            tmp = np.empty_like(acc)
+            for i, j, win in _windows(xs, kh, kw, dh, dw, sh, sw, oh, ow):
+                np.multiply(np.repeat(win, mult, axis=1) if mult > 1 else win, ws[:, i, j][None, :, None, None],
+                            out=tmp)
+                acc += tmp
+            out[a:b, c0 * mult : (c0 + chunk) * mult] = acc
+
+    def dense(a, b):  # per group, one product over (channels, kernel rows, kernel columns)
+        # every output position's receptive field, as a strided view: (batch, c, oh, ow, kh, kw)
+        win = sliding_window_view(xp[a:b], tuple(keff), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+        for k in range(g):
+            part = np.tensordot(win[:, k * cg : (k + 1) * cg], w[k * og : (k + 1) * og], axes=([1, 4, 5], [1, 2, 3]))
+            out[a:b, k * og : (k + 1) * og] = part.transpose(0, 3, 1, 2)
+
+    def pointwise(a, b):  # 1x1, stride 1: W (out, in) times each image's (in, pixels), no copies
+        x2 = xp[a:b].reshape(b - a, c, oh * ow)
+        o2 = out[a:b].reshape(b - a, n_out, oh * ow)
+        for k in range(g):
+            np.matmul(w[k * og : (k + 1) * og, :, 0, 0], x2[:, k * cg : (k + 1) * cg], out=o2[:, k * og : (k + 1) * og])
+
+    if g == c > 1 and cg == 1:
+        kernel = depthwise
+    elif kh == kw == 1 and sh == sw == 1 and xp.shape[2:] == (oh, ow) and cg * kh * kw > 16:
+        kernel = pointwise
     else:
-        og = n_out // g
-        if kh == kw == 1:
-            cols = xp[:, :, : sh * (oh - 1) + 1 : sh, : sw * (ow - 1) + 1 : sw].reshape(n, c, oh * ow)
-        else:
-            cols = np.stack([win for _, _, win in _windows(xp, kh, kw, dh, dw, sh, sw, oh, ow)], axis=2)
-            cols = cols.reshape(n, c * kh * kw, oh * ow)
-        per = cg * kh * kw
-        parts = [w[k * og : (k + 1) * og].reshape(og, per) @ cols[:, k * per : (k + 1) * per] for k in range(g)]
-        out = np.concatenate(parts, axis=1).reshape(n, n_out, oh, ow)
+        kernel = dense
+    # batch blocks on the thread pool (a block computes all of its own outputs)
+    parallel.rows(kernel, n, 2 * out.size * cg * kh * kw, parallel.MIN_FLOPS)
     if bias is not None:
-        out = out + f32(bias)[None, :, None, None]
+        out += f32(bias)[None, :, None, None]
     return out
 
 
@@ -163,10 +207,15 @@ def _pool(kind):
             pads = [(a, b + e) for (a, b), e in zip(pads, extra)]
         fill = -np.inf if kind == "max" else 0.0
         xp = np.pad(x, [(0, 0), (0, 0), *pads], constant_values=fill)
-        win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+        oh, ow = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+        # one elementwise max / add per kernel offset over strided views: numpy's reductions over the
+        # window axes of a sliding view are several times slower (GELU-free CNNs spend most time here)
+        views = (v for _, _, v in _windows(xp, kh, kw, 1, 1, sh, sw, oh, ow))
+        total = np.array(next(views), dtype=np.float32, copy=True)
+        for v in views:
+            (np.maximum if kind == "max" else np.add)(total, v, out=total)
         if kind == "max":
-            return win.max(axis=(-1, -2))
-        total = win.sum(axis=(-1, -2))
+            return total
         if exclude_padding_from_average:
             ones = np.pad(np.ones(x.shape[2:], np.float32), pads)
             count = sliding_window_view(ones, (kh, kw))[::sh, ::sw].sum(axis=(-1, -2))
@@ -181,7 +230,7 @@ def _nearest(x, scale_factor_height=1, scale_factor_width=1):
     out = x
     for axis, s in ((-2, float(scale_factor_height)), (-1, float(scale_factor_width))):
         n = x.shape[axis]
-        m = int(math.floor(n * s))
+        m = math.floor(n * s)
         idx = np.minimum(np.floor(np.arange(m) / s).astype(np.int64), n - 1)
         out = np.take(out, idx, axis=axis)
     return out
@@ -204,7 +253,7 @@ def _bilinear(x, scale_factor_height=1, scale_factor_width=1, align_corners=True
     out = x
     for axis, s in ((-2, float(scale_factor_height)), (-1, float(scale_factor_width))):
         n = out.shape[axis]
-        m = int(math.floor(n * s))
+        m = math.floor(n * s)
         src = _source(n, m, s, bool(align_corners), half)
         lo = np.floor(src).astype(np.int64)
         hi = np.minimum(lo + 1, n - 1)
@@ -216,7 +265,46 @@ def _bilinear(x, scale_factor_height=1, scale_factor_width=1, align_corners=True
     return out
 
 
+def _grid(n_in: int, n_out: int, mode: str) -> np.ndarray:
+    """Source coordinates of MIL resize's sampling modes (coremltools' resize_bilinear notes)."""
+    i = np.arange(n_out, dtype=np.float64)
+    if mode in ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS"):
+        if n_out == 1:
+            src = np.full(1, (n_in - 1) / 2 if mode == "ALIGN_CORNERS" else 0.0)
+        else:
+            src = i * (n_in - 1) / (n_out - 1)
+    elif mode == "DEFAULT":
+        src = i * n_in / n_out
+    elif mode == "OFFSET_CORNERS":
+        delta = max(1, n_in - 1) / n_out
+        src = 0.5 * delta + i * delta
+    elif mode == "UNALIGN_CORNERS":
+        src = (i + 0.5) * n_in / n_out - 0.5
+    else:
+        raise ValueError(f"sampling mode {mode}")
+    return np.clip(src, 0, n_in - 1)
+
+
+def _resize(x, shape, resized_dims, interpolation_mode="LINEAR", sampling_mode="DEFAULT"):
+    x = f32(x)
+    if str(interpolation_mode) != "LINEAR":
+        raise ValueError(f"resize interpolation {interpolation_mode} is not implemented")
+    k = int(resized_dims)
+    target = [int(v) for v in np.asarray(shape).reshape(-1)][-k:]
+    out = x
+    for axis, size in zip(range(x.ndim - k, x.ndim), target):
+        n = out.shape[axis]
+        m = size or n
+        src = _grid(n, m, str(sampling_mode))
+        lo = np.floor(src).astype(np.int64)
+        hi = np.minimum(lo + 1, n - 1)
+        frac = (src - lo).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(out.ndim)])
+        out = np.take(out, lo, axis=axis) * (1 - frac) + np.take(out, hi, axis=axis) * frac
+    return out
+
+
 OPS = {
+    "resize": _resize,
     "matmul": _matmul,
     "linear": _linear,
     "conv": _conv,

@@ -108,7 +108,28 @@ def _pad(x, pad, mode="constant", constant_val=0.0):
     return np.pad(x, widths, mode={"reflect": "reflect", "replicate": "edge"}[str(mode)])
 
 
+def _reverse(x, axes=None):
+    x = np.asarray(x)
+    return np.flip(x, axis=None if axes is None else tuple(_ints(axes)))
+
+
+def _pixel_shuffle(x, upscale_factor):
+    x, f = np.asarray(x), int(upscale_factor)
+    n, c, h, w = x.shape
+    return x.reshape(n, c // (f * f), f, f, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(n, c // (f * f), h * f, w * f)
+
+
+def _pixel_unshuffle(x, downscale_factor):
+    x, f = np.asarray(x), int(downscale_factor)
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // f, f, w // f, f).transpose(0, 1, 3, 5, 2, 4).reshape(n, c * f * f, h // f, w // f)
+
+
 OPS = {
+    "reverse": _reverse,
+    "pixel_shuffle": _pixel_shuffle,
+    "pixel_unshuffle": _pixel_unshuffle,
+    "stack": lambda values, axis: np.stack([np.asarray(v) for v in values], axis=int(axis)),
     "shape": lambda x: np.array(np.asarray(x).shape, np.int32),
     "reshape": _reshape,
     "transpose": lambda x, perm: np.transpose(x, _ints(perm)),

@@ -22,11 +22,22 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from targets.coreml.lower.context import Context, LoweringError, WeightRecord, is_known, mil_name  # noqa: F401
-
 # importing the families fills the registry
-from targets.coreml.lower import elementwise, linear, norm, quant, shape  # noqa: E402,F401
-from targets.coreml.lower.registry import CHECKS, LOWERINGS, fold  # noqa: E402
+from targets.coreml.lower import context, control, elementwise, linear, norm, quant, recurrent, shape  # noqa: F401
+from targets.coreml.lower.context import (
+    Context,
+    LoweringError,
+    WeightRecord,
+    axis_name,
+    is_known,
+    mil_name,
+    symbol_names,
+)
+from targets.coreml.lower.registry import CHECKS, LOWERINGS, fold
+
+NEVER_FOLDED = quant.HANDLED | {"If"}  # lowered by their own rules even when every input is known
+# inputs of ops that take constant weights in their own layout (folded to float, not constexpr)
+_FLOAT_WEIGHT_INPUTS = {"GRU": (1, 2, 3), "LSTM": (1, 2, 3, 7)}
 
 
 @dataclass(frozen=True)
@@ -52,11 +63,24 @@ class Lowered:
 DEFAULT_RANGE = (1, 1024)
 
 
-def unsupported_nodes(model: onnx.ModelProto, *, deployment: int) -> list[tuple[onnx.NodeProto, str, str]]:
-    """(node, reason, hint) for every node that cannot be lowered, from its op type and attributes."""
+def _all_nodes(graph: onnx.GraphProto):
+    """The graph's nodes and those of every subgraph (If branches), depth first."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+
+
+def unsupported_nodes(model: onnx.ModelProto, *, deployment: int,
+                      shapes: Mapping | None = None) -> list[tuple[onnx.NodeProto, str, str]]:
+    """(node, reason, hint) for every node that cannot be lowered, from its op type and attributes,
+    and for every ``If`` whose condition cannot fold (``shapes``: the fixed axis sizes)."""
     problems = []
     inits = {i.name: i for i in model.graph.initializer}
-    for node in model.graph.node:
+    fixed = {k: v for k, v in (shapes or {}).items() if isinstance(v, int)}
+    problems += control.if_problems(model, fixed)
+    for node in _all_nodes(model.graph):
         if node.domain not in ("", "ai.onnx"):
             hint = ("quantize for this target: edgeq quantize --profile ios18"
                     if node.op_type == "GatherBlockQuantized" else "")
@@ -64,15 +88,15 @@ def unsupported_nodes(model: onnx.ModelProto, *, deployment: int) -> list[tuple[
             continue
         if node.op_type not in LOWERINGS:
             problems.append((node, f"no Core ML lowering for ONNX {node.op_type}",
-                             "replace the op in the model, or exclude it from the export"))
+                             "build for Android only (--targets android), or replace the op in the model"))
             continue
         check = CHECKS.get(node.op_type)
-        reason = check(node) if check else None
+        reason = check(node, deployment) if check else None
         if reason:
-            problems.append((node, reason, ""))
+            problems.append((node, reason, context.DEFAULT_HINT))
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
             init = inits[node.input[0]]
-            why = quant.weight_problem(init, deployment)
+            why = quant.weight_problem(init, deployment) or quant.scale_problem(node, init, inits.get(node.input[1]))
             if why:
                 problems.append((node, why[0], why[1]))
 
@@ -114,12 +138,16 @@ def lower_model(
     ctx = Context(mb=mb, types=types, compute=compute, opset=opset, deployment=deployment)
     inits = _known_inputs(model)
 
+    graph_inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    ctx.fold_outputs = _float_weight_outputs(model)
+    # dynamic axes by name (a dim_param, or <input>_dim<i> for placeholders such as "?" or -1), each
+    # a MIL symbol with a valid, distinct name
+    names = symbol_names(dict.fromkeys(axis_name(vi.name, i, d) for vi in graph_inputs
+                                       for i, d in enumerate(vi.type.tensor_type.shape.dim) if not _static(d)))
     symbols: dict[str, object] = {}
     flexible: dict[str, tuple[int, int]] = {}
     placeholders, in_specs = {}, []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
+    for vi in graph_inputs:
         tt = vi.type.tensor_type
         np_dtype = _ONNX_TO_NP.get(tt.elem_type)
         if np_dtype is None:
@@ -127,28 +155,28 @@ def lower_model(
                                       "which Core ML inputs cannot carry")
         dims, spec_dims = [], []
         for i, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value"):
+            if _static(d):
                 dims.append(int(d.dim_value))
                 spec_dims.append(int(d.dim_value))
                 continue
-            axis = d.dim_param or f"{vi.name}_dim{i}"
+            axis = axis_name(vi.name, i, d)
             want = shapes.get(axis)
             if isinstance(want, int):
                 dims.append(want)
                 spec_dims.append(want)
                 continue
             if axis not in symbols:
-                symbols[axis] = get_new_symbol(mil_name(axis))
+                symbols[axis] = get_new_symbol(names[axis])
                 flexible[axis] = tuple(int(w) for w in want) if want is not None else DEFAULT_RANGE
             dims.append(symbols[axis])
             spec_dims.append(axis)
         coreml_dtype = "float32" if np_dtype.startswith("float") else "int32"
         mil_dtype = types.fp32 if coreml_dtype == "float32" else types.int32
-        placeholders[mil_name(vi.name)] = mb.placeholder(shape=tuple(dims), dtype=mil_dtype)
+        # Core ML has no rank-0 inputs: a scalar is fed as [1] and squeezed inside
+        placeholders[mil_name(vi.name)] = mb.placeholder(shape=tuple(dims) or (1,), dtype=mil_dtype)
         in_specs.append(IOSpec(vi.name, mil_name(vi.name), np_dtype, coreml_dtype, tuple(spec_dims)))
 
     out_specs: list[IOSpec] = []
-    folded = 0
     with Function(placeholders, opset_version=target) as func:
         for spec in in_specs:
             ctx.name_free(spec.mil_name)
@@ -157,11 +185,12 @@ def lower_model(
                 v = mb.cast(x=v, dtype="fp16", name=f"{spec.mil_name}_to_fp16")
             elif spec.onnx_dtype == "bool":
                 v = mb.cast(x=v, dtype="bool", name=f"{spec.mil_name}_to_bool")
+            if not spec.shape:
+                v = mb.squeeze(x=v, axes=[0], name=f"{spec.mil_name}_scalar")
             ctx.set(spec.name, v)
         for name, arr in inits.items():
             ctx.set(name, arr)
-        for node in model.graph.node:
-            folded += _lower_node(ctx, node)
+        ctx.folded += lower_nodes(ctx, model.graph.node)
         outs = []
         for vo in model.graph.output:
             v = ctx.get(vo.name)
@@ -184,7 +213,7 @@ def lower_model(
     counts: dict[str, int] = {}
     for op in func.operations:
         counts[op.op_type] = counts.get(op.op_type, 0) + 1
-    return Lowered(prog, in_specs, out_specs, flexible, ctx.weights, folded, counts)
+    return Lowered(prog, in_specs, out_specs, flexible, ctx.weights, ctx.folded, counts)
 
 
 def _dim_name(d, symbols: dict) -> int | str:
@@ -197,11 +226,28 @@ def _dim_name(d, symbols: dict) -> int | str:
         return str(d)
 
 
+def _static(dim) -> bool:
+    return dim.HasField("dim_value") and dim.dim_value > 0
+
+
+def _float_weight_outputs(model: onnx.ModelProto) -> set[str]:
+    """Outputs of constant DequantizeLinear nodes that feed GRU/LSTM weights (see Context.fold_outputs)."""
+    wanted = {n.input[i] for n in _all_nodes(model.graph) for i in _FLOAT_WEIGHT_INPUTS.get(n.op_type, ())
+              if len(n.input) > i and n.input[i]}
+    return {n.output[0] for n in _all_nodes(model.graph) if n.op_type == "DequantizeLinear" and n.output[0] in wanted}
+
+
+def lower_nodes(ctx: Context, nodes) -> int:
+    """Lower (or fold) ``nodes`` in order; returns how many were folded."""
+    return sum(_lower_node(ctx, node) for node in nodes)
+
+
 def _lower_node(ctx: Context, node: onnx.NodeProto) -> int:
     """Lower (or fold) one node; returns 1 when it was folded."""
     ins = [ctx.get(n) for n in node.input]
     try:
-        if node.op_type not in quant.HANDLED and all(x is None or is_known(x) for x in ins):
+        known = all(x is None or is_known(x) for x in ins)
+        if known and (node.op_type not in NEVER_FOLDED or node.output[0] in ctx.fold_outputs):
             outs = fold(node, ins, ctx.opset)
             for name, val in zip(node.output, outs):
                 ctx.set(name, val)

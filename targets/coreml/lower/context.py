@@ -23,6 +23,9 @@ import onnx
 from edgeq.errors import UnsupportedError
 
 FP16_MAX = 65504.0
+# what a user can do about a node the lowering cannot take (a specific hint replaces it)
+DEFAULT_HINT = ("build for Android only (--targets android); if the node depends on dynamic input shapes, "
+                "fixing them may let it fold away (--shape AXIS=N)")
 FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
 
 
@@ -31,15 +34,46 @@ class LoweringError(UnsupportedError):
 
     def __init__(self, node: onnx.NodeProto | None, message: str, *, hint: str | None = None):
         where = f"node {node.name!r} ({node.op_type}): " if node is not None else ""
-        super().__init__(where + message, hint=hint)
+        super().__init__(where + message, hint=hint or DEFAULT_HINT)
         self.node = node
         self.reason = message
 
 
+# names coremltools renames on save (its NameSanitizer appends "_workaround"): MIL type names and "state"
+_RESERVED = frozenset({"any", "bool", "program", "func", "tensor", "list", "dict", "tuple", "true", "false", "string",
+                       "bf16", "fp16", "fp32", "fp64", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                       "uint32", "uint64", "state"})
+
+
 def mil_name(name: str) -> str:
-    """The MIL name edgeq gives an ONNX value (letters, digits and underscores only)."""
+    """The MIL name edgeq gives an ONNX value (letters, digits and underscores only; a reserved word
+    such as ``state`` gets a trailing underscore, so the saved package keeps the name edgeq chose)."""
     safe = re.sub(r"[^0-9A-Za-z_]", "_", name)
-    return safe if safe and not safe[0].isdigit() else f"v_{safe}"
+    safe = safe if safe and not safe[0].isdigit() else f"v_{safe}"
+    return f"{safe}_" if safe in _RESERVED else safe
+
+
+def axis_name(input_name: str, index: int, dim) -> str:
+    """The name of a dynamic axis: its ``dim_param`` when that names one (has a letter), else
+    ``<input>_dim<index>`` (for ``?``, ``-1``, empty or numeric placeholders, which name nothing)."""
+    param = dim.dim_param.strip()
+    return param if re.search(r"[A-Za-z]", param) else f"{input_name}_dim{index}"
+
+
+def symbol_names(axes) -> dict[str, str]:
+    """A distinct MIL symbol name per axis name: letters, digits and underscores, starting with a
+    letter (coremltools' rule), e.g. ``p2o.DynamicDimension.0`` -> ``p2o_DynamicDimension_0``."""
+    out, used = {}, set()
+    for axis in axes:
+        base = re.sub(r"[^0-9A-Za-z_]", "_", axis)
+        base = base if base[:1].isalpha() else f"d{base}"
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        out[axis] = name
+    return out
 
 
 def is_known(x) -> bool:
@@ -70,6 +104,10 @@ class Context:
     values: dict = field(default_factory=dict)
     weights: list[WeightRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    folded: int = 0  # ONNX nodes evaluated at conversion time
+    # DequantizeLinear outputs evaluated to float at conversion (weights of ops that take constants
+    # in their own layout, e.g. GRU/LSTM), instead of becoming constexpr ops
+    fold_outputs: set = field(default_factory=set)
     _taken: set = field(default_factory=set)
 
     # --- values ----------------------------------------------------------------------------

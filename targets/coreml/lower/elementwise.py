@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from targets.coreml.lower.registry import lowers
 from targets.coreml.lower.context import FP16_MAX, Context, LoweringError, attr_str, attrs, is_known
+from targets.coreml.lower.registry import lowers
 
 _BINARY = {
     "Add": "add", "Sub": "sub", "Mul": "mul", "Pow": "pow",
@@ -67,7 +67,7 @@ def _identity(ctx, node, ins):
     return [ins[0]]
 
 
-def _gelu_check(node):
+def _gelu_check(node, deployment):
     mode = attr_str(node, "approximate", "none")
     return None if mode in ("none", "tanh") else f"Gelu approximate={mode!r} is not supported"
 
@@ -81,6 +81,21 @@ def _gelu(ctx, node, ins):
 @lowers("LeakyRelu")
 def _leaky(ctx, node, ins):
     return [ctx.mb.leaky_relu(x=ins[0], alpha=float(attrs(node).get("alpha", 0.01)))]
+
+
+@lowers("PRelu")
+def _prelu(ctx, node, ins):
+    """MIL prelu where it applies (rank 4, one slope per channel of axis 1, the slope known); else
+    ``select(x >= 0, x, x * slope)`` for any rank and any broadcastable slope (e.g. after Linear)."""
+    x, slope = ins
+    xs = ctx.shape(x)
+    if is_known(slope) and len(xs) == 4 and xs[1] is not None and np.ndim(slope) <= 4:
+        s = np.asarray(slope, np.float32)
+        full = (1,) * (4 - s.ndim) + s.shape  # ONNX broadcasts the slope from the right
+        if s.size == 1 or (full[0] == 1 and full[2:] == (1, 1) and full[1] == xs[1]):
+            return [ctx.mb.prelu(x=x, alpha=ctx.const(np.broadcast_to(s.reshape(-1), (xs[1],)).copy()))]
+    zero = ctx.const(np.array(0, np.float32))
+    return [ctx.mb.select(cond=ctx.mb.greater_equal(x=x, y=zero), a=x, b=binary(ctx, "mul", x, slope))]
 
 
 @lowers("HardSigmoid")
@@ -160,7 +175,7 @@ _CAST_TO = {
 }
 
 
-def _cast_check(node):
+def _cast_check(node, deployment):
     to = attrs(node).get("to")
     return None if to in _CAST_TO else f"Cast to ONNX type {to} has no Core ML equivalent"
 

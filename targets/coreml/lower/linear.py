@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from targets.coreml.lower.context import FP16_MAX, Context, LoweringError, attr_str, attrs, is_known
 from targets.coreml.lower.registry import lowers
-from targets.coreml.lower.context import Context, LoweringError, attr_str, attrs, is_known
 
 
 @lowers("MatMul")
@@ -53,7 +53,7 @@ def _spatial(node, n: int) -> dict:
     return out
 
 
-def _window_check(node):
+def _window_check(node, deployment):
     auto = attr_str(node, "auto_pad", "NOTSET")
     if auto not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
         return f"auto_pad {auto!r} is not supported"
@@ -105,12 +105,19 @@ def _batch_norm(ctx, node, ins):
     if not all(is_known(v) for v in (scale, bias, mean, var)):
         raise LoweringError(node, "BatchNormalization needs constant statistics (training mode is not supported)")
     eps = float(attrs(node).get("epsilon", 1e-5))
+    stats = [np.asarray(v, np.float32) for v in (scale, bias, mean, var)]
+    if ctx.compute == "fp16" and max(float(np.abs(v).max(initial=0)) for v in stats) > FP16_MAX:
+        # statistics beyond fp16 (paddle detectors carry variances of 1e8): the same normalisation
+        # with them folded into the scale and shift in float32, so no constant saturates
+        s, b, m, v = stats
+        scale = s / np.sqrt(v + np.float32(eps))
+        bias, mean, var = b - m * scale, np.zeros_like(m), np.full_like(v, 1 - eps)
     return [ctx.mb.batch_norm(x=x, mean=ctx.const(mean), variance=ctx.const(var), gamma=ctx.const(scale),
                               beta=ctx.const(bias), epsilon=ctx.float_np(eps))]
 
 
-def _pool_check(node):
-    why = _window_check(node)
+def _pool_check(node, deployment):
+    why = _window_check(node, deployment)
     if why:
         return why
     if any(int(d) != 1 for d in attrs(node).get("dilations", [])):
@@ -142,7 +149,7 @@ def _global_pool(ctx, node, ins):
     return [op(x=x, axes=axes, keep_dims=True)]
 
 
-def _resize_check(node):
+def _resize_check(node, deployment):
     mode = attr_str(node, "mode", "nearest")
     ctm = attr_str(node, "coordinate_transformation_mode", "half_pixel")
     if mode == "nearest":
@@ -152,6 +159,26 @@ def _resize_check(node):
             return f"Resize linear with coordinate_transformation_mode {ctm!r} is not supported"
         return None
     return f"Resize mode {mode!r} is not supported"
+
+
+_FIX_SHAPES = "fix the input shapes (--shape AXIS=N) so the sizes fold, or build for Android only (--targets android)"
+# ONNX coordinate_transformation_mode -> MIL resize sampling_mode (coremltools' resize_bilinear notes)
+_SAMPLING = {"half_pixel": "UNALIGN_CORNERS", "pytorch_half_pixel": "UNALIGN_CORNERS",
+             "align_corners": "STRICT_ALIGN_CORNERS", "asymmetric": "DEFAULT"}
+
+
+def _resize_to(ctx: Context, node, x, sizes):
+    """Bilinear resize of the last two axes to sizes computed at run time (MIL iOS 17 ``resize``)."""
+    if attr_str(node, "mode", "nearest") != "linear":
+        raise LoweringError(node, "Resize nearest to sizes computed at run time is not supported", hint=_FIX_SHAPES)
+    if is_known(sizes):
+        hw = ctx.const(np.asarray(sizes, np.int64)[2:].astype(np.int32))
+    else:
+        hw = ctx.mb.slice_by_index(x=sizes, begin=np.array([2], np.int32), end=np.array([4], np.int32))
+        hw = ctx.mb.cast(x=hw, dtype="int32") if ctx.np_dtype(hw) != np.int32 else hw
+    ctm = attr_str(node, "coordinate_transformation_mode", "half_pixel")
+    return ctx.mb.resize(x=x, shape=hw, resized_dims=np.uint32(2), interpolation_mode="LINEAR",
+                         sampling_mode=_SAMPLING[ctm])
 
 
 @lowers("Resize", check=_resize_check)
@@ -168,12 +195,13 @@ def _resize(ctx, node, ins):
         sh, sw = float(scales[2]), float(scales[3])
         if float(scales[0]) != 1 or float(scales[1]) != 1:
             raise LoweringError(node, "Resize of the batch or channel axis is not supported")
-    elif sizes is not None and is_known(sizes):
-        if xs[2] is None or xs[3] is None:
-            raise LoweringError(node, "Resize to fixed sizes needs fixed input shapes")
+    elif sizes is not None and is_known(sizes) and xs[2] is not None and xs[3] is not None:
         sh, sw = int(sizes[2]) / xs[2], int(sizes[3]) / xs[3]
+    elif sizes is not None:  # sizes known only at run time (e.g. a skip tensor's): iOS 17 resize
+        return [_resize_to(ctx, node, x, sizes)]
     else:
-        raise LoweringError(node, "Resize without constant scales or sizes is not supported")
+        raise LoweringError(node, "Resize with scales computed at run time is not supported",
+                            hint=_FIX_SHAPES)
     mode = attr_str(node, "mode", "nearest")
     ctm = attr_str(node, "coordinate_transformation_mode", "half_pixel")
     if mode == "nearest":

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from targets.coreml.lower.registry import lowers
 from targets.coreml.lower.context import FP16_TINY, Context, LoweringError, attrs, is_known
+from targets.coreml.lower.registry import lowers
 
 
 def epsilon(ctx: Context, eps: float):

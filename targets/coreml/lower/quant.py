@@ -35,8 +35,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from targets.coreml.lower.registry import fold, lowers
 from targets.coreml.lower.context import Context, LoweringError, WeightRecord, attrs, is_known, mil_name
+from targets.coreml.lower.registry import fold, lowers
 
 HANDLED = frozenset({"DequantizeLinear", "QuantizeLinear"})
 _FP16_NORMAL = (float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max))
@@ -49,15 +49,36 @@ def weight_problem(init: onnx.TensorProto, deployment: int) -> tuple[str, str] |
     kind = _WEIGHT_TYPES.get(init.data_type)
     name = onnx.TensorProto.DataType.Name(init.data_type).lower()
     if init.data_type in (onnx.TensorProto.FLOAT4E2M1,):
+        fallback = "int4" if deployment >= 18 else "int8"
         return ("mxfp4 (float4e2m1) weights: Core ML has no 4-bit float type",
-                f"quantize for this target: edgeq quantize --profile ios{deployment} (falls back to "
-                f"{'int4' if deployment >= 18 else 'int8'})")
+                f"quantize for this target: edgeq quantize --profile ios{deployment} (falls back to {fallback})")
     if kind is None:
         return f"{name} weights have no Core ML constexpr form", f"quantize with --profile ios{deployment}"
     if kind == "int4" and deployment < 18:
         return ("int4 block weights need iOS 18 (constexpr_blockwise_shift_scale)",
                 "package for ios18, or quantize with --profile ios17 (int4 falls back to int8)")
     return None
+
+
+def scale_problem(node, data: onnx.TensorProto, scale: onnx.TensorProto | None) -> tuple[str, str] | None:
+    """Why a weight's per-axis scale does not fit it (one scale per index of the axis), or None.
+
+    Core ML infers blocks from the data and scale shapes, so 4 scales for 8 channels would silently
+    become blocks of 2; ONNX (and ONNX Runtime) refuse such a per-axis DequantizeLinear."""
+    if scale is None or len(scale.dims) != 1 or attrs(node).get("block_size"):
+        return None
+    axis = int(attrs(node).get("axis", 1))
+    axis = axis + len(data.dims) if axis < 0 else axis
+    if 0 <= axis < len(data.dims) and scale.dims[0] != data.dims[axis]:
+        return _scale_mismatch(scale.dims[0], data.dims[axis], axis), _INVALID_QDQ
+    return None
+
+
+_INVALID_QDQ = "the QDQ ONNX is invalid (ONNX Runtime refuses it too): quantize the model again with edgeq"
+
+
+def _scale_mismatch(n_scales: int, n: int, axis: int) -> str:
+    return f"per-axis scale has {n_scales} values for the {n} indices of axis {axis}"
 
 
 def _qparams(ctx: Context, node, ins):
@@ -149,6 +170,8 @@ def _weight(ctx: Context, node, x: np.ndarray, scale: np.ndarray, zp, axis: int,
         raise LoweringError(node, "int4 block weights need iOS 18 (constexpr_blockwise_shift_scale)",
                             hint="package for ios18, or quantize with --profile ios17")
     shape = tuple(data.shape)
+    if scale.ndim == 1 and not block and scale.size != shape[axis]:
+        raise LoweringError(node, _scale_mismatch(scale.size, shape[axis], axis), hint=_INVALID_QDQ)
     pad = 0
     if block and data.shape[axis] % block and data.shape[axis] > block:
         # Core ML infers the block from data/scale shapes: store whole blocks (zeros appended along

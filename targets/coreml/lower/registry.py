@@ -10,16 +10,23 @@ import onnx
 from targets.coreml.lower.context import Context, LoweringError
 
 Lowering = Callable[[Context, onnx.NodeProto, list], list]
-Check = Callable[[onnx.NodeProto], str | None]
+Check = Callable[[onnx.NodeProto, int], str | None]  # (node, iOS version) -> why it cannot be lowered
 
 LOWERINGS: dict[str, Lowering] = {}
 CHECKS: dict[str, Check] = {}
 
 
 def lowers(*op_types: str, check: Check | None = None):
-    """Register ``fn(ctx, node, inputs) -> outputs`` for ``op_types`` (with an optional static check)."""
+    """Register ``fn(ctx, node, inputs) -> outputs`` for ``op_types`` (with an optional static check).
+
+    One lowering per op type: a second registration is an error (raised at import), naming both.
+    """
 
     def deco(fn: Lowering) -> Lowering:
+        taken = {op: LOWERINGS[op] for op in op_types if op in LOWERINGS}
+        if taken:
+            where = "; ".join(f"{op} by {_where(f)}" for op, f in taken.items())
+            raise ValueError(f"Core ML lowering registered twice: {where}, again by {_where(fn)}")
         for op in op_types:
             LOWERINGS[op] = fn
             if check is not None:
@@ -27,6 +34,10 @@ def lowers(*op_types: str, check: Check | None = None):
         return fn
 
     return deco
+
+
+def _where(fn) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 def _gather_elements(node, ins):

@@ -1,4 +1,4 @@
-"""Shape and indexing ops: Shape, Reshape, Transpose, Concat, Slice, Gather*, Squeeze, Unsqueeze,
+"""Shape and indexing ops: Shape, Size, Reshape, Transpose, Concat, Slice, Gather*, Squeeze, Unsqueeze,
 Expand, Range, Flatten, ConstantOfShape, Split, Tile, Pad.
 
 Known values were folded before these run; what reaches them has at least one input that
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from targets.coreml.lower.registry import lowers
 from targets.coreml.lower.context import Context, LoweringError, attr_str, attrs, is_known
+from targets.coreml.lower.registry import lowers
 
 _I32_MAX = np.iinfo(np.int32).max
 
@@ -47,12 +47,34 @@ def _shape(ctx, node, ins):
     return [ctx.mb.slice_by_index(x=full, begin=np.array([start], np.int32), end=np.array([end], np.int32))]
 
 
+@lowers("Size")
+def _size(ctx, node, ins):
+    dims = ctx.shape(ins[0])
+    if all(d is not None for d in dims):
+        return [np.array(int(np.prod(dims)), np.int64)]
+    return [ctx.mb.reduce_prod(x=ctx.mb.shape(x=ins[0]), axes=[0], keep_dims=False)]
+
+
 @lowers("Reshape")
 def _reshape(ctx, node, ins):
     x, shape = ins
     allowzero = int(attrs(node).get("allowzero", 0))
     if not is_known(shape):
-        return [ctx.mb.reshape(x=x, shape=shape)]
+        k, rank = ctx.shape(shape)[0], ctx.rank(x)
+        if allowzero or k == rank:
+            return [ctx.mb.reshape(x=x, shape=shape)]  # same rank: MIL's 0 copies the same axis as ONNX's
+        if k is None:
+            raise LoweringError(node, "Reshape to a shape of run-time length is not supported")
+        # ONNX's 0 copies the input axis at the same index, MIL's (iOS 17) the one at the same place
+        # from the right: put x's own dims where the target has a 0
+        dims = ctx.mb.shape(x=x)
+        if k < rank:
+            dims = ctx.mb.slice_by_index(x=dims, begin=np.array([0], np.int32), end=np.array([k], np.int32))
+        elif k > rank:
+            dims = ctx.mb.concat(values=[dims, np.ones(k - rank, np.int32)], axis=0)
+        shape = ctx.mb.cast(x=shape, dtype="int32") if ctx.np_dtype(shape) != np.int32 else shape
+        zero = ctx.mb.equal(x=shape, y=np.int32(0))
+        return [ctx.mb.reshape(x=x, shape=ctx.mb.select(cond=zero, a=dims, b=shape))]
     target = _ints(shape)
     xs = ctx.shape(x)
     dyn = False
@@ -211,8 +233,16 @@ def _squeeze(ctx, node, ins):
     if axes is None:
         dims = ctx.shape(x)
         if any(d is None for d in dims):
-            raise LoweringError(node, "Squeeze without axes on a flexible shape", hint="give axes or fix the shapes")
+            raise LoweringError(node, "Squeeze without axes on a flexible shape",
+                                hint="fix the input shapes (--shape AXIS=N), or build for Android only (--targets android)")
         axes = [i for i, d in enumerate(dims) if d == 1]
+    dims = ctx.shape(x)
+    axes = [a + len(dims) if a < 0 else a for a in axes]
+    if any(dims[a] is None for a in axes):
+        # MIL's squeeze keeps a flexible axis in its result type (it cannot know the size is 1), which
+        # breaks every op after it: reshape to the kept dims instead, read at run time
+        kept = np.array([i for i in range(len(dims)) if i not in axes], np.int32)
+        return [ctx.mb.reshape(x=x, shape=ctx.mb.gather(x=ctx.mb.shape(x=x), indices=kept, axis=0))]
     return [ctx.mb.squeeze(x=x, axes=axes)]
 
 
@@ -275,8 +305,11 @@ def _flatten(ctx, node, ins):
         shape = [-1, int(np.prod(tail))] if head else [1, int(np.prod(tail))]
     elif None not in head:
         shape = [int(np.prod(head)), -1]
-    else:
-        raise LoweringError(node, "Flatten with flexible dims on both sides of axis is not supported")
+    else:  # flexible on both sides: the product of the leading dims, computed at run time
+        lead = ctx.mb.slice_by_index(x=ctx.mb.shape(x=x), begin=np.array([0], np.int32),
+                                     end=np.array([axis], np.int32))
+        rows = ctx.mb.reduce_prod(x=lead, axes=[0], keep_dims=True)
+        return [ctx.mb.reshape(x=x, shape=ctx.mb.concat(values=[rows, np.array([-1], np.int32)], axis=0))]
     return [ctx.mb.reshape(x=x, shape=np.array(shape, np.int32))]
 
 
@@ -312,7 +345,7 @@ def _tile(ctx, node, ins):
     return [ctx.mb.tile(x=ctx.var(ins[0]), reps=ctx.var(ins[1]))]
 
 
-def _pad_check(node):
+def _pad_check(node, deployment):
     mode = attr_str(node, "mode", "constant")
     return None if mode in ("constant", "reflect", "edge") else f"Pad mode {mode!r} is not supported"
 
@@ -334,4 +367,6 @@ def _pad(ctx, node, ins):
     first = next((i for i in range(rank) if full[2 * i] or full[2 * i + 1]), rank)
     mil_pad = np.array(full[2 * first :], np.int32)
     mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[attr_str(node, "mode", "constant")]
-    return [ctx.mb.pad(x=x, pad=mil_pad, mode=mode, constant_val=float(np.asarray(value).reshape(-1)[0]))]
+    fill = np.asarray(value).reshape(-1)[0]
+    fill = np.array(fill, np.float32 if ctx.is_float(x) else np.int32)  # x's dtype (fp16 in fp16 compute)
+    return [ctx.mb.pad(x=x, pad=mil_pad, mode=mode, constant_val=ctx.const(fill))]

@@ -80,6 +80,11 @@ CASES = {
     "flatten": ("Flatten", {"x": ("input", X4)}, {"axis": 2}),
     "pad_reflect": ("Pad", {"x": ("input", X4), "p": ("const", np.array([0, 0, 1, 2, 0, 0, 2, 1]))}, {"mode": "reflect"}),
     "tile": ("Tile", {"x": ("input", rng_array((2, 3), 1)), "r": ("const", np.array([2, 3]))}, {}),
+    "prelu_per_channel": ("PRelu", {"x": ("input", X4), "s": ("const", _w((4, 1, 1)))}, {}),
+    "prelu_after_linear": ("PRelu", {"x": ("input", rng_array((5, 7), 1)), "s": ("const", _w((7,)))}, {}),
+    "prelu_scalar_rank3": ("PRelu", {"x": ("input", rng_array((2, 3, 5), 1)), "s": ("const", _w((1,)))}, {}),
+    "prelu_per_channel_rank3": ("PRelu", {"x": ("input", rng_array((2, 3, 5), 1)), "s": ("const", _w((3, 1)))}, {}),
+    "prelu_last_axis_rank4": ("PRelu", {"x": ("input", X4), "s": ("const", _w((9,)))}, {}),
 }
 
 
@@ -95,12 +100,13 @@ def test_op_matches_onnxruntime_fp32(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["conv_groups_stride_pads", "layer_norm", "softmax", "gelu_exact", "resize_linear_half_pixel",
-                                  "matmul_batched", "avg_pool_ceil_exclude_pad"])
+                                  "matmul_batched", "avg_pool_ceil_exclude_pad", "prelu_per_channel",
+                                  "prelu_after_linear"])
 def test_op_matches_onnxruntime_fp16(case, tmp_path):
     op, inputs, attrs = CASES[case]
     model, feed = single_op(op, inputs, attrs)
     expected = ort_run(model, feed)[0]
-    ex, low, _, _ = package_and_load(model, tmp_path, compute="fp16")
+    ex, _, _, _ = package_and_load(model, tmp_path, compute="fp16")
     got = ex.run(feed)["y"]
     assert sqnr_db(expected, got) >= 45
 

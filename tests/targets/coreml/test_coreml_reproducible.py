@@ -48,7 +48,7 @@ def test_two_builds_in_two_processes_are_byte_identical_and_load_back(tmp_path):
     assert {uuid.UUID(k).version for k in items} == {5} and len(items) == 2
     assert items[pkg["rootModelIdentifier"]]["path"] == "com.apple.CoreML/model.mlmodel"
     # no build date in the model (the date is manifest.json's "created")
-    prog, spec = load_program(a.model_file)
+    _, spec = load_program(a.model_file)
     meta = dict(spec.description.metadata.userDefined)
     assert CONVERSION_DATE_KEY not in meta and meta["edgeq.deployment_target"] == "iOS18"
     # what the milproto loader reads back runs in the reference executor, as the QDQ ONNX does
