@@ -11,11 +11,14 @@ from edgeq.errors import EdgeqError, InputError, first_line
 
 def ort_session(model, *, config: Mapping[str, str] | None = None, what: str = "",
                 hint: str = "check the file was written by a complete export", threads: int | None = None,
-                optimize: bool = True, options=None, error: type[EdgeqError] = InputError):
+                optimize: bool = True, spin: bool = True, options=None, error: type[EdgeqError] = InputError):
     """A quiet ONNX Runtime CPU session for ``model`` (a path, ``.ort`` included, or serialized bytes).
 
     ``config``: session config entries; ``threads``: intra-op threads (None: ORT's default);
-    ``optimize=False`` turns graph optimizations off; ``options``: a SessionOptions to start from.
+    ``optimize=False`` turns graph optimizations off; ``spin=False`` stops idle intra-op threads
+    spinning (ORT's default spins, as an app's session does; edgeq's validation and calibration run
+    several sessions in turn, and a spinning idle session takes CPU from the running one);
+    ``options``: a SessionOptions to start from.
     Raises ``error`` (an InputError by default) naming the model when ONNX Runtime cannot load it.
     """
     import onnxruntime as ort
@@ -28,6 +31,8 @@ def ort_session(model, *, config: Mapping[str, str] | None = None, what: str = "
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     config = dict(config or {})
+    if not spin:
+        config.setdefault("session.intra_op.allow_spinning", "0")
     if isinstance(model, (str, Path)) and Path(model).suffix == ".ort":
         config.setdefault("session.load_model_format", "ORT")
     for key, value in config.items():

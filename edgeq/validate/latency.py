@@ -66,12 +66,17 @@ def causal_lm_latency(models: Mapping[str, Path], prompt: Sequence[int], *, deco
     Each round prefills ``prompt`` with an empty cache and then decodes ``decode_tokens`` greedy
     tokens one at a time (the shape a phone runs); rounds alternate between the models. Returns
     per model the median decode step (``median_ms``, per token), the median prefill, and the rates.
-    ONNX Runtime runs with its default threads; ``.ort`` files run through their package runner.
+    ONNX Runtime runs with its default session options (threads, spinning), as an app's session does.
     """
     from edgeq.generate import CausalLM
-    from edgeq.validate.runners import open_runner
+    from edgeq.runtime import ort_session
+    from edgeq.validate.runners import SessionRunner, session_input_spec
 
-    lms = {label: CausalLM(open_runner(path)) for label, path in models.items()}
+    def runner(label: str, path: Path) -> SessionRunner:
+        sess = ort_session(path)
+        return SessionRunner(label, sess, [session_input_spec(i) for i in sess.get_inputs()])
+
+    lms = {label: CausalLM(runner(label, Path(path))) for label, path in models.items()}
     prefill: dict[str, list[float]] = {k: [] for k in lms}
     decode: dict[str, list[float]] = {k: [] for k in lms}
 

@@ -19,7 +19,7 @@ import numpy as np
 from edgeq import onnx_io
 from edgeq.errors import InputError, UnsupportedError
 from edgeq.runtime import ort_run_failure, ort_session
-from edgeq.specs import TensorSpec
+from edgeq.specs import DTYPES, TensorSpec
 
 
 class Runner(ABC):
@@ -123,7 +123,7 @@ class OnnxRunner(SessionRunner, IntermediateRunner):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._proto = onnx_io.read_onnx(self.path)
-        super().__init__(self.path.name, ort_session(self.path), onnx_io.io_specs(self._proto))
+        super().__init__(self.path.name, ort_session(self.path, spin=False), onnx_io.io_specs(self._proto))
         self._values: list[str] | None = None
         self._value_sess = None
 
@@ -159,12 +159,29 @@ class OnnxRunner(SessionRunner, IntermediateRunner):
             model.CopyFrom(self._inferred)
             for n in names:
                 model.graph.output.append(self._typed[n])
-            sess = ort_session(model.SerializeToString(), what=f" ({self.label} with its intermediates exposed)")
+            sess = ort_session(model.SerializeToString(), what=f" ({self.label} with its intermediates exposed)",
+                               spin=False)
             self._value_sess = (tuple(names), sess)
         return self._run(self._value_sess[1], self._outputs + list(names), feed)
 
     def describe(self):
         return {"kind": self.kind, "label": self.label, "path": str(self.path)}
+
+
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16", "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8", "tensor(bool)": "bool",
+}
+
+
+def session_input_spec(arg) -> TensorSpec:
+    """The spec of an ONNX Runtime session input (an unnamed dynamic axis gets a name)."""
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None or dtype not in DTYPES:
+        raise InputError(f"input {arg.name!r} has type {arg.type}, which edgeq cannot feed")
+    dims = tuple(d if isinstance(d, int) else (d or f"{arg.name}_dim{i}") for i, d in enumerate(arg.shape))
+    return TensorSpec(arg.name, dims, dtype)
 
 
 RunnerFactory = Callable[[Path], Runner]

@@ -104,11 +104,11 @@ def smoke_run(session, name: str) -> str:
     import numpy as np
     import onnxruntime as ort
 
-    from targets.android.runner import input_spec
+    from edgeq.validate.runners import session_input_spec
 
     rng = np.random.default_rng(0)
     try:
-        feed = _causal_lm_feed(session) or {arg.name: input_spec(arg).random(rng) for arg in session.get_inputs()}
+        feed = _causal_lm_feed(session) or {arg.name: session_input_spec(arg).random(rng) for arg in session.get_inputs()}
     except InputError as e:  # an input type edgeq cannot make (string, uint16, ...): say so in the manifest
         return f"skipped: {e.message}"
     options = ort.RunOptions()
