@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.errors import InputError
+from edgeq.errors import InputError, first_line
 from edgeq.export.causal_lm import (
     LOGITS,
     CausalLMFacts,
@@ -182,7 +182,7 @@ def _from_folder(folder: Path):
         with quiet():
             return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read a tokenizer from {folder}: {str(e).splitlines()[0][:200]}",
+        raise InputError(f"cannot read a tokenizer from {folder}: {first_line(e, 200)}",
                          hint="give a folder with tokenizer.json (and tokenizer_config.json)") from e
 
 

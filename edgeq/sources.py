@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.errors import InputError
+from edgeq.errors import InputError, first_line
 from edgeq.specs import TensorSpec
 
 TASKS = ("generic", "classification", "embedding", "causal_lm")
@@ -188,7 +188,7 @@ def load_factory(ref: str):
     try:
         model = fn()
     except Exception as e:
-        raise InputError(f"factory {ref!r} raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise InputError(f"factory {ref!r} raised {type(e).__name__}: {first_line(e)}") from e
     import torch
 
     if not isinstance(model, torch.nn.Module):

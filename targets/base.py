@@ -93,6 +93,11 @@ class Target(ABC):
         """Text of the package README (how to load and feed this model on the device)."""
         return ""
 
+    def acceptance(self, qdq_path: Path, package: "PackageResult", float_path: Path, feeds: list) -> list[dict]:
+        """Checks a package must pass beyond the build's gates against the float model, as validation
+        check rows (``check``, ``value``, ``threshold``, ``passed``); none by default."""
+        return []
+
     def configure(self, **options) -> "Target":
         """This target with packaging ``options`` applied (``edgeq package --compute/--shape``,
         ``edgeq.api.package(..., options={...})``).

@@ -46,6 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/, for `import bench`
 
 from bench import timing  # noqa: E402
+from edgeq.errors import first_line  # noqa: E402
 from bench.data import MODELS, LazyFeeds  # noqa: E402
 from bench.data import prepare as prepare_data  # noqa: E402
 
@@ -250,7 +251,7 @@ def fidelity(sample: str, paths: dict[str, str], args) -> dict:
             try:
                 out[k] = compare(ref, timing.session(p, None), feeds, MODELS[sample].task)
             except Exception as e:  # a model ORT cannot run is a row, not a crash
-                out[k] = {"error": str(e).splitlines()[0][:300]}
+                out[k] = {"error": first_line(e)}
     say(f"  fidelity on {sets['eval']['desc']}")
     return out
 

@@ -8,7 +8,7 @@ import onnx
 import onnx.version_converter
 import onnx_ir as ir
 
-from edgeq.errors import InputError
+from edgeq.errors import InputError, first_line
 
 # onnx.version_converter serializes the model: protobuf stops at 2 GiB.
 _PROTO_LIMIT_BYTES = 2**31 - 2**26
@@ -100,8 +100,7 @@ def _hint(opset: int) -> str:
 
 
 def _reason(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text.split(" failed: ", 1)[-1][:300]  # drop the C++ file and assertion
+    return first_line(e, limit=10_000).split(" failed: ", 1)[-1][:300]  # drop the C++ file and assertion
 
 
 def _conversion_error(proto: onnx.ModelProto, old: int, new: int, error: Exception) -> InputError:

@@ -10,6 +10,7 @@ from pathlib import Path
 from edgeq import __version__, onnx_io, sources
 from edgeq._quiet import quiet
 from edgeq.errors import UnsupportedError
+from targets.base import Target
 from edgeq.export import export_model
 from edgeq.pipeline.build import (
     BuildConfig,
@@ -49,7 +50,7 @@ def run_stages(cfg: BuildConfig, inp: _Inputs, stages: _Stages, tmp: Path, profi
     labels = [q.file for q in qdqs.values()] + [p.model_file for p in packages]
     paths = [tmp / q.file for q in qdqs.values()] + [tmp / p.target for p in packages]
     vdict = stages.run("validate", f"{len(paths)} models vs {float_path.name}",
-                       lambda: _validate(cfg, inp, float_path, paths, labels),
+                       lambda: _validate(cfg, inp, float_path, paths, labels, packages, tmp),
                        lambda v: "PASS" if v["passed"] else "FAIL")
     if vdict is None:
         vdict = {"candidates": [], "data": {"source": str(inp.data), "feeds": 0}, "task": inp.task, "passed": False}
@@ -130,7 +131,11 @@ def _quantize_done(qdqs: dict[str, QDQArtifact]) -> str:
     return "; ".join(parts) + cal
 
 
-def _validate(cfg: BuildConfig, inp: _Inputs, float_path: Path, paths: list[Path], labels: list[str]) -> dict:
+ACCEPTANCE_FEEDS = 4  # evaluation feeds a target's own acceptance checks run on
+
+
+def _validate(cfg: BuildConfig, inp: _Inputs, float_path: Path, paths: list[Path], labels: list[str],
+              packages: list[PackageArtifact], tmp: Path) -> dict:
     if inp.task == "causal_lm":
         rep = validate_models(paths, float_path, inp.data, task="causal_lm", llm_thresholds=inp.thresholds,
                               limit=cfg.limit, progress=cfg.progress)
@@ -140,7 +145,32 @@ def _validate(cfg: BuildConfig, inp: _Inputs, float_path: Path, paths: list[Path
     vdict = rep.as_dict()
     for c, label in zip(vdict["candidates"], labels):
         c["model"]["label"] = label
+    if inp.task != "causal_lm":
+        _target_acceptance(cfg, inp, float_path, packages, tmp, vdict)
     return vdict
+
+
+def _target_acceptance(cfg: BuildConfig, inp: _Inputs, float_path: Path, packages: list[PackageArtifact],
+                       tmp: Path, vdict: dict) -> None:
+    """Each target's own checks on its package (Core ML W8A8: segments vs the QDQ ONNX), added to its row."""
+    from edgeq.validate.feeds import load_feeds
+
+    feeds = None
+    by_label = {c["model"]["label"]: c for c in vdict["candidates"]}
+    for p in packages:
+        target = next(t for t in inp.targets if t.name == p.target)
+        if type(target).acceptance is Target.acceptance or p.model_file not in by_label:
+            continue
+        if feeds is None:
+            specs = onnx_io.io_specs(onnx_io.read_onnx(float_path))
+            feeds, _ = load_feeds(inp.data, specs, split="evaluation", limit=min(cfg.limit or ACCEPTANCE_FEEDS,
+                                                                                 ACCEPTANCE_FEEDS))
+        with quiet(cfg.verbose):
+            checks = target.acceptance(tmp / p.qdq.file, p.result, float_path, list(feeds))
+        cand = by_label[p.model_file]
+        cand["checks"] += checks
+        cand["passed"] = all(c["passed"] for c in cand["checks"])
+    vdict["passed"] = all(c["passed"] for c in vdict["candidates"])
 
 
 def _latency(inp: _Inputs, float_path: Path, qdqs: dict, packages: list, tmp: Path) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.errors import InputError
+from edgeq.errors import InputError, first_line
 from edgeq.specs import TensorSpec, check_feeds
 
 
@@ -22,7 +22,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise InputError(f"cannot read {path} as .npz: {str(e).splitlines()[0][:200]}",
+        raise InputError(f"cannot read {path} as .npz: {first_line(e, 200)}",
                          hint="save feeds with numpy.savez(path, name=array, ...)") from e
 
 

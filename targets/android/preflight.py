@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator
 
 import onnx
 
+from edgeq.errors import first_line
 from edgeq.onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES
 from edgeq.quant.profile import TargetProfile
 from edgeq.quant.recipes import ActFormat, WeightFormat
@@ -358,7 +359,7 @@ def nnapi_partitions(model: onnx.ModelProto) -> dict:
         try:
             info = uc.check_nnapi_partitions(typed, require_fixed_input_sizes=fixed)
         except Exception as e:  # the checker needs shape information it could not get
-            out["as_is" if fixed else "with_fixed_shapes"] = {"error": str(e).splitlines()[0][:200]}
+            out["as_is" if fixed else "with_fixed_shapes"] = {"error": first_line(e, 200)}
             continue
         out["as_is" if fixed else "with_fixed_shapes"] = {
             "nodes": info.num_nodes,

@@ -26,5 +26,9 @@ def test_build_without_arguments_packages_minilm_for_android_and_ios(tmp_path, m
     for r in data["summary"]:
         assert r["cosine_mean"] >= 0.99, r
         assert r["bytes"] < 26e6  # float 91 MB; ideal int8 22.9 MB
+    # the iOS W8A8 package also passes Core ML's own acceptance: each fp16 segment against the QDQ ONNX
+    ios = next(c for c in data["validation"]["candidates"] if c["model"]["label"] == "ios18/minilm.mlpackage")
+    segments = next(c for c in ios["checks"] if c["check"] == "segments")
+    assert segments["passed"] and segments["value"] >= 50, segments
     text = capsys.readouterr().out
     assert "ios18/minilm.mlpackage" in text and text.rstrip().endswith("PASS")

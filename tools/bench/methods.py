@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.data import LazyFeeds
+from edgeq.errors import first_line
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,7 @@ class Method:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:400]
+    return first_line(e, 400)
 
 
 def rss_mb() -> float:

@@ -17,10 +17,11 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]  # tools/, the repo
 
+from edgeq.errors import first_line  # noqa: E402
+
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return f"{type(e).__name__}: " + text.splitlines()[0][:300]
+    return f"{type(e).__name__}: " + first_line(e)
 
 
 def _ort_session(path: str):
