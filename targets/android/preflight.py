@@ -27,7 +27,6 @@ the manifest by :func:`nnapi_partitions` for users weighing NNAPI.
 from __future__ import annotations
 
 import functools
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
@@ -36,7 +35,7 @@ import onnx
 from edgeq.errors import first_line
 from edgeq.onnx_io import EXTERNAL_DATA_THRESHOLD_BYTES
 from edgeq.quant.profile import TargetProfile
-from edgeq.quant.recipes import ActFormat, WeightFormat
+from edgeq.quant.recipes import ActFormat, WeightFormat, exact_name_rule
 from targets.android.ortformat import storable_types, type_name
 from targets.base import Problem
 
@@ -315,8 +314,8 @@ def _unpacked_4bit(model: onnx.ModelProto, flagged: set[str]) -> list[Problem]:
                 out.append(Problem(node.name, node.op_type,
                                    f"ONNX Runtime keeps the {type_name(dtype)} weight {name!r} unpacked{why}, "
                                    "and the ORT format (.ort) cannot store 4-bit tensors",
-                                   f"keep this node at int8 with a TOML recipe rule: [[rules]] "
-                                   f"name = \"^{re.escape(node.name)}$\"  weights = \"int8\""))
+                                   "keep this node at int8 with a TOML recipe rule: "
+                                   + exact_name_rule(node.name, 'weights = "int8"').strip().replace("\n", "  ")))
     return out
 
 
