@@ -10,7 +10,6 @@ from pathlib import Path
 from edgeq import __version__, onnx_io, sources
 from edgeq._quiet import quiet
 from edgeq.errors import UnsupportedError
-from targets.base import Target
 from edgeq.export import export_model
 from edgeq.pipeline.build import (
     BuildConfig,
@@ -23,6 +22,7 @@ from edgeq.pipeline.build import (
 )
 from edgeq.pipeline.package import package_model
 from edgeq.validate.run import validate_models
+from targets.base import Target
 
 LLM_PROMPT_TOKENS = 32  # causal LMs: prefill a prompt of this many tokens of the first evaluation text,
 LLM_DECODE_TOKENS = 16  # then time this many decode steps
@@ -59,7 +59,7 @@ def run_stages(cfg: BuildConfig, inp: _Inputs, stages: _Stages, tmp: Path, profi
         per = " per decoded token" if inp.task == "causal_lm" else ""
         lat = stages.run("latency", "ONNX Runtime CPU, batch 1", lambda: _latency(inp, float_path, qdqs, packages, tmp),
                          lambda r: ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in r["models"].items()) + per)
-    summary = _summary(qdqs, packages, vdict)
+    summary = _summary(qdqs, packages, vdict, lat)
     hashes = {f.name: onnx_io.file_sha256(f) for f in [float_path, *(tmp / q.file for q in qdqs.values())]}
     for p in packages:
         hashes.update({f"{p.target}/{k}": v for k, v in p.result.manifest.get("files", {}).items()})
@@ -175,7 +175,7 @@ def _target_acceptance(cfg: BuildConfig, inp: _Inputs, float_path: Path, package
 
 def _latency(inp: _Inputs, float_path: Path, qdqs: dict, packages: list, tmp: Path) -> dict:
     from edgeq.validate.feeds import load_feeds
-    from edgeq.validate.latency import batch_of_one, causal_lm_latency, host_latency
+    from edgeq.validate.latency import batch_of_one, causal_lm_latency, latency_report
 
     specs = onnx_io.io_specs(onnx_io.read_onnx(float_path))
     feeds, _ = load_feeds(inp.data, specs, limit=1)
@@ -188,12 +188,10 @@ def _latency(inp: _Inputs, float_path: Path, qdqs: dict, packages: list, tmp: Pa
         return {"kind": "causal_lm", "prompt_tokens": len(prompt), "decode_tokens": LLM_DECODE_TOKENS,
                 "threads": "ONNX Runtime default",
                 "models": causal_lm_latency(models, prompt, decode_tokens=LLM_DECODE_TOKENS)}
-    feed = batch_of_one(feeds[0], specs)
-    return {"feed_shapes": {k: list(v.shape) for k, v in feed.items()}, "threads": "ONNX Runtime default",
-            "models": host_latency(models, feed)}
+    return latency_report(models, batch_of_one(feeds[0], specs), specs)
 
 
-def _summary(qdqs: dict, packages: list, vdict: dict) -> list[dict]:
+def _summary(qdqs: dict, packages: list, vdict: dict, lat: dict | None) -> list[dict]:
     by_label = {c["model"]["label"]: c for c in vdict["candidates"]}
     rows = []
     for q in qdqs.values():
@@ -201,6 +199,11 @@ def _summary(qdqs: dict, packages: list, vdict: dict) -> list[dict]:
     for p in packages:
         rows.append(_row(p.model_file, p.target, _sizes(p.result.model_file), p.qdq.result.ideal_bytes,
                          by_label.get(p.model_file), p.qdq))
+    for r in rows:  # quantized must mean faster: where it is not, the row says so and where the time goes
+        slow = [s for s in (lat or {}).get("slower", []) if s["model"] == r["model"]]
+        if slow:
+            at = ", ".join(f"{s['shape']} ({s['speedup']:.2f}x)" for s in slow)
+            r["notes"].append(f"slower than float at {at}; its time goes to: {slow[0]['where']}")
     return rows
 
 

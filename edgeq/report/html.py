@@ -11,6 +11,7 @@ from collections import Counter
 from html import escape
 
 from edgeq.report.svg import PALETTE, bars, line_plot
+from edgeq.validate.latency import top_ops
 from edgeq.validate.report import format_number
 
 PLOT_CAP_DB = 80.0
@@ -268,16 +269,28 @@ def _latency(data: dict) -> str:
     models = lat["models"]
     if lat.get("kind") == "causal_lm":
         return html + _llm_latency(lat)
-    base = next(iter(models.values()))["median_ms"]
     items = [(k, v["median_ms"], PALETTE[0 if i == 0 else 2]) for i, (k, v) in enumerate(models.items())]
-    rows = [[f"<code>{escape(k)}</code>", _num(v["median_ms"], ".3f"), _num(base / v["median_ms"], ".2f"),
-             str(v["runs"])] for k, v in models.items()]
-    shapes = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in lat["feed_shapes"].items())
-    return (html + bars(items, unit="ms")
-            + _table(["model", "median ms", "speed-up vs float", "runs"], rows, {1, 2, 3})
-            + f'<p class="note">Batch 1 ({escape(shapes)}), runs interleaved across models, {escape(lat["threads"])} '
-              'threads. The host is not a phone: this compares the models, it does not predict device latency. '
-              'Core ML packages are not timed (Core ML runs on Apple devices only).</p>')
+    shapes = lat.get("shapes") or [{"shape": "as fed", "feed_shapes": lat["feed_shapes"], "models": models}]
+    rows = []
+    for k in models:
+        row = [f"<code>{escape(k)}</code>"]
+        for m in shapes:
+            v, ref = m["models"].get(k), next(iter(m["models"].values()))
+            row.append("-" if v is None else f"{_num(v['median_ms'], '.2f')} ({_num(ref['median_ms'] / v['median_ms'], '.2f')}×)")
+        prof = lat.get("profiles", {}).get(k, {})
+        row.append(escape(top_ops(prof)) if "ops" in prof else escape(prof.get("error", "")))
+        rows.append(row)
+    fed = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in lat["feed_shapes"].items())
+    slow = "".join(f'<p class="fail">{escape(f["model"])} is slower than float at {escape(f["shape"])} '
+                   f'({_num(f["speedup"], ".2f")}× float); its time goes to: {escape(f["where"])}</p>'
+                   for f in lat.get("slower", []))
+    return (html + bars(items, unit="ms") + slow
+            + _table(["model", *[f"{escape(m['shape'])}: ms (× float)" for m in shapes], "where the time goes (evaluation feed)"],
+                     rows, set(range(1, len(shapes) + 1)))
+            + f'<p class="note">Batch 1 (the evaluation feed: {escape(fed)}; a text model also at the sequence lengths shown), runs '
+              f'interleaved across models, medians, {escape(lat["threads"])} threads; where the time goes: kernel time '
+              'per op type from ONNX Runtime\'s profiler. The host is not a phone: this compares the models, it does '
+              'not predict device latency. Core ML packages are not timed (Core ML runs on Apple devices only).</p>')
 
 
 def _llm_latency(lat: dict) -> str:

@@ -21,11 +21,12 @@ import os
 import statistics
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from edgeq.validate.latency import summarize  # one parser of ORT's profile traces
 
 
 def session(path: str | Path, threads: int | None, *, profile_prefix: str | None = None,
@@ -106,50 +107,6 @@ def profile(path: str | Path, feed: Mapping[str, np.ndarray], threads: int | Non
         with open(trace) as fh:
             events = json.load(fh)
     return summarize(events, runs, nodes=nodes)
-
-
-def summarize(events: list[dict], runs: int, *, nodes: bool = False) -> dict:
-    """Per-op-type times over the last ``runs`` ``model_run`` windows of an ORT profile trace.
-
-    Each node's time is its fastest execution over the runs (and a run's time the median
-    ``model_run``): on a shared machine a preempted kernel is inflated by the time the other
-    process ran, and on a busy one nearly every kernel longer than a scheduler slice is hit in
-    most runs, so neither the mean nor the median is the kernel's own time; the minimum is the
-    least disturbed execution of the same work.
-    """
-    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                     if e.get("cat") == "Session" and e.get("name") == "model_run")[-runs:]
-    if not windows:
-        raise ValueError("the ORT profile has no model_run events")
-    start = windows[0][0]
-    per_node: dict[str, list] = {}  # node name -> [op type, [duration per execution]]
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < start:
-            continue
-        name = e["name"][: -len("_kernel_time")]
-        per_node.setdefault(name, [e.get("args", {}).get("op_name", "?"), []])[1].append(e["dur"])
-    n = len(windows)
-    by_op: dict[str, float] = defaultdict(float)
-    count: dict[str, int] = defaultdict(int)
-    node_ms = {}
-    for name, (op, durs) in per_node.items():
-        per_run = max(1, round(len(durs) / n))  # a node inside a loop body may run more than once
-        ms = min(durs) * per_run / 1e3
-        node_ms[name] = (op, ms)
-        by_op[op] += ms
-        count[op] += per_run
-    run_ms = statistics.median(b - a for a, b in windows) / 1e3
-    kernel_ms = sum(by_op.values())
-    out = {
-        "runs": n,
-        "run_ms": run_ms,
-        "kernel_ms": kernel_ms,
-        "overhead_ms": run_ms - kernel_ms,
-        "ops": {op: {"ms": t, "count": count[op]} for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])},
-    }
-    if nodes:
-        out["nodes"] = {k: {"op": op, "ms": ms} for k, (op, ms) in sorted(node_ms.items(), key=lambda kv: -kv[1][1])}
-    return out
 
 
 def top_ops(prof: dict, k: int = 5) -> str:
