@@ -12,7 +12,15 @@ import os
 import warnings
 from collections.abc import Iterator
 
-_NOISY_LOGGERS = ("torch", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "coremltools", "transformers")
+_NOISY_LOGGERS = ("torch", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir", "coremltools",
+                  "transformers")
+
+
+def quiet_libraries() -> None:
+    """For the command line: the libraries' own warnings (e.g. onnx-ir's about a damaged graph, which
+    edgeq then reports as an error naming the file) do not reach the terminal; ``--verbose`` keeps them."""
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager

@@ -467,6 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         debug = args.debug
         if args.verbose:
             os.environ["EDGEQ_VERBOSE"] = "1"
+        else:
+            from edgeq._quiet import quiet_libraries
+
+            quiet_libraries()
         return args.func(args)
     except EdgeqError as e:
         if debug:
