@@ -89,10 +89,15 @@ def render(data: dict) -> str:
             f'<body>{"".join(parts)}</body></html>\n')
 
 
+SUMMARY_LLM_METRICS = ("perplexity", "perplexity_ratio", "kld_mean", "top1_agreement", "greedy_agreement")
+
+
 def _summary(data: dict, th: str) -> str:
     rows = []
     for r in data["summary"]:
-        task = ", ".join(f"{k.replace('_', ' ')} {_num(v)}" for k, v in _scalars(r["task"]).items() if k != "samples")
+        shown = {k: v for k, v in _scalars(r["task"]).items() if k in SUMMARY_LLM_METRICS} \
+            if "perplexity_ratio" in r["task"] else _scalars(r["task"])
+        task = ", ".join(f"{k.replace('_', ' ')} {_num(v)}" for k, v in shown.items() if k != "samples")
         rows.append([f"<code>{escape(r['model'])}</code>", escape(r["target"]), _mb(r["bytes"]), _mb(r["ideal_bytes"]),
                      _num(r["sqnr_db"], ".1f"), _num(r["cosine_mean"], ".4f"), escape(task),
                      _verdict(r["passed"]) + (f' <span class="note">{escape("; ".join(r["failed"]))}</span>'
@@ -210,7 +215,10 @@ def _per_layer(data: dict) -> str:
                    'for its tensor.</p>'
                  + "<details><summary>Lowest SQNR tensors</summary>"
                  + _table(["model", "tensor", "SQNR dB", "quantized activation"], worst, {2}) + "</details>")
-    if no_inter:
+    if no_inter and v.get("task") == "causal_lm":
+        html += ('<p class="note">A causal LM is compared on its next-token distributions (logits, perplexity, '
+                 'KL divergence, top-1, greedy generations: above), not tensor by tensor.</p>')
+    elif no_inter:
         html += (f'<p class="note">No intermediates on the host for {escape(", ".join(no_inter))}: the package runners '
                  'run the model as a whole; their output fidelity is above.</p>')
     return html
