@@ -104,9 +104,27 @@ def _keep_shared_weights(node: ir.Node) -> bool | None:
         if v is None or v.const_value is None or v.const_value.size < SHARED_WEIGHT_ELEMENTS:
             continue
         for user, _ in v.uses():
-            if user is not node and any(i is not None and i.const_value is None for i in user.inputs):
+            if user is not node and not all(_is_constant(i) for i in user.inputs):
                 return False
     return None
+
+
+def _is_constant(value: ir.Value | None, depth: int = 8) -> bool:
+    """Whether a value is known before run time: an initializer, a Constant node's output, or computed
+    from such values only. The folder visits nodes in order, so a reader in a subgraph or later in
+    the graph may still see its constant inputs as Constant nodes not yet folded (silero-vad's LSTM
+    gate Slices in both If branches)."""
+    if value is None or value.const_value is not None:
+        return True
+    producer = value.producer()
+    if producer is None or depth == 0:
+        return False
+    if producer.op_type == "Constant":
+        return True
+    if not producer.inputs or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                                  for a in producer.attributes.values()):
+        return False  # a random generator or a control-flow node
+    return all(_is_constant(i, depth - 1) for i in producer.inputs)
 
 
 def _count(model: ir.Model, op_type: str | None = None) -> int:

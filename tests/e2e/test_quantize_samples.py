@@ -49,8 +49,12 @@ def test_efficientnet_w8a16_and_w4a16(effnet_onnx, e2e_dir, capsys):
     assert cand["outputs"]["logits"]["sqnr_db"] >= 16  # measured 18.2 dB (no bias correction yet)
     w4 = e2e_dir / "eff.w4a16.onnx"
     text = cli(capsys, "quantize", effnet_onnx, "--recipe", "w4a16", "-o", w4, "--explain")
-    assert "depthwise Conv has one input channel per group" in text
-    assert w4.stat().st_size <= 4e6  # measured 3.3 MB
+    # ONNX Runtime has no fast int4 Conv: the plan keeps Conv weights int8 and says why
+    assert "int4 Conv weights are dequantized on every run" in text
+    assert w4.stat().st_size <= 5e6  # measured 4.5 MB (int8 Convs, int4 classifier)
+    ref = cli(capsys, "quantize", effnet_onnx, "--recipe", "w4a16", "--profile", "onnx-reference",
+              "-o", e2e_dir / "eff.w4a16.ref.onnx", "--explain")
+    assert "depthwise Conv has one input channel per group" in ref
     report = e2e_dir / "eff4.json"
     cli(capsys, "validate", w4, "-r", effnet_onnx, "--data", "efficientnet_lite0:crops=1", "--no-intermediates",
         "--json", report)

@@ -72,9 +72,10 @@ def test_ort_package_matches_the_qdq_model(sample, recipe, floats, qdq_model, e2
 
 
 def test_host_int4_efficientnet_fails_preflight_naming_a_conv(floats, e2e_dir, tmp_path):
-    # quantized for ONNX Runtime on the host (int4 Conv weights): the ORT format cannot hold them
-    qdq = e2e_dir / "efficientnet_lite0.w4a16.cpu.onnx"
-    assert main(["quantize", str(floats["efficientnet_lite0"]), "--recipe", "w4a16", "-o", str(qdq), "--force"]) == 0
+    # quantized for the ONNX reference evaluator (int4 Conv weights): the ORT format cannot hold them
+    qdq = e2e_dir / "efficientnet_lite0.w4a16.ref.onnx"
+    assert main(["quantize", str(floats["efficientnet_lite0"]), "--recipe", "w4a16", "--profile", "onnx-reference",
+                 "-o", str(qdq), "--force"]) == 0
     with pytest.raises(UnsupportedError, match=r"node 'node_Conv_\d+' \(Conv\): int4 weight") as e:
         api.package(qdq, "android", tmp_path / "pkg")
     assert "--profile android" in str(e.value) and not (tmp_path / "pkg").exists()
