@@ -82,7 +82,8 @@ def run_cmd(cmd: list[str], log: Path, timeout: float) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=log.parent,
+                             start_new_session=True)  # cwd: ORT tools leave temporary files in it
         try:
             rc = p.wait(timeout=timeout)
             killed = None
