@@ -56,7 +56,10 @@ def load_ir(path: str | os.PathLike) -> ir.Model:
 
 
 def io_specs(model: onnx.ModelProto | ir.Model, *, outputs: bool = False) -> list[TensorSpec]:
-    """The graph inputs (or outputs) of a model as :class:`TensorSpec`, unknown dims named."""
+    """The graph inputs (or outputs) of a model as :class:`TensorSpec`, unknown dims named.
+
+    An unknown dim (no name, ``?``, or a negative size such as paddle2onnx's ``-1``) is named
+    ``{value name}_dim{axis}``, as the import stage names it (:mod:`edgeq.passes.name_dims`)."""
     proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
     init_names = {t.name for t in proto.graph.initializer}
     values = proto.graph.output if outputs else [v for v in proto.graph.input if v.name not in init_names]
@@ -67,10 +70,12 @@ def io_specs(model: onnx.ModelProto | ir.Model, *, outputs: bool = False) -> lis
         dtype = str(np_dtype) if np_dtype is not None and str(np_dtype) in DTYPES else "float32"
         dims: list[int | str] = []
         for i, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value >= 0:
                 dims.append(int(d.dim_value))
+            elif d.HasField("dim_param") and d.dim_param not in ("", "?"):
+                dims.append(d.dim_param)
             else:
-                dims.append(d.dim_param or f"{v.name}_dim{i}")
+                dims.append(f"{v.name}_dim{i}")
         specs.append(TensorSpec(v.name, tuple(dims), dtype))
     return specs
 

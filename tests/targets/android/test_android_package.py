@@ -228,3 +228,25 @@ def test_w8a8_qdq_ships_as_qlinear_kernels(act, tmp_path):
     assert res.manifest["calibration_sha256"] == "0" * 64
     feed = feed_for("conv")
     assert sqnr_db(run(src, feed), run(res.model_file, feed)) >= MIN_SQNR_VS_QDQ_DB
+
+
+def test_a_model_too_small_for_size_2_axes_is_smoke_run_at_a_size_it_runs(tmp_path):
+    # silero-vad pads its audio by 64 samples (reflect), CRAFT downsamples 16x: the made-up feed's
+    # dynamic axes of size 2 fail in the source model too, so the converted one runs at the next size
+    import onnx
+    import onnx.parser
+
+    model = onnx.parser.parse_model("""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[batch, samples] x) => (float[batch, padded] y) {
+    pads = Constant <value = int64[4] {0, 4, 0, 4}> ()
+    p = Pad <mode = "reflect"> (x, pads)
+    y = Relu(p)
+}
+""")
+    path = tmp_path / "reflect.onnx"
+    onnx.save(model, path)
+    res = api.package(path, "android", tmp_path / "pkg")
+    first_run = res.manifest["first_run"]
+    assert first_run.startswith("passed with dynamic axes of size 16"), first_run
+    assert "(Pad)" in first_run  # why size 2 was not enough
