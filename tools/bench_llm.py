@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2, help="speed: intra-op threads of the first phase")
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (fidelity)")
-    ap.add_argument("--gptq-feeds", type=int, default=16,
+    ap.add_argument("--gptq-feeds", type=int, default=8,
                     help="calibration feeds for ORT's GPTQ (it runs the model once per MatMul input per feed)")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--no-fidelity", action="store_true")

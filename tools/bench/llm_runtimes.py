@@ -71,8 +71,8 @@ class GenaiGraphRunner(Runner):
 class LlamaCppRunner(Runner):
     """llama.cpp on a GGUF behind the explicit-cache interface (its cache stays inside llama.cpp).
 
-    ``logits_all``: keep the logits of every position (perplexity); off, only the last row is
-    valid and returned (generation speed, as llama.cpp runs by default).
+    ``logits_all``: compute the logits of every position (perplexity); off, only the last
+    token's are computed and returned (generation, as llama.cpp runs by default).
     """
 
     kind = "llama.cpp"
@@ -100,12 +100,17 @@ class LlamaCppRunner(Runner):
                              f"{self.llm.n_tokens}")
         tokens = [int(t) for t in ids[0]]
         self.llm.eval(tokens)
-        if self.logits_all:
-            logits = np.array(self.llm.scores[past: past + len(tokens)], np.float32)
-        else:
-            logits = np.array(self.llm.scores[past + len(tokens) - 1: past + len(tokens)], np.float32)
+        logits = np.array(self.llm.scores[past: past + len(tokens)] if self.logits_all else self.last_logits()[None],
+                          np.float32)
         width = np.zeros((1, 1, past + len(tokens), 0), np.float32)
         return {LOGITS: logits[None], **{n: width for n in present_names(1)}}
+
+    def last_logits(self) -> np.ndarray:
+        """The logits of the last evaluated token (llama-cpp-python keeps them only with logits_all)."""
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))
 
     def describe(self):
         import llama_cpp
@@ -224,9 +229,9 @@ def time_llama(runner: LlamaCppRunner, prompt: Sequence[int], steps: int, speed:
     with pre:
         llm.reset()
         llm.eval(list(map(int, prompt)))
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(runner.last_logits()))
     for _ in range(steps):
         with dec:
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(runner.last_logits()))
     speed.add(pre, dec)
