@@ -216,8 +216,8 @@ class Bench:
         self.info["speed"]["wall_s"] = o.wall_s
         for threads, table in res["phases"].items():
             for name, s in table.items():
-                base = name.split(" (")[0]
-                key = "speed" if name == base else "speed_graph_in_ort"
+                base, _, variant = name.partition("|")  # "model|variant": the same model run another way
+                key = f"speed_{variant}" if variant else "speed"
                 if base in self.rows:
                     self.rows[base].setdefault(key, {})[threads] = s
 
@@ -272,15 +272,18 @@ class Bench:
                 out.append(f"{name}: command: {r['command']}")
             g = (r.get("fidelity") or {}).get("genai_runtime_greedy")
             if g:
-                out.append(f"{name}: genai's own runtime gives the same greedy tokens as its graph driven by edgeq's "
-                           f"CausalLM on {g['same_tokens_as_ort_driven_graph']}/{g['prompts']} prompts")
-            sg = r.get("speed_graph_in_ort")
-            if sg:
-                s2, s1 = sg.get(str(self.args.threads), {}), sg.get("1", {})
-                out.append(f"{name}: its graph in plain ORT driven by edgeq's CausalLM loop (no shared buffer): "
-                           f"decode {s2.get('decode_ms', float('nan')):.1f} ms/token ({self.args.threads}t), "
-                           f"{s1.get('decode_cpu_ms', float('nan')):.1f} CPU ms/token (1t), prefill "
-                           f"{s2.get('prefill_tps', float('nan')):.1f} tok/s")
+                out.append(f"{name}: onnxruntime-genai's runtime gives the same greedy tokens as edgeq's CausalLM on "
+                           f"the same file on {g['same_tokens_as_ort_driven_graph']}/{g['prompts']} prompts")
+            variants = {"speed_graph_in_ort": "its graph in plain ORT driven by edgeq's CausalLM loop (no shared buffer)",
+                        "speed_genai_runtime": "the package run by onnxruntime-genai's runtime (its genai_config.json)"}
+            for key, what in variants.items():
+                sg = r.get(key)
+                if sg:
+                    s2, s1 = sg.get(str(self.args.threads), {}), sg.get("1", {})
+                    out.append(f"{name}: {what}: decode {s2.get('decode_ms', float('nan')):.1f} ms/token "
+                               f"({self.args.threads}t), {s1.get('decode_cpu_ms', float('nan')):.1f} CPU ms/token (1t), "
+                               f"prefill {s2.get('prefill_tps', float('nan')):.1f} tok/s ({self.args.threads}t), "
+                               f"{s1.get('prefill_cpu_tps', float('nan')):.1f} CPU tok/s (1t)")
             if r.get("package_bytes"):
                 out.append(f"{name}: whole package folder {r['package_bytes'] / MB:.1f} MB ({', '.join(r['package_files'])})")
         return out

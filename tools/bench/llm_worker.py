@@ -127,10 +127,10 @@ def _evaluate(job: dict) -> dict:
             row = {"ok": True, **cand.task, "logits_sqnr_db": cand.outputs["logits"]["sqnr_db"],
                    "seconds": time.perf_counter() - t0}
             cached_ref.setdefault("perplexity", cand.task["reference_perplexity"])
-            if model["kind"] == "genai":
-                row["genai_runtime_greedy"] = _genai_runtime_check(model["artifact"], prompt_tokens,
-                                                                  job["max_new_tokens"], stop, cand.task["greedy"],
-                                                                  runner)
+            genai_folder = _genai_folder(model)
+            if genai_folder is not None:
+                row["genai_runtime_greedy"] = _genai_runtime_check(genai_folder, prompt_tokens, job["max_new_tokens"],
+                                                                  stop, runner)
             del runner
         except Exception as e:  # reported in the row, the other models go on
             traceback.print_exc()
@@ -142,7 +142,17 @@ def _evaluate(job: dict) -> dict:
     return out
 
 
-def _genai_runtime_check(folder: str, prompts, max_new: int, stop, greedy_rows, graph_runner) -> dict:
+def _genai_folder(model: dict) -> str | None:
+    """The onnxruntime-genai model folder of a model: the builder's output, or an edgeq Android
+    package (which carries a genai_config.json beside its .ort)."""
+    if model["kind"] == "genai":
+        return model["artifact"]
+    if model["kind"] == "ort" and (Path(model["artifact"]).parent / "genai_config.json").is_file():
+        return str(Path(model["artifact"]).parent)
+    return None
+
+
+def _genai_runtime_check(folder: str, prompts, max_new: int, stop, graph_runner) -> dict:
     """Greedy answers from genai's own runtime, compared with the same graph driven by CausalLM."""
     from bench.llm_runtimes import GenaiRuntime
     from edgeq.generate import CausalLM
@@ -178,8 +188,12 @@ def _speed(job: dict) -> dict:
                     rt = GenaiRuntime(model["artifact"], threads=threads)
                     drivers[name] = (lambda s, rt=rt: time_genai(rt, prompt, steps, s))
                     graph = CausalLM(_open(model, threads))  # the same graph driven by edgeq's loop
-                    drivers[name + " (graph in ORT, edgeq loop)"] = (lambda s, lm=graph: time_causal_lm(lm, prompt, steps, s))
-                elif model["kind"] == "gguf":
+                    drivers[name + "|graph_in_ort"] = (lambda s, lm=graph: time_causal_lm(lm, prompt, steps, s))
+                    continue
+                if _genai_folder(model) is not None:  # an edgeq package: also in genai's runtime
+                    rt = GenaiRuntime(_genai_folder(model), threads=threads)
+                    drivers[name + "|genai_runtime"] = (lambda s, rt=rt: time_genai(rt, prompt, steps, s))
+                if model["kind"] == "gguf":
                     r = _open(model, threads, logits_all=False)
                     drivers[name] = (lambda s, r=r: time_llama(r, prompt, steps, s))
                 else:
