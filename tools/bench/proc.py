@@ -49,8 +49,8 @@ def _status_kb(pid: int) -> dict[str, int]:
 
 
 def run_job(job: dict, job_dir: Path, *, python: str = sys.executable, max_rss_mb: float = 10240,
-            timeout_s: float = 1800, env: dict | None = None) -> JobOutcome:
-    """Run ``worker.py`` on ``job`` (a JSON-able dict) and collect what it wrote."""
+            timeout_s: float = 1800, env: dict | None = None, worker: Path = WORKER) -> JobOutcome:
+    """Run ``worker`` (default ``worker.py``) on ``job`` (a JSON-able dict) and collect what it wrote."""
     job_dir.mkdir(parents=True, exist_ok=True)
     tag = job["tag"]
     spec = job_dir / f"{tag}.job.json"
@@ -65,7 +65,7 @@ def run_job(job: dict, job_dir: Path, *, python: str = sys.executable, max_rss_m
     cwd.mkdir()
     t0 = time.perf_counter()
     with open(log, "w") as logf:
-        p = subprocess.Popen([python, str(WORKER), str(spec)], stdout=logf, stderr=subprocess.STDOUT,
+        p = subprocess.Popen([python, str(worker), str(spec)], stdout=logf, stderr=subprocess.STDOUT,
                              env=child_env, start_new_session=True, cwd=cwd)
         killed: list[str] = []
         sampled_hwm = [0.0]

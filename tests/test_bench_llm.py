@@ -1,0 +1,77 @@
+"""tools/bench/llm_methods.py: untying the tied output layer so ORT's MatMulNBitsQuantizer sees it."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from bench.llm_methods import untie_output_layer  # noqa: E402
+
+VOCAB, HIDDEN = 96, 64
+
+
+def tied_model() -> onnx.ModelProto:
+    """Embedding Gather and logits Transpose -> MatMul reading one table, as edgeq's export stores it."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"]),
+        helper.make_node("Relu", ["emb"], ["h"]),
+        helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "table_t"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tied",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, "seq"])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, "seq", VOCAB])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def run(model: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"ids": ids})[0]
+
+
+def test_untie_is_exact_and_lets_ort_quantize_the_output_layer():
+    ids = np.array([[3, 17, 95, 0, 42]], np.int64)
+    model = tied_model()
+    want = run(model, ids)
+    untied = tied_model()
+    changed = untie_output_layer(untied)
+    assert len(changed) == 1 and "table.untied_T" in changed[0]
+    assert [n.op_type for n in untied.graph.node] == ["Gather", "Relu", "MatMul"]
+    np.testing.assert_array_equal(run(untied, ids), want)  # a transposed copy: bit-exact
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    ops, axes = ("MatMul", "Gather"), (("MatMul", 0), ("Gather", 1))
+    cfg = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, op_types_to_quantize=ops, quant_axes=axes)
+    q = MatMulNBitsQuantizer(untied, block_size=32, is_symmetric=True, op_types_to_quantize=ops, quant_axes=axes,
+                             algo_config=cfg)
+    q.process()
+    quantized = q.model.model
+    assert sorted(n.op_type for n in quantized.graph.node) == ["GatherBlockQuantized", "MatMulNBits", "Relu"]
+    got = run(quantized, ids)
+    sqnr = 10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2))
+    assert sqnr > 15  # int4 block 32 on both reads of a Gaussian table: ~20 dB
+
+
+def test_untie_leaves_other_transposes_alone():
+    model = tied_model()
+    for n in model.graph.node:
+        if n.op_type == "Transpose":
+            n.attribute[0].ints[:] = [0, 1]  # not a 2-D transpose of the table: left as it is
+    assert untie_output_layer(model) == []
+    assert [n.op_type for n in model.graph.node].count("Transpose") == 1
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
