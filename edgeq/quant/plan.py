@@ -401,6 +401,8 @@ def _decide_tied(node: ir.Node, name: str, table: TiedTable, spec, rule, profile
     shape = tuple(int(d) for d in node.inputs[0].const_value.shape)
     chosen_by = f"rule {rule}" if rule else "default"
     fmt, reason = spec.weights, chosen_by
+    if rule is None and spec.tied_table is not None:
+        fmt, reason = spec.tied_table, "recipe tied_table (the output layer reads this table)"
     while fmt not in (WeightFormat.FLOAT, WeightFormat.INT8, WeightFormat.INT4) or \
             (fmt != WeightFormat.FLOAT and not (profile.supports("Gather", fmt) and profile.supports("MatMul", fmt))):
         why = "a tied table is stored once as int8 or int4" if fmt == WeightFormat.MXFP4 else \

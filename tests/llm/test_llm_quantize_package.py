@@ -24,7 +24,7 @@ def packaged(tiny_onnx, tmp_path_factory):
     return res, qdq, pkg
 
 
-def test_the_tied_table_is_one_int4_table(packaged):
+def test_the_tied_table_is_one_table(packaged):
     res, qdq, _ = packaged
     import onnx
 

@@ -60,3 +60,41 @@ def test_the_tied_table_is_stored_once_and_read_exactly(tmp_path, recipe, profil
     ref = h @ deq.T
     # MatMulNBits at accuracy level 4 computes with int8 activations: close to, not equal to, float
     assert np.abs(logits - ref).max() < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize(("recipe_text", "bits"), [
+    ("", 8),  # the w4a16 preset: int4 projections, the tied table int8 (the output layer is the most sensitive)
+    ('tied_table = "int4"\n', 4),
+])
+def test_w4a16_stores_the_tied_table_as_the_recipe_says(tmp_path, recipe_text, bits):
+    src, table, _ = _tied_lm(tmp_path / "lm.onnx")
+    if recipe_text:
+        recipe = tmp_path / "r.toml"
+        recipe.write_text('name = "w4-tied4"\n[default]\nweights = "int4"\n' + recipe_text)
+    else:
+        recipe = "w4a16"
+    res = quantize_model(src, tmp_path / "q.onnx", recipe, profile=ONNXRUNTIME_CPU, progress=False)
+    formats = {d.node: d.format.value for d in res.plan.weights}
+    assert formats == {"embed": f"int{bits}", "lm_head": f"int{bits}", "mix": "int4"}
+    assert "tied_table" in next(d.reason for d in res.plan.weights if d.node == "embed") or recipe_text
+    nodes = {n.op_type: n for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    for op in ("GatherBlockQuantized", "MatMulNBits"):
+        assert next(a.i for a in nodes[op].attribute if a.name == "bits") == bits
+    codes = res.plan.codes["table"]
+    assert codes.block_size == 32 and codes.zero_point is None
+
+
+def test_a_table_on_the_q8_0_grid_comes_back_exactly(tmp_path):
+    """GGUF's Q8_0 (the SmolLM2 table): fp16 scale · int8 code per block of 32. The w4a16 preset's int8
+    tied table (blocks of 32, symmetric, round to nearest) finds the same scales and codes: no error."""
+    src, _, _ = _tied_lm(tmp_path / "lm.onnx")
+    rng = np.random.default_rng(5)
+    q = rng.integers(-127, 128, (V, D)).astype(np.float32)
+    q[:, ::32] = 127 * np.sign(rng.standard_normal((V, D // 32)))  # each block reaches ±127, as Q8_0's do
+    d = (rng.uniform(1e-3, 2e-2, (V, D // 32))).astype(np.float16).astype(np.float32)
+    grid = (q.reshape(V, D // 32, 32) * d[..., None]).reshape(V, D)
+    model = onnx.load(str(src))
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(grid, "table"))
+    onnx.save(model, str(src))
+    res = quantize_model(src, tmp_path / "q.onnx", "w4a16", profile=ONNXRUNTIME_CPU, progress=False)
+    np.testing.assert_array_equal(res.plan.codes["table"].dequantize(), grid)

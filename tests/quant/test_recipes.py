@@ -142,3 +142,17 @@ def test_a_recipe_is_frozen_data():
         rec.name = "x"  # type: ignore[misc]
     assert isinstance(rec, Recipe) and rec.with_algorithms(smoothing=None).algorithms.smoothing is None
     assert rec.algorithms.smoothing is not None  # the original is unchanged
+
+
+def test_the_readme_recipe_loads(tmp_path):
+    """The TOML example in the README is a recipe the loader accepts, with the keys it shows."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    text = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
+    path = tmp_path / "readme.toml"
+    path.write_text(text)
+    rec = load_recipe(path)
+    assert rec.default.weights == WeightFormat.INT4 and rec.default.tied_table == WeightFormat.INT8
+    assert len(rec.rules) == 3
