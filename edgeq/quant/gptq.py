@@ -72,6 +72,14 @@ def prepare_hessian(h: np.ndarray, damp: float) -> np.ndarray | None:
     return None
 
 
+def _factor(gram: np.ndarray, damp: float, ordered: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(the rounding order or None, :func:`prepare_hessian` of the Gram in that order)."""
+    if not ordered:
+        return None, prepare_hessian(gram, damp)
+    order = act_order(gram)
+    return order, prepare_hessian(np.asarray(gram)[np.ix_(order, order)], damp)
+
+
 class _Grid:
     """One block's (or, for int8, one channel's) grid: codes in [lo, hi], ``ŵ = (q - z) · s``."""
 
@@ -100,28 +108,47 @@ def _block_grid(rows: np.ndarray, d: WeightDecision) -> tuple[_Grid, np.ndarray 
     return _Grid(q.scale[0], None, -8, 7), None
 
 
-def gptq_quantize(w: np.ndarray, d: WeightDecision, factor: np.ndarray) -> formats.QuantizedTensor | None:
+def act_order(hessian: np.ndarray) -> np.ndarray:
+    """The input rows in the order act-order GPTQ rounds them: largest ``E[x_k²]`` first (stable)."""
+    return np.argsort(-np.diag(hessian), kind="stable")
+
+
+def gptq_quantize(w: np.ndarray, d: WeightDecision, factor: np.ndarray,
+                  order: np.ndarray | None = None) -> formats.QuantizedTensor | None:
     """``w`` (as stored in the graph) quantized per decision ``d`` with GPTQ; None if ``factor`` does not fit.
 
     ``factor`` is :func:`prepare_hessian` of the layer input's ``E[x xᵀ]`` (``K × K``; layers
-    reading the same tensor share it).
+    reading the same tensor share it). With ``order`` (a permutation of the K input rows, see
+    :func:`act_order`) rows are rounded in that order and ``factor`` must be that of the permuted
+    Hessian ``H[order][:, order]``; int4 block grids are then chosen from ``w`` before any
+    compensation (a block's rows are no longer rounded together).
     """
     if d.transpose:
         w = w.T
     k_axis = reduction_axis(d)
     wk = np.moveaxis(np.asarray(w, dtype=np.float64), k_axis, 0)  # [K, N]
     k, n = wk.shape
-    if factor.shape != (k, k):
+    if factor.shape != (k, k) or (order is not None and order.shape != (k,)):
         return None
     u = factor
-    work = wk.T.copy()  # [N, K]: one column per input row, the layout the updates run along
+    perm = np.arange(k) if order is None else np.asarray(order)
+    work = wk.T[:, perm].copy()  # [N, K]: one column per input row (in rounding order), the layout the updates run along
     codes = np.empty((n, k))
     blocked = d.format == WeightFormat.INT4
+    static = blocked and order is not None
     if blocked:
         nb = -(-k // d.block)
         scales = np.empty((nb, n), dtype=np.float16 if d.scale_dtype == "float16" and d.symmetric else np.float32)
         zeros = None if d.symmetric else np.empty((nb, n), dtype=np.int8)
         lazy = max(LAZY_ROWS // d.block, 1) * d.block  # a whole number of blocks
+        grids = []
+        if static:
+            for b in range(nb):
+                g, zp = _block_grid(wk[b * d.block:(b + 1) * d.block], d)
+                grids.append(g)
+                scales[b] = g.scale
+                if zeros is not None:
+                    zeros[b] = zp
     else:
         grid = _Grid(formats.quantize_int8_per_channel(wk, 1).scale, None, -127, 127)
         lazy = LAZY_ROWS
@@ -131,8 +158,10 @@ def gptq_quantize(w: np.ndarray, d: WeightDecision, factor: np.ndarray) -> forma
         err1 = np.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if blocked and col % d.block == 0:
+            col = int(perm[i1 + i])  # the input row in the weight's own order
+            if static:
+                grid = grids[col // d.block]
+            elif blocked and col % d.block == 0:
                 end = min(i + d.block, i2 - i1)
                 grid, zp = _block_grid(w1[:, i:end].T, d)
                 scales[col // d.block] = grid.scale
@@ -200,8 +229,9 @@ class GPTQHandler(Algorithm):
         if not gram_of:
             return self.skipped(plan, "nothing to do: no MatMul/Gemm with a 2-D int4/int8 weight")
         nodes = ctx.nodes()
-        damp_of = {node: ctx.settings(node).gptq.damp for node in gram_of}
-        factors: dict[tuple[str, float], np.ndarray | None] = {}  # one factorization per input tensor and damp
+        damp_of = {node: (ctx.settings(node).gptq.damp, ctx.settings(node).gptq.act_order) for node in gram_of}
+        # one factorization per input tensor, damp and order: (the order or None, the factor)
+        factors: dict[tuple[str, tuple[float, bool]], tuple[np.ndarray | None, np.ndarray] | None] = {}
         codes = dict(plan.codes)
         done = []
         for d in ctx.bar([d for d in plan.weights if d.node in gram_of], "gptq", "weight"):
@@ -212,16 +242,19 @@ class GPTQHandler(Algorithm):
             if key not in factors:
                 g = stats.get("gram", t)
                 factors[key] = None if g is None else ctx.memo.get(
-                    ("gptq-factor", fingerprint(g, key[1])), lambda g=g, damp=key[1]: prepare_hessian(g, damp))
-            if factors[key] is None:
+                    ("gptq-factor", fingerprint(g, *key[1])), lambda g=g, damp=key[1][0], ordered=key[1][1]:
+                    _factor(g, damp, ordered))
+            if factors[key] is None or factors[key][1] is None:
                 continue
             w = nodes[d.node].inputs[d.input_index].const_value.numpy().astype(np.float32)
-            factor = factors[key]
-            q = ctx.memo.get(("gptq", fingerprint(w, repr(d), factor)), lambda: gptq_quantize(w, d, factor))
+            order, factor = factors[key]
+            q = ctx.memo.get(("gptq", fingerprint(w, repr(d), factor, order)),
+                             lambda: gptq_quantize(w, d, factor, order))
             if q is not None:
                 codes[d.weight] = q
                 done.append(d.node)
-        damps = sorted(set(damp_of[n] for n in done)) or sorted(set(damp_of.values()))
+        damps = sorted(set(damp_of[n][0] for n in done)) or sorted(set(v[0] for v in damp_of.values()))
+        ordered = sum(1 for n in done if damp_of[n][1])
         details = []
         skipped = sorted(set(gram_of) - set(done))
         if skipped:
@@ -229,6 +262,7 @@ class GPTQHandler(Algorithm):
                            + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
         result = AlgorithmResult(
             self.name, f"{len(done)} MatMul/Gemm weights rounded with error compensation "
-                       f"(damp {', '.join(f'{x:g}' for x in damps)}, {stats.samples} calibration samples)",
+                       f"(damp {', '.join(f'{x:g}' for x in damps)}, {stats.samples} calibration samples"
+                       + (f"; {ordered} in act order" if ordered else "") + ")",
             nodes=tuple(done), details=tuple(details))
         return add_result(replace(plan, codes=MappingProxyType(codes)), result)

@@ -27,7 +27,7 @@ TOML form::
     protect = {ratio = 4.0, max_channels = 4}   # outlier channels of MatMul inputs run in float
     smoothing = {method = "outliers", alpha = 1.0}  # W8A8: outliers | smoothquant (alpha (0, 1), e.g. 0.5)
     awq = true              # weight-only int4: activation-aware input scaling (AWQ)
-    gptq = {damp = 0.01}    # MatMul/Gemm: error-compensated rounding (nearest, with a note, without data)
+    gptq = {damp = 0.01, act_order = false}  # MatMul/Gemm: error-compensated rounding (nearest, with a note, without data)
     conv_rounding = {scope = "all"}  # int8 Conv codes chosen for the layer output: all | small
     bias_correction = true  # Conv/Gemm: cancel the output mean shift of weight rounding
     integer_bias = {raise_scales = true}  # W8A8: raise a near-dead channel's weight scale so its int32 bias fits
@@ -160,6 +160,9 @@ class GPTQConfig:
     """Error-compensated rounding of MatMul/Gemm weights from calibration Grams (edgeq.quant.gptq)."""
 
     damp: float = 0.01  # λ = damp · mean(diag H) added to the Hessian
+    # round the inputs with the largest E[x²] first (the paper's "act order"); int4 block grids are then
+    # chosen up front from the weights before compensation ("static groups")
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.damp <= 1.0:
