@@ -139,7 +139,7 @@ def test_w4a16_recipe_uses_gptq_when_calibration_is_given(tmp_path):
     ev = correlated_inputs(500, seed=99)
     ref = _run(src, ev)
     rec = preset("w4a16").with_algorithms(awq=None)  # GPTQ on its own
-    assert preset("w4a16").algorithms.gptq == GPTQConfig()
+    assert preset("w4a16").algorithms.gptq == GPTQConfig(act_order=True)
     err = {}
     for rounding in ("nearest", "gptq"):
         out = tmp_path / f"{rounding}.onnx"
