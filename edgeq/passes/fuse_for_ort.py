@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -28,6 +29,38 @@ import onnx_ir.passes.common as common_passes
 class FuseForOrtResult(ir.passes.PassResult):
     fused: dict[str, int] = dataclasses.field(default_factory=dict)  # fusion -> how many times it applied
     ops: dict[str, int] = dataclasses.field(default_factory=dict)  # com.microsoft op types made
+
+
+def canonical_sum_dims(model: ir.Model) -> int:
+    """Spell every symbolic dimension that is a sum of names one way (terms sorted); how many changed.
+
+    onnxscript's fusions compare symbolic dimensions as strings, and torch's exporter writes the
+    same sum in either order (SmolLM2: ``past_sequence + sequence`` on most layers, ``sequence +
+    past_sequence`` on 6 of 30, whose attention then failed to fuse). Only sums are rewritten —
+    no symbolic-algebra library is a dependency, and the exporter writes no other expressions here.
+    """
+    changed = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for v in node.outputs:
+            if v.shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value and "+" in d.value
+                                          for d in v.shape):
+                continue
+            dims = [ir.SymbolicDim(_sorted_sum(d.value)) if isinstance(d, ir.SymbolicDim) and d.value else d
+                    for d in v.shape]
+            if [getattr(d, "value", d) for d in dims] != [getattr(d, "value", d) for d in v.shape]:
+                v.shape = ir.Shape(dims)
+                changed += 1
+    return changed
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
+
+
+def _sorted_sum(expr: str) -> str:
+    terms = [t.strip() for t in expr.split("+")]
+    if len(terms) < 2 or not all(_NAME.fullmatch(t) for t in terms):
+        return expr
+    return " + ".join(sorted(terms))
 
 
 class FuseForOrtPass(ir.passes.InPlacePass):
@@ -57,6 +90,7 @@ class FuseForOrtPass(ir.passes.InPlacePass):
 
         before = collections.Counter((n.domain, n.op_type) for n in model.graph)
         common_passes.ShapeInferencePass()(model)
+        canonical_sum_dims(model)
         shape_optimization.rules.apply_to_model(model)
         fused = {}
         for name, fn, kwargs in (
