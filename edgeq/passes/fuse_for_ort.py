@@ -65,13 +65,15 @@ def _sorted_sum(expr: str) -> str:
 
 class FuseForOrtPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> FuseForOrtResult:
+        from onnxscript.rewriter._fusion_utils import apply_fusion_rules
         from onnxscript.rewriter.ort_fusions import shape_optimization
+
+        from edgeq.passes import ort_llm_rules
         from onnxscript.rewriter.ort_fusions.attention import fuse_attention
         from onnxscript.rewriter.ort_fusions.bias_gelu import fuse_bias_gelu
         from onnxscript.rewriter.ort_fusions.cos_sin_cache import fuse_cos_sin_cache
         from onnxscript.rewriter.ort_fusions.erfgelu import fuse_erfgelu
         from onnxscript.rewriter.ort_fusions.gelu import fuse_gelu
-        from onnxscript.rewriter.ort_fusions.gqa import fuse_gqa
         from onnxscript.rewriter.ort_fusions.gqa_packed_qkv import fuse_qkv_gqa
         from onnxscript.rewriter.ort_fusions.mha import fuse_mha1, fuse_mha2
         from onnxscript.rewriter.ort_fusions.mha_bias import fuse_mha_bias
@@ -98,8 +100,9 @@ class FuseForOrtPass(ir.passes.InPlacePass):
             ("skip_layer_normalization", fuse_skip_layer_normalization, {}),
             ("skip_rms_normalization", fuse_skip_rms_normalization, {}),
             ("rotary_embedding", fuse_rotary_embedding, {}), ("cos_sin_cache", fuse_cos_sin_cache, {}),
+            ("cos_sin_cache_from_mul", apply_fusion_rules(ort_llm_rules.cos_sin_cache_rules), {}),
             ("partial_rotary_embedding", fuse_partial_rotary_embedding, {}),
-            ("sdpa", fuse_sdpa, {"apply_shape_inference": True}), ("gqa", fuse_gqa, {}),
+            ("sdpa", fuse_sdpa, {"apply_shape_inference": True}), ("gqa", apply_fusion_rules(ort_llm_rules.gqa_rules), {}),
             ("packed_qkv_for_gqa", fuse_qkv_gqa, {}), ("mha1", fuse_mha1, {}), ("mha2", fuse_mha2, {}),
             ("mha_scale", fuse_mha_scale, {}),
         ):
@@ -111,6 +114,8 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         fused["bias_gelu"] = fuse_bias_gelu(model)
         fused["sdpa_via_mha"] = replace_sdpa_by_mha(model)
         common_passes.InlinePass()(model)  # fusion helper functions nothing consumed
+        # one copy of what every fused layer computes alike (GQA's sequence lengths from position_ids)
+        common_passes.CommonSubexpressionEliminationPass()(model)
         common_passes.RemoveUnusedNodesPass()(model)
         common_passes.RemoveUnusedFunctionsPass()(model)
         # the fusions' small constants (axes, shapes) as initializers, like the import stage leaves them
