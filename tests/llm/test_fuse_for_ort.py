@@ -1,5 +1,5 @@
 """The Android plan's transformer fusions on the tiny Llama as edgeq exports it: every layer fused
-(GroupQueryAttention with rotary inside, SkipSimplifiedLayerNormalization), the same numbers as the
+(GroupQueryAttention with rotary inside and packed QKV, SkipSimplifiedLayerNormalization), the same numbers as the
 unfused graph in ONNX Runtime, and attention left unfused-by-GQA when its mask is not plain causal."""
 
 import collections
@@ -50,7 +50,10 @@ def test_every_layer_of_the_tiny_llama_fuses_and_computes_the_same(tiny_onnx, tm
     # nothing of attention or rotary is left as small ops
     assert not {"Softmax", "IsNaN", "Neg", "RotaryEmbedding", "MultiHeadAttention", "Pow", "ReduceMean"} & set(ops)
     assert result.fused["gqa"] == layers and result.fused["cos_sin_cache_from_mul"] == 2 * layers
+    # per layer one packed query/key/value MatMul, the attention output and 3 MLP ones; + output layer, rotary angles
+    assert result.fused["packed_qkv_for_gqa"] == layers and ops["MatMul"] == 5 * layers + 2
     gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert gqa.inputs[1] is None and gqa.inputs[2] is None  # packed
     assert gqa.attributes.get_int("do_rotary") == 1
     assert gqa.attributes.get_int("num_heads") == facts.num_attention_heads
     assert gqa.attributes.get_int("kv_num_heads") == facts.num_kv_heads
