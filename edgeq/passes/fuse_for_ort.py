@@ -71,8 +71,6 @@ class FuseForOrtPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> FuseForOrtResult:
         from onnxscript.rewriter._fusion_utils import apply_fusion_rules
         from onnxscript.rewriter.ort_fusions import shape_optimization
-
-        from edgeq.passes import ort_llm_rules
         from onnxscript.rewriter.ort_fusions.attention import fuse_attention
         from onnxscript.rewriter.ort_fusions.bias_gelu import fuse_bias_gelu
         from onnxscript.rewriter.ort_fusions.cos_sin_cache import fuse_cos_sin_cache
@@ -94,6 +92,8 @@ class FuseForOrtPass(ir.passes.InPlacePass):
             fuse_skip_rms_normalization,
         )
 
+        from edgeq.passes import ort_llm_rules as llm
+
         before = collections.Counter((n.domain, n.op_type) for n in model.graph)
         common_passes.ShapeInferencePass()(model)
         canonical_sum_dims(model)
@@ -104,10 +104,11 @@ class FuseForOrtPass(ir.passes.InPlacePass):
             ("skip_layer_normalization", fuse_skip_layer_normalization, {}),
             ("skip_rms_normalization", fuse_skip_rms_normalization, {}),
             ("rotary_embedding", fuse_rotary_embedding, {}), ("cos_sin_cache", fuse_cos_sin_cache, {}),
-            ("cos_sin_cache_from_mul", apply_fusion_rules(ort_llm_rules.cos_sin_cache_rules), {}),
+            ("cos_sin_cache_from_mul", apply_fusion_rules(llm.cos_sin_cache_rules), {}),
             ("partial_rotary_embedding", fuse_partial_rotary_embedding, {}),
-            ("sdpa", fuse_sdpa, {"apply_shape_inference": True}), ("gqa", apply_fusion_rules(ort_llm_rules.gqa_rules), {}),
-            ("pack_qkv_projections", apply_fusion_rules(ort_llm_rules.pack_qkv_rules), {"apply_shape_inference": True}),
+            ("sdpa", fuse_sdpa, {"apply_shape_inference": True}),
+            ("gqa", apply_fusion_rules(llm.gqa_rules), {}),  # onnxscript's rule, with a working mask check
+            ("pack_qkv_projections", apply_fusion_rules(llm.pack_qkv_rules), {"apply_shape_inference": True}),
             ("packed_qkv_for_gqa", fuse_qkv_gqa, {}), ("mha1", fuse_mha1, {}), ("mha2", fuse_mha2, {}),
             ("mha_scale", fuse_mha_scale, {}),
         ):

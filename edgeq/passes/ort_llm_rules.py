@@ -26,6 +26,8 @@ packed projection; it never concatenates weights.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
@@ -102,6 +104,11 @@ class _CausalPaddingMask(pattern.PatternBase):
             return result.fail("the padding is not read from the model input attention_mask", attention_mask)
         if not (_from_range(kv_index) and _from_range(query_index)):
             return result.fail("the causal comparison is not between token indices", [kv_index, query_index])
+        # key positions along the last axis, query positions along the one before: kv <= q is causal
+        if not (_ir_utils.get_dim(query_index, -1) == 1 and _ir_utils.get_dim(kv_index, -2) == 1
+                and _ir_utils.get_dim(kv_index, -1) != 1):
+            return result.fail("the comparison is not key index (columns) <= query index (rows)",
+                               [kv_index, query_index])
         if true is not None and not _ir_utils.is_singleton_value(true, True):
             return result.fail("the causal term is combined with something other than True", true)
         if _ir_utils.get_singleton_value(zero) != 0:
@@ -164,7 +171,7 @@ class PackQKVProjections(pattern.RewriteRuleClassBase):
         bounds = np.cumsum([0] + [a.shape[1] for a in arrays])
         axis, step = op.Constant(value_ints=[2]), op.Constant(value_ints=[1])  # as fuse_qkv_gqa expects them
         q, k, v = (op.Slice(qkv, op.Constant(value_ints=[int(a)]), op.Constant(value_ints=[int(b)]), axis, step)
-                   for a, b in zip(bounds[:-1], bounds[1:]))
+                   for a, b in itertools.pairwise(bounds))
         return op.GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_seq_length, cos, sin,
                                       **attention.producer().attributes, _domain="com.microsoft", _outputs=3)
 
