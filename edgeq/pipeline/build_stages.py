@@ -214,7 +214,7 @@ def _row(label: str, target: str, size: int, ideal: int, cand: dict | None, qdq:
                 "cosine_mean": None, "task": {}, "passed": False, "failed": ["not validated (see the stages)"],
                 "notes": [], "coverage": cov}
     outputs = {k: o for k, o in cand["outputs"].items() if o.get("gated", True)}  # a state: judged as carried
-    notes = [c["note"] for c in cand["checks"] if c.get("note")]
+    notes = list(dict.fromkeys(c["note"] for c in cand["checks"] if c.get("note")))  # an output and its carried twin
     return {
         "model": label,
         "target": target,
