@@ -76,7 +76,10 @@ def _stateful(path):
     from onnx import numpy_helper as nh
 
     rng = np.random.default_rng(0)
-    f = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.5  # noqa: E731
+
+    def f(*shape):
+        return rng.standard_normal(shape).astype(np.float32) * 0.5
+
     inits = [nh.from_array(f(4, 8), "w1"), nh.from_array(f(8, 8), "w2"), nh.from_array(f(1, 32, 8), "W"),
              nh.from_array(f(1, 32, 8), "R"), nh.from_array(np.array([1], np.int64), "axis1")]
     nodes = [oh.make_node("MatMul", ["x", "w1"], ["a"]), oh.make_node("Relu", ["a"], ["r"]),
