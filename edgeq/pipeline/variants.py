@@ -116,6 +116,21 @@ class Evaluator:
         return Score(worst(sq), worst(cs), top1)
 
 
+def _with_subgraph_nodes(node: onnx.NodeProto):
+    """``node`` and every node inside its subgraphs (an If's branches, a Loop's body), at any depth."""
+    yield node
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in g.node:
+                yield from _with_subgraph_nodes(n)
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The tensor names ``node`` reads, its subgraphs' reads of the graph around them included (a name a
+    subgraph makes itself is listed too: harmless where this decides what to keep)."""
+    return {x for n in _with_subgraph_nodes(node) for x in n.input if x}
+
+
 def _attr(node: onnx.NodeProto, name: str) -> int:
     return next((a.i for a in node.attribute if a.name == name), 0)
 
@@ -245,12 +260,13 @@ class Variants:
                 node = n if layer is None or layer in quantized else self.float_node[i]
             name = layer or node.name
             keep = (act_owners is None or name in act_owners) and name not in float_acts
-            if not keep and any(x in self.act_dq for x in node.input):
+            if not keep and any(x in self.act_dq for x in _reads(node)):
                 node2 = onnx.NodeProto()
                 node2.CopyFrom(node)
-                for k, x in enumerate(node2.input):
-                    if x in self.act_dq:
-                        node2.input[k] = self.act_dq[x]
+                for sub in _with_subgraph_nodes(node2):  # an If reads the value inside its branches
+                    for k, x in enumerate(sub.input):
+                        if x in self.act_dq:
+                            sub.input[k] = self.act_dq[x]
                 node = node2
             nodes.append(node)
         # drop nodes nothing reads any more (bypassed Q/DQ pairs, unused weight DequantizeLinear)
@@ -259,7 +275,7 @@ class Variants:
         for n in reversed(nodes):
             if any(o in needed for o in n.output):
                 kept.append(n)
-                needed.update(n.input)
+                needed.update(_reads(n))
         kept.reverse()
         m = onnx.ModelProto()
         m.CopyFrom(self._shell())
