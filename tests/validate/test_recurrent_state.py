@@ -1,10 +1,13 @@
 """Recurrent state outputs (silero-vad's hn/cn) are judged by the next call that carries them."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
+from edgeq.pipeline.variants import Evaluator
 from edgeq.validate.compare import Thresholds
 from edgeq.validate.run import validate_models
 from edgeq.validate.state import recurrent_state_pairs
@@ -13,14 +16,19 @@ HIDDEN, FEATURES = 8, 4
 GATES = Thresholds(min_sqnr_db=30.0, min_cosine=0.999)
 
 
-def _lstm(path, *, state_offset=0.0, outputs=("y", "hn", "cn")):
+def _lstm(path, *, state_offset=0.0, outputs=("y", "hn", "cn"), forgetful=False):
     """x[seq, 1, 4], h/c[1, 1, 8] -> y[seq, 1, 8] (every step's hidden state), hn, cn; ``state_offset``
-    is added to the returned hn (a state that is wrong while this call's y is right)."""
+    is added to the returned hn (a state that is wrong while this call's y is right). ``forgetful``:
+    no recurrent weights and a closed forget gate, so the next call does not depend on the state."""
     rng = np.random.default_rng(0)
+    r = np.zeros((1, 4 * HIDDEN, HIDDEN)) if forgetful else rng.standard_normal((1, 4 * HIDDEN, HIDDEN)) * 0.5
+    b = np.zeros((1, 8 * HIDDEN))
+    if forgetful:
+        b[0, 2 * HIDDEN:3 * HIDDEN] = -40.0  # ONNX gate order i, o, f, c: forget nothing carried
     inits = [nh.from_array((rng.standard_normal((1, 4 * HIDDEN, FEATURES)) * 0.5).astype(np.float32), "W"),
-             nh.from_array((rng.standard_normal((1, 4 * HIDDEN, HIDDEN)) * 0.5).astype(np.float32), "R"),
+             nh.from_array(r.astype(np.float32), "R"), nh.from_array(b.astype(np.float32), "B"),
              nh.from_array(np.array([1], np.int64), "axis1"), nh.from_array(np.array(state_offset, np.float32), "offset")]
-    nodes = [oh.make_node("LSTM", ["x", "W", "R", "", "", "h", "c"], ["Y", "Y_h", "cn"], hidden_size=HIDDEN),
+    nodes = [oh.make_node("LSTM", ["x", "W", "R", "B", "", "h", "c"], ["Y", "Y_h", "cn"], hidden_size=HIDDEN),
              oh.make_node("Squeeze", ["Y", "axis1"], ["y"]), oh.make_node("Add", ["Y_h", "offset"], ["hn"])]
     vi = oh.make_tensor_value_info
     graph = oh.make_graph(nodes, "lstm", [vi("x", 1, ["seq", 1, FEATURES]), vi("h", 1, [1, 1, HIDDEN]),
@@ -71,3 +79,16 @@ def test_a_model_whose_outputs_are_all_states_keeps_their_own_gates(tmp_path):
     rep = validate_models([bad], ref, _feeds(), thresholds=GATES, intermediates=False, progress=False)
     checks = {c["check"]: c for c in rep.candidates[0].checks}
     assert not checks["hn: sqnr_db"]["passed"] and checks["cn: sqnr_db"]["passed"]
+
+
+def test_variant_scores_judge_a_state_by_the_call_that_carries_it(tmp_path):
+    # analyze / --budget score variants the way validate gates them: a state the next call forgets is
+    # no damage, a state the next call reads wrong is
+    ref = onnx.load(_lstm(tmp_path / "ref.onnx", forgetful=True))
+    ev = Evaluator(ref, _feeds())
+    assert len(ev.reference[0]) == 2  # y, and y of the call from the returned state
+    harmless = _lstm(tmp_path / "harmless.onnx", state_offset=0.5, forgetful=True)
+    assert ev.score(Path(harmless).read_bytes()).sqnr_db == float("inf")
+    strict = Evaluator(onnx.load(_lstm(tmp_path / "ref2.onnx")), _feeds())
+    harmful = _lstm(tmp_path / "harmful.onnx", state_offset=0.5)
+    assert strict.score(Path(harmful).read_bytes()).sqnr_db < 30
