@@ -107,3 +107,41 @@ def encoder_feeds(n=6, seed=1):
         mask[1, seq - 2:] = 0.0
         feeds.append({"x": rng.standard_normal((2, seq, 16)).astype(np.float32), "mask": mask})
     return feeds
+
+
+def conv_if(path, *, seed=0):
+    """x[N,4,L] → Conv1d → Relu → Conv1d → Relu → If(L == 1: Squeeze; else ReduceMean over L) → MatMul:
+    silero-vad's decoder, whose If branches read the encoder's last Relu output from the graph around them."""
+    rng = np.random.default_rng(seed)
+    then_branch = oh.make_graph(
+        [oh.make_node("Squeeze", ["r", "axis2"], ["sq"], name="squeeze_in_then")], "then", [],
+        [oh.make_tensor_value_info("sq", 1, None)], [nh.from_array(np.array([2], np.int64), "axis2")])
+    else_branch = oh.make_graph(
+        [oh.make_node("ReduceMean", ["r", "axis2_e"], ["mean"], keepdims=0, name="mean_in_else")], "else", [],
+        [oh.make_tensor_value_info("mean", 1, None)], [nh.from_array(np.array([2], np.int64), "axis2_e")])
+    inits = [_init("w0", rng.standard_normal((4, 4, 3)) * 0.4), _init("b0", rng.standard_normal(4) * 0.1),
+             _init("w", rng.standard_normal((8, 4, 3)) * 0.4), _init("b", rng.standard_normal(8) * 0.1),
+             _init("wf", rng.standard_normal((8, 3)) * 0.5),
+             nh.from_array(np.array(2, np.int64), "two"), nh.from_array(np.array(1, np.int64), "one")]
+    nodes = [
+        oh.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1], name="conv0"),
+        oh.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        oh.make_node("Conv", ["r0", "w", "b"], ["c"], pads=[1, 1], name="conv"),
+        oh.make_node("Relu", ["c"], ["r"], name="relu"),
+        oh.make_node("Shape", ["r"], ["shape"], name="shape"),
+        oh.make_node("Gather", ["shape", "two"], ["length"], name="length"),
+        oh.make_node("Equal", ["length", "one"], ["single"], name="is_single"),
+        oh.make_node("If", ["single"], ["pooled"], then_branch=then_branch, else_branch=else_branch, name="pool"),
+        oh.make_node("MatMul", ["pooled", "wf"], ["y"], name="fc"),
+    ]
+    graph = oh.make_graph(nodes, "conv_if", [oh.make_tensor_value_info("x", 1, ["batch", 4, "length"])],
+                          [oh.make_tensor_value_info("y", 1, ["batch", 3])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)], ir_version=10)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def conv_if_feeds(n=6, seed=1, length=16):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((2, 4, length)).astype(np.float32)} for _ in range(n)]

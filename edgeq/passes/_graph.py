@@ -11,6 +11,15 @@ def nodes_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
     return {n.name: n for n in graph}
 
 
+def subgraph_nodes(node: ir.Node):
+    """Every node inside ``node``'s subgraphs (an If's branches, a Loop's body), at any depth."""
+    for attr in node.attributes.values():
+        graphs = (attr.value if attr.type == ir.AttributeType.GRAPHS else
+                  [attr.value] if attr.type == ir.AttributeType.GRAPH else [])
+        for g in graphs:
+            yield from ir.traversal.RecursiveGraphIterator(g)
+
+
 def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     """Every graph input and node output, by name."""
     values = {v.name: v for v in graph.inputs}

@@ -5,7 +5,8 @@ Rules it applies, from the plan:
 - per :class:`~edgeq.quant.plan.ActivationDecision`, ``QuantizeLinear(x, scale, zero_point) →
   DequantizeLinear`` per tensor, uint8 asymmetric or int8 symmetric; only the consumers listed in
   the decision read the dequantized value (graph outputs and other readers keep the float
-  tensor), so model inputs and outputs stay float. Marked ``edgeq.role`` activation_quantize /
+  tensor), so model inputs and outputs stay float; a consumer that is an If / Loop reads it
+  wherever its subgraphs read ``x``. Marked ``edgeq.role`` activation_quantize /
   activation_dequantize with ``edgeq.source`` the float-model tensor.
 - per :class:`~edgeq.quant.plan.IntegerBias`, the node's bias becomes ``DequantizeLinear(int32,
   s_in · s_w, axis 0)``, the form ONNX Runtime folds into QLinearConv / QGemm (the weight scales
@@ -21,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeq import meta
-from edgeq.passes._graph import drop_if_unused, insert_after_producer, nodes_by_name, values_by_name
+from edgeq.passes._graph import drop_if_unused, insert_after_producer, nodes_by_name, subgraph_nodes, values_by_name
 from edgeq.quant.plan import QuantPlan
 from edgeq.quant.recipes import ActFormat
 
@@ -65,9 +66,10 @@ class ActivationQDQPass(ir.passes.InPlacePass):
             insert_after_producer(graph, x, [q, dq])
             for cname in d.consumers:
                 consumer = nodes[cname]
-                for i, inp in enumerate(consumer.inputs):
-                    if inp is x:
-                        consumer.replace_input_with(i, dq.outputs[0])
+                for node in (consumer, *subgraph_nodes(consumer)):  # an If / Loop reads x in its subgraphs
+                    for i, inp in enumerate(node.inputs):
+                        if inp is x:
+                            node.replace_input_with(i, dq.outputs[0])
         for ib in self.plan.integer_biases:
             node = nodes[ib.node]
             b = node.inputs[2]

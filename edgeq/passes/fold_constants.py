@@ -48,7 +48,8 @@ class FoldConstantsPass(ir.passes.InPlacePass):
        whose condition is constant is replaced by its branch, Identity and inference Dropout
        disappear. Quantize/DequantizeLinear and ConstantOfShape are never folded. The folder's
        shape inference gives a shape to values that had none (counted).
-    3. Nodes whose outputs nothing reads are removed (onnx-ir ``RemoveUnusedNodesPass``).
+    3. Nodes whose outputs nothing reads are removed (onnx-ir ``RemoveUnusedNodesPass``), and
+       initializers only the dropped branch of a folded ``If`` read.
     4. Every ``Constant`` node left, of any size and kind, becomes an initializer, and initializers
        of subgraphs move to the main graph, where the quantizer finds them (onnx-ir
        ``LiftConstantsToInitializersPass``, ``LiftSubgraphInitializersToMainGraphPass``).
@@ -71,6 +72,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         modified |= onnxscript.optimizer.fold_constants(
             model, onnx_shape_inference=True, input_size_limit=NO_INPUT_SIZE_LIMIT,
             output_size_limit=self.output_size_limit, should_fold=_keep_shared_weights).modified
+        modified |= _detach_dropped_readers(model)
         modified |= common_passes.RemoveUnusedNodesPass()(model).modified
         constants_left = _count(model, "Constant")
         for p in (common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
@@ -89,6 +91,24 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and not node.outputs[0].is_graph_output():
                 raise ir.passes.PostconditionError(f"Constant node {node.name!r} was not lifted")
+
+
+def _detach_dropped_readers(model: ir.Model) -> bool:
+    """Remove the uses that nodes no longer in the model hold on its values. The folder replaces an
+    ``If`` with a constant condition by one branch and drops the node, but the nodes of the other
+    branch still list the outer values they read among those values' uses: an initializer only they
+    read looks used, survives ``RemoveUnusedNodesPass`` and loses its last reader when the model is
+    saved (silero-vad op15's four LSTM weights, read by the Slices of the dropped branch)."""
+    alive = {id(n) for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+    values = [*model.graph.inputs, *model.graph.initializers.values(),
+              *(o for n in ir.traversal.RecursiveGraphIterator(model.graph) for o in n.outputs)]
+    changed = False
+    for v in values:
+        for node, index in list(v.uses()):
+            if id(node) not in alive:
+                node.replace_input_with(index, None)
+                changed = True
+    return changed
 
 
 SHARED_WEIGHT_ELEMENTS = 1024  # a constant this large read by several nodes is a weight, not a shape

@@ -213,8 +213,8 @@ def _row(label: str, target: str, size: int, ideal: int, cand: dict | None, qdq:
         return {"model": label, "target": target, "bytes": size, "ideal_bytes": ideal, "sqnr_db": None,
                 "cosine_mean": None, "task": {}, "passed": False, "failed": ["not validated (see the stages)"],
                 "notes": [], "coverage": cov}
-    outputs = cand["outputs"]
-    notes = [c["note"] for c in cand["checks"] if c.get("note")]
+    outputs = {k: o for k, o in cand["outputs"].items() if o.get("gated", True)}  # a state: judged as carried
+    notes = list(dict.fromkeys(c["note"] for c in cand["checks"] if c.get("note")))  # an output and its carried twin
     return {
         "model": label,
         "target": target,

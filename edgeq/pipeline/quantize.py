@@ -139,7 +139,8 @@ def quantize_for_profiles(
                 for plan, ideal in zip(plans, ideals)]
     decided = decide(bases, plans, rec, profiles, calib, progress=progress, memo=memo)
     results = []
-    for i, ((plan, table), output, ideal, base) in enumerate(zip(decided, outputs, ideals, bases)):
+    for i, ((plan, table), output, base) in enumerate(zip(decided, outputs, bases)):
+        ideal = planned_bytes(plan, base)  # as decided: an algorithm may keep a weight float (recurrent_check)
         qdq = base if base is not model or i == len(decided) - 1 else base.clone()  # the last may edit it
         apply_plan(qdq, plan, rec, table)
         files = onnx_io.save_ir(qdq, output, force=force)

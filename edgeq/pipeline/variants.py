@@ -27,8 +27,10 @@ from edgeq.quant.plan import WeightDecision
 from edgeq.quant.recipes import WeightFormat
 from edgeq.quant.weights import quantize_weight
 from edgeq.runtime import ort_session
+from edgeq.validate.compare import carry_state
 from edgeq.validate.feeds import load_feeds
 from edgeq.validate.metrics import TensorStats
+from edgeq.validate.state import recurrent_state_pairs
 
 PREFIX = "edgeq_analyze"
 
@@ -72,16 +74,22 @@ def prepare_float(model, data, limit: int | None):
 
 
 class Evaluator:
-    """Runs model variants on fixed evaluation feeds and scores them against the float model."""
+    """Runs model variants on fixed evaluation feeds and scores them against the float model.
+
+    A recurrent state output is scored as :mod:`edgeq.validate.compare` gates it: not on its own but
+    through the other outputs of a second call from the state the variant returned."""
 
     def __init__(self, float_proto: onnx.ModelProto | None, feeds: list, *, _shared: Evaluator | None = None):
         self.feeds = feeds
         self.runs = 0
         if _shared is not None:  # a prefix of another evaluator's feeds: its reference, not a second float run
-            self.outputs = _shared.outputs
+            self.outputs, self.states = _shared.outputs, _shared.states
             self.reference = _shared.reference[:len(feeds)]
             return
         self.outputs = [o.name for o in float_proto.graph.output]
+        self.states = {o: i for i, o in recurrent_state_pairs(float_proto)}
+        if not set(self.outputs) - set(self.states):
+            self.states = {}  # only states: each is judged on its own
         self.reference = self.run(float_proto.SerializeToString())
 
     def subset(self, n: int | None) -> Evaluator:
@@ -97,14 +105,24 @@ class Evaluator:
         return first.ndim >= 1 and first.shape[-1] > 1
 
     def run(self, proto_bytes: bytes) -> list[list[np.ndarray]]:
+        """Per feed, the outputs scored: all of them, or (with states) the other outputs of this call
+        and of the call from the returned state."""
         sess = ort_session(proto_bytes, what=" (a variant of the quantized model)")
-        return [sess.run(self.outputs, f) for f in self.feeds]
+        if not self.states:
+            return [sess.run(self.outputs, f) for f in self.feeds]
+        judged = [k for k, o in enumerate(self.outputs) if o not in self.states]
+        out = []
+        for f in self.feeds:
+            first = sess.run(self.outputs, f)
+            second = sess.run(self.outputs, carry_state(f, dict(zip(self.outputs, first)), self.states))
+            out.append([first[k] for k in judged] + [second[k] for k in judged])
+        return out
 
     def score(self, proto_bytes: bytes) -> Score:
         results = self.run(proto_bytes)
         self.runs += 1
         sq, cs = [], []
-        for k in range(len(self.outputs)):
+        for k in range(len(self.reference[0])):
             st = TensorStats()
             for ref, got in zip(self.reference, results):
                 st.update(ref[k], got[k])
@@ -114,6 +132,21 @@ class Evaluator:
                  if r[0].ndim >= 1 and r[0].shape[-1] > 1]
         top1 = float(np.mean(np.concatenate([a.reshape(-1) for a in agree]))) if agree else float("nan")
         return Score(worst(sq), worst(cs), top1)
+
+
+def _with_subgraph_nodes(node: onnx.NodeProto):
+    """``node`` and every node inside its subgraphs (an If's branches, a Loop's body), at any depth."""
+    yield node
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in g.node:
+                yield from _with_subgraph_nodes(n)
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The tensor names ``node`` reads, its subgraphs' reads of the graph around them included (a name a
+    subgraph makes itself is listed too: harmless where this decides what to keep)."""
+    return {x for n in _with_subgraph_nodes(node) for x in n.input if x}
 
 
 def _attr(node: onnx.NodeProto, name: str) -> int:
@@ -245,12 +278,13 @@ class Variants:
                 node = n if layer is None or layer in quantized else self.float_node[i]
             name = layer or node.name
             keep = (act_owners is None or name in act_owners) and name not in float_acts
-            if not keep and any(x in self.act_dq for x in node.input):
+            if not keep and any(x in self.act_dq for x in _reads(node)):
                 node2 = onnx.NodeProto()
                 node2.CopyFrom(node)
-                for k, x in enumerate(node2.input):
-                    if x in self.act_dq:
-                        node2.input[k] = self.act_dq[x]
+                for sub in _with_subgraph_nodes(node2):  # an If reads the value inside its branches
+                    for k, x in enumerate(sub.input):
+                        if x in self.act_dq:
+                            sub.input[k] = self.act_dq[x]
                 node = node2
             nodes.append(node)
         # drop nodes nothing reads any more (bypassed Q/DQ pairs, unused weight DequantizeLinear)
@@ -259,7 +293,7 @@ class Variants:
         for n in reversed(nodes):
             if any(o in needed for o in n.output):
                 kept.append(n)
-                needed.update(n.input)
+                needed.update(_reads(n))
         kept.reverse()
         m = onnx.ModelProto()
         m.CopyFrom(self._shell())

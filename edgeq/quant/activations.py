@@ -15,7 +15,9 @@ Gemm) — and marks their activation inputs. It then walks backwards from every 
 - otherwise (a float op, a graph input): the tensor is quantized where it is.
 
 Only the consumers that need a quantized input read the dequantized tensor; other readers keep
-the float value (e.g. a residual branch beside a quantized MatMul).
+the float value (e.g. a residual branch beside a quantized MatMul). Consumers are nodes of the
+main graph: a read inside an If's branches or a Loop's body is recorded as a read by that If or
+Loop, whose subgraphs then read the dequantized value (silero-vad's If on its encoder output).
 
 :func:`decide_activations` turns calibrated ranges into scales and zero points. A tensor whose
 calibration saw masking constants (|x| >= 1e30, e.g. an attention mask of finfo.min) or no
@@ -30,6 +32,7 @@ from dataclasses import dataclass, replace
 import onnx_ir as ir
 
 from edgeq import meta
+from edgeq.passes._graph import subgraph_nodes
 from edgeq.quant import formats
 from edgeq.quant.algorithms import Algorithm, Context, Request, Stats, add_result
 from edgeq.quant.calibrate import TensorRange, tensor_range
@@ -124,10 +127,12 @@ def place_activations(model: ir.Model, plan: QuantPlan, recipe: Recipe, profile:
     relays: dict[str, str] = {}
     anchors: set[str] = set()
     work: list[str] = []
+    owner = {id(s): n for n in model.graph for s in subgraph_nodes(n)}  # branch / body node -> its If / Loop
 
     def mark(v: ir.Value, consumer: ir.Node, reason: str, f: ActFormat) -> None:
         if v.is_graph_input() and not recipe.placement.quantize_model_inputs:
             return
+        consumer = owner.get(id(consumer), consumer)
         if v.name not in need:
             need[v.name], why[v.name], fmt[v.name], values[v.name] = [], reason, f, v
             groups.find(v.name)

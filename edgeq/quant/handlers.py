@@ -3,7 +3,8 @@
 Order matters where one algorithm reads what another decided: protection first (the MatMuls then
 read the masked tensor), smoothing and AWQ next (their scales see the protected tensor),
 activation ranges on the graph as rewritten, then the weight codes (Conv rounding, GPTQ, nearest
-for the rest), and last the biases, which read the final codes.
+for the rest), the recurrent layers checked with their codes, and last the biases, which read the
+final codes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from edgeq.quant.gptq import GPTQHandler
 from edgeq.quant.plan import AlgorithmResult, QuantPlan
 from edgeq.quant.protect import ProtectHandler
 from edgeq.quant.recipes import Recipe
+from edgeq.quant.recurrent import RecurrentCheck
 from edgeq.quant.rounding import ConvRoundingHandler
 from edgeq.quant.sequence_starts import SequenceStarts
 from edgeq.quant.smooth import SmoothingHandler
@@ -49,7 +51,7 @@ class NearestRounding(Algorithm):
 
 ORDER: tuple[type[Algorithm], ...] = (
     SequenceStarts, ProtectHandler, SmoothingHandler, AWQHandler, ActivationRanges, ConvRoundingHandler, GPTQHandler,
-    NearestRounding, BiasCorrectionHandler, IntegerBiasHandler,
+    NearestRounding, RecurrentCheck, BiasCorrectionHandler, IntegerBiasHandler,
 )
 
 # one handler per config type of Recipe.algorithms (tests/quant/test_algorithms.py checks there is one each)

@@ -292,6 +292,8 @@ def _latency(data: dict) -> str:
     slow = "".join(f'<p class="fail">{escape(f["model"])} is slower than float at {escape(f["shape"])} '
                    f'({_num(f["speedup"], ".2f")}× float); its time goes to: {escape(f["where"])}</p>'
                    for f in lat.get("slower", []))
+    slow += "".join(f'<p class="note">not timed at {escape(s["shape"])}: {escape(s["reason"])}</p>'
+                    for s in lat.get("skipped", []))
     return (html + bars(items, unit="ms") + slow
             + _table(["model", *[f"{escape(m['shape'])}: ms (× float)" for m in shapes], "where the time goes (evaluation feed)"],
                      rows, set(range(1, len(shapes) + 1)))

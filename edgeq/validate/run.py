@@ -77,8 +77,11 @@ def validate_models(
     for r in [ref, *cands]:  # each model must accept the feeds, before anything runs
         if r.input_specs and r.input_specs is not check_specs:
             check_feeds([dict(f) for f in feeds], r.input_specs, source=f"{desc} for {r.label}")
+    from edgeq.validate.state import recurrent_state_pairs
+
+    states = recurrent_state_pairs(ref_onnx) if ref_onnx is not None else []
     return compare(ref, cands, feeds, data_desc=desc, task=task, thresholds=thresholds,
-                   intermediates=intermediates, progress=progress)
+                   intermediates=intermediates, progress=progress, state_pairs=states)
 
 
 def _validate_causal_lm(ref, sample, cands, data, *, limit, progress, thresholds, max_new_tokens):

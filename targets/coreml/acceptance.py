@@ -11,7 +11,8 @@ judged where it can be judged exactly, segment by segment, and the user's result
    teacher forcing) and must reproduce the value the QDQ ONNX quantizes at its exit at ≥ 50 dB
    (measured 57.8–59.9 dB in fp16, ≥ 124 dB in fp32). The share of codes one step apart is reported.
 2. **Fidelity**: the package's outputs against the float model lose at most 1 dB SQNR and 0.002 mean
-   cosine relative to the QDQ ONNX's own fidelity — or, for SQNR, no more than the fp16 noise above:
+   cosine relative to the QDQ ONNX's own fidelity (a recurrent state output: the other outputs of the
+   next call from the state each model returned, as :mod:`edgeq.validate.compare` judges it) — or, for SQNR, no more than the fp16 noise above:
    the package may add an error of ``FP16_NOISE_DB`` below the output to the QDQ ONNX's (errors
    add as powers). A 1 dB drop alone failed faithful packages whose QDQ ONNX was already near or
    past that noise (MTCNN's face probability: QDQ 57.8 dB, package 56.8; O-Net 52.2 / 47.9; the
@@ -218,15 +219,29 @@ def w8a8_acceptance(qdq, package, float_model: str | os.PathLike, feeds: Iterabl
     model = _load(qdq)
     runner = _runner(package)
     segments = compare_segments(model, runner, feeds, min_sqnr_db=min_segment_sqnr_db)
+    from edgeq.validate.compare import carried_name, carry_state
+    from edgeq.validate.state import recurrent_state_pairs
+
     flt = ort_session(Path(float_model))
     exact = _exact_session(model)
     names = [o.name for o in exact.get_outputs()]
-    stats = {n: {"package": TensorStats(), "qdq": TensorStats()} for n in names}
+    # a recurrent state (silero-vad's hn/cn) is judged by the next call from the state each model
+    # returned, as edgeq.validate.compare judges it, when the model has another output to judge
+    states = {o: i for i, o in recurrent_state_pairs(onnx.load(str(float_model), load_external_data=False))}
+    if not set(names) - set(states):
+        states = {}
+    judged = [n for n in names if n not in states] + [carried_name(n) for n in names if states and n not in states]
+    stats = {n: {"package": TensorStats(), "qdq": TensorStats()} for n in judged}
+    flt_names = [o.name for o in flt.get_outputs()]
     for feed in feeds:
-        ref = dict(zip([o.name for o in flt.get_outputs()], flt.run(None, dict(feed))))
+        ref = dict(zip(flt_names, flt.run(None, dict(feed))))
         want = dict(zip(names, exact.run(None, dict(feed))))
         got = runner.run(feed)
-        for n in names:
+        if states:
+            ref.update({carried_name(k): v for k, v in zip(flt_names, flt.run(None, carry_state(feed, ref, states)))})
+            want.update({carried_name(k): v for k, v in zip(names, exact.run(None, carry_state(feed, want, states)))})
+            got.update({carried_name(k): v for k, v in runner.run(carry_state(feed, got, states)).items()})
+        for n in judged:
             stats[n]["qdq"].update(ref[n], want[n])
             stats[n]["package"].update(ref[n], got[n])
     fidelity = {n: {k: {"sqnr_db": s.sqnr_db, "cosine_mean": float(np.mean(s.cosines))} for k, s in pair.items()}

@@ -120,6 +120,29 @@ def test_an_if_with_a_constant_condition_becomes_its_branch():
     assert_same_outputs(before, model, {"x": x}, min_sqnr_db=float("inf"))
 
 
+def test_the_branch_an_if_folds_away_reads_nothing_afterwards():
+    # silero-vad op15: the LSTM weights' Slices of the dropped branch kept the original weights alive
+    # (as readers onnx-ir still listed), so quantization later found initializers nothing read
+    rng = np.random.default_rng(3)
+    model = ir.from_onnx_text(f"""
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[N, 4] x) => (float[N, 4] y) <bool c = {{1}}, float[4, 4] w1 = {{{floats(rng, 16)}}},
+                                          float[4, 4] w2 = {{{floats(rng, 16)}}}>
+    {{
+        y = If (c) <then_branch = thenb () => (float[N, 4] t) {{ t = MatMul (x, w1) }},
+                    else_branch = elseb () => (float[N, 4] e) {{ e = MatMul (x, w2) }}>
+    }}
+    """)
+    before = copy(model)
+    FoldConstantsPass()(model)
+    assert ops(model) == ["MatMul"] and list(model.graph.initializers) == ["w1"]
+    matmul = model.graph.node(0)
+    assert [u.node for u in model.graph.inputs[0].uses()] == [matmul]
+    assert [u.node for u in model.graph.initializers["w1"].uses()] == [matmul]
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    assert_same_outputs(before, model, {"x": x}, min_sqnr_db=float("inf"))
+
+
 def test_a_clean_model_is_not_modified():
     model = ir.from_onnx_text("""
     <ir_version: 10, opset_import: ["" : 21]>

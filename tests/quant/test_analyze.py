@@ -14,7 +14,7 @@ from edgeq.errors import InputError
 from edgeq.pipeline.quantize import load_model, quantize_model
 from edgeq.quant.recipes import preset
 
-from w8a8_models import cnn, cnn_feeds, encoder_block, encoder_feeds
+from w8a8_models import cnn, cnn_feeds, conv_if, conv_if_feeds, encoder_block, encoder_feeds
 
 
 def _feeds():
@@ -147,3 +147,12 @@ def test_bad_inputs(tmp_path, capsys):
         assert code == 2 and msg in err, (argv, err)
     with pytest.raises(InputError, match="rank"):
         sensitivity(path, "w8a16", data=cnn_feeds(n=1), rank_by="mse", progress=False)
+
+
+def test_variants_of_a_model_with_if_branches_keep_what_the_branches_read(tmp_path):
+    # silero-vad op15: the If branches read the encoder output and constants of the main graph; a
+    # variant kept only what main-graph nodes read (ONNX Runtime: "must be topologically sorted")
+    src = conv_if(tmp_path / "conv_if.onnx")
+    rep = sensitivity(src, preset("w8a8"), calib=conv_if_feeds(), data=conv_if_feeds(3, seed=7), progress=False)
+    assert {r.node for r in rep.layers} == {"conv0", "conv", "fc"}
+    assert all(np.isfinite(r.only.sqnr_db) and np.isfinite(r.all_but.sqnr_db) for r in rep.layers)

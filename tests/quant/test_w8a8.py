@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from helpers import optimized_ops
-from w8a8_models import cnn, cnn_feeds, encoder_block, encoder_feeds
+from w8a8_models import cnn, cnn_feeds, conv_if, conv_if_feeds, encoder_block, encoder_feeds
 
 import edgeq
 from edgeq.errors import InputError
@@ -173,3 +173,22 @@ def test_near_dead_channel_bias_fits_int32_by_raising_its_weight_scale(tmp_path)
         s = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
         runs.append(np.concatenate([s.run(None, f)[0] for f in feeds]))
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_a_quantized_conv_output_read_inside_if_branches(tmp_path):
+    """silero-vad op15: the Conv's output must be quantized (QLinearConv needs a Q after it) and the
+    If branches read it from the graph around them; they read the dequantized value."""
+    src = conv_if(tmp_path / "conv_if.onnx")
+    out = tmp_path / "q.onnx"
+    res = _q(src, out, calib=conv_if_feeds(), profile="onnxruntime-cpu")
+    act = next(a for a in res.plan.activations if a.tensor == "r")
+    assert "pool" in act.consumers  # the If node stands for the reads inside its branches
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m, full_check=True)
+    pool = next(n for n in m.graph.node if n.name == "pool")
+    branch_reads = {i for a in pool.attribute for n in a.g.node for i in n.input}
+    assert "r_dequantized" in branch_reads and "r" not in branch_reads
+    assert optimized_ops(out, tmp_path).count("QLinearConv") == 1  # the second Conv, between quantized tensors
+    for length in (16, 1):  # both branches
+        feeds = conv_if_feeds(4, seed=7, length=length)
+        assert sqnr_db(_outputs(src, feeds), _outputs(out, feeds)) >= 25

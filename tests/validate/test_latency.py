@@ -68,3 +68,20 @@ def test_the_report_times_each_length_profiles_and_flags_a_slower_model(tmp_path
     # flagged with where its time goes (the real profile: the whole table dequantized on every run)
     assert [(s["model"], s["shape"], s["speedup"]) for s in rep["slower"]] == [("q.onnx", "sequence=16", 0.5)]
     assert rep["slower"][0]["where"].startswith("DequantizeLinear")
+
+
+def test_a_length_the_float_model_cannot_run_is_skipped_with_the_reason(tmp_path):
+    # silero-vad op15 has one sequence axis (audio samples) and a reflect Pad of 64: at 16 samples
+    # neither model runs; the evaluation feed's length is timed, 16 is listed as skipped
+    graph = oh.make_graph([oh.make_node("Pad", ["x", "pads"], ["y"], mode="reflect")], "pad",
+                          [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "sequence"])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                          [nh.from_array(np.array([0, 0, 0, 64], np.int64), "pads")])
+    path = tmp_path / "pad.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)], ir_version=10), path)
+    specs = [TensorSpec("x", ("batch", "sequence"), "float32")]
+    feed = {"x": np.zeros((1, 512), np.float32)}
+    rep = latency_report({"float.onnx": path, "q.onnx": path}, feed, specs, lengths=(16, 128), profile=False)
+    assert [m["shape"] for m in rep["shapes"]] == ["the evaluation feed", "sequence=128"]
+    assert [s["shape"] for s in rep["skipped"]] == ["sequence=16"]
+    assert "does not run at this length" in rep["skipped"][0]["reason"] and "Pad" in rep["skipped"][0]["reason"]

@@ -65,3 +65,22 @@ g (float[2, 4] x) => (float[2, 3] y, float[2, 3] z) <int8[4, 3] wq = {@Q@}, floa
     res = summary(f, q)
     assert (res["quantized"], res["quantizable"]) == (1, 2)
     assert res["float_left"] == {"MatMul": 1}
+
+
+def test_a_branch_the_static_shapes_rule_out_holds_no_quantizable_weight(tmp_path):
+    # silero-vad op15: If(state's dim 0 == 2) picks one of two LSTMs; state is [2, batch, 128], so the
+    # other branch can never run and its weights are not counted
+    text = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, 4] s, float[1, 4] x) => (float[1, 3] y) <float[4, 3] w1 = {@A@}, float[4, 3] w2 = {@A@}, int64 zero = {0},
+                                                      int64 two = {2}> {
+    shape = Shape (s)
+    d0 = Gather (shape, zero)
+    cond = Equal (d0, two)
+    y = If (cond) <then_branch = t () => (float[1, 3] a) { a = MatMul (x, w1) },
+                   else_branch = e () => (float[1, 3] b) { b = MatMul (x, w2) }>
+}
+""".replace("@A@", _text(12))
+    path = _model(tmp_path, "if.onnx", text)
+    assert count(path)["slots"] == 2  # the file as it is: the weights of both MatMuls
+    assert summary(path, path)["quantizable"] == 1

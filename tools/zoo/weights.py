@@ -2,7 +2,9 @@
 
 Quantizable: every weight input of Conv, ConvTranspose, MatMul, Gemm, Gather (the table), GRU and
 LSTM (W and R) in the *float* model that is constant — an initializer, a ``Constant`` node, or
-computed from constants only (e.g. a Slice of an initializer); If/Loop bodies included.
+computed from constants only (e.g. a Slice of an initializer); If/Loop bodies included, except the
+branch of an ``If`` whose condition the model's static shapes decide (onnxscript's constant folding
+removes it: silero-vad op15 carries a second LSTM for a state shape its input cannot have).
 Quantized: the same weight inputs in a *quantized* model that read an integer constant through
 ``DequantizeLinear`` (possibly via Reshape/Transpose/...), plus the weights of ORT's integer
 contrib ops (MatMulNBits, GatherBlockQuantized, QLinear*/…Integer).
@@ -59,13 +61,13 @@ def _producer_map(graph) -> dict:
     return {o: n for n in graph.node for o in n.output}
 
 
-def count(path: str | Path) -> dict:
+def count(path) -> dict:
     """``{"slots": constant weight inputs, "dq": of them read through DequantizeLinear of an integer
     constant, "integer_ops": weights inside ORT integer/contrib ops, "float_ops": op types with a
     float constant weight left}``."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
     slots = dq = integer = 0
     float_ops: dict[str, int] = {}
     for graph, const in _graphs(model.graph):
@@ -100,9 +102,25 @@ def _through_dq(name: str, prod: dict) -> bool:
     return src is not None and src.op_type == "DequantizeLinear"
 
 
+def _without_dead_branches(path: str | Path):
+    """The float model with every ``If`` whose condition folds to a constant replaced by its branch
+    (onnxscript's folder with ONNX shape inference); the file's own model when it has no ``If``."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if not any(n.op_type == "If" for n in model.graph.node):
+        return path
+    import onnx_ir as ir
+    import onnxscript.optimizer
+
+    m = ir.from_proto(onnx.load(str(path)))
+    onnxscript.optimizer.fold_constants(m, onnx_shape_inference=True)
+    return ir.to_proto(m)
+
+
 def summary(float_path: str | Path, quant_path: str | Path) -> dict:
-    """Quantized weights of ``quant_path`` against the quantizable weights of ``float_path``."""
-    f, q = count(float_path), count(quant_path)
+    """Quantized weights of ``quant_path`` against the quantizable weights of ``float_path`` (its live branches)."""
+    f, q = count(_without_dead_branches(float_path)), count(quant_path)
     quantized = q["dq"] + q["integer_ops"]
     return {"quantized": quantized, "quantizable": f["slots"], "float_left": q["float_ops"],
             "text": f"{quantized}/{f['slots']}"}

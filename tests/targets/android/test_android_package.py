@@ -250,3 +250,23 @@ g (float[batch, samples] x) => (float[batch, padded] y) {
     first_run = res.manifest["first_run"]
     assert first_run.startswith("passed with dynamic axes of size 16"), first_run
     assert "(Pad)" in first_run  # why size 2 was not enough
+
+
+def test_an_audio_model_that_needs_a_long_window_is_smoke_run_at_512_samples(tmp_path):
+    # silero-vad op15: a reflect Pad of 64 then a 256-tap STFT Conv (stride 128) needs >= 192 samples,
+    # more than 128 (and exactly one 512-sample chunk: 1024 fails in its LSTM); the batch axis stays at 2
+    # while the window grows (the feed stays small)
+    import onnx
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    w = nh.from_array(np.random.default_rng(0).standard_normal((4, 1, 256)).astype(np.float32), "w")
+    pads, axis = nh.from_array(np.array([0, 0, 0, 64], np.int64), "pads"), nh.from_array(np.array([1], np.int64), "axis")
+    graph = oh.make_graph(
+        [oh.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"), oh.make_node("Unsqueeze", ["p", "axis"], ["u"]),
+         oh.make_node("Conv", ["u", "w"], ["y"], strides=[128])], "stft",
+        [oh.make_tensor_value_info("x", 1, ["batch", "samples"])], [oh.make_tensor_value_info("y", 1, None)], [w, pads, axis])
+    path = tmp_path / "stft.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), path)
+    first_run = api.package(path, "android", tmp_path / "pkg").manifest["first_run"]
+    assert first_run.startswith("passed with dynamic axes of size 512"), first_run
