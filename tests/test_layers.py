@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (module prefix, layer): the longest matching prefix decides
 LAYERS = {
-    "edgeq": 0,  # the package itself: errors, specs, meta, onnx_io, runtime, sources, plugins, _quiet
+    "edgeq": 0,  # the package itself: errors, specs, meta, graph, onnx_io, runtime, sources, plugins, _quiet
     "edgeq.validate.metrics": 0,  # pure numerics, used by the exporter's check
     "edgeq.quant": 1,
     "edgeq.passes": 2,

@@ -16,5 +16,5 @@ The apply pipeline (the plan carried out, :mod:`edgeq.pipeline.apply`), in order
 - :mod:`~edgeq.passes.weight_qdq` — each weight's integers behind a DequantizeLinear (or GatherBlockQuantized).
 - :mod:`~edgeq.passes.activation_qdq` — W8A8 activation Q/DQ pairs and int32 biases.
 
-:mod:`~edgeq.passes._graph` holds the graph plumbing they share.
+:mod:`~edgeq.graph` holds the graph plumbing they share.
 """

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeq import meta
-from edgeq.passes._graph import drop_if_unused, insert_after_producer, nodes_by_name, subgraph_nodes, values_by_name
+from edgeq.graph import drop_if_unused, insert_after_producer, nodes_by_name, subgraph_nodes, values_by_name
 from edgeq.quant.plan import QuantPlan
 from edgeq.quant.recipes import ActFormat
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeq import meta
-from edgeq.passes._graph import constant, insert_after_producer, nodes_by_name, values_by_name
+from edgeq.graph import constant, insert_after_producer, nodes_by_name, values_by_name
 from edgeq.quant.plan import Scaling
 from edgeq.quant.smooth import scaled_name
 

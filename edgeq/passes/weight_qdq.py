@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeq import meta
-from edgeq.passes._graph import drop_if_unused, nodes_by_name
+from edgeq.graph import drop_if_unused, nodes_by_name
 from edgeq.quant import formats
 from edgeq.quant.plan import QuantPlan
 from edgeq.quant.recipes import WeightFormat

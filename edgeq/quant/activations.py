@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import onnx_ir as ir
 
 from edgeq import meta
-from edgeq.passes._graph import subgraph_nodes
+from edgeq.graph import subgraph_nodes
 from edgeq.quant import formats
 from edgeq.quant.algorithms import Algorithm, Context, Request, Stats, add_result
 from edgeq.quant.calibrate import TensorRange, tensor_range

@@ -1,4 +1,5 @@
-"""Graph plumbing shared by the passes: lookups by name, insertion after a producer, constants."""
+"""Graph plumbing shared by the decisions and the passes: lookups by name, subgraph nodes,
+insertion after a producer, constants."""
 
 from __future__ import annotations
 
