@@ -115,7 +115,7 @@ class _Reader:
         if spec.blocks:
             raise UnsupportedError(f"MIL op {spec.type!r} has nested blocks (control flow), which the reference "
                                    "executor does not run", hint="fix the shapes that feed the condition "
-                                   "(--shape AXIS=N) so the branch folds away, or package for Android")
+                                   "(edgeq package --shape AXIS=N) so the branch folds away, or package for Android")
         name_attr = spec.attributes.get("name")
         name = self.constant(name_attr) if name_attr is not None else spec.outputs[0].name
         outputs = [self.value_type(o) for o in spec.outputs]

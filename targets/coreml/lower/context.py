@@ -25,7 +25,7 @@ from edgeq.errors import UnsupportedError
 FP16_MAX = 65504.0
 # what a user can do about a node the lowering cannot take (a specific hint replaces it)
 DEFAULT_HINT = ("build for Android only (--targets android); if the node depends on dynamic input shapes, "
-                "fixing them may let it fold away (--shape AXIS=N)")
+                "fixing them may let it fold away (edgeq package --shape AXIS=N)")
 FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
 
 

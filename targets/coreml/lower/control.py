@@ -30,7 +30,7 @@ def _if(ctx: Context, node, ins):
     if not is_known(cond):
         raise LoweringError(node, "the If condition depends on the model's inputs at run time, and Core ML "
                                   "programs edgeq builds have no control flow",
-                            hint=f"fix the input shapes it depends on (--shape AXIS=N), or {ANDROID}")
+                            hint=f"fix the input shapes it depends on (edgeq package --shape AXIS=N), or {ANDROID}")
     taken = "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"
     branch = next(a.g for a in node.attribute if a.name == taken)
     for init in branch.initializer:
@@ -102,5 +102,5 @@ def _why_dynamic(name, producers, inputs, inits, fixed) -> tuple[str, str] | Non
     if open_axes:
         flags = " ".join(f"--shape {a}=N" for a in open_axes)
         return (f"the size of dynamic axes {', '.join(open_axes)}",
-                f"fix them to the sizes the app uses ({flags}) so the condition folds, or {ANDROID}")
+                f"fix them to the sizes the app uses (edgeq package ... {flags}) so the condition folds, or {ANDROID}")
     return None

@@ -161,7 +161,8 @@ def _resize_check(node, deployment):
     return f"Resize mode {mode!r} is not supported"
 
 
-_FIX_SHAPES = "fix the input shapes (--shape AXIS=N) so the sizes fold, or build for Android only (--targets android)"
+_FIX_SHAPES = ("fix the input shapes (edgeq package --shape AXIS=N) so the sizes fold, "
+               "or build for Android only (--targets android)")
 # ONNX coordinate_transformation_mode -> MIL resize sampling_mode (coremltools' resize_bilinear notes)
 _SAMPLING = {"half_pixel": "UNALIGN_CORNERS", "pytorch_half_pixel": "UNALIGN_CORNERS",
              "align_corners": "STRICT_ALIGN_CORNERS", "asymmetric": "DEFAULT"}

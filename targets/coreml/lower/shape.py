@@ -234,7 +234,8 @@ def _squeeze(ctx, node, ins):
         dims = ctx.shape(x)
         if any(d is None for d in dims):
             raise LoweringError(node, "Squeeze without axes on a flexible shape",
-                                hint="fix the input shapes (--shape AXIS=N), or build for Android only (--targets android)")
+                                hint="fix the input shapes (edgeq package --shape AXIS=N), "
+                                     "or build for Android only (--targets android)")
         axes = [i for i, d in enumerate(dims) if d == 1]
     dims = ctx.shape(x)
     axes = [a + len(dims) if a < 0 else a for a in axes]
