@@ -75,3 +75,17 @@ def test_untie_leaves_other_transposes_alone():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_the_worker_opens_an_onnx_model_as_a_runner(tmp_path):
+    """The fidelity and speed jobs open ONNX / .ort models through edgeq's runner (a broken import here
+    once left every row of a long benchmark run unmeasured)."""
+    from bench.llm_worker import _open
+
+    path = tmp_path / "tied.onnx"
+    onnx.save(tied_model(), str(path))
+    runner = _open({"name": "tied", "kind": "onnx", "artifact": str(path)}, 1)
+    ids = np.array([[1, 5, 7]], np.int64)
+    out = runner.run({"ids": ids})
+    np.testing.assert_array_equal(next(iter(out.values())) if isinstance(out, dict) else out[0],
+                                  run(tied_model(), ids))

@@ -73,11 +73,10 @@ def _open(model: dict, threads: int | None, *, logits_all: bool = True):
     kind, path = model["kind"], model["artifact"]
     if kind in ("onnx", "ort"):
         from edgeq.runtime import ort_session
-        from edgeq.validate.runners import SessionRunner
-        from targets.android.runner import input_spec
+        from edgeq.validate.runners import SessionRunner, session_input_spec
 
         sess = ort_session(path, threads=threads)
-        runner = SessionRunner(model["name"], sess, [input_spec(i) for i in sess.get_inputs()])
+        runner = SessionRunner(model["name"], sess, [session_input_spec(i) for i in sess.get_inputs()])
         runner.path = Path(path)
         return runner
     if kind == "genai":
