@@ -131,7 +131,8 @@ def _quantize_to_budget(args) -> int:
     if args.output is None:
         raise InputError("--budget needs -o OUT.onnx (the model it finds is written there)")
     res = search(args.model, args.recipe, args.budget, args.output, calib=args.calib, data=args.data,
-                 profile=args.profile, block=args.block, limit=args.limit, force=args.force)
+                 profile=args.profile, block=args.block, limit=args.limit, force=args.force,
+                 progress=not args.no_progress)
     _say(res.format())
     if res.recipe_toml:
         _say("as recipe rules:\n" + res.recipe_toml.rstrip())
@@ -158,7 +159,7 @@ def cmd_quantize(args) -> int:
     if args.budget is not None:
         return _quantize_to_budget(args)
     res = api.quantize(args.model, args.output, args.recipe, block=args.block, profile=args.profile,
-                       calib=args.calib, force=args.force)
+                       calib=args.calib, force=args.force, progress=not args.no_progress)
     if args.explain:
         _say(res.plan.explain(all_nodes=args.all_nodes))
     if res.path is not None:
@@ -382,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'or "top1_agreement>=0.98" (layers raised above the recipe are reported; exit 1 if unmet)')
     q.add_argument("--data", help="with --budget: evaluation data (default: the sample named like the model)")
     q.add_argument("--limit", type=int, help="with --budget: use the first N evaluation feeds only")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 
     a = sub.add_parser("analyze", parents=[common], help="per-layer sensitivity of a float ONNX model to a recipe",

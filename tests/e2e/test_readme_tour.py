@@ -46,4 +46,4 @@ def test_the_tour_runs_as_written(tmp_path):
 
 def _takes_progress(argv: list[str]) -> bool:
     """Commands with a --no-progress flag get it (the tour's output is for people; the test's is a log)."""
-    return argv[0] in ("validate", "analyze") and "--no-progress" not in argv
+    return argv[0] in ("validate", "analyze", "quantize") and "--no-progress" not in argv
