@@ -8,6 +8,7 @@ a timer. The promise: exit 130, the last line says so, no traceback, nothing lef
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -76,8 +77,11 @@ DRIVER = textwrap.dedent(
 
 def run_edgeq(cwd: Path, *argv: str, driver: list[str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SOURCE_ROOT, "PYTHONDONTWRITEBYTECODE": "1"}
+    # SIGINT as a terminal leaves it: a shell starts background jobs with SIGINT ignored (POSIX), the
+    # child would inherit that, and Python installs no KeyboardInterrupt handler for an ignored signal
     return subprocess.run([sys.executable, *(driver or ["-m", "edgeq"]), *argv], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=120, check=False,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 INTERRUPTS = {
