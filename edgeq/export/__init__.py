@@ -90,25 +90,3 @@ def _causal_lm_export(obj, sample, output, **kwargs):
         return None
     return causal_lm.export_causal_lm(loaded.model, output, tokenizer=tokenizer or loaded.tokenizer,
                                       source=loaded.source, **kwargs)
-
-
-def _causal_lm_export(obj, sample, output, **kwargs):
-    """Export ``obj`` as a causal LM with its cache if it is one, else return None."""
-    from edgeq.export import causal_lm
-
-    tokenizer = kwargs.pop("tokenizer")
-    from edgeq.onnx_io import check_output_path
-
-    if sample is not None and hasattr(sample, "load_causal_lm") or isinstance(obj, Path) \
-            and causal_lm.is_causal_lm_source(obj):
-        check_output_path(output, force=kwargs["force"])  # before a long model load
-    if sample is not None and hasattr(sample, "load_causal_lm"):
-        loaded = sample.load_causal_lm()
-    elif isinstance(obj, Path) and causal_lm.is_causal_lm_source(obj):
-        loaded = causal_lm.load_causal_lm(obj)
-    elif causal_lm.is_causal_lm_module(obj):
-        loaded = causal_lm.LoadedCausalLM(obj, tokenizer, type(obj).__name__)
-    else:
-        return None
-    return causal_lm.export_causal_lm(loaded.model, output, tokenizer=tokenizer or loaded.tokenizer,
-                                      source=loaded.source, **kwargs)

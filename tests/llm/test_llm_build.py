@@ -1,7 +1,7 @@
 """`edgeq build` on a causal LM: the LLM gates, greedy generations side by side, decode speed (tiny Llama)."""
 
 import json
-from pathlib import Path
+import math
 
 import numpy as np
 import pytest
@@ -59,9 +59,9 @@ def test_the_report_shows_generations_and_decode_speed(built):
     assert lat["kind"] == "causal_lm" and lat["decode_tokens"] == 16
     assert set(lat["models"]) == {"tiny.onnx", "tiny.w8a16.android.onnx", "android/model.ort"}
     for m in lat["models"].values():
-        assert m["median_ms"] > 0 and m["prefill_tokens"] == 20 and m["runs"] >= 32
+        # measured (a number), not judged: timings belong in tools/ benchmarks
+        assert math.isfinite(m["median_ms"]) and m["prefill_tokens"] == 20 and m["runs"] >= 32
     html = res.report.read_text()
-    (Path("/tmp/lead/llm_report.html")).write_text(html)
     assert "Greedy generations" in html and "decode ms/token" in html and "perplexity_ratio ≤ 1.01" in html
     saved = json.loads((res.path / "build.json").read_text())
     assert saved["validation"]["candidates"][0]["task"]["greedy"]

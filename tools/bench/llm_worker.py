@@ -223,26 +223,9 @@ KINDS = {"quantize": _quantize, "export": _export, "calib": _calib, "evaluate": 
 
 
 def main(spec_path: str) -> int:
-    from bench.worker import memory
+    from bench.worker import run_job_file
 
-    job = json.loads(Path(spec_path).read_text())
-    result_path = Path(job["result_path"])
-    try:
-        result = {"ok": True, **KINDS[job["kind"]](job)}
-        code = 0
-    except BaseException as e:  # reported, not raised: the parent records it as the row's error
-        msg = (str(e).strip() or type(e).__name__).splitlines()
-        result = {"ok": False, "error_type": type(e).__name__, "error": msg[0][:600] if msg else "",
-                  "traceback": traceback.format_exc()[-6000:]}
-        code = 1
-        traceback.print_exc()
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    result["cpu_s"] = ru.ru_utime + ru.ru_stime
-    result.update(memory())
-    result_path.write_text(json.dumps(result, indent=1, default=str))
-    return code
+    return run_job_file(spec_path, KINDS)
 
 
 if __name__ == "__main__":

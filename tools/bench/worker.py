@@ -47,10 +47,18 @@ KINDS = {"quantize": _quantize, "evaluate": _evaluate, "export": _export}
 
 
 def main(spec_path: str) -> int:
+    return run_job_file(spec_path, KINDS)
+
+
+def run_job_file(spec_path: str, kinds: dict) -> int:
+    """Run the job in ``spec_path`` with its ``kinds`` function; write the result (or the error), CPU time and
+    memory to the job's ``result_path``. Exit code 0 if it ran, 1 if it raised."""
+    import resource
+
     job = json.loads(Path(spec_path).read_text())
     result_path = Path(job["result_path"])
     try:
-        result = {"ok": True, **KINDS[job["kind"]](job)}
+        result = {"ok": True, **kinds[job["kind"]](job)}
         code = 0
     except BaseException as e:  # reported, not raised: the parent records it as the row's error
         hint = getattr(e, "hint", None)
@@ -59,6 +67,8 @@ def main(spec_path: str) -> int:
                   "error_full": "\n".join(msg)[:4000], "hint": hint, "traceback": traceback.format_exc()[-6000:]}
         code = 1
         traceback.print_exc()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_s"] = ru.ru_utime + ru.ru_stime
     result.update(memory())
     result_path.write_text(json.dumps(result, indent=1, default=str))
     return code
