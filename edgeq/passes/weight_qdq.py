@@ -104,11 +104,7 @@ class WeightQDQPass(ir.passes.InPlacePass):
                                 const_value=ir.tensor(_as_storage(zp, q.dtype), name=f"{prefix}_zero_point"))
             graph.register_initializer(zp_value)
             inputs.append(zp_value)
-        dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{prefix}_dequantize")
-        meta.mark(dq, meta.Role.WEIGHT, d.node)
-        dq.outputs[0].name = f"{prefix}_dequantized"
-        dq.outputs[0].dtype = ir.DataType.FLOAT
-        dq.outputs[0].shape = ir.Shape(list(q.data.shape))
+        dq = _weight_dequantize(prefix, inputs, attrs, d.node, q.data.shape)
         graph.insert_before(node, dq)
         node.replace_input_with(d.input_index, dq.outputs[0])
         if d.transpose:
@@ -191,11 +187,7 @@ class WeightQDQPass(ir.passes.InPlacePass):
                               const_value=ir.tensor(np.zeros(q.scale.shape, np.int8), name=f"{d.weight}_zero_point"))
                 graph.register_initializer(zp)
                 inputs.append(zp)
-            dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{d.weight}_dequantize")
-            meta.mark(dq, meta.Role.WEIGHT, d.node)
-            dq.outputs[0].name = f"{d.weight}_dequantized"
-            dq.outputs[0].dtype = ir.DataType.FLOAT
-            dq.outputs[0].shape = ir.Shape(list(q.data.shape))
+            dq = _weight_dequantize(d.weight, inputs, attrs, d.node, q.data.shape)
             graph.insert_before(next(iter(graph)), dq)
             table.replace_all_uses_with(dq.outputs[0])
             drop_if_unused(graph, table)
@@ -281,3 +273,14 @@ class WeightQDQPass(ir.passes.InPlacePass):
             model.opset_imports[""] = MXFP4_DQ_OPSET
             graph.opset_imports[""] = MXFP4_DQ_OPSET
         return ir.passes.PassResult(model, modified=bool(self.plan.weights))
+
+
+def _weight_dequantize(prefix: str, inputs: list, attrs: dict, source: str, shape) -> ir.Node:
+    """The DequantizeLinear of one weight (``{prefix}_dequantize`` → float ``{prefix}_dequantized``), marked
+    as the weight of node ``source``."""
+    dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{prefix}_dequantize")
+    meta.mark(dq, meta.Role.WEIGHT, source)
+    dq.outputs[0].name = f"{prefix}_dequantized"
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    dq.outputs[0].shape = ir.Shape(list(shape))
+    return dq
