@@ -28,7 +28,8 @@ pytestmark = pytest.mark.e2e
 def _model(package: str, *parts: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"pip package {package} is not installed (tools/setup.sh installs it; pip install --no-deps {package.replace('_', '-')})")
+        pytest.skip(f"pip package {package} is not installed "
+                    f"(tools/setup.sh installs it; pip install --no-deps {package.replace('_', '-')})")
     return Path(next(iter(spec.submodule_search_locations)), *parts)
 
 
