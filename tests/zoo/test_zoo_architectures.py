@@ -7,7 +7,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch builds the zoo architectures (tools/setup.sh installs torch==2.13.0)")
+torch = pytest.importorskip("torch", reason="torch builds the zoo models (tools/setup.sh installs torch==2.13.0)")
 
 
 def need(module: str):
