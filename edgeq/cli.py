@@ -473,6 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from edgeq._quiet import quiet_libraries
 
             quiet_libraries()
+        # numpy's BLAS alternates with ONNX Runtime's threads in every command: one thread (see
+        # edgeq.runtime.single_threaded_blas); read when numpy loads, so a user's own setting wins
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         return args.func(args)
     except EdgeqError as e:
         if debug:

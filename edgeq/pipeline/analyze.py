@@ -102,7 +102,7 @@ def sensitivity(model, recipe, calib=None, data=None, limit: int | None = None, 
 
     score = Evaluator(float_proto, feeds).score
     variants = Variants(float_proto, qdq, plan)
-    full = score(variants.build(set(variants.layers), None))
+    full = score(variants.build_in_memory(set(variants.layers), None))
 
     fmt = _formats(plan)
     op_of = {d.node: d.op_type for d in plan.weights}
@@ -110,9 +110,9 @@ def sensitivity(model, recipe, calib=None, data=None, limit: int | None = None, 
     from tqdm import tqdm
 
     for layer in tqdm(variants.layers, desc="sensitivity", unit="layer", disable=not progress or None, leave=False):
-        only = score(variants.build({layer}, {layer}))
+        only = score(variants.build_in_memory({layer}, {layer}))
         rest = set(variants.layers) - {layer}
-        all_but = score(variants.build(rest, None, float_acts={layer}))
+        all_but = score(variants.build_in_memory(rest, None, float_acts={layer}))
         rows.append(LayerSensitivity(layer, op_of[layer], fmt[layer], only, all_but))
     first, second = ("sqnr_db", "cosine") if rank_by == "sqnr" else ("cosine", "sqnr_db")
     rows.sort(key=lambda r: (nan_low(getattr(r.only, first)), -nan_low(getattr(r.all_but, first)),

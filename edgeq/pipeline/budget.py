@@ -37,7 +37,7 @@ import onnx
 from edgeq import onnx_io
 from edgeq.errors import InputError
 from edgeq.pipeline.quantize import quantize_model
-from edgeq.pipeline.variants import Evaluator, Variants, prepare_float
+from edgeq.pipeline.variants import Evaluator, InMemoryModel, Variants, prepare_float
 from edgeq.quant.algorithms import Memo
 from edgeq.quant.recipes import (
     FLOAT,
@@ -212,11 +212,11 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
     has_act = {c for a in plan.activations for c in a.consumers}
     ladders = {L: _ladder(decision[L].format, L in has_act) for L in layers}
 
-    def build(state: dict[str, str]) -> bytes:
+    def build(state: dict[str, str]) -> InMemoryModel:
         fl = {L for L, s in state.items() if s == "float"}
         fin = {L for L, s in state.items() if s == "float input"}
         i8 = {L for L, s in state.items() if s == "int8"}
-        return variants.build(set(layers) - fl, None, float_acts=fin | fl, int8=i8)
+        return variants.build_in_memory(set(layers) - fl, None, float_acts=fin | fl, int8=i8)
 
     base_score = full_eval.score(build({})).metric(b.metric)
     raised: list[Raised] = []

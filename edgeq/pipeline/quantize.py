@@ -42,6 +42,7 @@ from edgeq.quant.plan import ImportStep, QuantPlan, make_plan
 from edgeq.quant.profile import ONNXRUNTIME_CPU, PROFILES, TargetProfile
 from edgeq.quant.recipes import Recipe, resolve_recipe
 from edgeq.quant.weights import planned_bytes
+from edgeq.runtime import single_threaded_blas
 from edgeq.validate.feeds import open_feeds
 
 NO_DATA = "not run — no calibration data (pass --calib)"
@@ -137,7 +138,8 @@ def quantize_for_profiles(
                      for plan, prof, base in zip(plans, profiles, bases)]
         return [QuantizeResult(None, plan, float_bytes, 0, ideal, time.perf_counter() - t0)
                 for plan, ideal in zip(plans, ideals)]
-    decided = decide(bases, plans, rec, profiles, calib, progress=progress, memo=memo)
+    with single_threaded_blas():  # calibration alternates ORT runs with numpy statistics: see its docstring
+        decided = decide(bases, plans, rec, profiles, calib, progress=progress, memo=memo)
     results = []
     for i, ((plan, table), output, base) in enumerate(zip(decided, outputs, bases)):
         ideal = planned_bytes(plan, base)  # as decided: an algorithm may keep a weight float (recurrent_check)

@@ -12,7 +12,7 @@ edits edgeq made are found by their ``edgeq.role`` metadata (:mod:`edgeq.meta`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,31 @@ from edgeq.validate.metrics import TensorStats
 from edgeq.validate.state import recurrent_state_pairs
 
 PREFIX = "edgeq_analyze"
+_MEMORY = "edgeq-memory"  # the external-data location of initializers handed to ONNX Runtime in memory
+_MIN_SHARED_BYTES = 4096
+# weights' dtypes that numpy (hence OrtValue.ortvalue_from_numpy) holds natively; int4/uint4/float4 stay in
+# the proto, and so do integer tensors, which may be shapes or axes that shape inference must read
+_SHAREABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8,
+              onnx.TensorProto.UINT8}
+
+
+@dataclass(frozen=True)
+class InMemoryModel:
+    """A serialized model whose large initializers ONNX Runtime takes from memory (``OrtValue``s shared by
+    every variant's session) instead of from the proto: analyze and --budget build ~80 variants of one
+    model, and serializing and parsing its weights each time cost more than running some of them."""
+
+    proto: bytes
+    names: list[str] = field(default_factory=list)
+    values: list = field(default_factory=list)
+
+    def session(self, **kwargs):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if self.names:
+            so.add_external_initializers(self.names, self.values)
+        return ort_session(self.proto, options=so, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -104,10 +129,13 @@ class Evaluator:
         first = self.reference[0][0]
         return first.ndim >= 1 and first.shape[-1] > 1
 
-    def run(self, proto_bytes: bytes) -> list[list[np.ndarray]]:
+    def run(self, model: bytes | InMemoryModel) -> list[list[np.ndarray]]:
         """Per feed, the outputs scored: all of them, or (with states) the other outputs of this call
         and of the call from the returned state."""
-        sess = ort_session(proto_bytes, what=" (a variant of the quantized model)")
+        if not isinstance(model, InMemoryModel):
+            model = InMemoryModel(model)
+        # spin=False: between runs this process scores outputs in numpy; spinning ORT threads would take its CPU
+        sess = model.session(what=" (a variant of the quantized model)", spin=False)
         if not self.states:
             return [sess.run(self.outputs, f) for f in self.feeds]
         judged = [k for k, o in enumerate(self.outputs) if o not in self.states]
@@ -118,8 +146,8 @@ class Evaluator:
             out.append([first[k] for k in judged] + [second[k] for k in judged])
         return out
 
-    def score(self, proto_bytes: bytes) -> Score:
-        results = self.run(proto_bytes)
+    def score(self, model: bytes | InMemoryModel) -> Score:
+        results = self.run(model)
         self.runs += 1
         sq, cs = [], []
         for k in range(len(self.reference[0])):
@@ -222,6 +250,7 @@ class Variants:
             self.layers.append(layer)
         self.extra = extra
         self.outputs = {o.name for o in graph.output}
+        self._shared: dict[str, tuple[onnx.TensorProto, object]] = {}  # name -> (stub, OrtValue)
 
     @staticmethod
     def _smoothing_scale(q, producer, inits) -> np.ndarray | None:
@@ -266,6 +295,31 @@ class Variants:
         Activation Q/DQ pairs read by a node are kept when ``act_owners`` is None (all kept) or holds
         the reader, and never for readers in ``float_acts``.
         """
+        return self._model(quantized, act_owners, float_acts, int8).SerializeToString()
+
+    def build_in_memory(self, quantized: set[str], act_owners: set[str] | None, float_acts: set[str] = frozenset(),
+                        int8: set[str] = frozenset()) -> InMemoryModel:
+        """:meth:`build`'s model with its large initializers shared in memory (see :class:`InMemoryModel`)."""
+        m = self._model(quantized, act_owners, float_acts, int8, stubs=True)
+        names = [t.name for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        return InMemoryModel(m.SerializeToString(), names, [self._shared[n][1] for n in names])
+
+    def _stub(self, t: onnx.TensorProto) -> onnx.TensorProto:
+        """``t`` itself, or (when large and numpy-typed) a stub pointing at an OrtValue made once."""
+        if t.data_type not in _SHAREABLE or t.ByteSize() < _MIN_SHARED_BYTES or not t.dims \
+                or t.data_location == onnx.TensorProto.EXTERNAL:  # (ORT reads a scalar OrtValue as shape [1])
+            return t
+        if t.name not in self._shared:
+            import onnxruntime as ort
+
+            stub = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type,
+                                    data_location=onnx.TensorProto.EXTERNAL)
+            stub.external_data.add(key="location", value=_MEMORY)
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(numpy_helper.to_array(t)))
+            self._shared[t.name] = (stub, value)
+        return self._shared[t.name][0]
+
+    def _model(self, quantized, act_owners, float_acts, int8, stubs: bool = False) -> onnx.ModelProto:
         nodes = []
         extra = []
         for i, n in enumerate(self.nodes):
@@ -298,10 +352,9 @@ class Variants:
         m = onnx.ModelProto()
         m.CopyFrom(self._shell())
         m.graph.node.extend(kept)
-        m.graph.initializer.extend(t for t in self.base.graph.initializer if t.name in needed)
-        m.graph.initializer.extend(t for t in self.extra if t.name in needed)
-        m.graph.initializer.extend(t for t in extra if t.name in needed)
-        return m.SerializeToString()
+        inits = [t for group in (self.base.graph.initializer, self.extra, extra) for t in group if t.name in needed]
+        m.graph.initializer.extend([self._stub(t) for t in inits] if stubs else inits)
+        return m
 
     def _shell(self) -> onnx.ModelProto:
         if not hasattr(self, "_shell_proto"):

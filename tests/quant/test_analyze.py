@@ -8,6 +8,7 @@ import pytest
 from onnx import numpy_helper as nh
 
 from edgeq.pipeline.analyze import sensitivity
+from edgeq.pipeline import variants
 from edgeq.pipeline.variants import Variants
 from edgeq.cli import main
 from edgeq.errors import InputError
@@ -88,7 +89,7 @@ def _ids(n: int = 3):
 @pytest.mark.parametrize("make,feeds,recipe", [(cnn, cnn_feeds, "w8a8"), (encoder_block, _feeds, "w8a8"),
                                                (encoder_block, _feeds, "w4a16"), (_embedder, _ids, "w8a16"),
                                                (_embedder, _ids, "w4a16")])
-def test_variants_bypass_exactly(tmp_path, make, feeds, recipe):
+def test_variants_bypass_exactly(tmp_path, monkeypatch, make, feeds, recipe):
     """Nothing quantized reproduces the float model (SmoothQuant kept exact); everything reproduces the QDQ file."""
     path = make(tmp_path / "m.onnx")
     res = quantize_model(path, tmp_path / "q.onnx", recipe, calib=feeds(), force=True, progress=False)
@@ -108,6 +109,12 @@ def test_variants_bypass_exactly(tmp_path, make, feeds, recipe):
     np.testing.assert_allclose(none, ref, rtol=1e-4, atol=1e-4)
     full = run(v.build(set(v.layers), None), feed)
     np.testing.assert_array_equal(full, run(str(res.path), feed))
+    # the same variants with their large initializers shared in memory (what analyze and --budget run)
+    monkeypatch.setattr(variants, "_MIN_SHARED_BYTES", 0)  # share every numpy-typed initializer, however small
+    nothing, everything = v.build_in_memory(set(), set()), v.build_in_memory(set(v.layers), None)
+    assert nothing.names and everything.names
+    np.testing.assert_array_equal(nothing.session().run(None, feed)[0], none)
+    np.testing.assert_array_equal(everything.session().run(None, feed)[0], full)
     assert not np.allclose(full, ref, rtol=1e-6, atol=1e-6)
 
 

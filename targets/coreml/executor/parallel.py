@@ -4,7 +4,7 @@ by rows, freed memory kept for reuse.
 OpenBLAS's own worker threads spin while they wait; on a machine where other processes compete
 for the cores (a shared 2-core build machine, CI) a 2-thread product took 2.5x the CPU time and
 up to 2.4x the wall time of a 1-thread one. So while a program runs, BLAS gets one thread
-(:func:`single_threaded_blas`) and the executor splits a large product, or a large rounding,
+(:func:`edgeq.runtime.single_threaded_blas`) and the executor splits a large product, or a large rounding,
 into row blocks run on a small pool of Python threads (numpy releases the GIL in BLAS calls and
 ufunc loops), which wait by blocking instead of spinning. Every row is computed by the same
 single-threaded kernel whatever the split, so the result does not depend on the thread count.
@@ -18,7 +18,6 @@ time. The process keeps up to the thresholds' worth of freed memory instead of r
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -28,13 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from edgeq.runtime import single_threaded_blas  # noqa: F401  (the executor calls it from here)
+
 # below this much work a second thread costs more than it saves (measured: ~50 µs per hand-off)
 MIN_FLOPS = 4_000_000
 MIN_ELEMENTS = 200_000
 
 _PREFIX = "edgeq-coreml"
 _pool: ThreadPoolExecutor | None = None
-_controller = None
 _memory_kept = False
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
@@ -70,18 +70,6 @@ def _get_pool() -> ThreadPoolExecutor | None:
     if _pool is None and workers() > 1:
         _pool = ThreadPoolExecutor(workers(), thread_name_prefix=_PREFIX)
     return _pool
-
-
-def single_threaded_blas():
-    """A context in which numpy's BLAS runs on the calling thread only (a no-op without threadpoolctl)."""
-    global _controller
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return contextlib.nullcontext()
-    if _controller is None:
-        _controller = ThreadpoolController()
-    return _controller.limit(limits=1, user_api="blas")
 
 
 def _blocks(n: int, parts: int) -> list[tuple[int, int]]:
