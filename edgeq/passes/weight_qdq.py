@@ -16,6 +16,10 @@ for the weight (``plan.codes``, by weight name: nearest rounding, GPTQ or Conv r
   gives a float16 output, cast to float); ``dq`` dequantizes the whole table.
 - Gemm with ``transB=1`` and blocked weights: the weight is stored transposed and ``transB``
   cleared, so the blocks run along K as the fused kernels expect.
+- int4 blocks with a float offset per block (:class:`~edgeq.quant.gguf_blocks.BlockOffsetTensor`,
+  GGUF Q4_1 ``d·q + m`` kept exactly) on a MatMul: ``MatMul(x, DQ(q − 8, d)) + MatMul(BlockSum(x), M)``,
+  ``M = m + 8d`` [K/32, N] and ``BlockSum(x)`` = x reshaped to [..., K/32, 32] summed over the last
+  axis (one per input tensor, shared by the MatMuls reading it). See :meth:`WeightQDQPass._offset_term`.
 - A corrected bias in the plan (``plan.biases``) replaces the node's bias input.
 - Every consumer gets its own initializers (ORT does not fuse DQ nodes that share them); the
   float weight is removed once nothing reads it. Each DequantizeLinear (or GatherBlockQuantized)
@@ -31,6 +35,7 @@ import onnx_ir as ir
 from edgeq import meta
 from edgeq.graph import drop_if_unused, nodes_by_name
 from edgeq.quant import formats
+from edgeq.quant.gguf_blocks import BlockOffsetTensor
 from edgeq.quant.plan import QuantPlan
 from edgeq.quant.recipes import WeightFormat
 
@@ -109,7 +114,69 @@ class WeightQDQPass(ir.passes.InPlacePass):
         node.replace_input_with(d.input_index, dq.outputs[0])
         if d.transpose:
             node.attributes["transB"] = ir.AttrInt64("transB", 0)
+        if isinstance(q, BlockOffsetTensor):
+            self._offset_term(graph, node, d, q, prefix)
         return half
+
+    def _offset_term(self, graph, node, d, q: BlockOffsetTensor, prefix) -> None:
+        """Add ``BlockSum(x) @ offset`` to a MatMul whose weight is ``DQ(q, scale) + offset`` per block.
+
+        Why this form: DequantizeLinear's zero point is an integer, so Q4_1's float minimum cannot sit
+        inside it. Adding the offset to the dequantized weight (DQ → Reshape → Add → Reshape) is exact
+        too, but no runtime fuses it: ONNX Runtime would dequantize every weight on every run. Here the
+        DequantizeLinear → MatMul pair stays the standard int4 form (ONNX Runtime fuses it into
+        MatMulNBits, Core ML lowers it to constexpr_blockwise_shift_scale) and the offset costs one
+        small MatMul [K/32 × N] per weight. MatMulNBits' own float zero points (``zp = −m/d``) would
+        be one node, but ONNX Runtime 1.32 CPU has no fast kernel for them: measured on a 576 × 1536
+        weight, 2.0 ms per token vs 0.08 ms with integer zero points — slower than float.
+        """
+        x = node.inputs[0]
+        k = int(q.data.shape[0])
+        nb = k // d.block
+        key = (x.name, nb, d.block)
+        if key not in self._block_sums:
+            base = f"{x.name}_block_sums_{d.block}"
+            tail = ir.Value(name=f"{base}_tail", const_value=ir.tensor(np.array([nb, d.block], np.int64),
+                                                                       name=f"{base}_tail"))
+            axes = ir.Value(name=f"{base}_axes", const_value=ir.tensor(np.array([-1], np.int64), name=f"{base}_axes"))
+            graph.register_initializer(tail)
+            graph.register_initializer(axes)
+            lead = ir.node("Shape", [x], attributes={"end": -1}, name=f"{base}/lead_shape")
+            shape = ir.node("Concat", [lead.outputs[0], tail], attributes={"axis": 0}, name=f"{base}/shape")
+            blocks = ir.node("Reshape", [x, shape.outputs[0]], name=f"{base}/blocks")
+            sums = ir.node("ReduceSum", [blocks.outputs[0], axes], attributes={"keepdims": 0}, name=f"{base}/sum")
+            sums.outputs[0].name = base
+            new = [lead, shape, blocks, sums]
+            for n in new:
+                meta.mark(n, meta.Role.WEIGHT, d.node)
+            producer = x.producer()
+            if producer is not None:  # next to its input: every MatMul reading it comes later
+                graph.insert_after(producer, new)
+            else:
+                graph.insert_before(next(iter(graph)), new)
+            self._block_sums[key] = sums.outputs[0]
+        offset = ir.Value(name=f"{prefix}_offset", const_value=ir.tensor(q.offset, name=f"{prefix}_offset"))
+        graph.register_initializer(offset)
+        mm = ir.node("MatMul", [self._block_sums[key], offset], name=f"{prefix}_offset_matmul")
+        mm.outputs[0].name = f"{prefix}_offset_term"
+        out = node.outputs[0]
+        add = ir.node("Add", [out, mm.outputs[0]], name=f"{prefix}_add_offset")
+        for n in (mm, add):
+            meta.mark(n, meta.Role.WEIGHT, d.node)
+        graph.insert_after(node, [mm, add])
+        new_out = add.outputs[0]
+        for use in list(out.uses()):
+            if use.node is not add:
+                use.node.replace_input_with(use.idx, new_out)
+        new_out.dtype, new_out.shape = out.dtype, out.shape
+        if out.is_graph_output():
+            outputs = graph.outputs
+            outputs[[v is out for v in outputs].index(True)] = new_out
+            name = out.name
+            out.name = f"{name}_before_offset"
+            new_out.name = name
+        else:
+            new_out.name = f"{out.name}_with_offset"
 
     def _gather_rows(self, graph, node, d, q, prefix) -> None:
         """An int8 table read row by row: ``Cast(Gather(q, ids)) * Unsqueeze(Gather(scale, ids), -1)``.
@@ -239,6 +306,7 @@ class WeightQDQPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         by_name = nodes_by_name(graph)
+        self._block_sums: dict[tuple, ir.Value] = {}  # (input, blocks, block size) -> BlockSum(input), shared
         needs_ms = needs_23 = False
         tied: dict[str, tuple[ir.Value, ir.Value]] = {}  # table -> (its stored integers, scales), written once
         for d in self.plan.weights:
