@@ -32,12 +32,12 @@ KEPT_LAYER_TYPES = (
 )
 
 
-def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's row order for q/k (each head's rotary halves interleaved)."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -69,12 +69,12 @@ def tiny_gguf(path, seed: int = 0, scale: float = 10.0, layer_types=LAYER_TYPES)
 
     def put(name: str, hf_name: str, qtype: str, heads: int | None = None):
         w = params[hf_name].detach().numpy().astype(np.float32) * scale
-        rows = _permute(w, heads) if heads else w
+        rows = permute(w, heads) if heads else w
         kind = gguf.GGMLQuantizationType[qtype]
         raw = _q6_k(*rows.shape, rng) if qtype == "Q6_K" else gguf.quants.quantize(rows, kind)
         values = gguf.quants.dequantize(raw, kind).reshape(rows.shape).astype(np.float32)
         with torch.no_grad():
-            params[hf_name].copy_(torch.from_numpy(_unpermute(values, heads) if heads else values))
+            params[hf_name].copy_(torch.from_numpy(unpermute(values, heads) if heads else values))
         writer.add_tensor(name, raw, raw_dtype=kind)
         types[name] = qtype
 

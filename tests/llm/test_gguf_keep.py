@@ -1,0 +1,222 @@
+"""Recipe gguf: a GGUF's Q4_0/Q4_1/Q8_0 integers kept bit for bit through the QDQ ONNX and the Android .ort.
+
+The tiny GGUFs are written in code (tests/llm/tiny_gguf.py); their float reference is the file's
+integers dequantized, as transformers loads a GGUF.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from tiny_gguf import HEADS, KEPT_LAYER_TYPES, KV_HEADS, LAYER_TYPES, unpermute, tiny_gguf
+
+from edgeq.errors import InputError
+from edgeq.quant.gguf_blocks import GGUF_FILE_KEY, BlockOffsetTensor, GGUFRows, blocks_of, to_quantized
+
+gguf = pytest.importorskip("gguf", reason="pip install 'edgeq[llm]' (the gguf package)")
+
+ACCURACY_0 = {"session.qdq_matmulnbits_accuracy_level": "0"}  # fp32 compute in the fused MatMulNBits
+
+
+def _random_rows(qtype: str, rows: int = 6, k: int = 96, seed: int = 0) -> np.ndarray:
+    """GGUF bytes of random values in ``qtype``, with a block whose values are all equal (d = 0) in Q4_1."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, k)) * 0.05).astype(np.float32)
+    x[1, 32:64] = 0.0371  # Q4_1: d = 0, m = 0.0371; Q4_0 / Q8_0: a constant block
+    x[2, :32] = 0.0
+    return gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype])
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_blocks_read_as_the_gguf_package_dequantizes_them(qtype):
+    raw = _random_rows(qtype)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).astype(np.float32)
+    blocks = blocks_of(raw, qtype)
+    np.testing.assert_array_equal(blocks.dequantize(), want)
+    for axis, oriented in ((1, want), (0, want.T)):  # a Gather table [rows, K] / a MatMul weight [K, rows]
+        q = to_quantized(blocks, axis)
+        assert q.block_size == 32 and q.axis == axis and q.zero_point is None
+        assert q.dtype == ("int8" if qtype == "Q8_0" else "int4")
+        assert np.all(q.scale != 0)  # a d = 0 block gets scale 1 and codes 0
+        if qtype == "Q4_1":
+            assert isinstance(q, BlockOffsetTensor) and q.inexact_offsets == 0
+        np.testing.assert_array_equal(q.dequantize(), oriented)  # bit for bit
+
+
+def test_rows_are_found_by_value_whatever_their_order(tmp_path):
+    raw = _random_rows("Q4_1", rows=8)
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    rows = GGUFRows(tmp_path / "m.gguf")
+    values = blocks_of(raw, "Q4_1").dequantize()
+    order = np.array([3, 0, 7, 5])
+    found = rows.find(values[order])
+    assert [(s.tensor, s.row) for s in found] == [("blk.0.attn_q.weight", int(r)) for r in order]
+    np.testing.assert_array_equal(rows.blocks(found).q, blocks_of(raw, "Q4_1").q[order])
+    assert rows.find(values[:1] + 1.0) == [None]
+
+
+def test_a_missing_gguf_file_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        GGUFRows(tmp_path / "gone.gguf")
+
+
+# ---- the tiny Llama, written as a GGUF, exported (slow: an export each) ---------------------------
+
+def _exported(tmp_path_factory, layer_types, name):
+    from edgeq.export.causal_lm import export_causal_lm
+
+    root = tmp_path_factory.mktemp(name)
+    model, types = tiny_gguf(root / "tiny.gguf", layer_types=layer_types)
+    export_causal_lm(model, root / "tiny.onnx", gguf_file=root / "tiny.gguf")
+    return root, types
+
+
+@pytest.fixture(scope="module")
+def kept_only(tmp_path_factory):
+    """Every projection Q4_0/Q4_1/Q8_0, the table Q8_0: everything is kept."""
+    return _exported(tmp_path_factory, KEPT_LAYER_TYPES, "gguf_kept")
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Layer 0: q/k/v of three types (packed into one MatMul on ONNX Runtime) and a Q6_K down_proj."""
+    return _exported(tmp_path_factory, LAYER_TYPES, "gguf_mixed")
+
+
+def _quantize(root, profile, **kw):
+    from edgeq.pipeline.quantize import quantize_model
+
+    out = root / f"q.{profile}.onnx"
+    return quantize_model(root / "tiny.onnx", out, "gguf", profile=profile, force=True, progress=False, **kw), out
+
+
+def _logits(path, feed, config=None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+
+
+def _feed(root):
+    from edgeq.export.causal_lm import empty_cache, read_facts, step_feed
+
+    model = onnx.load(str(root / "tiny.onnx"), load_external_data=False)
+    facts = read_facts({p.key: p.value for p in model.metadata_props})
+    ids = np.random.default_rng(0).integers(3, 256, (1, 20))
+    return step_feed(ids, empty_cache(facts))
+
+
+def _gguf_rows(root, name):
+    """The file's blocks of tensor ``name``, q/k rows permuted back as transformers does for RoPE (rows only:
+    the blocks run along the input dimension and stay whole)."""
+    r = gguf.GGUFReader(str(root / "tiny.gguf"))
+    t = next(t for t in r.tensors if t.name == name)
+    b = blocks_of(t.data, t.tensor_type.name)
+    heads = {"attn_q": HEADS, "attn_k": KV_HEADS}.get(name.split(".")[-2])
+    return b if heads is None else b.take(unpermute(np.arange(b.q.shape[0]), heads))
+
+
+@pytest.mark.slow
+def test_the_export_records_its_gguf(kept_only):
+    root, _ = kept_only
+    meta = {p.key: p.value for p in onnx.load(str(root / "tiny.onnx"), load_external_data=False).metadata_props}
+    assert meta[GGUF_FILE_KEY] == str((root / "tiny.gguf").resolve())
+
+
+@pytest.mark.slow
+def test_every_block_round_trips_through_the_qdq_ir(kept_only):
+    """profile onnx-reference (plain DequantizeLinear form, no fusions): each kept weight's DQ initializers are
+    the file's codes and scales, and the model computes the float reference's logits up to float rounding."""
+    from edgeq.validate.metrics import sqnr_db
+
+    root, types = kept_only
+    res, out = _quantize(root, "onnx-reference")
+    keep = res.plan.result("keep_gguf")
+    assert keep.summary.startswith(f"kept {len(types)} weights") and "0 re-quantized" in keep.summary
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    for d in res.plan.weights:
+        source = d.reason.split("GGUF ")[1].split(" (")[0]  # "Q4_1 blk.0.attn_q.weight"
+        qtype, name = source.split(" ", 1)
+        want = _gguf_rows(root, name)
+        prefix = f"{d.node}/{d.weight}" if not d.form.startswith("tied_") else d.weight
+        codes = inits[f"{prefix}_quantized"].astype(np.int16)
+        scale = inits[f"{prefix}_scale"]
+        if d.op_type == "MatMul" and not d.form.startswith("tied_"):
+            codes, scale = codes.T, scale.T
+        np.testing.assert_array_equal(codes + (0 if qtype == "Q8_0" else 8), want.q.astype(np.int16), err_msg=name)
+        np.testing.assert_array_equal(scale, want.d.astype(np.float32), err_msg=name)
+        if qtype == "Q4_1":
+            offset = inits[f"{prefix}_offset"].T
+            np.testing.assert_array_equal(offset, want.m.astype(np.float32) + 8 * want.d.astype(np.float32))
+    feed = _feed(root)
+    ref = _logits(root / "tiny.onnx", feed)
+    assert sqnr_db(ref, _logits(out, feed, ACCURACY_0)) > 100.0  # measured 117 dB: float rounding only
+
+
+@pytest.mark.slow
+def test_the_android_ort_carries_the_same_integers(kept_only, tmp_path):
+    """The .ort's MatMulNBits weights are the file's nibbles (Q4_x: codes q unchanged, as MatMulNBits' default zero
+    point 8 reads them) and its scales the file's d; the .ort computes what its QDQ ONNX computes."""
+    from targets.android import ortformat
+
+    from edgeq.pipeline.package import package_model
+
+    root, types = kept_only
+    res, out = _quantize(root, "android")
+    package_model(out, "android", tmp_path / "pkg", force=True)
+    data = (tmp_path / "pkg" / "model.ort").read_bytes()
+    g = ortformat._root(data).Model().Graph()
+    stored = {g.Initializers(i).Name().decode(): g.Initializers(i).RawDataAsNumpy() for i in range(g.InitializersLength())}
+    for d in res.plan.weights:
+        if d.op_type != "MatMul" or d.form.startswith("tied_"):
+            continue
+        names = d.reason.split("GGUF ")[1].split(" (")[0].split(" ", 1)[1].split(" + ")
+        q = np.concatenate([_gguf_rows(root, n).q for n in names])  # packed q/k/v: rows one after another
+        b = stored[f"{d.node}/{d.weight}_quantized_T"]
+        if q.dtype == np.int8:  # Q8_0: uint8 codes + 128 (its explicit zero point 128)
+            rows_bytes = (q.astype(np.int16) + 128).astype(np.uint8)
+        else:
+            rows_bytes = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+        got = b.reshape(q.shape[0], -1)
+        np.testing.assert_array_equal(got, rows_bytes, err_msg=", ".join(names))
+    table = _gguf_rows(root, "token_embd.weight")
+    np.testing.assert_array_equal(stored["lm.lm_head.weight_quantized"].reshape(table.q.shape),
+                                  (table.q.astype(np.int16) + 128).astype(np.uint8))
+    feed = _feed(root)
+    np.testing.assert_array_equal(_logits(tmp_path / "pkg" / "model.ort", feed), _logits(out, feed))
+
+
+@pytest.mark.slow
+def test_the_plan_says_what_was_kept_and_what_was_requantized(mixed):
+    root, types = mixed
+    res, _ = _quantize(root, "onnxruntime-cpu")
+    keep = res.plan.result("keep_gguf")
+    lines = "\n".join(keep.details)
+    assert "re-quantized by the recipe: blk.0.ffn_down.weight: GGUF Q6_K is a K-quant" in lines
+    assert "different types (Q4_0, Q4_1, Q8_0: blk.0.attn_q.weight, blk.0.attn_k.weight, blk.0.attn_v.weight)" in lines
+    assert "kept GGUF Q4_1 blk.1.attn_q.weight + blk.1.attn_k.weight + blk.1.attn_v.weight" in lines
+    assert "kept GGUF Q8_0 token_embd.weight" in lines
+    requantized = [d for d in res.plan.weights if d.reason.startswith("re-quantized")]
+    assert len(requantized) == 2 and all(d.format.value == "int4" and not d.symmetric for d in requantized)
+    explained = res.plan.explain()
+    assert "kept: GGUF Q4_0 blk.1.attn_output.weight" in explained
+
+
+@pytest.mark.slow
+def test_a_profile_without_int4_requantizes_the_q4_weights(kept_only):
+    from edgeq.pipeline.quantize import quantize_model
+
+    root, _ = kept_only
+    res = quantize_model(root / "tiny.onnx", None, "gguf", profile="ios17", progress=False)
+    assert res.plan.result("keep_gguf") is None  # --explain: the plan only, no algorithm ran
+    res, _ = _quantize(root, "ios17")
+    lines = "\n".join(res.plan.result("keep_gguf").details)
+    assert "(Q4_1): iOS 17 Core ML has no int4 block weights" in lines
+    assert "kept GGUF Q8_0" in lines
