@@ -88,56 +88,67 @@ def blocks_of(raw: np.ndarray, qtype: str) -> Blocks:
 
 @dataclass(frozen=True, eq=False)
 class BlockOffsetTensor(QuantizedTensor):
-    """int4 blocks plus a float offset per block: ``(data − zero_point) · scale + offset`` (GGUF Q4_1).
+    """int4 blocks plus a float offset per block: ``data · scale + offset`` (GGUF Q4_1's ``d·q + m``).
 
-    ``offset`` has the scale's shape. Q4_1's ``d·q + m`` is stored as int4 codes ``q − 8`` at scale
-    ``d`` and offset ``m + 8d``: the codes and ``d`` bit for bit, the offset exact in float32 when
-    ``m`` and ``8d`` are within 2^13 of each other (checked: :attr:`inexact_offsets` counts the blocks
-    where it is not, each then within one float32 rounding of the file's value).
+    The codes are ``q − 8`` at scale ``d``; ``minimum`` is ``m`` (float16, the scale's shape) and the
+    offset ``m + 8d``, computed in float32. Both ``d`` and ``m`` are the file's float16 values, so
+    the graph can store them as float16 (the file's bytes) and compute the offset at load time.
+    The offset is exact in float32 when ``m`` and ``8d`` are within 2^13 of each other;
+    :attr:`inexact_offsets` counts the blocks where it is not (each then one float32 rounding away
+    from the file's value). A block with ``d = 0`` (all values ``m``) keeps scale 0.
     """
 
-    offset: np.ndarray = None  # type: ignore[assignment]  (required; dataclass field order forces a default)
+    minimum: np.ndarray = None  # type: ignore[assignment]  (required; dataclass field order forces a default)
     inexact_offsets: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.offset is None or self.offset.shape != self.scale.shape or self.offset.dtype != np.float32:
-            raise ValueError("offset must be float32 with the scale's shape")
+        if self.minimum is None or self.minimum.shape != self.scale.shape or self.minimum.dtype != np.float16:
+            raise ValueError("minimum must be float16 with the scale's shape")
+        if self.zero_point is not None or not np.array_equal(self.scale.astype(np.float16).astype(self.scale.dtype),
+                                                             self.scale):
+            raise ValueError("a BlockOffsetTensor has float16-exact scales and no zero point")
+
+    @property
+    def offset(self) -> np.ndarray:
+        """``m + 8d`` in float32 (what the graph computes from the stored float16 values)."""
+        return self.minimum.astype(np.float32) + np.float32(8.0) * self.scale.astype(np.float32)
 
     def dequantize(self) -> np.ndarray:
         return super().dequantize() + self._expand(self.offset)
 
     @property
     def nbytes_ideal(self) -> int:
-        return super().nbytes_ideal + self.offset.nbytes
+        return super().nbytes_ideal + self.minimum.nbytes
 
 
 def to_quantized(blocks: Blocks, axis: int, *, scale_dtype=np.float32) -> QuantizedTensor:
     """The weight ``[K, N]`` (``axis`` 0: blocks down the columns, the rows of ``blocks`` as its columns) or
     ``[N, K]`` (``axis`` 1) holding ``blocks``' integers: Q8_0 int8, Q4_0 int4 ``q − 8``, Q4_1 a
-    :class:`BlockOffsetTensor`. A block with ``d = 0`` (every value is ``m``, or 0) gets codes 0 and
-    scale 1 — a zero scale is what :mod:`edgeq.quant.formats` never stores — so its values are unchanged."""
+    :class:`BlockOffsetTensor`. A Q4_0/Q8_0 block with ``d = 0`` (all values 0) gets codes 0 and scale 1
+    (:mod:`edgeq.quant.formats` never stores a zero scale); its values are unchanged."""
     d = blocks.d.astype(np.float32)
-    zero = d == 0
     codes = blocks.q.astype(np.int8) if blocks.type == "Q8_0" else (blocks.q.astype(np.int16) - 8).astype(np.int8)
-    if zero.any():
-        codes = codes.copy()
-        codes[np.repeat(zero, BLOCK, axis=1)] = 0
-    scale = np.where(zero, np.float32(1.0), d).astype(scale_dtype)
-    offset = inexact = None
-    if blocks.m is not None:
-        m = blocks.m.astype(np.float32)
-        offset = m + np.float32(8.0) * d  # zero-d blocks: m itself
-        inexact = int(np.count_nonzero(offset.astype(np.float64) != m.astype(np.float64) + 8.0 * d.astype(np.float64)))
+    minimum, inexact = blocks.m, 0
+    if minimum is None:
+        zero = d == 0
+        if zero.any():
+            codes = codes.copy()
+            codes[np.repeat(zero, BLOCK, axis=1)] = 0
+            d = np.where(zero, np.float32(1.0), d)
+    else:
+        m = minimum.astype(np.float64)
+        inexact = int(np.count_nonzero((minimum.astype(np.float32) + np.float32(8.0) * d).astype(np.float64)
+                                       != m + 8.0 * d.astype(np.float64)))
+    scale = d.astype(scale_dtype)
     if axis == 0:
         codes, scale = codes.T, scale.T
-        offset = None if offset is None else offset.T
-    dtype = "int8" if blocks.type == "Q8_0" else "int4"
+        minimum = None if minimum is None else minimum.T
     common = dict(data=np.ascontiguousarray(codes), scale=np.ascontiguousarray(scale), zero_point=None, axis=axis,
-                  block_size=BLOCK, dtype=dtype)
-    if offset is None:
+                  block_size=BLOCK, dtype="int8" if blocks.type == "Q8_0" else "int4")
+    if minimum is None:
         return QuantizedTensor(**common)
-    return BlockOffsetTensor(**common, offset=np.ascontiguousarray(offset), inexact_offsets=inexact)
+    return BlockOffsetTensor(**common, minimum=np.ascontiguousarray(minimum), inexact_offsets=inexact)
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,10 @@ def test_blocks_read_as_the_gguf_package_dequantizes_them(qtype):
         q = to_quantized(blocks, axis)
         assert q.block_size == 32 and q.axis == axis and q.zero_point is None
         assert q.dtype == ("int8" if qtype == "Q8_0" else "int4")
-        assert np.all(q.scale != 0)  # a d = 0 block gets scale 1 and codes 0
+        assert qtype == "Q4_1" or np.all(q.scale != 0)  # a d = 0 Q4_0/Q8_0 block gets scale 1 and codes 0
         if qtype == "Q4_1":
             assert isinstance(q, BlockOffsetTensor) and q.inexact_offsets == 0
+            np.testing.assert_array_equal(q.scale[q.scale == 0], 0)  # d = 0: the offset m carries the value
         np.testing.assert_array_equal(q.dequantize(), oriented)  # bit for bit
 
 
@@ -147,14 +148,14 @@ def test_every_block_round_trips_through_the_qdq_ir(kept_only):
         want = _gguf_rows(root, name)
         prefix = f"{d.node}/{d.weight}" if not d.form.startswith("tied_") else d.weight
         codes = inits[f"{prefix}_quantized"].astype(np.int16)
-        scale = inits[f"{prefix}_scale"]
+        scale = inits.get(f"{prefix}_scale", inits.get(f"{prefix}_scale_half"))  # Q4_1: the file's float16 d
         if d.op_type == "MatMul" and not d.form.startswith("tied_"):
             codes, scale = codes.T, scale.T
         np.testing.assert_array_equal(codes + (0 if qtype == "Q8_0" else 8), want.q.astype(np.int16), err_msg=name)
-        np.testing.assert_array_equal(scale, want.d.astype(np.float32), err_msg=name)
+        np.testing.assert_array_equal(scale.astype(np.float32), want.d.astype(np.float32), err_msg=name)
         if qtype == "Q4_1":
-            offset = inits[f"{prefix}_offset"].T
-            np.testing.assert_array_equal(offset, want.m.astype(np.float32) + 8 * want.d.astype(np.float32))
+            assert scale.dtype == inits[f"{prefix}_minimum"].dtype == np.float16  # the file's own bytes
+            np.testing.assert_array_equal(inits[f"{prefix}_minimum"].T.view(np.uint16), want.m.view(np.uint16))
     feed = _feed(root)
     ref = _logits(root / "tiny.onnx", feed)
     assert sqnr_db(ref, _logits(out, feed, ACCURACY_0)) > 100.0  # measured 117 dB: float rounding only
@@ -179,7 +180,7 @@ def test_the_android_ort_carries_the_same_integers(kept_only, tmp_path):
             continue
         names = d.reason.split("GGUF ")[1].split(" (")[0].split(" ", 1)[1].split(" + ")
         q = np.concatenate([_gguf_rows(root, n).q for n in names])  # packed q/k/v: rows one after another
-        b = stored[f"{d.node}/{d.weight}_quantized_T"]
+        b = stored[f"{d.node}/{d.weight}_" + ("nbits" if d.form == "matmulnbits" else "quantized_T")]
         if q.dtype == np.int8:  # Q8_0: uint8 codes + 128 (its explicit zero point 128)
             rows_bytes = (q.astype(np.int16) + 128).astype(np.uint8)
         else:
