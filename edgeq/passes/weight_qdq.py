@@ -218,14 +218,8 @@ class WeightQDQPass(ir.passes.InPlacePass):
     def _offset_term(self, graph, node, d, q: BlockOffsetTensor, offset: ir.Value) -> None:
         """Add ``BlockSum(x) @ offset`` after the MatMul ``node`` (``BlockSum`` shared by the MatMuls reading x).
 
-        Why this form: DequantizeLinear's zero point is an integer, so Q4_1's float minimum cannot sit
-        inside it. Adding the offset to the dequantized weight (DQ → Reshape → Add → Reshape) is exact
-        too, but no runtime fuses it: ONNX Runtime would dequantize every weight on every run. Here the
-        DequantizeLinear → MatMul pair stays the standard int4 form (ONNX Runtime fuses it into
-        MatMulNBits, Core ML lowers it to constexpr_blockwise_shift_scale) and the offset costs one
-        small MatMul [K/32 × N] per weight. MatMulNBits' own float zero points (``zp = −m/d``) would
-        be one node, but ONNX Runtime 1.32 CPU has no fast kernel for them: measured on a 576 × 1536
-        weight, 2.0 ms per token vs 0.08 ms with integer zero points — slower than float.
+        ``BlockSum(x)``: x reshaped to [..., K/32, 32] (a constant shape whose leading 0s copy x's dims
+        when x's rank is known, else from Shape), summed over the last axis.
         """
         x = node.inputs[0]
         k = int(q.data.shape[0])
@@ -233,17 +227,24 @@ class WeightQDQPass(ir.passes.InPlacePass):
         key = (x.name, nb, d.block)
         if key not in self._block_sums:
             base = f"{x.name}_block_sums_{d.block}"
-            tail = ir.Value(name=f"{base}_tail", const_value=ir.tensor(np.array([nb, d.block], np.int64),
-                                                                       name=f"{base}_tail"))
             axes = ir.Value(name=f"{base}_axes", const_value=ir.tensor(np.array([-1], np.int64), name=f"{base}_axes"))
-            graph.register_initializer(tail)
             graph.register_initializer(axes)
-            lead = ir.node("Shape", [x], attributes={"end": -1}, name=f"{base}/lead_shape")
-            shape = ir.node("Concat", [lead.outputs[0], tail], attributes={"axis": 0}, name=f"{base}/shape")
-            blocks = ir.node("Reshape", [x, shape.outputs[0]], name=f"{base}/blocks")
+            new = []
+            if x.shape is not None:  # Reshape's 0 keeps a dim: [0, ..., 0, K/32, 32]
+                shape = ir.Value(name=f"{base}_shape", const_value=ir.tensor(
+                    np.array([0] * (len(x.shape) - 1) + [nb, d.block], np.int64), name=f"{base}_shape"))
+                graph.register_initializer(shape)
+            else:
+                tail = ir.Value(name=f"{base}_tail", const_value=ir.tensor(np.array([nb, d.block], np.int64),
+                                                                           name=f"{base}_tail"))
+                graph.register_initializer(tail)
+                new.append(ir.node("Shape", [x], attributes={"end": -1}, name=f"{base}/lead_shape"))
+                new.append(ir.node("Concat", [new[-1].outputs[0], tail], attributes={"axis": 0}, name=f"{base}/shape"))
+                shape = new[-1].outputs[0]
+            blocks = ir.node("Reshape", [x, shape], name=f"{base}/blocks")
             sums = ir.node("ReduceSum", [blocks.outputs[0], axes], attributes={"keepdims": 0}, name=f"{base}/sum")
             sums.outputs[0].name = base
-            new = [lead, shape, blocks, sums]
+            new += [blocks, sums]
             for n in new:
                 meta.mark(n, meta.Role.WEIGHT, d.node)
             producer = x.producer()
