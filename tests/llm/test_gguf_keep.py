@@ -221,3 +221,44 @@ def test_a_profile_without_int4_requantizes_the_q4_weights(kept_only):
     lines = "\n".join(res.plan.result("keep_gguf").details)
     assert "(Q4_1): iOS 17 Core ML has no int4 block weights" in lines
     assert "kept GGUF Q8_0" in lines
+
+
+@pytest.mark.slow
+def test_the_ios18_package_carries_the_same_integers(kept_only, tmp_path):
+    """Core ML iOS 18: every kept weight is a constexpr_blockwise_shift_scale holding the QDQ ONNX's codes (Q4_1's
+    offset term is ordinary MIL ops); the reference executor (fp16) computes what the QDQ ONNX computes."""
+    import onnxruntime as ort
+    from targets.coreml.executor import load_program
+    from targets.coreml.lower.context import mil_name
+    from targets.coreml.runner import MLPackageRunner
+
+    from edgeq.export.causal_lm import past_names, present_names, step_feed
+    from edgeq.pipeline.package import package_model
+    from edgeq.validate.metrics import sqnr_db
+
+    root, _ = kept_only
+    res, out = _quantize(root, "ios18")
+    assert "0 re-quantized" in res.plan.result("keep_gguf").summary
+    package_model(out, "ios18", tmp_path / "pkg", force=True)
+    pkg = next((tmp_path / "pkg").glob("*.mlpackage"))
+    prog, _ = load_program(pkg)
+    ops = {op.name: op for op in prog.functions["main"].operations}
+    model = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weights) == len(res.plan.weights) - 1  # the tied table: one DequantizeLinear for its two readers
+    for n in weights:
+        op = ops[mil_name(n.output[0])]
+        assert op.op_type == "constexpr_blockwise_shift_scale", n.name
+        np.testing.assert_array_equal(np.asarray(op.data.val).astype(np.int8), inits[n.input[0]].astype(np.int8))
+    # the package's cache axis starts at 1 (issue 16 part 1): feed a chunk after a real 8-token cache
+    ids = np.random.default_rng(0).integers(3, 256, (1, 20))
+    facts_feed = _feed(root)
+    empty = {k: v for k, v in facts_feed.items() if k.startswith("past_key_values.")}
+    layers = len(empty) // 2
+    past = ort.InferenceSession(str(root / "tiny.onnx")).run(present_names(layers), step_feed(ids[:, :8], empty))
+    feed = step_feed(ids[:, 8:], dict(zip(past_names(layers), past)))
+    want = _logits(out, feed, ACCURACY_0)  # the DQ → MatMul graph as written (fp32), not int8 activations
+    got = MLPackageRunner(pkg).run(feed)
+    got = got["logits"] if isinstance(got, dict) else got[0]
+    assert sqnr_db(want, got) > 40.0  # fp16 compute: measured 49 dB
