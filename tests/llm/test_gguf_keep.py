@@ -212,15 +212,13 @@ def test_the_plan_says_what_was_kept_and_what_was_requantized(mixed):
 
 @pytest.mark.slow
 def test_a_profile_without_int4_requantizes_the_q4_weights(kept_only):
-    from edgeq.pipeline.quantize import quantize_model
-
     root, _ = kept_only
-    res = quantize_model(root / "tiny.onnx", None, "gguf", profile="ios17", progress=False)
-    assert res.plan.result("keep_gguf") is None  # --explain: the plan only, no algorithm ran
-    res, _ = _quantize(root, "ios17")
+    res, out = _quantize(root, "ios17")
     lines = "\n".join(res.plan.result("keep_gguf").details)
     assert "(Q4_1): iOS 17 Core ML has no int4 block weights" in lines
     assert "kept GGUF Q8_0" in lines
+    meta = {p.key for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert GGUF_FILE_KEY not in meta  # a local path: not carried into what ships
 
 
 @pytest.mark.slow
