@@ -32,15 +32,13 @@ from edgeq.quant.gguf_blocks import BLOCK, GGUF_FILE_KEY, KEPT_TYPES, GGUFRows, 
 from edgeq.quant.plan import AlgorithmResult, QuantPlan, WeightDecision
 from edgeq.quant.recipes import KeepGGUFConfig, WeightFormat
 
-_NO_FORM = {
-    "Q2_K": "K-quant", "Q3_K": "K-quant", "Q4_K": "K-quant", "Q5_K": "K-quant", "Q6_K": "K-quant", "Q8_K": "K-quant",
-}
+K_QUANTS = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"})
 _K_QUANT_WHY = ("256-value super-blocks whose sub-blocks carry 6- or 8-bit scales of a float16 super-scale: "
                 "no DequantizeLinear or MatMulNBits form")
 
 
 def _type_reason(qtype: str) -> str:
-    if qtype in _NO_FORM:
+    if qtype in K_QUANTS:
         return f"GGUF {qtype} is a K-quant ({_K_QUANT_WHY})"
     if qtype in ("F32", "F16", "BF16"):
         return f"the GGUF stores it as {qtype} (not block-quantized)"

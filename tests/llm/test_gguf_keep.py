@@ -66,6 +66,22 @@ def test_a_missing_gguf_file_is_an_input_error(tmp_path):
         GGUFRows(tmp_path / "gone.gguf")
 
 
+def test_a_model_not_exported_from_a_gguf_is_an_input_error(tmp_path):
+    from edgeq.pipeline.quantize import quantize_model
+
+    rng = np.random.default_rng(0)
+    w = ", ".join(f"{v:.4f}" for v in rng.standard_normal(64 * 32))
+    model = onnx.parser.parse_model(f"""
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[1, 64] x) => (float[1, 32] y) <float[64, 32] w = {{{w}}}> {{ y = MatMul (x, w) }}
+    """)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    with pytest.raises(InputError, match="does not name one") as e:
+        quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", "gguf", progress=False)
+    assert "keep_gguf = {file" in e.value.hint
+    assert not (tmp_path / "q.onnx").exists()
+
+
 # ---- the tiny Llama, written as a GGUF, exported (slow: an export each) ---------------------------
 
 def _exported(tmp_path_factory, layer_types, name):
