@@ -21,8 +21,8 @@ from edgeq.passes.protect import ProtectOutliersPass
 from edgeq.passes.scale_inputs import ScaleInputsPass
 from edgeq.passes.weight_qdq import WeightQDQPass
 from edgeq.quant.calibrate import CalibrationTable
-from edgeq.quant.plan import QuantPlan
 from edgeq.quant.gguf_blocks import GGUF_FILE_KEY
+from edgeq.quant.plan import QuantPlan
 from edgeq.quant.recipes import Recipe
 
 

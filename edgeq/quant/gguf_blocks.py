@@ -144,8 +144,8 @@ def to_quantized(blocks: Blocks, axis: int, *, scale_dtype=np.float32) -> Quanti
     if axis == 0:
         codes, scale = codes.T, scale.T
         minimum = None if minimum is None else minimum.T
-    common = dict(data=np.ascontiguousarray(codes), scale=np.ascontiguousarray(scale), zero_point=None, axis=axis,
-                  block_size=BLOCK, dtype="int8" if blocks.type == "Q8_0" else "int4")
+    common = {"data": np.ascontiguousarray(codes), "scale": np.ascontiguousarray(scale), "zero_point": None,
+              "axis": axis, "block_size": BLOCK, "dtype": "int8" if blocks.type == "Q8_0" else "int4"}
     if minimum is None:
         return QuantizedTensor(**common)
     return BlockOffsetTensor(**common, minimum=np.ascontiguousarray(minimum), inexact_offsets=inexact)

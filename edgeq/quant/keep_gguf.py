@@ -13,6 +13,11 @@ weight's codes to the file's and its decision to their format:
   (:class:`~edgeq.quant.gguf_blocks.BlockOffsetTensor`; see :mod:`edgeq.passes.weight_qdq` for its
   graph form); MatMul weights only — an embedding lookup has no per-block offset form.
 
+On ONNX Runtime profiles the int4 weights are written as MatMulNBits at the recipe's accuracy level
+(default 0: fp32 compute, the file's values exactly; 4: int8 activations as llama.cpp computes, faster)
+and Q8_0 weights run with int8 activations (ORT's 8-bit MatMulNBits in fp32 has no fast kernel: 60×
+slower, measured on 576 × 49152).
+
 Everything else keeps the recipe's decision and is rounded by the recipe's algorithms (GPTQ, then
 nearest), with the reason in the plan: K-quant and other types, float tensors, formats the target
 does not run, weights no file row equals.
