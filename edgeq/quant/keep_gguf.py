@@ -122,8 +122,10 @@ def _keep(ds: list[WeightDecision], w: np.ndarray, rows: GGUFRows, profile, accu
     sources = rows.find(w.T if axis == 0 else w)
     found = [s for s in sources if s is not None]
     if len(found) < len(sources):
-        return (f"{len(sources) - len(found)} of its {len(sources)} rows equal no row of the GGUF "
-                "(changed by the export or an import step)")
+        unread = sorted({rows.types[t] for t in rows.skipped})
+        why = (f"or in a tensor of a type the gguf package cannot dequantize: {', '.join(unread)}" if unread
+               else "changed by the export or an import step")
+        return f"{len(sources) - len(found)} of its {len(sources)} rows equal no row of the GGUF ({why})"
     types = sorted({rows.types[s.tensor] for s in found})
     names = list(dict.fromkeys(s.tensor for s in found))
     if len(types) > 1:
