@@ -370,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Plan (recipe + target profile) and apply QDQ quantization to an ONNX model.")
     q.add_argument("model", help="the float .onnx file")
     q.add_argument("-o", "--output", help="the QDQ .onnx file to write")
-    q.add_argument("--recipe", default="w8a16", help="w8a8, w8a16, w4a16, mxfp4, or a .toml recipe (default w8a16)")
+    q.add_argument("--recipe", default="w8a16",
+                   help="w8a8, w8a16, w4a16, mxfp4, gguf (a model exported from a GGUF: keep its Q4_0/Q4_1/Q8_0 "
+                        "integers), or a .toml recipe (default w8a16)")
     q.add_argument("--block", type=int, help="block size for w4a16 (32, 64 or 128; default 32)")
     q.add_argument("--profile", help="target profile that decides what runs (default onnxruntime-cpu)")
     q.add_argument("--calib", help="calibration data for activation recipes (sample name, .npz file or folder)")

@@ -89,4 +89,4 @@ def _causal_lm_export(obj, sample, output, **kwargs):
     else:
         return None
     return causal_lm.export_causal_lm(loaded.model, output, tokenizer=tokenizer or loaded.tokenizer,
-                                      source=loaded.source, **kwargs)
+                                      source=loaded.source, gguf_file=loaded.gguf_file, **kwargs)

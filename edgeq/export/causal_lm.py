@@ -44,6 +44,7 @@ from edgeq.export.torch_export import (
     _import_torch,
     summarize_exception,
 )
+from edgeq.quant.gguf_blocks import GGUF_FILE_KEY
 from edgeq.specs import TensorSpec
 from edgeq.validate.metrics import sqnr_db
 
@@ -51,6 +52,7 @@ from edgeq.validate.metrics import sqnr_db
 FACTS_KEY = "edgeq.causal_lm"  # JSON: the generation facts (CausalLMFacts)
 TOKENIZER_KEY = "edgeq.tokenizer"  # base64(zlib(JSON {file name: text})) of the saved HF tokenizer folder
 SOURCE_KEY = "edgeq.source"  # where the weights came from (sample, GGUF file, folder, module class)
+# GGUF_FILE_KEY ("edgeq.gguf_file", from edgeq.quant.gguf_blocks): the absolute path of the GGUF they came from
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 DIMS = ("batch", "sequence", "past_sequence", "total_sequence")
@@ -151,6 +153,7 @@ class LoadedCausalLM:
     model: object  # a transformers causal LM (fp32, eval mode)
     tokenizer: object | None
     source: str
+    gguf_file: str | None = None  # the GGUF its weights are dequantized from (recipe gguf keeps its integers)
 
 
 def is_causal_lm_module(module) -> bool:
@@ -209,7 +212,7 @@ def load_gguf(path: str | os.PathLike) -> LoadedCausalLM:
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise UnsupportedError(f"transformers cannot load {p} as a causal LM: {summarize_exception(e, 200)}",
                                hint="edgeq reads the GGUF architectures transformers supports") from e
-    return LoadedCausalLM(_plain_copy(model), tokenizer, f"gguf {p.name}")
+    return LoadedCausalLM(_plain_copy(model), tokenizer, f"gguf {p.name}", gguf_file=str(p.resolve()))
 
 
 def load_hf_folder(path: str | os.PathLike) -> LoadedCausalLM:
@@ -497,6 +500,7 @@ def export_causal_lm(
     min_sqnr_db: float = 60.0,
     force: bool = False,
     verbose: bool = False,
+    gguf_file: str | os.PathLike | None = None,
 ) -> CausalLMExportResult:
     """Export a transformers causal LM with its KV cache (see the module docstring) and check it.
 
@@ -505,7 +509,8 @@ def export_causal_lm(
     ``tokenizer`` (a transformers tokenizer) is stored in the metadata for ``edgeq generate``
     and ``validate``; ``check_ids`` [1, n] are the token ids the torch comparison runs (default:
     :data:`CHECK_TEXT` tokenized, else fixed random ids). Raises :class:`ExportError` if the ONNX
-    differs from torch by less than ``min_sqnr_db``; nothing is written then.
+    differs from torch by less than ``min_sqnr_db``; nothing is written then. ``gguf_file``: the GGUF
+    the weights were dequantized from, recorded (absolute path, :data:`GGUF_FILE_KEY`) for recipe ``gguf``.
     """
     t0 = time.perf_counter()
     out_path = onnx_io.check_output_path(output, force=force)
@@ -555,6 +560,8 @@ def export_causal_lm(
         meta["edgeq.inputs"] = ", ".join(str(s) for s in specs)
         meta[FACTS_KEY] = json.dumps(facts.as_dict(), sort_keys=True)
         meta[SOURCE_KEY] = source or type(model).__name__
+        if gguf_file is not None:
+            meta[GGUF_FILE_KEY] = str(Path(gguf_file).resolve())
         if tokenizer is not None:
             meta[TOKENIZER_KEY] = encode_tokenizer_files(tokenizer_files(tokenizer))
         files = onnx_io.write_ir(onnx_model, tmp / out_path.name)
@@ -573,5 +580,5 @@ def export_causal_lm(
         path=out_path, files=tuple(out_path.parent / f.name for f in files), exporter="dynamo",
         fallback_reason=None, opset=opset, inputs=tuple(specs), output_names=tuple(out_names),
         checks=tuple(checks), seconds=time.perf_counter() - t0, facts=facts, tied_storage=tied,
-        metadata_keys=tuple(k for k in (FACTS_KEY, TOKENIZER_KEY, SOURCE_KEY) if k in meta),
+        metadata_keys=tuple(k for k in (FACTS_KEY, TOKENIZER_KEY, SOURCE_KEY, GGUF_FILE_KEY) if k in meta),
     )

@@ -16,6 +16,10 @@ for the weight (``plan.codes``, by weight name: nearest rounding, GPTQ or Conv r
   gives a float16 output, cast to float); ``dq`` dequantizes the whole table.
 - Gemm with ``transB=1`` and blocked weights: the weight is stored transposed and ``transB``
   cleared, so the blocks run along K as the fused kernels expect.
+- int4 blocks with a float offset per block (:class:`~edgeq.quant.gguf_blocks.BlockOffsetTensor`,
+  GGUF Q4_1 ``d·q + m`` kept exactly) on a MatMul: ``MatMul(x, DQ(q − 8, d)) + MatMul(BlockSum(x), M)``,
+  ``M = m + 8d`` [K/32, N] and ``BlockSum(x)`` = x reshaped to [..., K/32, 32] summed over the last
+  axis (one per input tensor, shared by the MatMuls reading it). See :meth:`WeightQDQPass._offset_term`.
 - A corrected bias in the plan (``plan.biases``) replaces the node's bias input.
 - Every consumer gets its own initializers (ORT does not fuse DQ nodes that share them); the
   float weight is removed once nothing reads it. Each DequantizeLinear (or GatherBlockQuantized)
@@ -31,6 +35,7 @@ import onnx_ir as ir
 from edgeq import meta
 from edgeq.graph import drop_if_unused, nodes_by_name
 from edgeq.quant import formats
+from edgeq.quant.gguf_blocks import BlockOffsetTensor
 from edgeq.quant.plan import QuantPlan
 from edgeq.quant.recipes import WeightFormat
 
@@ -89,6 +94,9 @@ class WeightQDQPass(ir.passes.InPlacePass):
 
     def _dequantize(self, graph, node, d, q, prefix) -> bool:
         """``DequantizeLinear`` of the whole weight before ``node``; True if it needs opset 23."""
+        if isinstance(q, BlockOffsetTensor):
+            self._offset_weight(graph, node, d, q, prefix)
+            return False
         half = q.scale.dtype == np.float16
         data, scale = self._initializers(graph, prefix, _storage(q), q.scale if half else q.scale.astype(np.float32))
         attrs = {"axis": d.axis}
@@ -110,6 +118,162 @@ class WeightQDQPass(ir.passes.InPlacePass):
         if d.transpose:
             node.attributes["transB"] = ir.AttrInt64("transB", 0)
         return half
+
+    def _half_exact(self, graph, name: str, array: np.ndarray, source: str) -> ir.Value:
+        """A float32 constant stored as float16 (when every value is one: GGUF scales) and widened by a Cast."""
+        half = array.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), array):
+            v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array, np.float32), name=name))
+            graph.register_initializer(v)
+            return v
+        v = ir.Value(name=f"{name}_half", const_value=ir.tensor(np.ascontiguousarray(half), name=f"{name}_half"))
+        graph.register_initializer(v)
+        cast = ir.node("Cast", [v], attributes={"to": ir.DataType.FLOAT.value}, name=f"{name}_widen")
+        cast.outputs[0].name = name
+        meta.mark(cast, meta.Role.WEIGHT, source)
+        graph.insert_before(next(iter(graph)), cast)
+        return cast.outputs[0]
+
+    def _matmul_nbits(self, graph, node, d, q, prefix) -> None:
+        """A MatMul's int4 weight as ``com.microsoft.MatMulNBits`` at the decision's accuracy level (recipe gguf).
+
+        B is ``codes + 8`` packed two per byte, ``[N, K/32, 16]`` (MatMulNBits' default zero point 8
+        reads them back exactly); the scales are stored as float16 when they are (GGUF's ``d``) and
+        widened by a Cast that ONNX Runtime folds at load. A :class:`BlockOffsetTensor` adds its offset
+        term (:meth:`_offset_term`).
+        """
+        k, n = (int(x) for x in q.data.shape)
+        nb = k // d.block
+        codes = (q.data.T.astype(np.int16) + 8).astype(np.uint8)
+        b = ir.Value(name=f"{prefix}_nbits", const_value=ir.tensor(formats.pack_4bit(codes).reshape(n, nb, d.block // 2),
+                                                                   name=f"{prefix}_nbits"))
+        graph.register_initializer(b)
+        scales = self._half_exact(graph, f"{prefix}_nbits_scales", q.scale.T.reshape(-1).astype(np.float32), d.node)
+        mm = ir.node("MatMulNBits", [node.inputs[0], b, scales], domain="com.microsoft",
+                     attributes={"K": k, "N": n, "bits": 4, "block_size": d.block, "accuracy_level": d.accuracy_level},
+                     name=f"{d.node}/matmul_nbits")
+        meta.mark(mm, meta.Role.WEIGHT, d.node)
+        graph.insert_before(node, mm)
+        self._replace_output(graph, node, mm.outputs[0])
+        if isinstance(q, BlockOffsetTensor):
+            self._offset_term(graph, mm, d, q, self._offset(graph, d, q, prefix, scales, flat=True))
+
+    def _offset(self, graph, d, q: BlockOffsetTensor, prefix, scale: ir.Value, flat: bool) -> ir.Value:
+        """``m + 8d`` [K/32, N] in float32, computed in the graph (ONNX Runtime folds it at load) from the float16
+        ``m`` and the stored scales ``scale`` (float32; ``flat``: MatMulNBits' [N·K/32] order)."""
+        nb, n = q.scale.shape
+        anchor = scale.producer()  # the Cast that widens the scales, if any: the new nodes go after it
+        half_m = ir.Value(name=f"{prefix}_minimum", const_value=ir.tensor(q.minimum, name=f"{prefix}_minimum"))
+        eight = ir.Value(name=f"{prefix}_eight", const_value=ir.tensor(np.array(8.0, np.float32), name=f"{prefix}_eight"))
+        graph.register_initializer(half_m)
+        graph.register_initializer(eight)
+        new = []
+        if flat:
+            shape = ir.Value(name=f"{prefix}_scales_2d", const_value=ir.tensor(np.array([n, nb], np.int64),
+                                                                               name=f"{prefix}_scales_2d"))
+            graph.register_initializer(shape)
+            new.append(ir.node("Reshape", [scale, shape], name=f"{prefix}_scales_by_row"))
+            new.append(ir.node("Transpose", [new[-1].outputs[0]], attributes={"perm": [1, 0]},
+                               name=f"{prefix}_scales_by_block"))
+            scale = new[-1].outputs[0]
+        new.append(ir.node("Mul", [scale, eight], name=f"{prefix}_eight_scales"))
+        eight_d = new[-1].outputs[0]
+        new.append(ir.node("Cast", [half_m], attributes={"to": ir.DataType.FLOAT.value}, name=f"{prefix}_minimum_float"))
+        new.append(ir.node("Add", [new[-1].outputs[0], eight_d], name=f"{prefix}_offset"))
+        for node in new:
+            node.outputs[0].name = node.name
+            meta.mark(node, meta.Role.WEIGHT, d.node)
+        if anchor is not None:
+            graph.insert_after(anchor, new)
+        else:
+            graph.insert_before(next(iter(graph)), new)
+        return new[-1].outputs[0]
+
+    def _offset_weight(self, graph, node, d, q: BlockOffsetTensor, prefix) -> None:
+        """A MatMul weight ``DQ(q, d) + offset`` per block: ``MatMul(x, DQ(q, d)) + MatMul(BlockSum(x), m + 8d)``.
+
+        ``d`` and ``m`` are stored as float16 — the GGUF's own bytes, so the file is the GGUF's size —
+        and widened by Cast; ``m + 8d`` is computed in the graph in float32 (what
+        :attr:`BlockOffsetTensor.offset` computes). ONNX Runtime folds the Casts and the offset at
+        load time and still fuses DQ → MatMul into MatMulNBits (its fusion rejects float16 scales in
+        a DequantizeLinear-23, not a Cast-widened one).
+
+        Why this form: DequantizeLinear's zero point is an integer, so Q4_1's float minimum cannot sit
+        inside it. Adding the offset to the dequantized weight (DQ → Reshape → Add → Reshape) is exact
+        too, but no runtime fuses it: ONNX Runtime would dequantize every weight on every run. Here the
+        DequantizeLinear → MatMul pair stays the standard int4 form (ONNX Runtime fuses it into
+        MatMulNBits, Core ML lowers it to constexpr_blockwise_shift_scale) and the offset costs one
+        small MatMul [K/32 × N] per weight. MatMulNBits' own float zero points (``zp = −m/d``) would
+        be one node, but ONNX Runtime 1.32 CPU has no fast kernel for them: measured on a 576 × 1536
+        weight, 2.0 ms per call vs 0.08 ms with the default zero point — slower than float.
+        """
+        data = ir.Value(name=f"{prefix}_quantized", const_value=ir.tensor(_storage(q), name=f"{prefix}_quantized"))
+        graph.register_initializer(data)
+        scale = self._half_exact(graph, f"{prefix}_scale", q.scale.astype(np.float32), d.node)
+        dq = _weight_dequantize(prefix, [data, scale], {"axis": d.axis, "block_size": d.block}, d.node, q.data.shape)
+        graph.insert_before(node, dq)
+        node.replace_input_with(d.input_index, dq.outputs[0])
+        self._offset_term(graph, node, d, q, self._offset(graph, d, q, prefix, scale, flat=False))
+
+    def _offset_term(self, graph, node, d, q: BlockOffsetTensor, offset: ir.Value) -> None:
+        """Add ``BlockSum(x) @ offset`` after the MatMul ``node`` (``BlockSum`` shared by the MatMuls reading x).
+
+        ``BlockSum(x)``: x reshaped to [..., K/32, 32] (a constant shape whose leading 0s copy x's dims
+        when x's rank is known, else from Shape), summed over the last axis.
+        """
+        x = node.inputs[0]
+        k = int(q.data.shape[0])
+        nb = k // d.block
+        key = (x.name, nb, d.block)
+        if key not in self._block_sums:
+            base = f"{x.name}_block_sums_{d.block}"
+            axes = ir.Value(name=f"{base}_axes", const_value=ir.tensor(np.array([-1], np.int64), name=f"{base}_axes"))
+            graph.register_initializer(axes)
+            new = []
+            if x.shape is not None:  # Reshape's 0 keeps a dim: [0, ..., 0, K/32, 32]
+                shape = ir.Value(name=f"{base}_shape", const_value=ir.tensor(
+                    np.array([0] * (len(x.shape) - 1) + [nb, d.block], np.int64), name=f"{base}_shape"))
+                graph.register_initializer(shape)
+            else:
+                tail = ir.Value(name=f"{base}_tail", const_value=ir.tensor(np.array([nb, d.block], np.int64),
+                                                                           name=f"{base}_tail"))
+                graph.register_initializer(tail)
+                new.append(ir.node("Shape", [x], attributes={"end": -1}, name=f"{base}/lead_shape"))
+                new.append(ir.node("Concat", [new[-1].outputs[0], tail], attributes={"axis": 0}, name=f"{base}/shape"))
+                shape = new[-1].outputs[0]
+            blocks = ir.node("Reshape", [x, shape], name=f"{base}/blocks")
+            sums = ir.node("ReduceSum", [blocks.outputs[0], axes], attributes={"keepdims": 0}, name=f"{base}/sum")
+            sums.outputs[0].name = base
+            new += [blocks, sums]
+            for n in new:
+                meta.mark(n, meta.Role.WEIGHT, d.node)
+            producer = x.producer()
+            if producer is not None:  # next to its input: every MatMul reading it comes later
+                graph.insert_after(producer, new)
+            else:
+                graph.insert_before(next(iter(graph)), new)
+            self._block_sums[key] = sums.outputs[0]
+        prefix = f"{d.node}/{d.weight}"
+        mm = ir.node("MatMul", [self._block_sums[key], offset], name=f"{prefix}_offset_matmul")
+        mm.outputs[0].name = f"{prefix}_offset_term"
+        out = node.outputs[0]
+        add = ir.node("Add", [out, mm.outputs[0]], name=f"{prefix}_add_offset")
+        for n in (mm, add):
+            meta.mark(n, meta.Role.WEIGHT, d.node)
+        graph.insert_after(node, [mm, add])
+        new_out = add.outputs[0]
+        for use in list(out.uses()):
+            if use.node is not add:
+                use.node.replace_input_with(use.idx, new_out)
+        new_out.dtype, new_out.shape = out.dtype, out.shape
+        if out.is_graph_output():
+            outputs = graph.outputs
+            outputs[[v is out for v in outputs].index(True)] = new_out
+            name = out.name
+            out.name = f"{name}_before_offset"
+            new_out.name = name
+        else:
+            new_out.name = f"{out.name}_with_offset"
 
     def _gather_rows(self, graph, node, d, q, prefix) -> None:
         """An int8 table read row by row: ``Cast(Gather(q, ids)) * Unsqueeze(Gather(scale, ids), -1)``.
@@ -225,7 +389,8 @@ class WeightQDQPass(ir.passes.InPlacePass):
         else:  # tied_matmulnbits: the output MatMul, reading the table through a Transpose
             transpose = node.inputs[1].producer()
             mm = ir.node("MatMulNBits", [node.inputs[0], b, scales], domain="com.microsoft",
-                         attributes={"K": k, "N": v, "bits": bits, "block_size": d.block, "accuracy_level": 4},
+                         attributes={"K": k, "N": v, "bits": bits, "block_size": d.block,
+                                     "accuracy_level": d.accuracy_level},
                          name=f"{d.node}/matmul_nbits")
             meta.mark(mm, meta.Role.WEIGHT, d.node)
             graph.insert_before(node, mm)
@@ -239,6 +404,7 @@ class WeightQDQPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         by_name = nodes_by_name(graph)
+        self._block_sums: dict[tuple, ir.Value] = {}  # (input, blocks, block size) -> BlockSum(input), shared
         needs_ms = needs_23 = False
         tied: dict[str, tuple[ir.Value, ir.Value]] = {}  # table -> (its stored integers, scales), written once
         for d in self.plan.weights:
@@ -260,6 +426,9 @@ class WeightQDQPass(ir.passes.InPlacePass):
                 self._gather_rows(graph, node, d, q, prefix)
             elif d.form == "gather_block_quantized":
                 self._gather_block_quantized(graph, node, d, q, prefix)
+                needs_ms = True
+            elif d.form == "matmulnbits":
+                self._matmul_nbits(graph, node, d, q, prefix)
                 needs_ms = True
             else:
                 needs_23 |= self._dequantize(graph, node, d, q, prefix)

@@ -21,6 +21,7 @@ from edgeq.passes.protect import ProtectOutliersPass
 from edgeq.passes.scale_inputs import ScaleInputsPass
 from edgeq.passes.weight_qdq import WeightQDQPass
 from edgeq.quant.calibrate import CalibrationTable
+from edgeq.quant.gguf_blocks import GGUF_FILE_KEY
 from edgeq.quant.plan import QuantPlan
 from edgeq.quant.recipes import Recipe
 
@@ -38,6 +39,7 @@ class RecordPlanPass(ir.passes.InPlacePass):
         props[meta.RECIPE] = self.recipe.name
         props[meta.PROFILE] = self.plan.profile
         props[meta.SUMMARY] = json.dumps(self.plan.summary(), sort_keys=True)
+        props.pop(GGUF_FILE_KEY, None)  # a local absolute path, read only to decide (recipe gguf): not shipped
         if self.calibration is not None:
             t = self.calibration
             props[meta.CALIBRATION_SHA256] = t.data_sha256

@@ -1,5 +1,6 @@
 """The algorithms in the order they decide, one handler per config type.
 
+Keeping a GGUF's integers comes first: every later algorithm leaves a weight with codes alone.
 Order matters where one algorithm reads what another decided: protection first (the MatMuls then
 read the masked tensor), smoothing and AWQ next (their scales see the protected tensor),
 activation ranges on the graph as rewritten, then the weight codes (Conv rounding, GPTQ, nearest
@@ -19,6 +20,7 @@ from edgeq.quant.algorithms import Algorithm, Context, Stats, add_result
 from edgeq.quant.awq import AWQHandler
 from edgeq.quant.bias import BiasCorrectionHandler, IntegerBiasHandler
 from edgeq.quant.gptq import GPTQHandler
+from edgeq.quant.keep_gguf import KeepGGUF
 from edgeq.quant.plan import AlgorithmResult, QuantPlan
 from edgeq.quant.protect import ProtectHandler
 from edgeq.quant.recipes import Recipe
@@ -50,7 +52,7 @@ class NearestRounding(Algorithm):
 
 
 ORDER: tuple[type[Algorithm], ...] = (
-    SequenceStarts, ProtectHandler, SmoothingHandler, AWQHandler, ActivationRanges, ConvRoundingHandler, GPTQHandler,
+    KeepGGUF, SequenceStarts, ProtectHandler, SmoothingHandler, AWQHandler, ActivationRanges, ConvRoundingHandler, GPTQHandler,
     NearestRounding, RecurrentCheck, BiasCorrectionHandler, IntegerBiasHandler,
 )
 

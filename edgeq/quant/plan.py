@@ -39,6 +39,9 @@ class WeightDecision:
     clip_search: bool = False
     transpose: bool = False  # Gemm transB=1 with blocks: store Wᵀ and set transB=0 (ORT fuses that form)
     form: str = "dq"  # how the op reads it: "dq" | "gather_rows" | "gather_block_quantized" (TargetProfile.gather_forms)
+    # | "matmulnbits" (com.microsoft.MatMulNBits written directly: recipe gguf's kept int4 weights on ONNX Runtime)
+    # | the tied-table forms (TargetProfile.tied_forms)
+    accuracy_level: int = 4  # the MatMulNBits forms: ONNX Runtime's accuracy level (0: fp32 compute, 4: int8 activations)
     symmetric: bool = True  # int4: False = a zero point per block
     scale_dtype: str = "float32"  # "float16" halves the scales where the runtime allows it
     reason: str = ""

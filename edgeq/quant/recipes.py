@@ -4,7 +4,7 @@ A recipe has a default :class:`QuantSpec` and ordered rules; a rule matches a no
 and/or a regular expression on its name, and the first match wins (for the node's spec and for
 any algorithm settings the rule carries). A rule whose spec is ``FLOAT`` excludes the node.
 Each algorithm has its own frozen config (:class:`Algorithms` holds them; ``None`` = off).
-Presets: ``w8a8``, ``w8a16``, ``w4a16`` (block 32/64/128) and ``mxfp4``. TOML recipes load
+Presets: ``w8a8``, ``w8a16``, ``w4a16`` (block 32/64/128), ``mxfp4`` and ``gguf``. TOML recipes load
 through :func:`load_recipe`, which derives every key and type from these dataclasses and rejects
 an unknown key or a wrong type by name.
 
@@ -31,6 +31,7 @@ TOML form::
     conv_rounding = {scope = "all"}  # int8 Conv codes chosen for the layer output: all | small
     bias_correction = true  # Conv/Gemm: cancel the output mean shift of weight rounding
     integer_bias = {raise_scales = true}  # W8A8: raise a near-dead channel's weight scale so its int32 bias fits
+    keep_gguf = {file = "model.gguf"}  # keep the GGUF's Q4_0/Q4_1/Q8_0 integers ({} = the exported-from file)
     [[rules]]
     op = ["Gather"]         # optional: op types
     name = "embeddings"     # optional: regex searched in the node name
@@ -191,9 +192,27 @@ class IntegerBiasConfig:
 
 
 @dataclass(frozen=True)
+class KeepGGUFConfig:
+    """Keep a GGUF file's own Q4_0 / Q4_1 / Q8_0 integers for the weights that hold them (edgeq.quant.keep_gguf)."""
+
+    file: str = ""  # the .gguf; empty: the file the model was exported from (its edgeq.gguf_file metadata)
+    # ONNX Runtime profiles: the MatMulNBits accuracy level of kept int4 weights. 0 computes in fp32 (the
+    # file's values exactly: SmolLM2 perplexity +0.08 % of float); 4 quantizes activations to int8 per
+    # block, as llama.cpp's Q4_1 x Q8_1 dot product does (+0.5 %), and decodes faster (0.41x vs 0.51x
+    # float's time on an x86 host).
+    accuracy_level: int = 0
+
+    def __post_init__(self) -> None:
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise InputError(f"keep_gguf accuracy_level {self.accuracy_level} is not one of 0-4",
+                             hint="0 (fp32 compute, exact) or 4 (int8 activations, faster)")
+
+
+@dataclass(frozen=True)
 class Algorithms:
     """Which algorithms run, with their settings; ``None`` = off."""
 
+    keep_gguf: KeepGGUFConfig | None = None
     protect: ProtectConfig | None = None
     smoothing: SmoothingConfig | None = None
     awq: AWQConfig | None = None
@@ -272,6 +291,10 @@ class Recipe:
         if self.quantizes_activations and any(a.awq is not None for a in self._all_algorithms()):
             raise InputError("awq is for weight-only recipes (activations float)",
                              hint="for W8A8 use smoothing (outliers or smoothquant)")
+        rewriting = [k for k in ("awq", "protect", "smoothing") if self.uses(k)]
+        if self.uses("keep_gguf") and rewriting:  # they change the weights the file's integers are found by
+            raise InputError(f"keep_gguf keeps the file's integers; {', '.join(rewriting)} would rewrite those weights",
+                             hint=f"turn {', '.join(rewriting)} off in a recipe that keeps a GGUF's integers")
 
     def spec_for(self, op_type: str, node_name: str) -> tuple[QuantSpec, int | None]:
         """The spec for a node and the 1-based index of the rule that chose it (None: default)."""
@@ -345,14 +368,23 @@ def preset(name: str, *, block: int | None = None) -> Recipe:
                       QuantSpec(WeightFormat.INT4, block=block or 32, tied_table=WeightFormat.INT8),
                       algorithms=Algorithms(awq=AWQConfig(), gptq=GPTQConfig(act_order=True),
                                             protect=ProtectConfig(ratio=MASSIVE_RATIO, max_channels=2)))
+    if name == "gguf":
+        # A GGUF's Q4_0/Q4_1/Q8_0 weights keep the file's integers (the float reference is those
+        # integers dequantized: SmolLM2 keeps all 211); the rest (K-quants, float tensors) get w4a16's
+        # format: int4 asymmetric block 32 with clip search, GPTQ with --calib. AWQ and protection
+        # would rewrite the kept weights, so they are off.
+        if block not in (None, 32):
+            raise InputError("recipe gguf uses blocks of 32 (the GGUF block)", hint="drop --block")
+        return Recipe("gguf", QuantSpec(WeightFormat.INT4, block=32, tied_table=WeightFormat.INT8),
+                      algorithms=Algorithms(keep_gguf=KeepGGUFConfig(), gptq=GPTQConfig(act_order=True)))
     if name == "mxfp4":
         if block not in (None, 32):
             raise InputError("mxfp4 uses blocks of 32 (the OCP MX rule)")
         return Recipe("mxfp4", QuantSpec(WeightFormat.MXFP4, block=32))
-    raise InputError(f"unknown recipe {name!r}", hint="use w8a8, w8a16, w4a16, mxfp4 or a .toml file")
+    raise InputError(f"unknown recipe {name!r}", hint="use w8a8, w8a16, w4a16, mxfp4, gguf or a .toml file")
 
 
-PRESETS = ("w8a8", "w8a16", "w4a16", "mxfp4")
+PRESETS = ("w8a8", "w8a16", "w4a16", "mxfp4", "gguf")
 
 
 # --- the strict TOML loader: keys and types come from the dataclasses above

@@ -182,7 +182,8 @@ class SmolLM2Sample(Sample):
         from edgeq.export.causal_lm import LoadedCausalLM, load_hf_folder
 
         loaded = load_hf_folder(hf_folder())
-        return LoadedCausalLM(loaded.model, loaded.tokenizer, f"sample {self.name} ({GGUF_NAME}, dequantized)")
+        return LoadedCausalLM(loaded.model, loaded.tokenizer, f"sample {self.name} ({GGUF_NAME}, dequantized)",
+                              gguf_file=str(gguf_path()))  # the float weights are its integers dequantized
 
     def load_model(self):
         from edgeq.export.causal_lm import step_module

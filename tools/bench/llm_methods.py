@@ -92,8 +92,16 @@ def _edgeq_quantize(recipe: str, *, calib: bool, profile: str | None) -> Callabl
     return run
 
 
-def _edgeq_package(job: dict) -> dict:
-    qdq = job["inputs"]["edgeq-w4a16-awq-gptq-android"]
+def _edgeq_package(source: str) -> Callable[[dict], dict]:
+    """``edgeq package --target android`` of the QDQ model method ``source`` made."""
+
+    def run(job: dict) -> dict:
+        return _package(job, job["inputs"][source])
+
+    return run
+
+
+def _package(job: dict, qdq: str) -> dict:
     out = Path(job["out_dir"]) / "android"
     argv = ["package", qdq, "--target", "android", "-o", str(out), "--force"]
     t0 = time.perf_counter()
@@ -282,7 +290,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "edgeq w4a16 --profile android --calib smollm2 (AWQ + GPTQ), QDQ ONNX",
            _edgeq_quantize("w4a16", calib=True, profile="android")),
     Method("edgeq-w4a16-android-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
-           _edgeq_package, needs=("edgeq-w4a16-awq-gptq-android",)),
+           _edgeq_package("edgeq-w4a16-awq-gptq-android"), needs=("edgeq-w4a16-awq-gptq-android",)),
+    Method("edgeq-gguf-android", "edgeq",
+           "edgeq --recipe gguf --profile android: the GGUF's own Q4_1/Q8_0 integers kept, QDQ ONNX",
+           _edgeq_quantize("gguf", calib=False, profile="android")),
+    Method("edgeq-gguf-android-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
+           _edgeq_package("edgeq-gguf-android"), needs=("edgeq-gguf-android",)),
     Method("edgeq-w4a16-awq-gptq", "edgeq", "edgeq w4a16 --calib smollm2 (AWQ + GPTQ), default profile",
            _edgeq_quantize("w4a16", calib=True, profile=None)),
     Method("edgeq-w4a16-rtn", "edgeq", "edgeq w4a16 without calibration (round to nearest), default profile",

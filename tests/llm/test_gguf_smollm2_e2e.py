@@ -1,0 +1,40 @@
+"""Recipe gguf on SmolLM2 (real model): the GGUF's Q4_1/Q8_0 integers kept, float perplexity, GGUF size."""
+
+import json
+
+import pytest
+
+from edgeq.cli import main
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _tensor_bytes(path) -> int:
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+
+def _perplexity_ratio(candidate, reference, tmp_path) -> dict:
+    out = tmp_path / f"{candidate.name}.json"
+    assert main(["validate", str(candidate), "--reference", str(reference), "--data", "smollm2",
+                 "--no-intermediates", "--json", str(out), "--no-progress"]) == 0
+    return json.loads(out.read_text())["candidates"][0]["task"]
+
+
+def test_smollm2_keeps_the_gguf_integers_at_float_perplexity(smollm2_onnx, tmp_path):
+    from samples.smollm2 import gguf_path
+
+    q = tmp_path / "smollm2.gguf.onnx"
+    plan = tmp_path / "plan.json"
+    assert main(["quantize", str(smollm2_onnx), "--recipe", "gguf", "--profile", "android", "-o", str(q),
+                 "--json", str(plan)]) == 0
+    keep = next(a for a in json.loads(plan.read_text())["algorithms"] if a["name"] == "keep_gguf")
+    assert keep["summary"].startswith("kept 151 weights") and "(Q4_1 ×150, Q8_0 ×1); 0 re-quantized" in keep["summary"]
+    assert q.stat().st_size <= 1.1 * _tensor_bytes(gguf_path())  # measured 1.037x
+    m = _perplexity_ratio(q, smollm2_onnx, tmp_path)
+    # measured 61.736 vs 61.687 (+0.08 %): the tied output layer reads int8 activations (MatMulNBits level 4)
+    assert m["perplexity"] / m["reference_perplexity"] <= 1.001 and m["top1_agreement"] >= 0.97
+    assert main(["package", str(q), "--target", "android", "-o", str(tmp_path / "android")]) == 0
+    ort = _perplexity_ratio(tmp_path / "android" / "model.ort", smollm2_onnx, tmp_path)
+    assert ort["perplexity"] == pytest.approx(m["perplexity"], rel=1e-6)
