@@ -13,7 +13,8 @@ cache, and the candidate's tokens are compared with the reference's up to the fi
 (``greedy_agreement`` = reproduced reference tokens / reference tokens).
 
 Any runner of the explicit-cache graph works: the float or QDQ ONNX in ONNX Runtime, the ``.ort``,
-the torch step module of a sample.
+the torch step module of a sample; and a stateful ``.mlpackage`` (its cache as Core ML state) in
+edgeq's reference executor, the state carried from step to step.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.errors import InputError
-from edgeq.export.causal_lm import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, is_causal_lm_io
-from edgeq.generate import CausalLM
+from edgeq.export.causal_lm import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, is_causal_lm_io
+from edgeq.generate import CausalLM, is_stateful
 from edgeq.validate.compare import CandidateResult, ValidationReport
 from edgeq.validate.feeds import shapes_seen
 from edgeq.validate.metrics import TensorStats
@@ -49,8 +50,14 @@ class LLMThresholds:
 
 
 def is_causal_lm_runner(runner: Runner) -> bool:
+    """The explicit-cache graph, or a package keeping that graph's cache as state (iOS 18)."""
     specs = runner.input_specs
-    return specs is not None and is_causal_lm_io([s.name for s in specs], runner.output_names or [])
+    if specs is None:
+        return False
+    names = [s.name for s in specs]
+    if is_stateful(runner):
+        return {INPUT_IDS, ATTENTION_MASK, POSITION_IDS} <= set(names) and LOGITS in (runner.output_names or [])
+    return is_causal_lm_io(names, runner.output_names or [])
 
 
 def sequences_from_feeds(feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[int]]:

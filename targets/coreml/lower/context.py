@@ -108,6 +108,9 @@ class Context:
     # DequantizeLinear outputs evaluated to float at conversion (weights of ops that take constants
     # in their own layout, e.g. GRU/LSTM), instead of becoming constexpr ops
     fold_outputs: set = field(default_factory=set)
+    # a causal LM's KV cache as states (lower.stateful.StatefulCache), and the nodes it runs in fp32
+    cache: object = None
+    fp32_nodes: set = field(default_factory=set)
     _taken: set = field(default_factory=set)
 
     # --- values ----------------------------------------------------------------------------
