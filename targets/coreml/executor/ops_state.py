@@ -35,6 +35,12 @@ def _write_state(input, data):
     input.value = data.astype(input.value.dtype, copy=False)
 
 
+def _coreml_update_state(state, value):
+    """coremltools' in-memory form (``write_state`` then ``read_state``), should a program hold it."""
+    _write_state(state, value)
+    return state.value
+
+
 def _slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
     """``x`` with ``x[slices] = update`` (slices as iOS 15 ``slice_by_index`` reads them), as a new array."""
     x = np.asarray(x)
@@ -48,4 +54,5 @@ def _slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=
     return out
 
 
-OPS = {"read_state": _read_state, "write_state": _write_state, "slice_update": _slice_update}
+OPS = {"read_state": _read_state, "write_state": _write_state, "coreml_update_state": _coreml_update_state,
+       "slice_update": _slice_update}

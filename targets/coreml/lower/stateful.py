@@ -35,7 +35,7 @@ import onnx
 
 from edgeq.errors import InputError
 from edgeq.export.causal_lm import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, is_causal_lm_io, past_names, present_names
-from targets.coreml.lower.context import Context, LoweringError
+from targets.coreml.lower.context import Context, LoweringError, axis_name
 
 DEFAULT_MAX_CONTEXT = 2048
 STATE_NAMES = ("key_cache_{i}", "value_cache_{i}")
@@ -106,15 +106,15 @@ def _dim(d):
 
 
 def axis_ranges(model: onnx.ModelProto, spec: KVCacheSpec) -> dict[str, int | tuple[int, int]]:
-    """The stateful program's axes: batch 1; the token and mask axes 1..max_context."""
+    """The stateful program's axes: batch 1 (the states hold one sequence); the token axes of
+    ``input_ids``, ``attention_mask`` and ``position_ids`` 1..max_context."""
     inputs = {vi.name: vi for vi in model.graph.input}
     out: dict[str, int | tuple[int, int]] = {}
-    for name, sizes in ((INPUT_IDS, ("batch", (1, spec.max_context))), (ATTENTION_MASK, ("batch", (1, spec.max_context))),
-                        (POSITION_IDS, ("batch", (1, spec.max_context)))):
+    for name in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS):
         dims = inputs[name].type.tensor_type.shape.dim
-        for d, want in zip(dims, sizes):
-            if d.dim_param:
-                out[d.dim_param] = 1 if want == "batch" else want
+        for i, d in enumerate(dims):
+            if not (d.HasField("dim_value") and d.dim_value > 0):
+                out[axis_name(name, i, d)] = 1 if i == 0 else (1, spec.max_context)
     return out
 
 
