@@ -134,10 +134,11 @@ class CoreMLTarget(Target):
                                        shapes=self.shapes, source_name=Path(model_path).name, kv_cache=kv_cache)
         except LoweringError as e:
             raise LoweringError(e.node, f"cannot package for {self.name}: {e.reason}", hint=e.hint) from e
+        facts["options"] = {"compute": self.compute,
+                            "shapes": {k: list(v) if isinstance(v, tuple) else v for k, v in self.shapes.items()}}
         if kv_cache is not None:
             facts.update(write_llm_files(model, folder, dest.name, kv_cache))
-        facts["options"] = {"compute": self.compute, "max_context": self.max_context,
-                            "shapes": {k: list(v) if isinstance(v, tuple) else v for k, v in self.shapes.items()}}
+            facts["options"]["max_context"] = kv_cache.max_context  # the one used (given or default)
         facts["runtime"] = {"package": "Core ML", "minimum_ios": f"{self.deployment}.0",
                             "minimum_macos": "14.0" if self.deployment == 17 else "15.0"}
         return dest, facts
