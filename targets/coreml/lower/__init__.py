@@ -208,7 +208,8 @@ def lower_model(
                 ctx.name_free(kv_cache.state_name(past))
             ctx.cache = stateful.StatefulCache(ctx, kv_cache, {p: func.inputs[kv_cache.state_name(p)]
                                                                for p in cache_inputs}, model)
-            ctx.fp32_nodes = ctx.cache.fp32_nodes if compute == "fp16" else set()
+            if compute == "fp16":
+                ctx.fp32_nodes, ctx.fp32_exits = stateful.fp32_regions(model)
         ctx.folded += lower_nodes(ctx, model.graph.node)
         outs = []
         for vo in model.graph.output:
@@ -259,16 +260,33 @@ def _float_weight_outputs(model: onnx.ModelProto) -> set[str]:
 
 
 def _lower_in_fp32(ctx: Context, node: onnx.NodeProto) -> int:
-    """Lower ``node`` in fp32 in an fp16 program (the rotary angles, see :mod:`.stateful`); the
-    ``Cos``/``Sin`` tables at the end are rounded to fp16 once."""
+    """Lower ``node`` in fp32 in an fp16 program (an fp32 region, see :mod:`.stateful`: rotary angles,
+    RMSNorm statistics). fp16 inputs from outside the region are widened (once per value); outputs
+    read outside it are rounded to fp16 once, the region itself reads the fp32 values."""
+    saved = {}
+    for name in node.input:
+        if name in ctx.fp32_values:
+            saved[name] = ctx.values[name]
+            ctx.values[name] = ctx.fp32_values[name]
+        elif name and not is_known(ctx.values.get(name)) and ctx.is_float(ctx.values[name]) \
+                and ctx.np_dtype(ctx.values[name]) == np.float16:
+            wide = ctx.mb.cast(x=ctx.values[name], dtype="fp32", name=f"{mil_name(name)}_fp32")
+            ctx.fp32_values[name] = wide
+            saved[name] = ctx.values[name]
+            ctx.values[name] = wide
     ctx.compute = "fp32"
     try:
         folded = _lower_plain(ctx, node)
     finally:
         ctx.compute = "fp16"
-    if node.op_type in ("Cos", "Sin"):
-        v = ctx.get(node.output[0])
-        ctx.set(node.output[0], ctx.mb.cast(x=v, dtype="fp16", name=f"{mil_name(node.output[0])}_fp16"))
+        ctx.values.update(saved)
+    for name in node.output:
+        v = ctx.values.get(name)
+        if not name or v is None or is_known(v) or not ctx.is_float(v):
+            continue
+        ctx.fp32_values[name] = v
+        if name in ctx.fp32_exits:
+            ctx.set(name, ctx.mb.cast(x=v, dtype="fp16", name=f"{mil_name(name)}_fp16"))
     return folded
 
 

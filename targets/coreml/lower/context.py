@@ -110,7 +110,9 @@ class Context:
     fold_outputs: set = field(default_factory=set)
     # a causal LM's KV cache as states (lower.stateful.StatefulCache), and the nodes it runs in fp32
     cache: object = None
-    fp32_nodes: set = field(default_factory=set)
+    fp32_nodes: set = field(default_factory=set)  # first outputs of nodes lowered in fp32 in an fp16 program
+    fp32_exits: set = field(default_factory=set)  # their outputs read outside the region (rounded to fp16)
+    fp32_values: dict = field(default_factory=dict)  # the fp32 values of the region (and widened inputs)
     _taken: set = field(default_factory=set)
 
     # --- values ----------------------------------------------------------------------------

@@ -20,10 +20,10 @@ the cache lives:
 So prefill (``P = 0``, ``n`` prompt tokens) and decode (``n = 1``) are the same function with
 flexible ``sequence`` and ``total_sequence`` axes (1..max_context).
 
-Rotary angles: in fp16 compute, ``position * inv_freq`` rounded to fp16 loses up to a quarter of
-a radian at position 1000 (fp16 has 11 significant bits). The nodes that compute the ``Cos`` /
-``Sin`` tables from ``position_ids`` alone run in fp32 and only the tables are rounded to fp16:
-what a float rotary table stored in fp16 would hold.
+fp32 regions in an fp16 program (:func:`fp32_regions`): the rotary angles — ``position * inv_freq``
+rounded to fp16 loses up to a quarter of a radian at position 1000 (fp16 has 11 significant bits),
+so the ``Cos``/``Sin`` tables are computed in fp32 and rounded once — and the RMSNorm statistics,
+whose ``x²`` overflows fp16 for hidden values beyond 256.
 """
 
 from __future__ import annotations
@@ -135,7 +135,6 @@ class StatefulCache:
                                      np.array([spec.head_dim], np.int32)], axis=0, name="cache_write_end")
         self.past_shape = mb.concat(values=[np.array([1, spec.kv_heads], np.int32), self.past_len,
                                             np.array([spec.head_dim], np.int32)], axis=0, name="past_cache_shape")
-        self.fp32_nodes = rotary_nodes(model)
         self._check_uses(model)
 
     def _check_uses(self, model: onnx.ModelProto) -> None:
@@ -185,34 +184,69 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def rotary_nodes(model: onnx.ModelProto) -> set[str]:
-    """Outputs (first output names) of the nodes that compute ``Cos``/``Sin`` from ``position_ids`` and
-    constants only: these run in fp32. Empty when such a value is also read elsewhere (then the graph
-    is lowered as it is)."""
-    inits = {i.name for i in model.graph.initializer}
-    consts = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+def fp32_regions(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    """The nodes a causal LM runs in fp32 in an fp16 program, by first output name, and the values
+    they hand back to fp16 nodes (rounded once there):
+
+    - rotary angles: the nodes computing ``Cos``/``Sin`` from ``position_ids`` and constants;
+    - RMSNorm statistics: ``Pow(x, 2)`` (or ``Mul(x, x)``) → ``ReduceMean`` and what follows it with
+      constants only (``+ eps``, ``Sqrt``, ``Reciprocal``): ``x²`` of a hidden state beyond 256 is
+      beyond fp16 (SmolLM2's residual stream reaches thousands), and ``1/sqrt(mean)`` is an fp16
+      number again.
+    """
+    nodes = list(model.graph.node)
+    consts = {i.name for i in model.graph.initializer} | {n.output[0] for n in nodes if n.op_type == "Constant"}
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    region = _rotary(nodes, consts, producer) | _norm_statistics(nodes, consts, producer, consumers)
+    inside = {o for n in nodes if n.output and n.output[0] in region for o in n.output}
+    graph_outputs = {o.name for o in model.graph.output}
+    exits = {v for v in inside if v in graph_outputs
+             or any(not (c.output and c.output[0] in region) for c in consumers.get(v, []))}
+    return region, exits
+
+
+def _rotary(nodes, consts, producer) -> set[str]:
     derived = {POSITION_IDS}
-    producer = {}
-    for node in model.graph.node:
-        producer.update({o: node for o in node.output})
-        ins = [i for i in node.input if i and i not in inits and i not in consts]
+    for node in nodes:
+        ins = [i for i in node.input if i and i not in consts]
         if ins and all(i in derived for i in ins) and node.op_type not in ("Cos", "Sin"):
             derived.update(node.output)
-    tables = [n for n in model.graph.node if n.op_type in ("Cos", "Sin") and n.input[0] in derived]
-    region: set[str] = set()
+    tables = [n for n in nodes if n.op_type in ("Cos", "Sin") and n.input[0] in derived]
+    region: set[str] = {t.output[0] for t in tables}
     stack = [t.input[0] for t in tables]
-    while stack:
-        v = stack.pop()
-        node = producer.get(v)
-        if node is None or node.output[0] in region or v == POSITION_IDS:
+    while stack:  # back from the tables to position_ids
+        node = producer.get(stack.pop())
+        if node is None or node.output[0] in region:
             continue
         region.add(node.output[0])
-        stack.extend(i for i in node.input if i in derived)
-    region.update(t.output[0] for t in tables)
-    inside = {o for n in model.graph.node if n.output[0] in region for o in n.output}
-    for node in model.graph.node:  # a value of the region read outside it (other than the tables)
-        if node.output[0] in region:
+        stack.extend(i for i in node.input if i in derived and i != POSITION_IDS)
+    return region
+
+
+_NORM_TAIL = ("Add", "Sqrt", "Reciprocal", "Div", "Mul")
+
+
+def _norm_statistics(nodes, consts, producer, consumers) -> set[str]:
+    region: set[str] = set()
+    for node in nodes:
+        if node.op_type != "ReduceMean":
             continue
-        if any(i in inside and producer[i].op_type not in ("Cos", "Sin") for i in node.input):
-            return set()
+        sq = producer.get(node.input[0])
+        squares = sq is not None and (
+            (sq.op_type == "Pow" and len(sq.input) == 2 and sq.input[1] in consts) or
+            (sq.op_type == "Mul" and sq.input[0] == sq.input[1]))
+        if not squares:
+            continue
+        region |= {sq.output[0], node.output[0]}
+        v = node.output[0]
+        while len(consumers.get(v, [])) == 1:
+            nxt = consumers[v][0]
+            if nxt.op_type not in _NORM_TAIL or any(i != v and i not in consts for i in nxt.input):
+                break
+            region.add(nxt.output[0])
+            v = nxt.output[0]
     return region
