@@ -66,6 +66,7 @@ def test_the_package_keeps_the_cache_as_state(packaged):
     # the rotary angles are fp32; the tables are rounded to fp16 once
     dtypes = {o.name: o.mil_dtype for op in prog.operations for o in op.outputs}
     assert dtypes["cos"] == "FLOAT32" and dtypes["cos_fp16"] == "FLOAT16"
+    assert {o.mil_dtype for op in prog.operations if op.op_type == "reduce_mean" for o in op.outputs} == {"FLOAT32"}
     # int4 blocks as constexpr, and the tied table stored once (one constexpr the Gather and the head read)
     tables = [op for op in prog.operations if op.op_type == "constexpr_blockwise_shift_scale"
               and "lm_head" in op.name]
@@ -155,3 +156,29 @@ def test_max_context_is_checked_before_anything_is_written(packaged, tmp_path):
     onnx.save(model, plain)
     with pytest.raises(InputError, match="max_context applies to causal LMs"):
         api.package(plain, "ios18", tmp_path / "c", options={"max_context": 64})
+
+
+def test_rms_norm_statistics_do_not_overflow_fp16(tiny_onnx, tmp_path):
+    """Hidden values beyond 256 (SmolLM2's residual stream reaches thousands) square beyond fp16: the
+    RMSNorm statistics run in fp32, so the fp16 package still matches the graph (here the tiny Llama's
+    tied table scaled x3000: embeddings ~600)."""
+    from onnx import numpy_helper
+
+    path, _ = tiny_onnx
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if init.name == "lm.lm_head.weight":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(3000), init.name))
+    big = tmp_path / "big.onnx"
+    onnx.save(model, big)
+    pkg = api.package(big, "ios18", tmp_path / "ios", options={"max_context": 16})
+    prog, _ = read_program(pkg.model_file)
+    means = [o.mil_dtype for op in prog.operations if op.op_type == "reduce_mean" for o in op.outputs]
+    assert means and set(means) == {"FLOAT32"}
+    ids = np.random.default_rng(2).integers(3, 256, (1, 10))
+    want = _exact_session(big).run(["logits"], step_feed(ids, {n: np.zeros((1, 2, 0, 16), np.float32)
+                                                                for n in past_names(2)}))[0]
+    runner = open_runner(pkg.model_file)
+    got = runner.run({"input_ids": ids, "position_ids": np.arange(10).reshape(1, -1),
+                      "attention_mask": np.ones((1, 10), np.int64)}, state=runner.make_state())["logits"]
+    assert np.abs(want).max() > 256 and _sqnr(want, got) >= MIN_LOGITS_SQNR_DB
