@@ -51,7 +51,7 @@ def _exact_session(qdq):
 
 
 def test_the_package_keeps_the_cache_as_state(packaged):
-    qdq, pkg = packaged
+    _, pkg = packaged
     m = pkg.manifest
     cache = m["kv_cache"]
     assert (cache["num_layers"], cache["kv_heads"], cache["head_dim"], cache["max_context"]) == (2, 2, 16, MAX_CONTEXT)
@@ -132,7 +132,7 @@ def test_generation_and_llm_metrics_on_the_package(packaged):
 
 
 def test_the_cache_length_is_enforced(packaged):
-    qdq, pkg = packaged
+    _, pkg = packaged
     lm = CausalLM(open_runner(pkg.model_file))
     _, cache = lm.step(list(range(3, 3 + MAX_CONTEXT - 1)), lm.empty_cache())
     assert isinstance(cache, StateCache) and cache.length == MAX_CONTEXT - 1

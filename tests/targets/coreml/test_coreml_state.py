@@ -134,10 +134,10 @@ def test_stateful_program_needs_a_state(cache_package, tmp_path):
 
 
 @pytest.mark.parametrize("case", [
-    dict(begin=[0, 1, 2], end=[2, 3, 6], stride=[1, 1, 2]),
-    dict(begin=[1, 0, 0], end=[0, 0, 3], begin_mask=[False, True, True], end_mask=[True, True, False]),
-    dict(begin=[1, 0, 0], end=[2, 4, 6], squeeze_mask=[True, False, False]),
-    dict(begin=[0, -3, 1], end=[3, -1, 5]),
+    {"begin": [0, 1, 2], "end": [2, 3, 6], "stride": [1, 1, 2]},
+    {"begin": [1, 0, 0], "end": [0, 0, 3], "begin_mask": [False, True, True], "end_mask": [True, True, False]},
+    {"begin": [1, 0, 0], "end": [2, 4, 6], "squeeze_mask": [True, False, False]},
+    {"begin": [0, -3, 1], "end": [3, -1, 5]},
 ])
 def test_slice_update_matches_numpy_slice_assignment(case, tmp_path):
     import coremltools as ct
