@@ -270,7 +270,7 @@ def _lower_in_fp32(ctx: Context, node: onnx.NodeProto) -> int:
             ctx.values[name] = ctx.fp32_values[name]
         elif name and not is_known(ctx.values.get(name)) and ctx.is_float(ctx.values[name]) \
                 and ctx.np_dtype(ctx.values[name]) == np.float16:
-            wide = ctx.mb.cast(x=ctx.values[name], dtype="fp32", name=f"{mil_name(name)}_fp32")
+            wide = ctx.mb.cast(x=ctx.values[name], dtype="fp32", name=ctx.fresh_name(f"{mil_name(name)}_fp32"))
             ctx.fp32_values[name] = wide
             saved[name] = ctx.values[name]
             ctx.values[name] = wide
@@ -286,7 +286,7 @@ def _lower_in_fp32(ctx: Context, node: onnx.NodeProto) -> int:
             continue
         ctx.fp32_values[name] = v
         if name in ctx.fp32_exits:
-            ctx.set(name, ctx.mb.cast(x=v, dtype="fp16", name=f"{mil_name(name)}_fp16"))
+            ctx.set(name, ctx.mb.cast(x=v, dtype="fp16", name=ctx.fresh_name(f"{mil_name(name)}_fp16")))
     return folded
 
 

@@ -155,6 +155,14 @@ class Context:
             return self.const(x)
         return x
 
+    def fresh_name(self, base: str) -> str:
+        """A MIL name no other value has (``base``, else ``base_2``, ``base_3``, ...), claimed."""
+        name, k = base, 1
+        while not self.name_free(name):
+            k += 1
+            name = f"{base}_{k}"
+        return name
+
     def name_free(self, name: str) -> bool:
         """Claim ``name`` for one MIL value (False if another value has it)."""
         if name in self._taken:

@@ -126,15 +126,15 @@ class StatefulCache:
         self.past = set(past_names(spec.num_layers))
         self.present = set(present_names(spec.num_layers))
         mb = ctx.mb
-        n = mb.slice_by_index(x=mb.shape(x=ctx.get(INPUT_IDS)), begin=[1], end=[2], name="new_tokens")
-        total = mb.slice_by_index(x=mb.shape(x=ctx.get(ATTENTION_MASK)), begin=[1], end=[2], name="total_tokens")
-        self.past_len = mb.sub(x=total, y=n, name="past_tokens")
+        n = mb.slice_by_index(x=mb.shape(x=ctx.get(INPUT_IDS)), begin=[1], end=[2], name=ctx.fresh_name("new_tokens"))
+        total = mb.slice_by_index(x=mb.shape(x=ctx.get(ATTENTION_MASK)), begin=[1], end=[2], name=ctx.fresh_name("total_tokens"))
+        self.past_len = mb.sub(x=total, y=n, name=ctx.fresh_name("past_tokens"))
         zero = np.zeros(1, np.int32)
-        self.begin = mb.concat(values=[zero, zero, self.past_len, zero], axis=0, name="cache_write_begin")
+        self.begin = mb.concat(values=[zero, zero, self.past_len, zero], axis=0, name=ctx.fresh_name("cache_write_begin"))
         self.end = mb.concat(values=[np.array([1, spec.kv_heads], np.int32), total,
-                                     np.array([spec.head_dim], np.int32)], axis=0, name="cache_write_end")
+                                     np.array([spec.head_dim], np.int32)], axis=0, name=ctx.fresh_name("cache_write_end"))
         self.past_shape = mb.concat(values=[np.array([1, spec.kv_heads], np.int32), self.past_len,
-                                            np.array([spec.head_dim], np.int32)], axis=0, name="past_cache_shape")
+                                            np.array([spec.head_dim], np.int32)], axis=0, name=ctx.fresh_name("past_cache_shape"))
         self._check_uses(model)
 
     def _check_uses(self, model: onnx.ModelProto) -> None:
@@ -149,7 +149,7 @@ class StatefulCache:
                 continue
             raise LoweringError(node, f"reads the KV cache input {used[0]!r} in a way the stateful lowering does "
                                       "not know (only Shape and Concat(past, new) along the sequence axis)",
-                                hint="export the model with `edgeq export`, or package it without max_context")
+                                hint="export the model with `edgeq export` (its cache is read only by Shape and Concat)")
 
     def handles(self, node: onnx.NodeProto) -> bool:
         return any(n in self.past for n in node.input)
@@ -168,10 +168,10 @@ class StatefulCache:
         if self.ctx.compute != "fp16":
             new = mb.cast(x=new, dtype="fp16")
         name = self.spec.state_name(node.input[0])
-        full = mb.read_state(input=state, name=f"{name}_read")
-        written = mb.slice_update(x=full, update=new, begin=self.begin, end=self.end, name=f"{name}_written")
-        written = mb.coreml_update_state(state=state, value=written, name=f"{name}_updated")
-        present = mb.slice_by_index(x=written, begin=[0, 0, 0, 0], end=self.end, name=f"{name}_valid")
+        full = mb.read_state(input=state, name=self.ctx.fresh_name(f"{name}_read"))
+        written = mb.slice_update(x=full, update=new, begin=self.begin, end=self.end, name=self.ctx.fresh_name(f"{name}_written"))
+        written = mb.coreml_update_state(state=state, value=written, name=self.ctx.fresh_name(f"{name}_updated"))
+        present = mb.slice_by_index(x=written, begin=[0, 0, 0, 0], end=self.end, name=self.ctx.fresh_name(f"{name}_valid"))
         if self.ctx.compute != "fp16":
             present = mb.cast(x=present, dtype=self.ctx.compute)
         return [present]
