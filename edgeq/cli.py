@@ -263,10 +263,12 @@ def cmd_doctor(args) -> int:
 
 
 def _package_options(args) -> dict:
-    """Target options given on the command line (only those given): ``compute``, ``shapes``."""
+    """Target options given on the command line (only those given): ``compute``, ``shapes``, ``max_context``."""
     options = {}
     if args.compute is not None:
         options["compute"] = args.compute
+    if getattr(args, "max_context", None) is not None:
+        options["max_context"] = args.max_context
     if args.shape:
         shapes = {}
         for text in args.shape:
@@ -417,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--shape", action="append", metavar="AXIS=SIZE|AXIS=LO:HI",
                    help="fix a named dynamic axis (batch=1) or bound its range (sequence=1:512), for targets "
                         "that take shapes (ios17/ios18; axes not given stay flexible in 1..1024); repeatable")
+    k.add_argument("--max-context", type=int, metavar="N",
+                   help="a causal LM's KV cache length, for targets that keep it as state (ios18: default 2048 "
+                        "or the model's limit, whichever is smaller)")
     k.set_defaults(func=cmd_package)
 
     b = sub.add_parser("build", parents=[common], help="model -> quantized, validated packages and a report",

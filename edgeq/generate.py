@@ -1,7 +1,11 @@
-"""Generate text on the host with an exported causal LM: the float ONNX, a QDQ ONNX or a ``.ort``.
+"""Generate text on the host with an exported causal LM: the float ONNX, a QDQ ONNX, a ``.ort`` or a
+stateful Core ML ``.mlpackage`` (in edgeq's reference executor).
 
 :class:`CausalLM` drives any runner of the explicit-cache graph (:mod:`edgeq.export.causal_lm`):
 prefill from an empty cache, then one token per step with the cache the previous step returned.
+A stateful runner (``kv_cache`` set: an iOS 18 package whose cache is Core ML state) gets the same
+loop with a :class:`StateCache` in place of the cache tensors: the state it made, updated in place,
+and the number of positions it holds.
 Validation (:mod:`edgeq.validate.llm`) uses the same loop.
 
 The tokenizer is found, in this order: ``tokenizer=`` (a folder or a ``tokenizer.json``);
@@ -24,7 +28,10 @@ import numpy as np
 
 from edgeq.errors import InputError, first_line
 from edgeq.export.causal_lm import (
+    ATTENTION_MASK,
+    INPUT_IDS,
     LOGITS,
+    POSITION_IDS,
     CausalLMFacts,
     is_causal_lm_io,
     past_names,
@@ -37,11 +44,27 @@ from edgeq.validate.runners import Runner, TorchRunner, open_runner
 
 
 def runner_metadata(runner: Runner) -> dict[str, str]:
-    """The model's metadata (ONNX ``metadata_props``, which ORT exposes for .onnx and .ort alike)."""
+    """The model's metadata (ONNX ``metadata_props``, which ORT exposes for .onnx and .ort alike; a
+    runner that reads another format gives it as ``metadata``)."""
     sess = getattr(runner, "_sess", None)  # SessionRunner: OnnxRunner, OrtFormatRunner
     if sess is None:
-        return {}
+        return dict(getattr(runner, "metadata", None) or {})
     return dict(sess.get_modelmeta().custom_metadata_map)
+
+
+def is_stateful(runner: Runner) -> bool:
+    """A runner whose KV cache is state it keeps (``kv_cache``: num_layers, max_context, ...)."""
+    return bool(getattr(runner, "kv_cache", None)) and hasattr(runner, "make_state")
+
+
+@dataclass
+class StateCache:
+    """The cache of a stateful runner: its state (updated in place by each step, like Core ML's
+    ``MLState``) and how many positions it holds. A step returns the same state, one step longer:
+    an older ``StateCache`` of that state must not be stepped again."""
+
+    state: object
+    length: int = 0
 
 
 @dataclass
@@ -74,6 +97,10 @@ class CausalLM:
     def __init__(self, runner: Runner, facts: CausalLMFacts | None = None):
         specs = runner.input_specs
         outs = runner.output_names
+        self.stateful = is_stateful(runner)
+        if self.stateful:
+            self._init_stateful(runner)
+            return
         if specs is None or not is_causal_lm_io([s.name for s in specs], outs or [LOGITS, *present_names(1)]):
             raise InputError(f"{runner.label} is not a causal LM with an explicit KV cache",
                              hint="export it with `edgeq export` (inputs input_ids, attention_mask, position_ids, "
@@ -94,6 +121,24 @@ class CausalLM:
         self._empty = {n: np.zeros((1, kv_heads, 0, head_dim), self.cache_dtype) for n in past_names(self.num_layers)}
         self._present = present_names(self.num_layers)
 
+    def _init_stateful(self, runner: Runner) -> None:
+        names = {s.name for s in runner.input_specs or []}
+        if not {INPUT_IDS, ATTENTION_MASK, POSITION_IDS} <= names or LOGITS not in (runner.output_names or []):
+            raise InputError(f"{runner.label} keeps state but is not a causal LM package",
+                             hint="package the model with `edgeq package --target ios18` from edgeq's export")
+        self.runner = runner
+        self.metadata = runner_metadata(runner)
+        self.facts = read_facts(self.metadata)
+        self.num_layers = int(runner.kv_cache["num_layers"])
+        self.max_context = int(runner.kv_cache["max_context"])
+
+    @property
+    def max_positions(self) -> int | None:
+        """How many positions a sequence may hold: the model's limit, or the state's length."""
+        limits = [self.facts.max_positions if self.facts is not None else None,
+                  self.max_context if self.stateful else None]
+        return min((x for x in limits if x), default=None)
+
     @property
     def label(self) -> str:
         return self.runner.label
@@ -102,18 +147,37 @@ class CausalLM:
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.facts.eos_token_ids if self.facts is not None else ()
 
-    def empty_cache(self) -> dict[str, np.ndarray]:
+    def empty_cache(self) -> dict[str, np.ndarray] | StateCache:
+        """An empty cache: zero-length tensors, or a new state of a stateful runner."""
+        if self.stateful:
+            return StateCache(self.runner.make_state())
         return dict(self._empty)
 
-    def step(self, ids: Sequence[int] | np.ndarray, past: Mapping[str, np.ndarray]):
+    def step(self, ids: Sequence[int] | np.ndarray, past: Mapping[str, np.ndarray] | StateCache):
         """Logits [n, vocab] for ``ids`` after the cache ``past``, and the grown cache."""
+        if self.stateful:
+            return self._step_state(np.asarray(ids, np.int64).reshape(1, -1), past)
         out = self.runner.run(step_feed(np.asarray(ids, np.int64).reshape(1, -1), past))
         cache = {p: out[o] for p, o in zip(past_names(self.num_layers), self._present)}
         return np.asarray(out[LOGITS][0], np.float32), cache
 
+    def _step_state(self, ids: np.ndarray, past: StateCache):
+        if not isinstance(past, StateCache):
+            raise InputError(f"{self.label} keeps its cache as state: step it with a StateCache",
+                             hint="start from CausalLM.empty_cache()")
+        n = ids.shape[1]
+        total = past.length + n
+        if total > self.max_context:
+            raise InputError(f"{self.label}: {total} tokens do not fit its cache of {self.max_context} positions",
+                             hint="package with a larger --max-context, or use shorter texts")
+        feed = {INPUT_IDS: ids, ATTENTION_MASK: np.ones((1, total), np.int64),
+                POSITION_IDS: np.arange(past.length, total, dtype=np.int64).reshape(1, -1)}
+        out = self.runner.run(feed, state=past.state)
+        return np.asarray(out[LOGITS][0], np.float32), StateCache(past.state, total)
+
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits [n, vocab] of a whole sequence from position 0."""
-        return self.step(ids, self._empty)[0]
+        return self.step(ids, self.empty_cache())[0]
 
     def generate(self, prompt_ids: Sequence[int], max_tokens: int, *, stop_ids: Sequence[int] | None = None,
                  choose: Callable[[np.ndarray], int] | None = None,
@@ -123,10 +187,10 @@ class CausalLM:
             raise InputError("the prompt is empty", hint="give at least one token")
         choose = choose or (lambda row: int(np.argmax(row)))
         stop = set(self.eos_token_ids if stop_ids is None else stop_ids)
-        limit = self.facts.max_positions if self.facts is not None and self.facts.max_positions else None
+        limit = self.max_positions
         gen = Generation(list(map(int, prompt_ids)))
         t0 = time.perf_counter()
-        logits, past = self.step(gen.prompt_ids, self._empty)
+        logits, past = self.step(gen.prompt_ids, self.empty_cache())
         gen.times.prefill_seconds = time.perf_counter() - t0
         gen.times.prefill_tokens = len(gen.prompt_ids)
         gen.stopped_by = "max_tokens"
@@ -197,7 +261,7 @@ def load_tokenizer(model_path: str | os.PathLike | None, metadata: Mapping[str, 
         return _from_folder(folder), str(p)
     if model_path is not None:
         p = Path(model_path)
-        folder = p if p.is_dir() else p.parent
+        folder = p if p.is_dir() and p.suffix != ".mlpackage" else p.parent  # an .mlpackage is a model folder
         if (folder / "tokenizer.json").is_file():
             return _from_folder(folder), str(folder / "tokenizer.json")
     files = read_tokenizer_files(metadata)

@@ -10,10 +10,17 @@ On evaluation texts (each fed from position 0 with an empty cache, teacher-force
 
 and on a few prompts, greedy generation agreement: each model generates greedily with its own
 cache, and the candidate's tokens are compared with the reference's up to the first divergence
-(``greedy_agreement`` = reproduced reference tokens / reference tokens).
+(``greedy_agreement`` = reproduced reference tokens / reference tokens). Where a candidate diverges,
+both models score the same prefix (teacher-forced) and the row records the reference's margin
+between its token and the candidate's: a divergence is *within noise* when that margin is at most
+the largest error the candidate made on the reference's top-2 margin over the teacher-forced texts
+(``top2_margin_error_max``; its RMS is reported too): a gap the candidate's own precision (e.g.
+fp16) has been seen to move, so a near-tie it can flip, not a fault (``greedy_within_noise``
+counts prompts equal or diverging so).
 
 Any runner of the explicit-cache graph works: the float or QDQ ONNX in ONNX Runtime, the ``.ort``,
-the torch step module of a sample.
+the torch step module of a sample; and a stateful ``.mlpackage`` (its cache as Core ML state) in
+edgeq's reference executor, the state carried from step to step.
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.errors import InputError
-from edgeq.export.causal_lm import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, is_causal_lm_io
-from edgeq.generate import CausalLM
+from edgeq.export.causal_lm import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, is_causal_lm_io
+from edgeq.generate import CausalLM, is_stateful
 from edgeq.validate.compare import CandidateResult, ValidationReport
 from edgeq.validate.feeds import shapes_seen
 from edgeq.validate.metrics import TensorStats
@@ -49,8 +56,14 @@ class LLMThresholds:
 
 
 def is_causal_lm_runner(runner: Runner) -> bool:
+    """The explicit-cache graph, or a package keeping that graph's cache as state (iOS 18)."""
     specs = runner.input_specs
-    return specs is not None and is_causal_lm_io([s.name for s in specs], runner.output_names or [])
+    if specs is None:
+        return False
+    names = [s.name for s in specs]
+    if is_stateful(runner):
+        return {INPUT_IDS, ATTENTION_MASK, POSITION_IDS} <= set(names) and LOGITS in (runner.output_names or [])
+    return is_causal_lm_io(names, runner.output_names or [])
 
 
 def sequences_from_feeds(feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[int]]:
@@ -142,6 +155,7 @@ def validate_causal_lm(
     cand_st = [_TextStats() for _ in cands]
     klds: list[list[np.ndarray]] = [[] for _ in cands]
     logit_stats = [TensorStats(keep_cosines=False) for _ in cands]
+    gap_err = [[0.0, 0, 0.0] for _ in cands]  # the candidate's error on the reference's top-2 margin: sum of squares, count, max
     seconds = [0.0] * len(cands)
     for ids in tqdm(sequences, desc="perplexity", unit="text", disable=not progress or None, leave=False):
         target = np.asarray(ids[1:])
@@ -151,6 +165,7 @@ def validate_causal_lm(
         ref_st.nll -= float(r_logp[rows, target].sum())
         ref_st.tokens += len(rows)
         r_top = r_logp.argmax(axis=-1)
+        r_two = np.argsort(r_logits, axis=-1)[:, -2:]  # second best, best
         r_p = np.exp(r_logp)
         for i, c in enumerate(cands):
             t0 = time.perf_counter()
@@ -162,12 +177,20 @@ def validate_causal_lm(
             cand_st[i].agree += int((c_logp.argmax(axis=-1) == r_top).sum())
             klds[i].append(np.maximum((r_p * (r_logp - c_logp)).sum(axis=-1), 0.0))
             logit_stats[i].update(r_logits, c_logits)
+            gap_r = np.diff(np.take_along_axis(r_logits.astype(np.float64), r_two, axis=-1), axis=-1)
+            gap_c = np.diff(np.take_along_axis(c_logits.astype(np.float64), r_two, axis=-1), axis=-1)
+            err = np.abs(gap_c - gap_r)
+            gap_err[i][0] += float((err**2).sum())
+            gap_err[i][1] += err.size
+            gap_err[i][2] = max(gap_err[i][2], float(err.max(initial=0.0)))
 
     ref_runs = [ref.generate(p, max_new_tokens, stop_ids=stop_ids).tokens for p in prompts]
     ref_ppl = ref_st.perplexity()
     results = []
     for i, c in enumerate(cands):
         kld = np.concatenate(klds[i])
+        rms = float(np.sqrt(gap_err[i][0] / max(1, gap_err[i][1])))
+        noise = gap_err[i][2]
         greedy = []
         for k, (p, want) in enumerate(zip(prompts, ref_runs)):
             t0 = time.perf_counter()
@@ -176,6 +199,9 @@ def validate_causal_lm(
             row = {"prompt": prompt_texts[k] if prompt_texts else list(map(int, p)),
                    "prefix": common_prefix(want, got), "reference_tokens": len(want), "candidate_tokens": len(got),
                    "equal": want == got}
+            if want != got and row["prefix"] < min(len(want), len(got)):
+                row["divergence"] = _divergence(ref, c, list(p) + want[: row["prefix"]], want[row["prefix"]],
+                                                got[row["prefix"]], noise)
             if tokenizer is not None:
                 row["reference_text"] = tokenizer.decode(want, skip_special_tokens=True)
                 row["candidate_text"] = tokenizer.decode(got, skip_special_tokens=True)
@@ -192,6 +218,10 @@ def validate_causal_lm(
                 g["reference_tokens"] for g in greedy))
             metrics["greedy_equal"] = sum(g["equal"] for g in greedy)
             metrics["greedy_prompts"] = len(greedy)
+            metrics["greedy_within_noise"] = sum(g["equal"] or g.get("divergence", {}).get("within_noise", False)
+                                                 for g in greedy)
+            metrics["top2_margin_error_rms"] = rms
+            metrics["top2_margin_error_max"] = float(noise)
             metrics["greedy"] = greedy
         res = CandidateResult(c.runner.describe(), {"logits": logit_stats[i].summary()}, metrics, [],
                               seconds=seconds[i])
@@ -201,6 +231,17 @@ def validate_causal_lm(
             "input_shapes": shapes_seen({INPUT_IDS: np.zeros((1, len(s)))} for s in sequences),
             "prompts": len(prompts), "max_new_tokens": max_new_tokens, "stop_ids": list(stop_ids)}
     return ValidationReport(reference.describe(), data, "causal_lm", thresholds, results)
+
+
+def _divergence(ref: CausalLM, cand: CausalLM, context: list[int], want: int, got: int, noise: float) -> dict:
+    """Both models' scores after ``context`` (teacher-forced) where the candidate chose ``got``, the
+    reference ``want``: the reference's margin between the two, and whether it is within ``noise``."""
+    r = ref.logits(context)[-1]
+    c = cand.logits(context)[-1]
+    margin = float(r[want] - r[got])
+    return {"reference_margin": margin, "candidate_margin": float(c[got] - c[want]),
+            "reference_top2_gap": float(np.diff(np.sort(r)[-2:])[0]), "noise": float(noise),
+            "within_noise": bool(margin <= noise)}
 
 
 def _checks(m: Mapping, th: LLMThresholds) -> list[dict]:
@@ -239,6 +280,10 @@ def format_llm_report(report: ValidationReport) -> str:
     for c in report.candidates:
         for g in c.task.get("greedy", []):
             mark = "same" if g["equal"] else f"diverges after {g['prefix']} of {g['reference_tokens']} tokens"
+            if "divergence" in g:
+                d = g["divergence"]
+                mark += (f" (reference margin {d['reference_margin']:.3f} "
+                         f"{'<=' if d['within_noise'] else '>'} noise {d['noise']:.3f})")
             lines.append(f"{c.runner['label']}: {g['prompt']!r}: {mark}")
             if "candidate_text" in g:
                 lines.append(f"    reference: {g['reference_text']!r}")

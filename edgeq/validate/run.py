@@ -97,7 +97,10 @@ def _validate_causal_lm(ref, sample, cands, data, *, limit, progress, thresholds
         if sample is None:
             raise InputError("no evaluation text to validate on", hint="give --data (a sample name or .npz feeds)")
         data = sample
-    feeds, desc = load_feeds(data, cands[0].input_specs, split="evaluation", limit=limit)
+    # the explicit-cache inputs (a stateful package has no cache inputs; texts come from position 0 anyway)
+    specs = next((r.input_specs for r in [*cands, ref] if r.input_specs and not getattr(r, "kv_cache", None)),
+                 cands[0].input_specs)
+    feeds, desc = load_feeds(data, specs, split="evaluation", limit=limit)
     sequences = llm.sequences_from_feeds(feeds)
     tokenizer = sample.tokenizer() if sample is not None and hasattr(sample, "tokenizer") else None
     if tokenizer is None:

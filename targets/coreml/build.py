@@ -28,6 +28,8 @@ from edgeq._quiet import quiet
 from targets.coreml.lower import Lowered, lower_model
 
 META_PREFIX = "edgeq."
+# ONNX metadata a stateful causal LM package carries (as edgeq.source_meta.<key>): its generation facts
+SOURCE_META_KEYS = ("edgeq.causal_lm", "edgeq.source")
 CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
 # namespace of the item identifiers in an .mlpackage's Manifest.json (uuid5 of the item's content)
 PACKAGE_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://edgeq/coreml/mlpackage-item")
@@ -77,12 +79,16 @@ def build_mlpackage(
     compute: str = "fp16",
     shapes: Mapping | None = None,
     source_name: str = "",
+    kv_cache=None,
 ) -> tuple[Lowered, dict]:
-    """Lower ``model`` and save it as ``dest`` (a ``.mlpackage`` folder). Returns the lowering and facts."""
+    """Lower ``model`` and save it as ``dest`` (a ``.mlpackage`` folder). Returns the lowering and facts.
+
+    ``kv_cache`` (a :class:`~targets.coreml.lower.stateful.KVCacheSpec`): a causal LM's cache as
+    states; the package's metadata then lists them (``edgeq.kv_cache``)."""
     with quiet():
         import coremltools as ct
 
-    low = lower_model(model, compute=compute, deployment=deployment, shapes=shapes)
+    low = lower_model(model, compute=compute, deployment=deployment, shapes=shapes, kv_cache=kv_cache)
     target = {17: ct.target.iOS17, 18: ct.target.iOS18}[deployment]
     with quiet():
         ml = ct.convert(
@@ -108,6 +114,13 @@ def build_mlpackage(
         "flexible_axes": json.dumps({k: list(v) for k, v in low.flexible.items()}),
         "quantization": json.dumps(summary, sort_keys=True),
     }
+    if kv_cache is not None:
+        meta["kv_cache"] = json.dumps({**kv_cache.as_dict(), "states": kv_cache.states()})
+        # the generation facts (special tokens, limits) the explicit-cache graph carries; the
+        # tokenizer is too large for metadata: it is written beside the package
+        for p in model.metadata_props:
+            if p.key in SOURCE_META_KEYS:
+                meta[f"source_meta.{p.key}"] = p.value
     for k, v in meta.items():
         ml.user_defined_metadata[META_PREFIX + k] = str(v)
     _set_conversion_date(ml.user_defined_metadata)
@@ -124,7 +137,9 @@ def build_mlpackage(
         "qdq_summary": summary,
         "mil_ops": dict(sorted(low.mil_ops.items())),
         "folded_onnx_nodes": low.folded,
-    }  # no timings: manifest.json is reproducible apart from its "created" key
+    }
+    if kv_cache is not None:
+        facts["kv_cache"] = {**kv_cache.as_dict(), "states": kv_cache.states()}  # no timings: manifest.json is reproducible apart from its "created" key
     return low, facts
 
 

@@ -43,27 +43,8 @@ def render(manifest: dict) -> str:
                      "package with fixed sizes (`edgeq package --shape AXIS=SIZE`, or `shapes={...}` from Python), "
                      "e.g. a sentence encoder padded to 128 tokens.\n")
     w8a8_note = _W8A8_NOTE if q.get("activation_qdq") else ""
-    return f"""# {model_file}
-
-Core ML ML program built by edgeq {manifest.get('edgeq_version', '')} from `{manifest.get('source_model', '')}`
-for **{manifest.get('deployment_target', '')}+** (`minimumDeploymentTarget`), compute precision
-**{manifest.get('compute_precision', '')}**. Quantized weights ({weights}; recipe `{q.get('recipe', '')}`) are
-stored as constexpr ops carrying exactly the integers and float32 scales of the QDQ ONNX
-(`edgeq validate` can check the package against it on a Linux or macOS host).
-
-## Inputs
-
-| name | type | shape | note |
-|---|---|---|---|
-{rows_in}
-
-## Outputs
-
-| name | type | shape |
-|---|---|---|
-{rows_out}
-{flex_note}{w8a8_note}
-## Use it from Swift
+    # a stateful causal LM gets its own Swift (a generation loop with MLState: targets/coreml/llm.py)
+    swift = "" if "causal_lm" in manifest else f"""## Use it from Swift
 
 Add `{model_file}` to the Xcode target (Xcode compiles it and generates the `{cls}` class), or
 compile it at run time with `MLModel.compileModel(at:)`.
@@ -86,7 +67,28 @@ func run{cls.capitalize()}() throws -> MLMultiArray {{
 }}
 ```
 
-## Files
+"""
+    return f"""# {model_file}
+
+Core ML ML program built by edgeq {manifest.get('edgeq_version', '')} from `{manifest.get('source_model', '')}`
+for **{manifest.get('deployment_target', '')}+** (`minimumDeploymentTarget`), compute precision
+**{manifest.get('compute_precision', '')}**. Quantized weights ({weights}; recipe `{q.get('recipe', '')}`) are
+stored as constexpr ops carrying exactly the integers and float32 scales of the QDQ ONNX
+(`edgeq validate` can check the package against it on a Linux or macOS host).
+
+## Inputs
+
+| name | type | shape | note |
+|---|---|---|---|
+{rows_in}
+
+## Outputs
+
+| name | type | shape |
+|---|---|---|
+{rows_out}
+{flex_note}{w8a8_note}
+{swift}## Files
 
 `manifest.json` lists every file with its sha256 and how the package was built.
 """

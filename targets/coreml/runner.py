@@ -4,6 +4,10 @@ The runner speaks the source model's language: its inputs are the ONNX inputs (n
 named dynamic axes, as recorded in the package's metadata), so the same feeds go to the QDQ
 ONNX and to the package. int64 feeds are narrowed to Core ML's int32 (an error when a value does
 not fit); float feeds are float32.
+
+A stateful package (a causal LM whose KV cache is Core ML state, ``kv_cache`` set) runs with a
+state from :meth:`MLPackageRunner.make_state`, passed to every :meth:`MLPackageRunner.run` of a
+sequence (:class:`edgeq.generate.CausalLM` does this).
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ class MLPackageRunner(Runner):
         self._inputs = json.loads(meta["edgeq.inputs"]) if "edgeq.inputs" in meta else _from_spec(spec, "input")
         self._outputs = json.loads(meta["edgeq.outputs"]) if "edgeq.outputs" in meta else _from_spec(spec, "output")
         self._ranges = {k: tuple(v) for k, v in json.loads(meta.get("edgeq.flexible_axes", "{}")).items()}
+        # the KV cache as states (num_layers, kv_heads, head_dim, max_context, states), or None
+        self.kv_cache = json.loads(meta["edgeq.kv_cache"]) if "edgeq.kv_cache" in meta else None
+        # the source model's metadata edgeq carried into the package (a causal LM's facts)
+        self.metadata = {k.removeprefix("edgeq.source_meta."): v for k, v in meta.items()
+                         if k.startswith("edgeq.source_meta.")}
 
     @property
     def input_specs(self):
@@ -48,8 +57,12 @@ class MLPackageRunner(Runner):
     def output_names(self):
         return [o["name"] for o in self._outputs]
 
-    def run(self, feed):
-        out = self.executor.run(self.coreml_feeds(feed))
+    def make_state(self):
+        """Fresh state buffers (zeros) for :meth:`run`, like Core ML's ``MLModel.makeState()``."""
+        return self.executor.make_state()
+
+    def run(self, feed, state=None):
+        out = self.executor.run(self.coreml_feeds(feed), state=state)
         return {o["name"]: out[o["coreml_name"]].astype(np.float32 if o["coreml_dtype"] == "float32" else np.int64)
                 for o in self._outputs}
 

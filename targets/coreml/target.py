@@ -29,15 +29,21 @@ class CoreMLTarget(Target):
       on the Neural Engine) or given a ``(lower, upper)`` range. Axes not listed stay flexible in
       1..1024; naming an axis the model does not have fails in pre-flight.
 
-    ``edgeq package --compute fp32 --shape batch=1 --shape sequence=1:512`` passes these through
-    :meth:`configure`.
+    - ``max_context`` — a causal LM (edgeq's explicit-cache graph) is packaged for iOS 18 with its
+      KV cache as Core ML state of this many positions (default 2048 or the model's limit,
+      whichever is smaller; :mod:`targets.coreml.lower.stateful`), with its tokenizer and
+      generation config. iOS 17 has no state: the cache stays explicit inputs and outputs.
+
+    ``edgeq package --compute fp32 --shape batch=1 --shape sequence=1:512`` (``--max-context N``)
+    passes these through :meth:`configure`.
     """
 
     deployment = 18
-    OPTIONS: ClassVar[dict[str, str]] = {"compute": "fp16 | fp32", "shapes": "{axis: size | (lower, upper)}"}
+    OPTIONS: ClassVar[dict[str, str]] = {"compute": "fp16 | fp32", "shapes": "{axis: size | (lower, upper)}",
+                                         "max_context": "KV cache positions of a causal LM (iOS 18 state)"}
 
     def __init__(self, *, compute: str = "fp16", shapes: Mapping[str, int | tuple[int, int]] | None = None,
-                 **unknown):
+                 max_context: int | None = None, **unknown):
         if unknown:
             raise InputError(f"target {self.name} has no option {', '.join(repr(k) for k in sorted(unknown))}",
                              hint="options: " + "; ".join(f"{k} ({v})" for k, v in self.OPTIONS.items()))
@@ -45,12 +51,21 @@ class CoreMLTarget(Target):
             raise InputError(f"unknown compute precision {compute!r} for target {self.name}", hint="use fp16 or fp32")
         if shapes is not None and not isinstance(shapes, Mapping):
             raise InputError(f"shapes must map axis names to sizes or ranges, got {shapes!r}")
+        if max_context is not None and not (isinstance(max_context, (int, np.integer)) and max_context >= 2
+                                            and not isinstance(max_context, bool)):
+            raise InputError(f"max_context must be a number of positions >= 2, got {max_context!r}",
+                             hint="e.g. --max-context 2048")
+        if max_context is not None and self.deployment < 18:
+            raise InputError(f"target {self.name} cannot keep a KV cache as state (Core ML states need iOS 18)",
+                             hint="package for ios18, or leave out --max-context")
         self.compute = compute
         self.shapes = {axis: _axis_option(axis, v) for axis, v in (shapes or {}).items()}
+        self.max_context = None if max_context is None else int(max_context)
 
     def configure(self, **options) -> CoreMLTarget:
         """A copy of this target with ``options`` changed (validated like the constructor's)."""
-        return type(self)(**{"compute": self.compute, "shapes": self.shapes, **options})
+        return type(self)(**{"compute": self.compute, "shapes": self.shapes, "max_context": self.max_context,
+                             **options})
 
     @property
     def profile(self):
@@ -68,6 +83,7 @@ class CoreMLTarget(Target):
 
     def preflight(self, model: onnx.ModelProto) -> list[Problem]:
         self._check_axes(model)
+        self.kv_cache(model)  # a bad max_context fails here, before anything is written
         problems = [Problem(n.name, n.op_type, reason, hint)
                     for n, reason, hint in unsupported_nodes(model, deployment=self.deployment, shapes=self.shapes)]
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -95,25 +111,43 @@ class CoreMLTarget(Target):
             raise InputError(f"the model has no dynamic axis {', '.join(repr(a) for a in unknown)} (shapes option)",
                              hint=f"its dynamic axes: {', '.join(sorted(axes)) or 'none (every input shape is fixed)'}")
 
+    def kv_cache(self, model: onnx.ModelProto):
+        """The KV cache as states for a causal LM graph on iOS 18, else None (see ``max_context``)."""
+        from targets.coreml.llm import max_positions
+        from targets.coreml.lower.stateful import cache_spec, is_causal_lm_graph
+
+        if self.deployment < 18 or not is_causal_lm_graph(model):
+            if self.max_context is not None:
+                raise InputError("max_context applies to causal LMs exported by edgeq (an explicit KV cache); "
+                                 "this model has none", hint="leave out --max-context")
+            return None
+        return cache_spec(model, self.max_context, max_positions(model))
+
     def build(self, model_path: Path, model: onnx.ModelProto, folder: Path) -> tuple[Path, dict]:
         from targets.coreml.build import build_mlpackage
+        from targets.coreml.llm import write_llm_files
 
         dest = folder / f"{mil_name(Path(model_path).stem.split('.')[0])}.mlpackage"
+        kv_cache = self.kv_cache(model)
         try:
             _, facts = build_mlpackage(model, dest, deployment=self.deployment, compute=self.compute,
-                                       shapes=self.shapes, source_name=Path(model_path).name)
+                                       shapes=self.shapes, source_name=Path(model_path).name, kv_cache=kv_cache)
         except LoweringError as e:
             raise LoweringError(e.node, f"cannot package for {self.name}: {e.reason}", hint=e.hint) from e
         facts["options"] = {"compute": self.compute,
                             "shapes": {k: list(v) if isinstance(v, tuple) else v for k, v in self.shapes.items()}}
+        if kv_cache is not None:
+            facts.update(write_llm_files(model, folder, dest.name, kv_cache))
+            facts["options"]["max_context"] = kv_cache.max_context  # the one used (given or default)
         facts["runtime"] = {"package": "Core ML", "minimum_ios": f"{self.deployment}.0",
                             "minimum_macos": "14.0" if self.deployment == 17 else "15.0"}
         return dest, facts
 
     def readme(self, manifest: dict) -> str:
+        from targets.coreml.llm import readme_section
         from targets.coreml.readme import render
 
-        return render(manifest)
+        return render(manifest) + (readme_section(manifest) if "causal_lm" in manifest else "")
 
 
 def _axis_option(axis: str, v) -> int | tuple[int, int]:

@@ -17,6 +17,11 @@ Two ways to hold an fp16 program's tensors, with the same op implementations:
 - ``fast=False``: as float16 arrays, every op's inputs cast up and its output cast down by
   numpy: the plain reading of the semantics, kept to check the fast path against.
 
+A stateful program (iOS 18 states, e.g. an LLM's KV cache) runs with an
+:class:`ExecutorState` the caller makes with :meth:`Executor.make_state` and passes to every
+:meth:`Executor.run`, as an app passes Core ML's ``MLState`` to ``prediction(from:using:)``: its
+buffers start at zero and carry what the program wrote from one call to the next.
+
 An op this executor does not know fails by name; nothing is skipped.
 """
 
@@ -31,11 +36,11 @@ import numpy as np
 
 from edgeq._quiet import quiet
 from edgeq.errors import InputError, UnsupportedError
-from targets.coreml.executor import ops_math, ops_nn, ops_rnn, ops_tensor, parallel
+from targets.coreml.executor import ops_math, ops_nn, ops_rnn, ops_state, ops_tensor, parallel
 from targets.coreml.executor.fp16 import round_fp16
 from targets.coreml.executor.program import Const, Program, load_spec, read_program, weights_dir
 
-OPS = {**ops_math.OPS, **ops_tensor.OPS, **ops_nn.OPS, **ops_rnn.OPS}
+OPS = {**ops_math.OPS, **ops_tensor.OPS, **ops_nn.OPS, **ops_rnn.OPS, **ops_state.OPS}
 
 # how an op's fp16 result is rounded on the fast path: not at all (its values already are fp16
 # values), Veltkamp's passes only (nonzero results are known to be normal fp16 numbers), in full
@@ -47,10 +52,10 @@ VALUE_PRESERVING = frozenset({
     "reshape", "transpose", "concat", "slice_by_index", "slice_by_size", "gather", "gather_along_axis",
     "gather_nd", "squeeze", "expand_dims", "split", "tile", "pad", "identity", "relu", "maximum", "minimum",
     "select", "clip", "reduce_max", "reduce_min", "max_pool", "upsample_nearest_neighbor", "fill", "reverse",
-    "pixel_shuffle", "pixel_unshuffle", "stack",
+    "pixel_shuffle", "pixel_unshuffle", "stack", "read_state", "slice_update",
 })
 
-__all__ = ["OPS", "Executor", "load_program", "read_program", "weights_dir"]
+__all__ = ["OPS", "Executor", "ExecutorState", "load_program", "read_program", "weights_dir"]
 
 
 def load_program(package: str | os.PathLike):
@@ -62,6 +67,42 @@ def load_program(package: str | os.PathLike):
 
         prog = milproto_load(spec, spec.specificationVersion, file_weights_dir=str(weights_dir(p)))
     return prog, spec
+
+
+class ExecutorState:
+    """The state buffers of one stateful program (Core ML's ``MLState``), zeros when made.
+
+    Pass it to every :meth:`Executor.run` of one sequence (e.g. one generated text); make a new
+    one to start again. :meth:`read` gives a buffer's current value in its declared dtype.
+    """
+
+    def __init__(self, specs: dict, fast: bool):
+        self._fast = fast
+        self._dtypes = {name: dtype for name, (dtype, _) in specs.items()}
+        self.buffers = {name: ops_state.StateBuffer(name, np.zeros(shape, np.float32 if fast and dtype == np.float16
+                                                                   else dtype))
+                        for name, (dtype, shape) in specs.items()}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.buffers)
+
+    def read(self, name: str) -> np.ndarray:
+        """A copy of the buffer ``name`` in its declared dtype."""
+        if name not in self.buffers:
+            raise InputError(f"no state {name!r}", hint=f"the program's states: {', '.join(self.buffers)}")
+        return self.buffers[name].value.astype(self._dtypes[name])
+
+    def write(self, name: str, value: np.ndarray) -> None:
+        """Set the buffer ``name`` (Core ML: ``MLState.withMultiArray(for:)``), same shape."""
+        buf = self.buffers.get(name)
+        if buf is None:
+            raise InputError(f"no state {name!r}", hint=f"the program's states: {', '.join(self.buffers)}")
+        value = np.asarray(value)
+        if value.shape != buf.value.shape:
+            raise InputError(f"state {name!r} has shape {buf.value.shape}, got {value.shape}")
+        held = value.astype(self._dtypes[name])
+        buf.value = held.astype(np.float32) if self._fast and self._dtypes[name] == np.float16 else held
 
 
 @dataclass
@@ -88,10 +129,12 @@ class Executor:
         if missing:
             raise UnsupportedError(f"the reference executor has no implementation of MIL {', '.join(missing)}",
                                    hint="package for Android instead (--targets android)")
-        self.input_dtypes = {n: v.dtype for n, v in program.inputs.items()}
+        self.input_dtypes = {n: v.dtype for n, v in program.inputs.items() if not v.state}
+        self.state_specs = {n: (v.dtype, v.shape) for n, v in program.inputs.items() if v.state}
         self.output_names = list(program.outputs)
         self._dtypes = {v.name: v.dtype for op in self.ops for v in op.outputs}
         self._dtypes.update(self.input_dtypes)
+        self._dtypes.update({n: dtype for n, (dtype, _) in self.state_specs.items()})
         self._consts: dict[str, np.ndarray] = {}
         self._mixed: dict[str, np.ndarray] = {}  # constants read by name: in a list mixing them with variables
         self._steps: list[_Step] = []
@@ -123,6 +166,16 @@ class Executor:
     def computed(self) -> frozenset[str]:
         """Names of the values the program computes per run (those ``run`` can force)."""
         return frozenset(self._computed)
+
+    @property
+    def stateful(self) -> bool:
+        return bool(self.state_specs)
+
+    def make_state(self) -> ExecutorState:
+        """Fresh state buffers (zeros) for :meth:`run`, like Core ML's ``MLModel.makeState()``."""
+        if not self.state_specs:
+            raise InputError("the program has no state", hint="run it without one")
+        return ExecutorState(self.state_specs, self.fast)
 
     @classmethod
     def from_package(cls, package: str | os.PathLike, *, fast: bool = True) -> Executor:
@@ -212,6 +265,8 @@ class Executor:
                 env[step.outs[0][0]] = out
                 return
         out = self._call(step, args)
+        if not step.outs:  # write_state: its effect is on the state
+            return
         if len(step.outs) == 1:
             name, dtype, rounding = step.outs[0]
             env[name] = self._convert(out[0] if isinstance(out, (list, tuple)) else out, dtype, rounding)
@@ -271,8 +326,11 @@ class Executor:
     # --- running -----------------------------------------------------------------------------
 
     def run(self, feeds: dict[str, np.ndarray], *, keep: set[str] | None = None,
-            force: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+            force: dict[str, np.ndarray] | None = None, state: ExecutorState | None = None) -> dict[str, np.ndarray]:
         """Outputs (and the values named in ``keep``) for one set of inputs, in their declared dtypes.
+
+        ``state`` (from :meth:`make_state`; required when the program has states) is read and
+        updated by the run, and carries what it wrote to the next run given the same state.
 
         ``force`` replaces the values it names as soon as they are computed (cast to the
         program's dtype for them): a teacher-forced run, e.g. every activation ``dequantize``
@@ -283,8 +341,14 @@ class Executor:
         unknown = sorted(set(force) - self._computed)
         if unknown:
             raise InputError(f"cannot force {', '.join(unknown[:5])}: not computed by the program")
+        if self.state_specs and not isinstance(state, ExecutorState):
+            raise InputError(f"the program keeps state ({', '.join(self.state_specs)}): pass state=",
+                             hint="make one with Executor.make_state() and pass it to every run of a sequence")
+        if state is not None and set(state.buffers) != set(self.state_specs):
+            raise InputError("the state was made for another program",
+                             hint="make it with this executor's make_state()")
         with parallel.single_threaded_blas():
-            env = self._run(feeds, force)
+            env = self._run(feeds, force, state)
         result = {}
         for n in [*self.output_names, *(keep or ())]:
             if n not in env and n not in self._consts:
@@ -294,8 +358,10 @@ class Executor:
             result[n] = val.astype(np.float16) if self.fast and self._dtypes.get(n) == np.float16 else val
         return result
 
-    def _run(self, feeds, force) -> dict[str, np.ndarray]:
+    def _run(self, feeds, force, state=None) -> dict[str, np.ndarray]:
         env = dict(self._mixed)
+        if state is not None:
+            env.update(state.buffers)
         for name, dtype in self.input_dtypes.items():
             if name not in feeds:
                 raise InputError(f"missing input {name!r}", hint=f"the model takes {', '.join(self.input_dtypes)}")

@@ -32,6 +32,8 @@ class Value:
     name: str
     dtype: type | None  # numpy dtype; None for strings and non-tensor values
     mil_dtype: str  # the MIL type name, e.g. FLOAT16
+    state: bool = False  # a state (iOS 18): a tensor kept across predictions, read and written by ops
+    shape: tuple | None = None  # a state's fixed shape (states have no flexible axes)
 
 
 @dataclass
@@ -100,6 +102,17 @@ class _Reader:
 
     def value_type(self, named) -> Value:
         kind = named.type.WhichOneof("type")
+        if kind == "stateType":  # iOS 18 state: a wrapped tensor of fixed shape
+            wrapped = named.type.stateType.wrappedType
+            if wrapped.WhichOneof("type") != "tensorType":
+                raise UnsupportedError(f"MIL state {named.name!r} wraps a {wrapped.WhichOneof('type')}, "
+                                       "which the reference executor does not run")
+            dims = wrapped.tensorType.dimensions
+            if any(d.WhichOneof("dimension") != "constant" for d in dims):
+                raise UnsupportedError(f"MIL state {named.name!r} has a flexible shape (Core ML states are fixed)")
+            name = self._pb.DataType.Name(wrapped.tensorType.dataType)
+            return Value(named.name, _DTYPES.get(name), name, state=True,
+                         shape=tuple(int(d.constant.size) for d in dims))
         if kind != "tensorType":
             raise UnsupportedError(f"MIL value {named.name!r} has a {kind}, which the reference executor does not run",
                                    hint="package for Android instead (--targets android)")

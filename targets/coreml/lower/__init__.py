@@ -23,7 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 # importing the families fills the registry
-from targets.coreml.lower import context, control, elementwise, linear, norm, quant, recurrent, shape  # noqa: F401
+from targets.coreml.lower import context, control, elementwise, linear, norm, quant, recurrent, shape, stateful  # noqa: F401
 from targets.coreml.lower.context import (
     Context,
     LoweringError,
@@ -58,6 +58,7 @@ class Lowered:
     weights: list[WeightRecord] = field(default_factory=list)
     folded: int = 0
     mil_ops: dict[str, int] = field(default_factory=dict)
+    kv_cache: stateful.KVCacheSpec | None = None  # the KV cache as states (a stateful causal LM)
 
 
 DEFAULT_RANGE = (1, 1024)
@@ -120,8 +121,12 @@ def lower_model(
     compute: str = "fp16",
     deployment: int = 18,
     shapes: Mapping[str, int | tuple[int, int]] | None = None,
+    kv_cache: stateful.KVCacheSpec | None = None,
 ) -> Lowered:
     """Build the MIL program for ``model``.
+
+    ``kv_cache`` (iOS 18, an explicit-cache causal LM graph): keep the cache as states instead
+    of inputs and outputs (:mod:`.stateful`); batch 1, token axes 1..max_context by default.
 
     ``shapes`` maps a named dynamic axis (``dim_param``) to a fixed size (folds every
     Shape-driven subgraph) or to a ``(lower, upper)`` range. Axes not listed stay flexible in
@@ -133,12 +138,17 @@ def lower_model(
     from coremltools.converters.mil.mil.program import get_new_symbol
 
     shapes = dict(shapes or {})
+    if kv_cache is not None:
+        if deployment < 18:
+            raise LoweringError(None, "a KV cache as Core ML state needs iOS 18", hint="package for ios18")
+        shapes = {**stateful.axis_ranges(model, kv_cache), **shapes}
     target = {17: ct.target.iOS17, 18: ct.target.iOS18}[deployment]
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
     ctx = Context(mb=mb, types=types, compute=compute, opset=opset, deployment=deployment)
     inits = _known_inputs(model)
 
-    graph_inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    cache_inputs = set(stateful.past_names(kv_cache.num_layers)) if kv_cache is not None else set()
+    graph_inputs = [vi for vi in model.graph.input if vi.name not in inits and vi.name not in cache_inputs]
     ctx.fold_outputs = _float_weight_outputs(model)
     # dynamic axes by name (a dim_param, or <input>_dim<i> for placeholders such as "?" or -1), each
     # a MIL symbol with a valid, distinct name
@@ -176,6 +186,9 @@ def lower_model(
         placeholders[mil_name(vi.name)] = mb.placeholder(shape=tuple(dims) or (1,), dtype=mil_dtype)
         in_specs.append(IOSpec(vi.name, mil_name(vi.name), np_dtype, coreml_dtype, tuple(spec_dims)))
 
+    for past in sorted(cache_inputs, key=lambda n: kv_cache.state_name(n)):
+        placeholders[kv_cache.state_name(past)] = mb.state_tensor_placeholder(shape=kv_cache.shape, dtype=types.fp16)
+
     out_specs: list[IOSpec] = []
     with Function(placeholders, opset_version=target) as func:
         for spec in in_specs:
@@ -190,9 +203,18 @@ def lower_model(
             ctx.set(spec.name, v)
         for name, arr in inits.items():
             ctx.set(name, arr)
+        if kv_cache is not None:
+            for past in cache_inputs:
+                ctx.name_free(kv_cache.state_name(past))
+            ctx.cache = stateful.StatefulCache(ctx, kv_cache, {p: func.inputs[kv_cache.state_name(p)]
+                                                               for p in cache_inputs}, model)
+            if compute == "fp16":
+                ctx.fp32_nodes, ctx.fp32_exits = stateful.fp32_regions(model)
         ctx.folded += lower_nodes(ctx, model.graph.node)
         outs = []
         for vo in model.graph.output:
+            if kv_cache is not None and vo.name.startswith("present."):
+                continue  # kept in the states
             v = ctx.get(vo.name)
             name = mil_name(vo.name)
             np_dtype = _ONNX_TO_NP.get(vo.type.tensor_type.elem_type, "float32")
@@ -213,7 +235,7 @@ def lower_model(
     counts: dict[str, int] = {}
     for op in func.operations:
         counts[op.op_type] = counts.get(op.op_type, 0) + 1
-    return Lowered(prog, in_specs, out_specs, flexible, ctx.weights, ctx.folded, counts)
+    return Lowered(prog, in_specs, out_specs, flexible, ctx.weights, ctx.folded, counts, kv_cache)
 
 
 def _dim_name(d, symbols: dict) -> int | str:
@@ -237,6 +259,37 @@ def _float_weight_outputs(model: onnx.ModelProto) -> set[str]:
     return {n.output[0] for n in _all_nodes(model.graph) if n.op_type == "DequantizeLinear" and n.output[0] in wanted}
 
 
+def _lower_in_fp32(ctx: Context, node: onnx.NodeProto) -> int:
+    """Lower ``node`` in fp32 in an fp16 program (an fp32 region, see :mod:`.stateful`: rotary angles,
+    RMSNorm statistics). fp16 inputs from outside the region are widened (once per value); outputs
+    read outside it are rounded to fp16 once, the region itself reads the fp32 values."""
+    saved = {}
+    for name in node.input:
+        if name in ctx.fp32_values:
+            saved[name] = ctx.values[name]
+            ctx.values[name] = ctx.fp32_values[name]
+        elif name and not is_known(ctx.values.get(name)) and ctx.is_float(ctx.values[name]) \
+                and ctx.np_dtype(ctx.values[name]) == np.float16:
+            wide = ctx.mb.cast(x=ctx.values[name], dtype="fp32", name=ctx.fresh_name(f"{mil_name(name)}_fp32"))
+            ctx.fp32_values[name] = wide
+            saved[name] = ctx.values[name]
+            ctx.values[name] = wide
+    ctx.compute = "fp32"
+    try:
+        folded = _lower_plain(ctx, node)
+    finally:
+        ctx.compute = "fp16"
+        ctx.values.update(saved)
+    for name in node.output:
+        v = ctx.values.get(name)
+        if not name or v is None or is_known(v) or not ctx.is_float(v):
+            continue
+        ctx.fp32_values[name] = v
+        if name in ctx.fp32_exits:
+            ctx.set(name, ctx.mb.cast(x=v, dtype="fp16", name=ctx.fresh_name(f"{mil_name(name)}_fp16")))
+    return folded
+
+
 def lower_nodes(ctx: Context, nodes) -> int:
     """Lower (or fold) ``nodes`` in order; returns how many were folded."""
     return sum(_lower_node(ctx, node) for node in nodes)
@@ -244,6 +297,16 @@ def lower_nodes(ctx: Context, nodes) -> int:
 
 def _lower_node(ctx: Context, node: onnx.NodeProto) -> int:
     """Lower (or fold) one node; returns 1 when it was folded."""
+    if ctx.cache is not None and ctx.cache.handles(node):
+        for name, val in zip(node.output, ctx.cache.lower(node)):
+            ctx.set(name, val)
+        return 0
+    if node.output and node.output[0] in ctx.fp32_nodes:
+        return _lower_in_fp32(ctx, node)
+    return _lower_plain(ctx, node)
+
+
+def _lower_plain(ctx: Context, node: onnx.NodeProto) -> int:
     ins = [ctx.get(n) for n in node.input]
     try:
         known = all(x is None or is_known(x) for x in ins)

@@ -108,6 +108,11 @@ class Context:
     # DequantizeLinear outputs evaluated to float at conversion (weights of ops that take constants
     # in their own layout, e.g. GRU/LSTM), instead of becoming constexpr ops
     fold_outputs: set = field(default_factory=set)
+    # a causal LM's KV cache as states (lower.stateful.StatefulCache), and the nodes it runs in fp32
+    cache: object = None
+    fp32_nodes: set = field(default_factory=set)  # first outputs of nodes lowered in fp32 in an fp16 program
+    fp32_exits: set = field(default_factory=set)  # their outputs read outside the region (rounded to fp16)
+    fp32_values: dict = field(default_factory=dict)  # the fp32 values of the region (and widened inputs)
     _taken: set = field(default_factory=set)
 
     # --- values ----------------------------------------------------------------------------
@@ -149,6 +154,14 @@ class Context:
         if is_known(x):
             return self.const(x)
         return x
+
+    def fresh_name(self, base: str) -> str:
+        """A MIL name no other value has (``base``, else ``base_2``, ``base_3``, ...), claimed."""
+        name, k = base, 1
+        while not self.name_free(name):
+            k += 1
+            name = f"{base}_{k}"
+        return name
 
     def name_free(self, name: str) -> bool:
         """Claim ``name`` for one MIL value (False if another value has it)."""

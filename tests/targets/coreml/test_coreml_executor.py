@@ -226,9 +226,8 @@ def test_every_op_the_lowering_can_emit_runs_in_the_executor():
 def test_every_op_coremltools_passes_can_emit_runs_in_the_executor():
     """coremltools rewrites the program on save (its cleanup and ML-program backend passes, e.g.
     sigmoid * x -> silu) and, with its default pipeline, fuses more (prelu, pixel_shuffle, LUT weights):
-    every op those passes build is one the executor runs. Not covered: state updates
-    (coreml_update_state), which only programs with state inputs have; edgeq builds none and the
-    program reader rejects state inputs by name."""
+    every op those passes build is one the executor runs (including coreml_update_state, which a
+    saved program holds as write_state + read_state: test_coreml_state.py)."""
     from pathlib import Path
 
     from coremltools.converters import mil
@@ -240,7 +239,7 @@ def test_every_op_coremltools_passes_can_emit_runs_in_the_executor():
                if not p.name.startswith("test")]
     emitted = _mil_ops_emitted_by(sources)
     assert {"silu", "prelu", "pixel_shuffle", "constexpr_lut_to_dense", "gelu", "layer_norm"} <= emitted
-    assert sorted(emitted - set(OPS)) == ["coreml_update_state"]
+    assert sorted(emitted - set(OPS)) == []
 
 
 def test_sigmoid_times_x_is_saved_as_silu_and_runs(tmp_path):
