@@ -17,7 +17,8 @@ def _tensor_bytes(path) -> int:
 
 def _perplexity_ratio(candidate, reference, tmp_path) -> dict:
     out = tmp_path / f"{candidate.name}.json"
-    assert main(["validate", str(candidate), "--reference", str(reference), "--data", "smollm2",
+    # 20 of the 100 held-out sentences: the whole set took 6 min of the suite for the same verdict
+    assert main(["validate", str(candidate), "--reference", str(reference), "--data", "smollm2", "--limit", "20",
                  "--no-intermediates", "--json", str(out), "--no-progress"]) == 0
     return json.loads(out.read_text())["candidates"][0]["task"]
 
@@ -36,5 +37,5 @@ def test_smollm2_keeps_the_gguf_integers_at_float_perplexity(smollm2_onnx, tmp_p
     # measured 61.736 vs 61.687 (+0.08 %): the tied output layer reads int8 activations (MatMulNBits level 4)
     assert m["perplexity"] / m["reference_perplexity"] <= 1.001 and m["top1_agreement"] >= 0.97
     assert main(["package", str(q), "--target", "android", "-o", str(tmp_path / "android")]) == 0
-    ort = _perplexity_ratio(tmp_path / "android" / "model.ort", smollm2_onnx, tmp_path)
-    assert ort["perplexity"] == pytest.approx(m["perplexity"], rel=1e-6)
+    ort = _perplexity_ratio(tmp_path / "android" / "model.ort", q, tmp_path)  # the .ort computes its QDQ ONNX
+    assert ort["perplexity"] == pytest.approx(ort["reference_perplexity"], rel=1e-6) and ort["top1_agreement"] == 1.0
