@@ -27,6 +27,7 @@ MAX_VALUES = 1 << 22  # values kept per tensor (a strided subset past that)
 class ActivationNoise:
     per_tensor: tuple[tuple[str, float], ...]  # (tensor, its own SQNR dB), worst first
     summed_db: float  # the noise powers added: the SQNR to expect with all of them
+    weights_db: float | None = None  # the outputs with every activation Q/DQ pair bypassed (the weights' own error)
 
     @property
     def median_db(self) -> float:
@@ -37,10 +38,12 @@ class ActivationNoise:
         n = len(self.per_tensor)
         below = f" (< {floor_db:g} dB)" if floor_db is not None and self.summed_db < floor_db else ""
         spread = self.per_tensor[0][1] >= self.summed_db + 6  # the worst alone is far from the total
+        weights = "" if self.weights_db is None else f"; weights alone (activations float) {self.weights_db:.1f} dB"
         return (f"{n} quantized activations, each alone {self.per_tensor[0][1]:.1f}-{self.per_tensor[-1][1]:.1f} dB "
                 f"(median {self.median_db:.1f}); their noise added up: {self.summed_db:.1f} dB{below}; worst: {names}"
-                + ("; the error is spread over many layers: --recipe w8a16 keeps activations float"
-                   if spread else "; keep the worst in higher precision (a recipe rule, or quantize --budget)"))
+                + weights + ("; the error is spread over many layers: keep the activations float (a recipe with "
+                             "activations = \"float\" and this one's algorithms)" if spread
+                             else "; keep the worst in higher precision (a recipe rule, or quantize --budget)"))
 
 
 def _quantizers(qdq) -> list[tuple[str, float, int, int, int]]:
@@ -61,6 +64,24 @@ def _quantizers(qdq) -> list[tuple[str, float, int, int, int]]:
     return list({q[0]: q for q in out}.values())
 
 
+def _bypassed(qdq, tensors: set[str]):
+    """``qdq`` with the activation Q/DQ pairs of ``tensors`` bypassed: each such DequantizeLinear becomes an
+    Identity of the float tensor (graph outputs keep their names)."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(qdq)
+    q_out = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in tensors}
+    for n in m.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in q_out:
+            src = q_out[n.input[0]]
+            n.op_type, n.domain = "Identity", ""
+            del n.input[:]
+            n.input.append(src)
+            del n.attribute[:]
+    return m
+
+
 def activation_noise(float_path: str | Path, qdq_path: str | Path, feeds) -> ActivationNoise | None:
     """:class:`ActivationNoise` of the QDQ model's activation quantizers on ``feeds`` (None: nothing to measure)."""
     import onnx
@@ -69,7 +90,8 @@ def activation_noise(float_path: str | Path, qdq_path: str | Path, feeds) -> Act
     from edgeq.runtime import ort_session
     from edgeq.validate.metrics import sqnr_db
 
-    qs = _quantizers(onnx.load(str(qdq_path), load_external_data=False))
+    qdq = onnx.load(str(qdq_path))
+    qs = _quantizers(qdq)
     model = onnx.load(str(float_path))
     known = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
     qs = [q for q in qs if q[0] in known]
@@ -81,10 +103,17 @@ def activation_noise(float_path: str | Path, qdq_path: str | Path, feeds) -> Act
     sess = ort_session(model.SerializeToString(), what=" (float model, activation noise)")
     inputs = {i.name for i in sess.get_inputs()}
     names = [q[0] for q in qs]
+    outs = [o.name for o in qdq.graph.output]
+    wsess = ort_session(_bypassed(qdq, set(names)).SerializeToString(), what=" (weights alone)")
     values: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    ref, got = [], []
     for feed in itertools.islice(feeds, MAX_FEEDS):
-        for n, v in zip(names, sess.run(names, {k: v for k, v in feed.items() if k in inputs})):
+        feed = {k: v for k, v in feed.items() if k in inputs}
+        res = sess.run(names + outs, feed)
+        for n, v in zip(names, res):
             values[n].append(np.asarray(v, np.float64).reshape(-1))
+        ref += [np.asarray(v, np.float64).reshape(-1) for v in res[len(names):]]
+        got += [np.asarray(v, np.float64).reshape(-1) for v in wsess.run(outs, feed)]
     per = []
     for name, scale, zp, lo, hi in qs:
         x = np.concatenate(values[name]) if values[name] else np.zeros(0)
@@ -98,4 +127,5 @@ def activation_noise(float_path: str | Path, qdq_path: str | Path, feeds) -> Act
         return None
     per.sort(key=lambda p: p[1])
     summed = -10 * np.log10(np.sum([10 ** (-db / 10) for _, db in per if np.isfinite(db)]) or 1e-30)
-    return ActivationNoise(tuple(per), float(summed))
+    weights = float(sqnr_db(np.concatenate(ref), np.concatenate(got)))
+    return ActivationNoise(tuple(per), float(summed), weights)

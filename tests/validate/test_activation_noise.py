@@ -20,6 +20,7 @@ def test_each_activation_quantizer_is_measured_alone_and_their_noise_added(tmp_p
     # noise powers add: the sum is below the worst alone, by 10·log10(n) at most
     assert dbs[0] - 10 * np.log10(len(dbs)) - 1e-6 <= noise.summed_db < dbs[0]
     assert abs(noise.summed_db - (-10 * np.log10(sum(10 ** (-d / 10) for d in dbs)))) < 1e-9
+    assert noise.weights_db is not None and noise.weights_db > noise.summed_db  # int8 weights, float activations
     text = noise.note(floor_db=80.0)
     assert text.startswith(f"{len(dbs)} quantized activations") and "(< 80 dB)" in text and noise.per_tensor[0][0] in text
 
@@ -30,4 +31,4 @@ def test_one_tensor_far_worse_than_the_rest_is_named_as_the_remedy(tmp_path):
     one = ActivationNoise((("bad", 12.0), ("a", 40.0), ("b", 41.0)), summed_db=11.99)
     spread = ActivationNoise(tuple((f"t{i}", 30.0) for i in range(20)), summed_db=30 - 10 * np.log10(20))
     assert "keep the worst in higher precision" in one.note(15.0)
-    assert "--recipe w8a16" in spread.note(15.0) and "spread" in spread.note(15.0)
+    assert "keep the activations float" in spread.note(15.0) and "spread" in spread.note(15.0)
