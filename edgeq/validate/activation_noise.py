@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 MAX_FEEDS = 16  # evaluation feeds the float model runs on for this (enough for the ranking)
-MAX_VALUES = 1 << 22  # values kept per tensor (a strided subset past that)
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,6 @@ def activation_noise(float_path: str | Path, qdq_path: str | Path, feeds) -> Act
     from onnx import helper as oh
 
     from edgeq.runtime import ort_session
-    from edgeq.validate.metrics import sqnr_db
 
     qdq = onnx.load(str(qdq_path))
     qs = _quantizers(qdq)
@@ -105,27 +103,28 @@ def activation_noise(float_path: str | Path, qdq_path: str | Path, feeds) -> Act
     names = [q[0] for q in qs]
     outs = [o.name for o in qdq.graph.output]
     wsess = ort_session(_bypassed(qdq, set(names)).SerializeToString(), what=" (weights alone)")
-    values: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    ref, got = [], []
+    # streamed power sums (nothing kept): per tensor [signal, noise], and the outputs' with activations bypassed
+    power = {n: np.zeros(2) for n in names}
+    out_power = np.zeros(2)
     for feed in itertools.islice(feeds, MAX_FEEDS):
         feed = {k: v for k, v in feed.items() if k in inputs}
         res = sess.run(names + outs, feed)
-        for n, v in zip(names, res):
-            values[n].append(np.asarray(v, np.float64).reshape(-1))
-        ref += [np.asarray(v, np.float64).reshape(-1) for v in res[len(names):]]
-        got += [np.asarray(v, np.float64).reshape(-1) for v in wsess.run(outs, feed)]
-    per = []
-    for name, scale, zp, lo, hi in qs:
-        x = np.concatenate(values[name]) if values[name] else np.zeros(0)
-        if x.size > MAX_VALUES:
-            x = x[:: x.size // MAX_VALUES]
-        if not x.size or not np.isfinite(x).all():
-            continue
-        xq = (np.clip(np.rint(x / scale) + zp, lo, hi) - zp) * scale
-        per.append((name, float(sqnr_db(x, xq))))
+        for (name, scale, zp, lo, hi), v in zip(qs, res):
+            x = np.asarray(v, np.float64).reshape(-1)
+            xq = (np.clip(np.rint(x / scale) + zp, lo, hi) - zp) * scale
+            power[name] += (np.dot(x, x), np.dot(x - xq, x - xq))
+        for ref, got in zip(res[len(names):], wsess.run(outs, feed)):
+            ref, got = np.asarray(ref, np.float64).reshape(-1), np.asarray(got, np.float64).reshape(-1)
+            out_power += (np.dot(ref, ref), np.dot(ref - got, ref - got))
+    per = [(n, _db(*power[n])) for n in names if np.isfinite(power[n]).all() and power[n][0] > 0]
     if not per:
         return None
     per.sort(key=lambda p: p[1])
     summed = -10 * np.log10(np.sum([10 ** (-db / 10) for _, db in per if np.isfinite(db)]) or 1e-30)
-    weights = float(sqnr_db(np.concatenate(ref), np.concatenate(got)))
+    weights = _db(*out_power)
     return ActivationNoise(tuple(per), float(summed), weights)
+
+
+def _db(signal: float, noise: float) -> float:
+    """SQNR in dB from power sums (inf when exact)."""
+    return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
