@@ -4,9 +4,9 @@ keeps the layer faithful, else float weights, by measurement.
 A recurrent layer feeds its output back through its weights at every step, so a weight error that
 is small for a feed-forward layer can grow over a sequence. resemblyzer's GE2E speaker encoder
 (3 LSTM layers over 160 linear-mel frames) is the case measured. Its first layer's input weights
-``W [1024, 40]`` span 7..61 across the mel bands: the quiet high bands (rms 0.001) carry the large
+``W [1024, 40]`` span 7..61 across the mel bands: the quiet high bands (rms 0.001-0.03) carry the large
 weights that set each row's int8 step, while 80 % of the rounding error comes from the loud low
-bands (rms 2.4), whose small weights get few levels. Per-row codes (42 dB on the weights, 40.9 dB on
+bands (rms 1.0-2.5), whose small weights get few levels. Per-row codes (42 dB on the weights, 40.9 dB on
 the gate pre-activations at the first step) leave the layer's own output at 16.6 dB after one step
 (an absolute gate error of ~0.03 against outputs of rms 0.07) and 8.1 dB after 160 (the recurrence
 adds ~8 dB); the embedding falls to 11.8 dB. Finer steps cannot rescue that weight: blocks of 8
@@ -18,7 +18,7 @@ silero-vad's LSTM 36.7 dB over its sequences.
 
 So after the codes are chosen, each recurrent node with int8 weights is run alone (ONNX Runtime,
 the one node) on the inputs calibration recorded for it, with its float weights and with the
-dequantized codes, trying cheaper forms first (:data:`LADDER`): per-row codes (as planned); all
+dequantized codes, trying cheaper forms first (:meth:`RecurrentCheck._forms`): per-row codes (as planned); all
 weights in int8 blocks of :data:`BLOCK` along the reduction axis (a scale per direction, row and
 block: +12.5 % bytes on those weights); one weight float and the others in blocks (the largest
 weights kept int8 first); all float. The first form whose outputs reach :data:`MIN_LAYER_SQNR_DB`
