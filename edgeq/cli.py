@@ -250,7 +250,10 @@ def cmd_build(args) -> int:
                           exit_code=res.exit_code)
     if not res.passed:
         failed = [f"{r['model']}: {', '.join(r['failed'])}" for r in res.summary if not r["passed"]]
-        raise ValidationFailed(f"validation failed: {'; '.join(failed)} (see {res.report})")
+        noisy = any("quantized activations" in n for r in res.summary if not r["passed"] for n in r.get("notes", []))
+        raise ValidationFailed(f"validation failed: {'; '.join(failed)} (see {res.report})",
+                               hint="the note under each failed row says which quantized activations cost it "
+                                    "and what to change" if noisy else None)
     return 0
 
 

@@ -147,6 +147,15 @@ def _validate(cfg: BuildConfig, inp: _Inputs, float_path: Path, paths: list[Path
         c["model"]["label"] = label
     if inp.task != "causal_lm":
         _target_acceptance(cfg, inp, float_path, packages, tmp, vdict)
+        if inp.recipe.quantizes_activations:  # a failed W8A8 file: which activations cost it (a note)
+            from edgeq.validate.activation_noise import activation_noise
+            from edgeq.validate.feeds import open_feeds
+
+            for c, path in zip(vdict["candidates"], paths):
+                if not c["passed"] and path.suffix == ".onnx":
+                    noise = activation_noise(float_path, path, open_feeds(inp.data)[0])
+                    if noise is not None:
+                        c["activation_noise"] = noise.note(inp.thresholds.min_sqnr_db)
     return vdict
 
 
@@ -215,6 +224,8 @@ def _row(label: str, target: str, size: int, ideal: int, cand: dict | None, qdq:
                 "notes": [], "coverage": cov}
     outputs = {k: o for k, o in cand["outputs"].items() if o.get("gated", True)}  # a state: judged as carried
     notes = list(dict.fromkeys(c["note"] for c in cand["checks"] if c.get("note")))  # an output and its carried twin
+    if cand.get("activation_noise"):
+        notes.append(cand["activation_noise"])
     return {
         "model": label,
         "target": target,

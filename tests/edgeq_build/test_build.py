@@ -154,6 +154,7 @@ def test_cli_build_prints_summary_and_gates_exit_1(tmp_path, capfd):
     assert main([*argv, "--force", "--min-sqnr", "200"]) == 1
     err = capfd.readouterr().err
     assert "validation failed" in err and "sqnr_db" in err and (out / "report.html").is_file()
+    assert "which quantized activations cost it" in err  # W8A8: the failed row's note says where the error is
     assert json.loads((out / "build.json").read_text())["passed"] is False
 
 

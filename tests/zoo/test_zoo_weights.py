@@ -65,6 +65,26 @@ g (float[2, 4] x) => (float[2, 3] y, float[2, 3] z) <int8[4, 3] wq = {@Q@}, floa
     res = summary(f, q)
     assert (res["quantized"], res["quantizable"]) == (1, 2)
     assert res["float_left"] == {"MatMul": 1}
+    assert res["size_share"] == 0.5
+
+
+def test_coverage_by_size_weighs_each_weight_by_its_elements(tmp_path):
+    # a small float weight next to a large quantized one: 1 of 2 by count, 12 of 16 elements by size
+    f = _model(tmp_path, "f.onnx", """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, 4] x) => (float[2, 3] y, float[2, 1] z) <float[4, 3] w = {@W@}, float[4, 1] v = {0.5, 0.5, 0.5, 0.5}> {
+    y = MatMul (x, w)
+    z = MatMul (x, v)
+}""".replace("@W@", _text(12)))
+    q = _model(tmp_path, "q.onnx", """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, 4] x) => (float[2, 3] y, float[2, 1] z) <int8[4, 3] wq = {@Q@}, float s = {0.1}, float[4, 1] v = {0.5, 0.5, 0.5, 0.5}> {
+    wd = DequantizeLinear (wq, s)
+    y = MatMul (x, wd)
+    z = MatMul (x, v)
+}""".replace("@Q@", ", ".join(["1"] * 12)))
+    res = summary(f, q)
+    assert (res["quantized"], res["quantizable"], res["size_share"]) == (1, 2, 0.75)
 
 
 def test_a_branch_the_static_shapes_rule_out_holds_no_quantizable_weight(tmp_path):

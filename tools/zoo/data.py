@@ -112,13 +112,16 @@ def render_page(lines: list[str], rng: np.random.Generator, height: int, width: 
 
 # ---- photos and faces ----------------------------------------------------------------------
 
-def photo_crops(names, size: int, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+def photo_crops(names, size: int, count: int, rng: np.random.Generator, *, first_fraction: float = 1.0,
+                resample: str = "bilinear") -> list[np.ndarray]:
     """``count`` square crops of each photo as RGB uint8 ``size × size`` (the first a centre crop
-    of the short side, the others random in scale 0.35–1 and place, half mirrored)."""
+    of ``first_fraction`` of the short side, the others random in scale 0.35–1 and place, half
+    mirrored), resized with PIL's ``resample`` filter."""
     from PIL import Image
 
     from samples.efficientnet_lite0 import photo
 
+    method = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[resample]
     out = []
     for name in names:
         img = photo(name)
@@ -126,12 +129,13 @@ def photo_crops(names, size: int, count: int, rng: np.random.Generator) -> list[
         short = min(h, w)
         for i in range(count):
             if i == 0:
-                side, top, left, flip = short, (h - short) // 2, (w - short) // 2, False
+                side = int(short * first_fraction)
+                top, left, flip = (h - side) // 2, (w - side) // 2, False
             else:
                 side = int(short * rng.uniform(0.35, 1.0))
                 top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
                 flip = bool(rng.integers(0, 2))
-            x = np.asarray(Image.fromarray(img[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR))
+            x = np.asarray(Image.fromarray(img[top:top + side, left:left + side]).resize((size, size), method))
             out.append(x[:, ::-1] if flip else x)
     return out
 

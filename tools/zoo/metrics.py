@@ -46,14 +46,27 @@ def _sqnrs(ref: dict, cand: dict) -> dict[str, float]:
 
 # ---- metrics ---------------------------------------------------------------------------------
 
+CONFIDENT_MARGIN = 0.05  # float top-1 minus top-2 probability (softmax of the output)
+
+
 def top1(output: str, *, labels: str | None = None):
     """Top-1 agreement of ``output``'s argmax (and, with labels, both models' accuracy)."""
     def metric(float_run, cand_run, feeds, extra) -> dict:
         ref, cand = _collect(float_run, feeds), _collect(cand_run, feeds)
         a, b = ref[output].argmax(-1), cand[output].argmax(-1)
         agree = float((a == b).mean())
+        # where the float model itself is at a near-tie (its top two classes within CONFIDENT_MARGIN
+        # in probability) any perturbation flips top-1: agreement is also given on the other samples
+        logits = ref[output].astype(np.float64)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p = np.sort(p / p.sum(-1, keepdims=True), -1)
+        sure = (p[..., -1] - p[..., -2]) >= CONFIDENT_MARGIN
+        sure_agree = float((a == b)[sure].mean()) if sure.any() else float("nan")
         out = {"top1_agreement": agree, "samples": int(a.size), "sqnr_db": _sqnrs(ref, cand),
-               "headline": f"top-1 {100 * agree:.1f}% (n={a.size})"}
+               "confident_samples": int(sure.sum()), "confident_top1_agreement": sure_agree,
+               "float_median_top1_prob": float(np.median(p[..., -1])),
+               "headline": f"top-1 {100 * agree:.1f}% (n={a.size}; {100 * sure_agree:.1f}% of {int(sure.sum())} "
+                           f"with float margin ≥ {CONFIDENT_MARGIN:g})"}
         if labels is not None:
             y = extra[labels]
             out["float_accuracy"], out["quant_accuracy"] = float((a == y).mean()), float((b == y).mean())

@@ -55,14 +55,27 @@ def _imagenet(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(((x.astype(np.float32) / 255 - MEAN) / STD).transpose(2, 0, 1))
 
 
+# EfficientNet-Lite was trained on inputs (x - 127) / 128 ("edge models use inception-style mean and
+# stddev for better post-quantization": tensorflow/tpu models/official/efficientnet/lite/
+# efficientnet_lite_builder.py) and is evaluated on a centre crop of size / (size + 32) of the short
+# side, resized bicubic (the repository's preprocessing.py, crop_padding 32); the PyTorch port keeps
+# the TF weights, so it expects the same, not the ImageNet mean/std of torchvision models.
+LITE_MEAN, LITE_STD, LITE_CROP_PADDING = 127.0, 128.0, 32
+
+
+def _lite_input(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(((x.astype(np.float32) - LITE_MEAN) / LITE_STD).transpose(2, 0, 1))
+
+
 def _efficientnet_data(size: int):
     from samples.efficientnet_lite0 import CALIBRATION_PHOTOS, EVALUATION_PHOTOS
 
     def make(folder: Path, onnx: Path) -> dict:
-        calib = D.photo_crops(CALIBRATION_PHOTOS, size, 24, _seed("photos", "calib"))  # 192
-        evaluation = D.photo_crops(EVALUATION_PHOTOS, size, 25, _seed("photos", "eval"))  # 200 held out
-        return _write(folder, ({"image": b} for b in D.batches([_imagenet(x) for x in calib], 8)),
-                      ({"image": b} for b in D.batches([_imagenet(x) for x in evaluation], 8)))
+        crop = {"first_fraction": size / (size + LITE_CROP_PADDING), "resample": "bicubic"}
+        calib = D.photo_crops(CALIBRATION_PHOTOS, size, 24, _seed("photos", "calib"), **crop)  # 192
+        evaluation = D.photo_crops(EVALUATION_PHOTOS, size, 25, _seed("photos", "eval"), **crop)  # 200 held out
+        return _write(folder, ({"image": b} for b in D.batches([_lite_input(x) for x in calib], 8)),
+                      ({"image": b} for b in D.batches([_lite_input(x) for x in evaluation], 8)))
 
     return make
 

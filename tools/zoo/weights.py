@@ -8,6 +8,8 @@ removes it: silero-vad op15 carries a second LSTM for a state shape its input ca
 Quantized: the same weight inputs in a *quantized* model that read an integer constant through
 ``DequantizeLinear`` (possibly via Reshape/Transpose/...), plus the weights of ORT's integer
 contrib ops (MatMulNBits, GatherBlockQuantized, QLinear*/…Integer).
+By size: the elements of the weights read through ``DequantizeLinear`` against those of all weight
+inputs of the quantized model (a count treats GE2E's 40-column input weights like its 1024×256 ones).
 """
 
 from __future__ import annotations
@@ -61,18 +63,40 @@ def _producer_map(graph) -> dict:
     return {o: n for n in graph.node for o in n.output}
 
 
+def _elements(graph) -> dict[str, int]:
+    """Element counts of the initializers and Constant outputs of ``graph``."""
+    out = {t.name: _prod(t.dims) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = _prod(a.t.dims)
+    return out
+
+
+def _prod(dims) -> int:
+    p = 1
+    for d in dims:
+        p *= int(d)
+    return p
+
+
 def count(path) -> dict:
     """``{"slots": constant weight inputs, "dq": of them read through DequantizeLinear of an integer
     constant, "integer_ops": weights inside ORT integer/contrib ops, "float_ops": op types with a
-    float constant weight left}``."""
+    float constant weight left, "dq_elements" / "float_elements": the elements of the weights read
+    through DequantizeLinear / left float, where a stored tensor holds them (None if some cannot be told)}``."""
     import onnx
 
     model = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
     slots = dq = integer = 0
     float_ops: dict[str, int] = {}
+    elements = {"dq": 0, "float": 0}
+    unknown = False
     for graph, const in _graphs(model.graph):
         prod = _producer_map(graph)
         tables = _float_tables(graph)
+        sizes = _elements(graph)
         for n in graph.node:
             if n.op_type in INTEGER_OPS:
                 integer += INTEGER_OPS[n.op_type]
@@ -92,9 +116,20 @@ def count(path) -> dict:
                     break
                 if src is not None and src.op_type == "DequantizeLinear":
                     dq += 1
+                    size = sizes.get(src.input[0])
+                    kind = "dq"
                 else:
                     float_ops[n.op_type] = float_ops.get(n.op_type, 0) + 1
-    return {"slots": slots, "dq": dq, "integer_ops": integer, "float_ops": float_ops}
+                    size = sizes.get(name)
+                    kind = "float"
+                if size is None:
+                    unknown = True
+                else:
+                    elements[kind] += size
+    if integer:
+        unknown = True  # packed integer contrib weights: not counted by size here
+    return {"slots": slots, "dq": dq, "integer_ops": integer, "float_ops": float_ops,
+            "dq_elements": None if unknown else elements["dq"], "float_elements": None if unknown else elements["float"]}
 
 
 def _through_dq(name: str, prod: dict) -> bool:
@@ -122,5 +157,8 @@ def summary(float_path: str | Path, quant_path: str | Path) -> dict:
     """Quantized weights of ``quant_path`` against the quantizable weights of ``float_path`` (its live branches)."""
     f, q = count(_without_dead_branches(float_path)), count(quant_path)
     quantized = q["dq"] + q["integer_ops"]
+    share = None
+    if q["dq_elements"] is not None and q["dq_elements"] + q["float_elements"]:
+        share = q["dq_elements"] / (q["dq_elements"] + q["float_elements"])
     return {"quantized": quantized, "quantizable": f["slots"], "float_left": q["float_ops"],
-            "text": f"{quantized}/{f['slots']}"}
+            "size_share": share, "text": f"{quantized}/{f['slots']}"}
