@@ -52,8 +52,11 @@ class TargetProfile:
     fused_activations: frozenset[str] = frozenset({"Relu", "Clip"})
     # anchors whose output is quantized even when no consumer needs it (the kernel needs Q on both sides)
     quantized_outputs: frozenset[str] = frozenset()
-    # fuse a causal LM's RMSNorm, rotary embedding and attention into the runtime's kernels before planning
-    fuse_causal_lm: bool = False
+    # fuse transformer layers into ONNX Runtime's kernels (edgeq.passes.fuse_for_ort): a causal LM's
+    # RMSNorm, rotary embedding and attention before planning (its packed query/key/value weight is
+    # quantized as one); any other model's normalization, attention and GELU on the quantized graph,
+    # so its plan and calibration stay those of the portable graph other targets share
+    ort_fusions: bool = False
     # ops whose weight-only quantization has no fast kernel here, and what that costs (a plan note)
     slow_weight_only: Mapping[str, str] = field(default_factory=dict)
     # int4 weights of these ops store float16 scales (DequantizeLinear-23 with output_dtype float).
@@ -100,7 +103,7 @@ ONNXRUNTIME_CPU = TargetProfile(
     integer_ops=ORT_INTEGER_OPS,
     same_scale_ops=ORT_SAME_SCALE_OPS,
     quantized_outputs=frozenset({"Conv"}),
-    fuse_causal_lm=True,
+    ort_fusions=True,
     fp16_scale_ops=frozenset({"Gather"}),
     slow_weight_only=MappingProxyType({"Conv": _SLOW_CONV, "ConvTranspose": _SLOW_CONV}),
     notes=MappingProxyType({
