@@ -1,7 +1,8 @@
 """The algorithms in the order they decide, one handler per config type.
 
 Order matters where one algorithm reads what another decided: protection first (the MatMuls then
-read the masked tensor), smoothing and AWQ next (their scales see the protected tensor),
+read the masked tensor), smoothing next, the int4 block size per layer before AWQ and GPTQ (which
+round at the block chosen), AWQ next (its scales see the protected tensor),
 activation ranges on the graph as rewritten, then the weight codes (Conv rounding, GPTQ, nearest
 for the rest), the recurrent layers checked with their codes, and last the biases, which read the
 final codes.
@@ -18,6 +19,7 @@ from edgeq.quant.activations import ActivationRanges
 from edgeq.quant.algorithms import Algorithm, Context, Stats, add_result
 from edgeq.quant.awq import AWQHandler
 from edgeq.quant.bias import BiasCorrectionHandler, IntegerBiasHandler
+from edgeq.quant.block_choice import BlockChoice
 from edgeq.quant.gptq import GPTQHandler
 from edgeq.quant.plan import AlgorithmResult, QuantPlan
 from edgeq.quant.protect import ProtectHandler
@@ -50,7 +52,7 @@ class NearestRounding(Algorithm):
 
 
 ORDER: tuple[type[Algorithm], ...] = (
-    SequenceStarts, ProtectHandler, SmoothingHandler, AWQHandler, ActivationRanges, ConvRoundingHandler, GPTQHandler,
+    SequenceStarts, ProtectHandler, SmoothingHandler, BlockChoice, AWQHandler, ActivationRanges, ConvRoundingHandler, GPTQHandler,
     NearestRounding, RecurrentCheck, BiasCorrectionHandler, IntegerBiasHandler,
 )
 

@@ -62,6 +62,9 @@ class TargetProfile:
     # int4 weights of these ops store float16 scales (DequantizeLinear-23 with output_dtype float).
     # Not for ops ORT fuses into MatMulNBits: its fusion fails on float16 scales (ORT 1.32).
     fp16_scale_ops: frozenset[str] = frozenset()
+    # an int4 MatMul/Gemm block size this runtime runs faster than smaller blocks: the plan's block
+    # choice (edgeq.quant.block_choice) moves layers to it where they lose little. None: no such block.
+    fast_int4_block: int | None = None
 
     def supports(self, op_type: str, fmt: WeightFormat) -> bool:
         return fmt == WeightFormat.FLOAT or fmt in self.weight_formats.get(op_type, frozenset())
@@ -105,6 +108,9 @@ ONNXRUNTIME_CPU = TargetProfile(
     quantized_outputs=frozenset({"Conv"}),
     ort_fusions=True,
     fp16_scale_ops=frozenset({"Gather"}),
+    # MatMulNBits (accuracy level 4) on x86 with AVX-512 VNNI, 1 thread, MiniLM's shapes: block 128 is 1.3-1.5x
+    # the speed of block 32, 256 no faster than 128 (notes/latency.md). arm64's kernels were not measured.
+    fast_int4_block=128,
     slow_weight_only=MappingProxyType({"Conv": _SLOW_CONV, "ConvTranspose": _SLOW_CONV}),
     notes=MappingProxyType({
         ("Conv", _I4): "int4 Conv weights are dequantized on every run in ONNX Runtime, 7x the time of int8 "
