@@ -61,7 +61,7 @@ def _candidates(ctx: Context, plan: QuantPlan) -> dict[str, tuple[WeightDecision
         big = cfg.block or ctx.profile.fast_int4_block
         stored = d.shape[::-1] if d.transpose else d.shape  # the 2-D weight as quantized
         k = stored[reduction_axis(d)]
-        if big is None or big <= d.block or k < big:
+        if big is None or big <= d.block or k % big:  # whole blocks only: a partial one would read as a small block
             continue
         out[d.node] = (d, inputs[d.node], big)
     return out
