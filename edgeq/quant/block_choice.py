@@ -58,7 +58,7 @@ def _candidates(ctx: Context, plan: QuantPlan) -> dict[str, tuple[WeightDecision
         cfg = ctx.settings(d.node).block_choice if d.node in inputs else None
         if cfg is None or d.format != WeightFormat.INT4 or d.form != "dq" or d.op_type not in ("MatMul", "Gemm"):
             continue
-        big = cfg.block or ctx.profile.fast_int4_block
+        big = ctx.profile.fast_int4_block
         stored = d.shape[::-1] if d.transpose else d.shape  # the 2-D weight as quantized
         k = stored[reduction_axis(d)]
         if big is None or big <= d.block or k % big:  # whole blocks only: a partial one would read as a small block

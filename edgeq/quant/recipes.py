@@ -193,21 +193,18 @@ class IntegerBiasConfig:
 
 @dataclass(frozen=True)
 class BlockChoiceConfig:
-    """int4 MatMul/Gemm weights take the larger block the target runs faster, per layer, where the layer's
-    output stays accurate (edgeq.quant.block_choice)."""
+    """int4 MatMul/Gemm weights take the larger block the target runs faster (its profile's ``fast_int4_block``),
+    per layer, where the layer's output stays accurate (edgeq.quant.block_choice)."""
 
     # a layer takes the larger block when its predicted output SQNR (from the calibration Gram) at that
     # block is at least min_sqnr_db and at most max_loss_db below the SQNR at its own block
     min_sqnr_db: float = 22.0
     max_loss_db: float = 3.0
-    block: int | None = None  # the larger block tried (None: the target profile's fast block)
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.max_loss_db <= 60.0 and -20.0 <= self.min_sqnr_db <= 120.0):
             raise InputError(f"block_choice min_sqnr_db {self.min_sqnr_db} / max_loss_db {self.max_loss_db} "
                              "out of range", hint="dB values, e.g. min_sqnr_db = 22, max_loss_db = 3")
-        if self.block is not None and self.block not in BLOCK_SIZES:
-            raise InputError(f"block_choice block {self.block} is not supported", hint=f"use one of {BLOCK_SIZES}")
 
 
 @dataclass(frozen=True)

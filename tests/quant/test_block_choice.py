@@ -9,6 +9,7 @@ import pytest
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
+from edgeq.errors import InputError
 from edgeq.pipeline.quantize import decide, load_model, quantize_model
 from edgeq.quant.block_choice import predicted_sqnr_db
 from edgeq.quant.plan import make_plan
@@ -111,8 +112,8 @@ def test_the_recipe_turns_it_off_pins_the_block_or_pins_one_layer(tiny, tmp_path
                     '[[rules]]\nname = "^mm_w_grid$"\nalgorithms = {block_choice = false}\n')
     plan = _decide(tiny, load_recipe(toml))
     assert _blocks(plan)["mm_w_grid"] == 32
-    with pytest.raises(Exception, match="block_choice block 48"):
-        toml.write_text("[default]\nweights = \"int4\"\n[algorithms]\nblock_choice = {block = 48}\n")
+    toml.write_text('[default]\nweights = "int4"\n[algorithms]\nblock_choice = {min_sqnr_db = "high"}\n')
+    with pytest.raises(InputError, match="min_sqnr_db must be a number"):
         load_recipe(toml)
 
 
