@@ -1,4 +1,4 @@
-"""The int4 block size per layer: the target's faster block where the layer's output loses little.
+"""The int4 block size per layer: the target's faster block where the layer's output stays accurate.
 
 A blocked int4 weight's block size trades accuracy for speed. Small blocks (32) follow the weights
 more closely; on ONNX Runtime's x86 ``MatMulNBits`` kernel block 128 runs 1.3-1.5x faster than
@@ -17,7 +17,10 @@ then run at the block chosen, and improve either block about alike.
 Why a floor and not only a loss: on MiniLM every layer loses 1.4-2.6 dB going from block 32 to
 128 (the loss barely tells layers apart), while the SQNR at block 128 ranges from 15 to 30 dB;
 the noise a layer adds to the network is what its SQNR bounds. The loss limit keeps a layer
-whose weights suit small blocks unusually well (outlier weights) at its block.
+whose weights suit small blocks unusually well (outlier weights) at its block. The default floor,
+22 dB, was measured on MiniLM W4A16 (android, 1-thread CPU time, with the encoder fusion): 12 of 36
+weights at block 128, mean cosine 0.9884 -> 0.9865, 1.14x -> 1.25x float at 128 tokens; 21 dB:
+20 weights, 0.9858, 1.30x; 23 dB: 7 weights, 0.9874.
 
 The larger block is the profile's ``fast_int4_block`` (a profile without one: nothing to choose).
 A recipe turns the choice off with ``block_choice = false`` (per layer in a rule's
