@@ -129,3 +129,19 @@ def test_the_written_model_dequantizes_each_weight_at_its_block(tiny, tmp_path):
     blocks = [{a.name: a.i for a in n.attribute}.get("block_size") for n in model.graph.node
               if n.op_type == "DequantizeLinear"]
     assert sorted(blocks) == [32, 32, 128]
+
+
+def test_a_causal_lm_keeps_the_recipe_block(tmp_path):
+    """A graph with a causal LM's inputs (position_ids, past_key_values.*): no block choice (see CAUSAL_LM)."""
+    path = _model(tmp_path / "lm.onnx", _weights())
+    model = onnx.load(path)
+    model.graph.input.extend([oh.make_tensor_value_info("position_ids", onnx.TensorProto.INT64, ["b", "s"]),
+                              oh.make_tensor_value_info("past_key_values.0.key", 1, ["b", 1, "p", 4])])
+    onnx.save(model, path)
+    feeds = [{**f, "position_ids": np.zeros((1, 64), np.int64),
+              "past_key_values.0.key": np.zeros((1, 1, 1, 4), np.float32)} for f in _feeds()]
+    model = load_model(path)
+    recipe = preset("w4a16")
+    [(plan, _)] = decide(model, [make_plan(model, recipe)], recipe, [ONNXRUNTIME_CPU], feeds, progress=False)
+    assert set(_blocks(plan).values()) == {32}
+    assert not plan.result("block_choice").ran and "causal LMs keep" in plan.result("block_choice").summary
