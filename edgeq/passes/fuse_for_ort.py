@@ -15,8 +15,16 @@ What it leaves alone, and why: onnxscript's own ``optimize_for_ort`` also runs i
 optimizer (constant folding without a guard for shared weights) and the ``FusedMatMul`` rules,
 which turn the output layer's ``Transpose → MatMul`` into a ``FusedMatMul`` — then the embedding
 table tied to it could no longer be stored once. Those two steps are skipped; unused nodes are
-removed and fusion helper functions inlined instead. Run before planning (the plan quantizes the
-weights the fused graph reads); used for causal language models on ONNX Runtime profiles.
+removed and fusion helper functions inlined instead. Nor does it run onnxscript's packed
+``Attention`` rule (BERT-style): it concatenates the query/key/value weights into an input of the
+contrib op, where no quantized weight can go (a DequantizeLinear there would run every time);
+``MultiHeadAttention`` with its bias keeps the three projections as MatMuls, quantized as usual.
+
+Where it runs (ONNX Runtime profiles, ``edgeq.pipeline.quantize``: ``for_profile``, ``fused_after_quantization``): a causal
+language model before planning (the plan quantizes the packed projection the fused graph reads);
+any other model — BERT-like encoders: ``SkipLayerNormalization``, ``MultiHeadAttention``,
+``BiasGelu`` — on the quantized graph, whose attention and normalization carry no Q/DQ of their
+own in weight-only recipes and whose quantized MatMuls it leaves in place.
 """
 
 from __future__ import annotations
@@ -71,7 +79,6 @@ class FuseForOrtPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> FuseForOrtResult:
         from onnxscript.rewriter._fusion_utils import apply_fusion_rules
         from onnxscript.rewriter.ort_fusions import shape_optimization
-        from onnxscript.rewriter.ort_fusions.attention import fuse_attention
         from onnxscript.rewriter.ort_fusions.bias_gelu import fuse_bias_gelu
         from onnxscript.rewriter.ort_fusions.cos_sin_cache import fuse_cos_sin_cache
         from onnxscript.rewriter.ort_fusions.erfgelu import fuse_erfgelu
@@ -115,7 +122,6 @@ class FuseForOrtPass(ir.passes.InPlacePass):
             fused[name] = fn(model, **kwargs)
         if fused["mha1"] or fused["mha2"]:
             fused["mha_bias"] = fuse_mha_bias(model)
-            fused["attention"] = fuse_attention(model)
         fused["gelu"] = fuse_gelu(model)
         fused["bias_gelu"] = fuse_bias_gelu(model)
         fused["sdpa_via_mha"] = replace_sdpa_by_mha(model)

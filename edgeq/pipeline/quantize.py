@@ -145,6 +145,7 @@ def quantize_for_profiles(
         ideal = planned_bytes(plan, base)  # as decided: an algorithm may keep a weight float (recurrent_check)
         qdq = base if base is not model or i == len(decided) - 1 else base.clone()  # the last may edit it
         apply_plan(qdq, plan, rec, table)
+        qdq, plan = fused_after_quantization(qdq, plan, profiles[i])
         files = onnx_io.save_ir(qdq, output, force=force)
         size = sum(f.stat().st_size for f in files)
         results.append(QuantizeResult(Path(output), plan, float_bytes, size, ideal, time.perf_counter() - t0, table))
@@ -164,17 +165,37 @@ IMPORT_STEPS = "edgeq.import_steps"  # ir.Model.meta key (in memory only): the i
 
 def for_profile(model: ir.Model, profile: TargetProfile) -> ir.Model:
     """The graph ``profile`` plans on: ``model`` itself, or for a causal language model on a runtime
-    with fused transformer kernels (``profile.fuse_causal_lm``) a copy with them fused — reported as
+    with fused transformer kernels (``profile.ort_fusions``) a copy with them fused — reported as
     one more import step."""
-    if not profile.fuse_causal_lm or CAUSAL_LM_KEY not in model.metadata_props:
+    if not profile.ort_fusions or CAUSAL_LM_KEY not in model.metadata_props:
         return model
     fused = model.clone()
     res = FuseForOrtPass()(fused)
-    made = ", ".join(f"{op} {k}" for op, k in sorted(res.ops.items()))
-    step = ImportStep(f"fuse for {profile.name}", sum(res.fused.values()),
-                      f"onnxscript ORT fusions: {made}" if res.modified else "no transformer pattern matched")
-    fused.meta[IMPORT_STEPS] = (*model.meta.get(IMPORT_STEPS, ()), step)
+    fused.meta[IMPORT_STEPS] = (*model.meta.get(IMPORT_STEPS, ()), _fusion_step(profile, res, ""))
     return fused
+
+
+def fused_after_quantization(qdq: ir.Model, plan: QuantPlan, profile: TargetProfile) -> tuple[ir.Model, QuantPlan]:
+    """A quantized model other than a causal LM with its transformer layers fused into ONNX Runtime's kernels
+    (``profile.ort_fusions``: LayerNorm + residual, attention, GELU), and the plan with that step added.
+
+    Done after quantization, not before planning: the fused ops read the same quantized MatMuls, and the
+    calibration and the weights' integers stay those of the unfused graph that other targets (Core ML) plan
+    on too, so one build calibrates once for all. The model is returned unchanged where nothing matched.
+    """
+    if not profile.ort_fusions or CAUSAL_LM_KEY in qdq.metadata_props:
+        return qdq, plan
+    fused = qdq.clone()
+    res = FuseForOrtPass()(fused)
+    if not res.modified:
+        return qdq, plan
+    return fused, replace(plan, imported=(*plan.imported, _fusion_step(profile, res, " (on the quantized graph)")))
+
+
+def _fusion_step(profile: TargetProfile, res, where: str) -> ImportStep:
+    made = ", ".join(f"{op} {k}" for op, k in sorted(res.ops.items()))
+    return ImportStep(f"fuse for {profile.name}{where}", sum(res.fused.values()),
+                      f"onnxscript ORT fusions: {made}" if res.modified else "no transformer pattern matched")
 
 
 CAUSAL_LM_KEY = "edgeq.causal_lm"  # model metadata the causal LM export writes (edgeq.export.causal_lm)

@@ -2,7 +2,8 @@
 
 Keeping a GGUF's integers comes first: every later algorithm leaves a weight with codes alone.
 Order matters where one algorithm reads what another decided: protection first (the MatMuls then
-read the masked tensor), smoothing and AWQ next (their scales see the protected tensor),
+read the masked tensor), smoothing next, the int4 block size per layer before AWQ and GPTQ (which
+round at the block chosen), AWQ next (its scales see the protected tensor),
 activation ranges on the graph as rewritten, then the weight codes (Conv rounding, GPTQ, nearest
 for the rest), the recurrent layers checked with their codes, and last the biases, which read the
 final codes.
@@ -19,6 +20,7 @@ from edgeq.quant.activations import ActivationRanges
 from edgeq.quant.algorithms import Algorithm, Context, Stats, add_result
 from edgeq.quant.awq import AWQHandler
 from edgeq.quant.bias import BiasCorrectionHandler, IntegerBiasHandler
+from edgeq.quant.block_choice import BlockChoice
 from edgeq.quant.gptq import GPTQHandler
 from edgeq.quant.keep_gguf import KeepGGUF
 from edgeq.quant.plan import AlgorithmResult, QuantPlan
@@ -52,7 +54,8 @@ class NearestRounding(Algorithm):
 
 
 ORDER: tuple[type[Algorithm], ...] = (
-    KeepGGUF, SequenceStarts, ProtectHandler, SmoothingHandler, AWQHandler, ActivationRanges, ConvRoundingHandler, GPTQHandler,
+    KeepGGUF, SequenceStarts, ProtectHandler, SmoothingHandler, BlockChoice, AWQHandler, ActivationRanges,
+    ConvRoundingHandler, GPTQHandler,
     NearestRounding, RecurrentCheck, BiasCorrectionHandler, IntegerBiasHandler,
 )
 

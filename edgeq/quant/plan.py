@@ -173,6 +173,9 @@ class QuantPlan:
             "float_nodes": len(self.floats),
             "fallbacks": sum(1 for d in self.weights if "fell back" in d.reason),
         }
+        blocks = Counter({d.weight: d.block for d in self.weights if d.format == WeightFormat.INT4}.values())
+        if len(blocks) > 1:  # the block choice (edgeq.quant.block_choice) mixed block sizes
+            out["int4_blocks"] = {f"block {b}": k for b, k in sorted(blocks.items())}
         if self.activations:
             out["activations"] = dict(sorted(Counter(a.format.value for a in self.activations).items()))
             out["integer_ops"] = len(self.integer_nodes)
@@ -260,6 +263,7 @@ class QuantPlan:
                              f"[{a.lo:.4g}, {a.hi:.4g}]  {a.why}")
         s = self.summary()
         lines.append(f"summary: {s['weights']}; {s['fallbacks']} fallbacks"
+                     + (f"; int4 {s['int4_blocks']}" if "int4_blocks" in s else "")
                      + (f"; activations {s['activations']}, {s['integer_ops']} integer ops" if self.activations else ""))
         return "\n".join(lines)
 

@@ -52,13 +52,19 @@ class TargetProfile:
     fused_activations: frozenset[str] = frozenset({"Relu", "Clip"})
     # anchors whose output is quantized even when no consumer needs it (the kernel needs Q on both sides)
     quantized_outputs: frozenset[str] = frozenset()
-    # fuse a causal LM's RMSNorm, rotary embedding and attention into the runtime's kernels before planning
-    fuse_causal_lm: bool = False
+    # fuse transformer layers into ONNX Runtime's kernels (edgeq.passes.fuse_for_ort): a causal LM's
+    # RMSNorm, rotary embedding and attention before planning (its packed query/key/value weight is
+    # quantized as one); any other model's normalization, attention and GELU on the quantized graph,
+    # so its plan and calibration stay those of the portable graph other targets share
+    ort_fusions: bool = False
     # ops whose weight-only quantization has no fast kernel here, and what that costs (a plan note)
     slow_weight_only: Mapping[str, str] = field(default_factory=dict)
     # int4 weights of these ops store float16 scales (DequantizeLinear-23 with output_dtype float).
     # Not for ops ORT fuses into MatMulNBits: its fusion fails on float16 scales (ORT 1.32).
     fp16_scale_ops: frozenset[str] = frozenset()
+    # an int4 MatMul/Gemm block size this runtime runs faster than smaller blocks: the plan's block
+    # choice (edgeq.quant.block_choice) moves layers to it where they lose little. None: no such block.
+    fast_int4_block: int | None = None
 
     def supports(self, op_type: str, fmt: WeightFormat) -> bool:
         return fmt == WeightFormat.FLOAT or fmt in self.weight_formats.get(op_type, frozenset())
@@ -100,8 +106,11 @@ ONNXRUNTIME_CPU = TargetProfile(
     integer_ops=ORT_INTEGER_OPS,
     same_scale_ops=ORT_SAME_SCALE_OPS,
     quantized_outputs=frozenset({"Conv"}),
-    fuse_causal_lm=True,
+    ort_fusions=True,
     fp16_scale_ops=frozenset({"Gather"}),
+    # MatMulNBits (accuracy level 4) on x86 with AVX-512 VNNI, 1 thread, MiniLM's shapes: block 128 is 1.3-1.5x
+    # the speed of block 32, 256 no faster than 128 (notes/latency.md). arm64's kernels were not measured.
+    fast_int4_block=128,
     slow_weight_only=MappingProxyType({"Conv": _SLOW_CONV, "ConvTranspose": _SLOW_CONV}),
     notes=MappingProxyType({
         ("Conv", _I4): "int4 Conv weights are dequantized on every run in ONNX Runtime, 7x the time of int8 "

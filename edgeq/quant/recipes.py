@@ -28,6 +28,7 @@ TOML form::
     smoothing = {method = "outliers", alpha = 1.0}  # W8A8: outliers | smoothquant (alpha (0, 1), e.g. 0.5)
     awq = true              # weight-only int4: activation-aware input scaling (AWQ)
     gptq = {damp = 0.01, act_order = false}  # MatMul/Gemm: error-compensated rounding (nearest, with a note, without data)
+    block_choice = {min_sqnr_db = 22.0}  # int4 MatMul/Gemm: the target's faster block where a layer stays accurate (false: off)
     conv_rounding = {scope = "all"}  # int8 Conv codes chosen for the layer output: all | small
     bias_correction = true  # Conv/Gemm: cancel the output mean shift of weight rounding
     integer_bias = {raise_scales = true}  # W8A8: raise a near-dead channel's weight scale so its int32 bias fits
@@ -209,6 +210,22 @@ class KeepGGUFConfig:
 
 
 @dataclass(frozen=True)
+class BlockChoiceConfig:
+    """int4 MatMul/Gemm weights take the larger block the target runs faster (its profile's ``fast_int4_block``),
+    per layer, where the layer's output stays accurate (edgeq.quant.block_choice)."""
+
+    # a layer takes the larger block when its predicted output SQNR (from the calibration Gram) at that
+    # block is at least min_sqnr_db and at most max_loss_db below the SQNR at its own block
+    min_sqnr_db: float = 22.0
+    max_loss_db: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.max_loss_db <= 60.0 and -20.0 <= self.min_sqnr_db <= 120.0):
+            raise InputError(f"block_choice min_sqnr_db {self.min_sqnr_db} / max_loss_db {self.max_loss_db} "
+                             "out of range", hint="dB values, e.g. min_sqnr_db = 22, max_loss_db = 3")
+
+
+@dataclass(frozen=True)
 class Algorithms:
     """Which algorithms run, with their settings; ``None`` = off."""
 
@@ -217,6 +234,7 @@ class Algorithms:
     smoothing: SmoothingConfig | None = None
     awq: AWQConfig | None = None
     gptq: GPTQConfig | None = None
+    block_choice: BlockChoiceConfig | None = None
     conv_rounding: ConvRoundingConfig | None = None
     bias_correction: BiasCorrectionConfig | None = None
     integer_bias: IntegerBiasConfig | None = IntegerBiasConfig()
@@ -367,7 +385,10 @@ def preset(name: str, *, block: int | None = None) -> Recipe:
         return Recipe(f"w4a16-b{block or 32}",
                       QuantSpec(WeightFormat.INT4, block=block or 32, tied_table=WeightFormat.INT8),
                       algorithms=Algorithms(awq=AWQConfig(), gptq=GPTQConfig(act_order=True),
-                                            protect=ProtectConfig(ratio=MASSIVE_RATIO, max_channels=2)))
+                                            protect=ProtectConfig(ratio=MASSIVE_RATIO, max_channels=2),
+                                            # a block asked for is pinned; else layers move to the target's
+                                            # faster block where they lose little
+                                            block_choice=None if block else BlockChoiceConfig()))
     if name == "gguf":
         # A GGUF's Q4_0/Q4_1/Q8_0 weights keep the file's integers (the float reference is those
         # integers dequantized: SmolLM2 keeps all 211); the rest (K-quants, float tensors) get w4a16's

@@ -35,7 +35,7 @@ class _Smallest:
         return self.value
 
 
-def _is_causal_lm(ctx: Context) -> bool:
+def is_causal_lm(ctx: Context) -> bool:
     names = {v.name for v in ctx.model.graph.inputs}
     return POSITIONS in names and any(n.startswith("past_key_values.") for n in names)
 
@@ -47,10 +47,10 @@ class SequenceStarts(Algorithm):
     needs_data = False
 
     def requests(self, ctx: Context, plan: QuantPlan) -> list[Request]:
-        return [Request("smallest", POSITIONS, _Smallest)] if _is_causal_lm(ctx) and ctx.has_data else []
+        return [Request("smallest", POSITIONS, _Smallest)] if is_causal_lm(ctx) and ctx.has_data else []
 
     def decide(self, ctx: Context, plan: QuantPlan, stats: Stats) -> QuantPlan:
-        if not _is_causal_lm(ctx) or not ctx.has_data:
+        if not is_causal_lm(ctx) or not ctx.has_data:
             return plan
         first = stats.get("smallest", POSITIONS)
         if first == 0:

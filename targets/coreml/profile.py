@@ -42,4 +42,9 @@ IOS18 = TargetProfile(
     activation_formats=frozenset({ActFormat.FLOAT, ActFormat.UINT8, ActFormat.INT8}),
     max_opset=MAX_OPSET,
     notes=_notes({}),
+    # the ONNX Runtime profiles' block choice (edgeq.quant.block_choice), so that an android + ios18 build
+    # ships the same integers in both packages (one plan, DESIGN.md); Core ML stores a block's scale per
+    # 128 weights as well as per 32 (constexpr_blockwise_shift_scale), and its speed per block size
+    # cannot be measured off Apple hardware
+    fast_int4_block=128,
 )
