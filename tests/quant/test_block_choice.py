@@ -145,3 +145,18 @@ def test_a_causal_lm_keeps_the_recipe_block(tmp_path):
     [(plan, _)] = decide(model, [make_plan(model, recipe)], recipe, [ONNXRUNTIME_CPU], feeds, progress=False)
     assert set(_blocks(plan).values()) == {32}
     assert not plan.result("block_choice").ran and "causal LMs keep" in plan.result("block_choice").summary
+
+
+def test_android_and_ios18_choose_the_same_blocks_and_integers(tiny, tmp_path):
+    """One plan for both packages (DESIGN.md): the block choice is the same on both targets, bit for bit."""
+    from edgeq.pipeline.quantize import quantize_for_profiles
+    from targets.android.profile import ANDROID
+    from targets.coreml.profile import IOS18
+
+    a, i = (r.plan for r in quantize_for_profiles(tiny, [(ANDROID, tmp_path / "a.onnx"), (IOS18, tmp_path / "i.onnx")],
+                                                  "w4a16", calib=_feeds(), progress=False))
+    assert _blocks(a) == _blocks(i) and 128 in _blocks(a).values()
+    assert set(a.codes) == set(i.codes)
+    for w in a.codes:
+        np.testing.assert_array_equal(a.codes[w].data, i.codes[w].data)
+        np.testing.assert_array_equal(a.codes[w].scale, i.codes[w].scale)
