@@ -314,6 +314,8 @@ def _lower_plain(ctx: Context, node: onnx.NodeProto) -> int:
             outs = fold(node, ins, ctx.opset)
             for name, val in zip(node.output, outs):
                 ctx.set(name, val)
+            if node.op_type == "DequantizeLinear":
+                ctx.folded_dequantize[node.output[0]] = (node, ins)
             return 1
         fn = LOWERINGS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if fn is None:

@@ -108,6 +108,9 @@ class Context:
     # DequantizeLinear outputs evaluated to float at conversion (weights of ops that take constants
     # in their own layout, e.g. GRU/LSTM), instead of becoming constexpr ops
     fold_outputs: set = field(default_factory=set)
+    # those folded DequantizeLinear nodes and their inputs by output name: iOS 18 stores the integers
+    # (gate rows reordered) as constexpr ops feeding the op (lower.recurrent)
+    folded_dequantize: dict = field(default_factory=dict)
     # a causal LM's KV cache as states (lower.stateful.StatefulCache), and the nodes it runs in fp32
     cache: object = None
     fp32_nodes: set = field(default_factory=set)  # first outputs of nodes lowered in fp32 in an fp16 program

@@ -18,20 +18,35 @@ Gate order: ONNX LSTM i o f c → MIL i f o c (peepholes i o f → i f o); ONNX 
   op tests), ONNX aligns it with the input, so edgeq runs a forward op on the time-reversed input
   and reverses the output. Bidirectional LSTM is MIL's bidirectional lstm (time-aligned,
   [forward | backward] on the hidden axis); a bidirectional GRU is two ops.
-- Weights must be constants (MIL requires it); quantized ones are dequantized at conversion (see
-  ``lower_model``): the gate order is rearranged in numpy, which constexpr ops cannot express.
+- Weights must be constants or constexpr ops feeding the op directly (coremltools refuses even a
+  cast in between). iOS 18: int8 ``W``/``R`` (per row, per tensor, or int8 blocks along the input
+  axis) are ``constexpr_blockwise_shift_scale`` ops of the QDQ ONNX's integers, one per direction,
+  their rows (and per-row / per-block scales with them) in MIL's gate order. An fp16 program needs
+  the op's output in fp16, so the scales are stored rounded to fp16 (a relative change ≤ 2⁻¹¹ per
+  row, far below the int8 step); an fp32 program keeps them float32. A partial last block (input
+  width not a multiple of the block, GE2E's 40 mel bands in blocks of 32) is stored as blocks of
+  gcd(block, width) with each scale repeated — the same weights — since Core ML infers the block
+  from the shapes and a slice after the constexpr is not allowed. Otherwise (iOS 17, scales outside
+  fp16's normal range, blocks that would be narrower than :data:`MIN_BLOCK`) the weights are
+  dequantized at conversion (see ``lower_model``) and stored as float constants.
 - Not lowered (pre-flight names the node): ``sequence_lens``, ``clip``, LSTM ``input_forget``, and
   activations other than Sigmoid / Tanh / Relu.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from targets.coreml.lower.context import Context, LoweringError, attrs, is_known
+from targets.coreml.lower.context import Context, LoweringError, WeightRecord, attrs, is_known, mil_name
 from targets.coreml.lower.registry import lowers
 
 _ACTIVATIONS = {"Sigmoid": "sigmoid", "Tanh": "tanh", "Relu": "relu"}
+# narrowest block a partial last block is re-expressed in (int8 + one fp16 scale per 8 codes: 1.25
+# bytes a weight against fp16's 2)
+MIN_BLOCK = 8
+_FP16_TINY = float(np.finfo(np.float16).tiny)
 _DEFAULTS = {"GRU": ["Sigmoid", "Tanh"], "LSTM": ["Sigmoid", "Tanh", "Tanh"]}
 
 
@@ -84,6 +99,65 @@ def _gates(a: np.ndarray, order: list[int], hidden: int) -> np.ndarray:
     return np.concatenate([a[g * hidden : (g + 1) * hidden] for g in order], axis=0)
 
 
+def _per_direction(p: np.ndarray, d: int, axis: int, block: int, width: int) -> np.ndarray | None:
+    """A scale (or zero point) of a [dirs, rows, width] weight as direction ``d``'s blockwise
+    parameter ([rows or 1, blocks or 1]), or None when Core ML cannot express it."""
+    if p.ndim == 0:
+        return p.reshape(1, 1)
+    if block:
+        if axis != 2 or p.ndim != 3:
+            return None
+        p = p[d]  # [rows, ceil(width / block)]
+        if width % block:
+            g = math.gcd(block, width)
+            if g < MIN_BLOCK:
+                return None
+            p = np.repeat(p, block // g, axis=1)[:, : width // g]
+        return p
+    if p.ndim != 1:
+        return None
+    return {0: p[d : d + 1].reshape(1, 1), 1: p.reshape(-1, 1), 2: p.reshape(1, -1)}[axis]
+
+
+def _int8_weight(ctx: Context, node, index: int, d: int, order: list[int], hidden: int):
+    """Direction ``d`` of the weight at input ``index`` as an iOS 18 constexpr op of the QDQ ONNX's
+    integers, rows in MIL's gate ``order``; None when it is not int8 from a DequantizeLinear or has no
+    form here (the caller stores it dequantized)."""
+    src = ctx.folded_dequantize.get(node.input[index]) if len(node.input) > index else None
+    if ctx.deployment < 18 or src is None:
+        return None
+    dq, ins = src
+    q, scale = ins[0], ins[1]
+    zp = ins[2] if len(ins) > 2 else None
+    if not (is_known(q) and q.dtype in (np.int8, np.uint8) and q.ndim == 3 and is_known(scale)
+            and scale.dtype in (np.float32, np.float16)):
+        return None
+    a = attrs(dq)
+    axis, block = int(a.get("axis", 1)) % 3, int(a.get("block_size", 0))
+    s = _per_direction(scale, d, axis, block, q.shape[2])
+    off = _per_direction(zp, d, axis, block, q.shape[2]) if zp is not None else None
+    if s is None or (zp is not None and off is None):
+        return None
+    if ctx.compute == "fp16":
+        if scale.dtype == np.float32 and np.any(np.abs(s) < _FP16_TINY) | np.any(np.abs(s) > np.finfo(np.float16).max):
+            return None
+        s = s.astype(np.float16)  # the op's output must be the lstm's fp16 (no cast allowed in between)
+    else:
+        s = s.astype(np.float32)
+    rows = np.concatenate([np.arange(g * hidden, (g + 1) * hidden) for g in order])
+    if s.shape[0] > 1:
+        s = s[rows]
+    if off is not None and off.shape[0] > 1:
+        off = off[rows]
+    data = q[d][rows]
+    name = ctx.fresh_name(f"{mil_name(dq.output[0])}_dir{d}")
+    kw = {"offset": off.astype(q.dtype)} if off is not None else {}
+    w = ctx.mb.constexpr_blockwise_shift_scale(data=data, scale=s, name=name, **kw)
+    step = data.shape[1] // s.shape[1]
+    ctx.weights.append(WeightRecord(dq.name, name, str(q.dtype), tuple(data.shape), step if s.shape[1] > 1 else None))
+    return w
+
+
 class _Rnn:
     """What GRU and LSTM share: layouts, states, directions, outputs."""
 
@@ -104,6 +178,13 @@ class _Rnn:
 
     def weight(self, a: np.ndarray):
         return self.ctx.const(a)
+
+    def matrix(self, index: int, d: int, order: list[int]):
+        """W (``index`` 1) or R (2) of direction ``d`` in MIL's gate ``order``: int8 when it can be."""
+        w = _int8_weight(self.ctx, self.node, index, d, order, self.H)
+        if w is not None:
+            return w
+        return self.weight(_gates((self.W if index == 1 else self.R)[d], order, self.H))
 
     def state(self, ins, i: int, d: int):
         """The initial state of direction ``d`` ([batch, H]), zeros when the input is absent."""
@@ -152,11 +233,11 @@ def _lstm(ctx, node, ins):
 
     def params(d):
         p = _const(ctx, node, ins, 7, "P")
-        kw = {"weight_ih": _gates(r.W[d], order, H), "weight_hh": _gates(r.R[d], order, H),
-              "bias": _gates(r.B[d][: 4 * H] + r.B[d][4 * H :], order, H)}
+        kw = {"bias": _gates(r.B[d][: 4 * H] + r.B[d][4 * H :], order, H)}
         if p is not None:
             kw["peephole"] = _gates(p[d], [0, 2, 1], H)
-        return {k: r.weight(v) for k, v in kw.items()}
+        return {"weight_ih": r.matrix(1, d, order), "weight_hh": r.matrix(2, d, order),
+                **{k: r.weight(v) for k, v in kw.items()}}
 
     act = {"recurrent_activation": r.acts[0], "cell_activation": r.acts[1], "activation": r.acts[2]}
 
@@ -189,7 +270,7 @@ def _gru(ctx, node, ins):
 
     def run(x, d):
         wb, rb = r.B[d][: 3 * H], r.B[d][3 * H :]
-        kw = {"weight_ih": r.weight(_gates(r.W[d], order, H)), "weight_hh": r.weight(_gates(r.R[d], order, H))}
+        kw = {"weight_ih": r.matrix(1, d, order), "weight_hh": r.matrix(2, d, order)}
         if reset_after:
             kw.update(reset_after=True, input_bias=r.weight(_gates(wb, order, H)), bias=r.weight(_gates(rb, order, H)))
         else:

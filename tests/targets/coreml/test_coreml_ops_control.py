@@ -320,8 +320,8 @@ def test_batch_norm_statistics_beyond_fp16_are_folded(tmp_path):
 
 
 def test_lstm_with_int8_weights_from_dequantize_linear(tmp_path):
-    """A QDQ model's LSTM reads its weights through DequantizeLinear: they are dequantized at
-    conversion with ONNX semantics (MIL's lstm takes constants in its own gate order)."""
+    """A QDQ model's LSTM reads its weights through DequantizeLinear: on iOS 17 they are dequantized
+    at conversion with ONNX semantics (iOS 18 stores the integers: test_coreml_recurrent_int8.py)."""
     from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(4)
@@ -338,7 +338,7 @@ def test_lstm_with_int8_weights_from_dequantize_linear(tmp_path):
                                           name=f"{name}_dq"))
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model, full_check=True)
-    ex, low, _, _ = package_and_load(model, tmp_path, compute="fp32")
+    ex, low, _, _ = package_and_load(model, tmp_path, deployment=17, compute="fp32")
     assert not low.weights  # no constexpr left for them
     want = ort_run(model, feed)
     got = ex.run(feed)
