@@ -251,7 +251,6 @@ def test_the_ios18_package_carries_the_same_integers(kept_only, tmp_path):
     offset term is ordinary MIL ops); the reference executor (fp16) computes what the QDQ ONNX computes."""
     import onnxruntime as ort
 
-    from edgeq.export.causal_lm import past_names, present_names, step_feed
     from edgeq.pipeline.package import package_model
     from edgeq.validate.metrics import sqnr_db
     from targets.coreml.executor import load_program
@@ -273,14 +272,20 @@ def test_the_ios18_package_carries_the_same_integers(kept_only, tmp_path):
         op = ops[mil_name(n.output[0])]
         assert op.op_type == "constexpr_blockwise_shift_scale", n.name
         np.testing.assert_array_equal(np.asarray(op.data.val).astype(np.int8), inits[n.input[0]].astype(np.int8))
-    # the package's cache axis starts at 1 (issue 16 part 1): feed a chunk after a real 8-token cache
-    ids = np.random.default_rng(0).integers(3, 256, (1, 20))
-    facts_feed = _feed(root)
-    empty = {k: v for k, v in facts_feed.items() if k.startswith("past_key_values.")}
-    layers = len(empty) // 2
-    past = ort.InferenceSession(str(root / "tiny.onnx")).run(present_names(layers), step_feed(ids[:, :8], empty))
-    feed = step_feed(ids[:, 8:], dict(zip(past_names(layers), past)))
-    want = _logits(out, feed, ACCURACY_0)  # the DQ → MatMul graph as written (fp32), not int8 activations
-    got = MLPackageRunner(pkg).run(feed)
-    got = got["logits"] if isinstance(got, dict) else got[0]
+    # the package keeps its KV cache as Core ML state: an 8-token prefill, then a 12-token chunk, each model
+    # on its own cache (the QDQ ONNX as written, fp32 DQ -> MatMul, not int8 activations)
+    from edgeq.generate import CausalLM
+    from edgeq.validate.runners import SessionRunner, session_input_spec
+
+    ids = np.random.default_rng(0).integers(3, 256, 20).tolist()
+    so = ort.SessionOptions()
+    for k, v in ACCURACY_0.items():
+        so.add_session_config_entry(k, v)
+    sess = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+    results = []
+    for lm in (CausalLM(SessionRunner("qdq", sess, [session_input_spec(i) for i in sess.get_inputs()])),
+               CausalLM(MLPackageRunner(pkg))):
+        _, cache = lm.step(ids[:8], lm.empty_cache())
+        results.append(lm.step(ids[8:], cache)[0])
+    want, got = results
     assert sqnr_db(want, got) > 40.0  # fp16 compute: measured 49 dB
