@@ -177,13 +177,14 @@ def for_profile(model: ir.Model, profile: TargetProfile) -> ir.Model:
 
 def fused_after_quantization(qdq: ir.Model, plan: QuantPlan, profile: TargetProfile) -> tuple[ir.Model, QuantPlan]:
     """A quantized model other than a causal LM with its transformer layers fused into ONNX Runtime's kernels
-    (``profile.ort_fusions``: LayerNorm + residual, attention, GELU), and the plan with that step added.
+    (``profile.ort_fusions`` and ``profile.fuse_encoders``: LayerNorm + residual, attention, GELU), and the
+    plan with that step added.
 
     Done after quantization, not before planning: the fused ops read the same quantized MatMuls, and the
     calibration and the weights' integers stay those of the unfused graph that other targets (Core ML) plan
     on too, so one build calibrates once for all. The model is returned unchanged where nothing matched.
     """
-    if not profile.ort_fusions or CAUSAL_LM_KEY in qdq.metadata_props:
+    if not (profile.ort_fusions and profile.fuse_encoders) or CAUSAL_LM_KEY in qdq.metadata_props:
         return qdq, plan
     fused = qdq.clone()
     res = FuseForOrtPass()(fused)

@@ -57,6 +57,10 @@ class TargetProfile:
     # quantized as one); any other model's normalization, attention and GELU on the quantized graph,
     # so its plan and calibration stay those of the portable graph other targets share
     ort_fusions: bool = False
+    # ... and for models other than causal LMs, only where the profile's file is not also meant for other
+    # targets: the host profile's QDQ ONNX is the portable one (the README tour packages one file for
+    # Android and iOS, and Core ML has no lowering for ORT's contrib ops); the android profile fuses
+    fuse_encoders: bool = False
     # ops whose weight-only quantization has no fast kernel here, and what that costs (a plan note)
     slow_weight_only: Mapping[str, str] = field(default_factory=dict)
     # int4 weights of these ops store float16 scales (DequantizeLinear-23 with output_dtype float).

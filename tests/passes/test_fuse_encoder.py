@@ -90,15 +90,16 @@ def test_the_float_encoder_fuses_to_the_same_numbers(tiny_bert, tmp_path):
     assert _worst_sqnr(tiny_bert, tmp_path / "fused.onnx", optimize=True) >= MIN_SQNR_DB
 
 
-def test_ort_profiles_fuse_the_quantized_encoder_core_ml_does_not_and_one_calibration_serves_both(
+def test_android_fuses_the_quantized_encoder_core_ml_does_not_and_one_calibration_serves_both(
         tiny_bert, tmp_path, monkeypatch):
+    from targets.android.profile import ANDROID
     from targets.coreml.profile import IOS18
 
     calls = []
     real = qmod.calibrate
     monkeypatch.setattr(qmod, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
     ort_path, ios_path = tmp_path / "ort.onnx", tmp_path / "ios.onnx"
-    res = quantize_for_profiles(tiny_bert, [(ONNXRUNTIME_CPU, ort_path), (IOS18, ios_path)], "w4a16",
+    res = quantize_for_profiles(tiny_bert, [(ANDROID, ort_path), (IOS18, ios_path)], "w4a16",
                                 calib=_feeds(6), progress=False)
     assert len(calls) == 1  # the fusion comes after the plan: both profiles calibrated the same graph
     fused, plain = _ops(ort_path), _ops(ios_path)
@@ -115,6 +116,14 @@ def test_ort_profiles_fuse_the_quantized_encoder_core_ml_does_not_and_one_calibr
     # int8 quantization of the input would turn float rounding differences into code flips)
     monkeypatch.setattr(qmod, "fused_after_quantization", lambda qdq, plan, profile: (qdq, plan))
     unfused = tmp_path / "ort_unfused.onnx"
-    quantize_for_profiles(tiny_bert, [(ONNXRUNTIME_CPU, unfused)], "w4a16", calib=_feeds(6), progress=False)
+    quantize_for_profiles(tiny_bert, [(ANDROID, unfused)], "w4a16", calib=_feeds(6), progress=False)
     assert "MultiHeadAttention" not in _ops(unfused)
     assert _worst_sqnr(unfused, ort_path, optimize=False) >= MIN_SQNR_DB
+
+
+def test_the_host_profiles_file_stays_portable(tiny_bert, tmp_path):
+    """The default (host) profile's QDQ ONNX is the one file a user may package for Android and for iOS:
+    no ORT contrib op in it (the README tour packages minilm.w8a8.onnx for both)."""
+    out = tmp_path / "host.onnx"
+    quantize_for_profiles(tiny_bert, [(ONNXRUNTIME_CPU, out)], "w8a8", calib=_feeds(6), progress=False)
+    assert not {"MultiHeadAttention", "SkipLayerNormalization", "BiasGelu"} & set(_ops(out))
