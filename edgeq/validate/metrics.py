@@ -70,31 +70,15 @@ class TensorStats:
         r, c = np.asarray(ref), np.asarray(cand)
         if r.shape != c.shape:
             raise ValueError(f"shape {list(c.shape)} differs from the reference's {list(r.shape)}")
-        if r.dtype == c.dtype == np.float32 and np.isfinite(np.sum(r)) and np.isfinite(np.sum(c)):
-            # The common case (validation compares ~10^4 tensors), 4x faster: no masks, no float64
-            # copies; float32 dot products change an SQNR by < 0.001 dB.
-            self._update_finite(r, c)
-            return
-        r = r.astype(np.float64)
-        c = c.astype(np.float64)
-        finite = np.isfinite(r) & np.isfinite(c)
-        same_nonfinite = ~finite & ((r == c) | (np.isnan(r) & np.isnan(c)))
-        self.nonfinite += int(np.count_nonzero(~finite & ~same_nonfinite))
-        rf = np.where(finite, r, 0.0)
-        err = rf - np.where(finite, c, 0.0)
-        self.signal += float(np.sum(rf * rf))
-        self.noise += float(np.sum(err * err))
-        if err.size:
-            self.max_abs_err = max(self.max_abs_err, float(np.max(np.abs(err))))
-        self.elements += int(r.size)
-        per_sample = r[0].size if r.ndim >= 2 else r.size
-        if per_sample <= 1:
-            self.one_value_per_sample = True  # a cosine of one value is ±1 whatever the error: not kept
-        elif self.keep_cosines:
-            self.cosines.extend(per_sample_cosine(rf, np.where(finite, c, 0.0)).tolist())
-
-    def _update_finite(self, r: np.ndarray, c: np.ndarray) -> None:
-        """``update`` for all-finite float32 tensors: sums as BLAS dot products, no masks."""
+        if not (r.dtype == c.dtype == np.float32 and np.isfinite(np.sum(r)) and np.isfinite(np.sum(c))):
+            # non-finite values (or other dtypes): compare in float64 where both sides are finite. The
+            # common all-finite float32 case skips the masks and copies (validation compares ~10^4
+            # tensors: 4x faster; float32 dot products change an SQNR by < 0.001 dB)
+            r, c = r.astype(np.float64), c.astype(np.float64)
+            finite = np.isfinite(r) & np.isfinite(c)
+            same_nonfinite = ~finite & ((r == c) | (np.isnan(r) & np.isnan(c)))
+            self.nonfinite += int(np.count_nonzero(~finite & ~same_nonfinite))
+            r, c = np.where(finite, r, 0.0), np.where(finite, c, 0.0)
         rf = r.reshape(-1)
         err = rf - c.reshape(-1)
         self.signal += float(np.dot(rf, rf))
@@ -104,7 +88,7 @@ class TensorStats:
         self.elements += int(r.size)
         per_sample = r[0].size if r.ndim >= 2 else r.size
         if per_sample <= 1:
-            self.one_value_per_sample = True
+            self.one_value_per_sample = True  # a cosine of one value is ±1 whatever the error: not kept
         elif self.keep_cosines:
             self.cosines.extend(per_sample_cosine(r, c).tolist())
 

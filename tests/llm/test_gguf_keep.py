@@ -113,12 +113,9 @@ def _quantize(root, profile, **kw):
 
 
 def _logits(path, feed, config=None):
-    import onnxruntime as ort
+    from edgeq.runtime import ort_session
 
-    so = ort.SessionOptions()
-    for k, v in (config or {}).items():
-        so.add_session_config_entry(k, v)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    return ort_session(path, config=config).run(["logits"], feed)[0]
 
 
 def _feed(root):
@@ -249,8 +246,6 @@ def test_a_profile_without_int4_requantizes_the_q4_weights(kept_only):
 def test_the_ios18_package_carries_the_same_integers(kept_only, tmp_path):
     """Core ML iOS 18: every kept weight is a constexpr_blockwise_shift_scale holding the QDQ ONNX's codes (Q4_1's
     offset term is ordinary MIL ops); the reference executor (fp16) computes what the QDQ ONNX computes."""
-    import onnxruntime as ort
-
     from edgeq.pipeline.package import package_model
     from edgeq.validate.metrics import sqnr_db
     from targets.coreml.executor import load_program
@@ -278,10 +273,9 @@ def test_the_ios18_package_carries_the_same_integers(kept_only, tmp_path):
     from edgeq.validate.runners import SessionRunner, session_input_spec
 
     ids = np.random.default_rng(0).integers(3, 256, 20).tolist()
-    so = ort.SessionOptions()
-    for k, v in ACCURACY_0.items():
-        so.add_session_config_entry(k, v)
-    sess = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+    from edgeq.runtime import ort_session
+
+    sess = ort_session(out, config=ACCURACY_0)
     results = []
     for lm in (CausalLM(SessionRunner("qdq", sess, [session_input_spec(i) for i in sess.get_inputs()])),
                CausalLM(MLPackageRunner(pkg))):
