@@ -53,14 +53,22 @@ def quantize(
 ):
     """Quantize an ONNX model with a recipe (preset name, TOML path or Recipe) into a QDQ ONNX.
 
+    A causal LM may also be given as a ``.gguf`` file or a Hugging Face folder: it is exported with
+    its KV cache first (into a temporary folder), e.g. ``quantize("model.gguf", "m.onnx", "gguf")``.
+
     ``calib`` (sample name, ``.npz`` file or folder, or an iterable of feed dicts) is needed by
     recipes that quantize activations (w8a8). ``output=None`` only makes the plan. Returns a
     result with the plan, the sizes and the calibration table.
     """
+    from edgeq.export import onnx_of
+    from edgeq.onnx_io import check_output_path
     from edgeq.pipeline.quantize import quantize_model
 
-    return quantize_model(model, output, recipe, block=block, profile=profile, calib=calib, force=force,
-                          progress=progress)
+    if output is not None:
+        check_output_path(output, force=force)  # before a long export
+    with onnx_of(model, progress=progress) as path:
+        return quantize_model(path, output, recipe, block=block, profile=profile, calib=calib, force=force,
+                              progress=progress)
 
 
 def package(model: str | os.PathLike, target, output: str | os.PathLike, *, force: bool = False,

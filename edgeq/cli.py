@@ -126,13 +126,15 @@ def cmd_generate(args) -> int:
 
 
 def _quantize_to_budget(args) -> int:
+    from edgeq.export import onnx_of
     from edgeq.pipeline.budget import search
 
     if args.output is None:
         raise InputError("--budget needs -o OUT.onnx (the model it finds is written there)")
-    res = search(args.model, args.recipe, args.budget, args.output, calib=args.calib, data=args.data,
-                 profile=args.profile, block=args.block, limit=args.limit, force=args.force,
-                 progress=not args.no_progress)
+    with onnx_of(args.model, progress=not args.no_progress) as model:
+        res = search(model, args.recipe, args.budget, args.output, calib=args.calib, data=args.data,
+                     profile=args.profile, block=args.block, limit=args.limit, force=args.force,
+                     progress=not args.no_progress)
     _say(res.format())
     if res.recipe_toml:
         _say("as recipe rules:\n" + res.recipe_toml.rstrip())
@@ -373,11 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", parents=[common], help="quantize an ONNX model into a QDQ ONNX",
                        description="Plan (recipe + target profile) and apply QDQ quantization to an ONNX model.")
-    q.add_argument("model", help="the float .onnx file")
+    q.add_argument("model", help="the float .onnx file, or a causal LM as a .gguf file or a Hugging Face folder "
+                                 "(exported with its KV cache first)")
     q.add_argument("-o", "--output", help="the QDQ .onnx file to write")
     q.add_argument("--recipe", default="w8a16",
-                   help="w8a8, w8a16, w4a16, mxfp4, gguf (a model exported from a GGUF: keep its Q4_0/Q4_1/Q8_0 "
-                        "integers), or a .toml recipe (default w8a16)")
+                   help="w8a8, w8a16, w4a16, mxfp4, gguf (a .gguf file or a model exported from one: keep its "
+                        "Q4_0/Q4_1/Q8_0 integers), or a .toml recipe (default w8a16)")
     q.add_argument("--block", type=int, help="block size for w4a16 (32, 64 or 128; default 32)")
     q.add_argument("--profile", help="target profile that decides what runs (default onnxruntime-cpu)")
     q.add_argument("--calib", help="calibration data for activation recipes (sample name, .npz file or folder)")

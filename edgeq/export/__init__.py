@@ -7,8 +7,11 @@ model with input specs, :func:`~edgeq.export.causal_lm.export_causal_lm` for a c
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from edgeq.export.torch_export import DEFAULT_OPSET, ExportCheck, ExportResult, 
 from edgeq.sources import resolve_model
 from edgeq.specs import TensorSpec
 
-__all__ = ["ExportCheck", "ExportResult", "export_model", "export_torch"]
+__all__ = ["ExportCheck", "ExportResult", "export_model", "export_torch", "onnx_of"]
 
 
 def export_model(
@@ -90,3 +93,25 @@ def _causal_lm_export(obj, sample, output, **kwargs):
         return None
     return causal_lm.export_causal_lm(loaded.model, output, tokenizer=tokenizer or loaded.tokenizer,
                                       source=loaded.source, gguf_file=loaded.gguf_file, **kwargs)
+
+
+@contextlib.contextmanager
+def onnx_of(model, *, progress: bool = True) -> Iterator:
+    """``model`` as an ONNX file for the stages that read one (quantize, analyze).
+
+    A causal LM given as a ``.gguf`` file or a Hugging Face folder is exported with its KV cache
+    into a temporary folder, removed on exit; anything else is yielded unchanged. The export records
+    the GGUF it came from, so ``--recipe gguf`` keeps that file's blocks.
+    """
+    from edgeq.export import causal_lm
+
+    if not (isinstance(model, (str, os.PathLike)) and causal_lm.is_causal_lm_source(model)):
+        yield model
+        return
+    with tempfile.TemporaryDirectory(prefix="edgeq-export-") as tmp:
+        path = Path(tmp) / (Path(model).stem + ".onnx")
+        if progress:
+            print(f"exporting {Path(model).name} with its KV cache first, into a temporary folder "
+                  "(edgeq export keeps the float ONNX)", file=sys.stderr, flush=True)
+        export_model(model, path)
+        yield path

@@ -283,3 +283,27 @@ def test_the_ios18_package_carries_the_same_integers(kept_only, tmp_path):
         results.append(lm.step(ids[8:], cache)[0])
     want, got = results
     assert sqnr_db(want, got) > 40.0  # fp16 compute: measured 49 dB
+
+
+@pytest.mark.slow
+def test_quantize_takes_the_gguf_file_itself(kept_only, tmp_path, monkeypatch):
+    """``edgeq quantize model.gguf --recipe gguf`` exports first (into a temporary folder, removed) and
+    writes the same integers as an export followed by quantize. transformers cannot load the tiny GGUF
+    (it lacks the metadata a full file has), so the loader returns the float reference it was written from."""
+    from edgeq import api
+    from edgeq.export import causal_lm
+
+    root, _ = kept_only
+    model, _ = tiny_gguf(tmp_path / "tiny.gguf", layer_types=KEPT_LAYER_TYPES)
+    monkeypatch.setattr(causal_lm, "load_causal_lm",
+                        lambda p: causal_lm.LoadedCausalLM(model, None, "tiny", gguf_file=str(p)))
+    _, via_onnx = _quantize(root, "onnx-reference")
+    out = tmp_path / "out" / "direct.onnx"
+    res = api.quantize(tmp_path / "tiny.gguf", out, "gguf", profile="onnx-reference", progress=False)
+    assert res.plan.result("keep_gguf").summary.startswith("kept ")
+    want = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(via_onnx)).graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
+    assert [p.name for p in out.parent.iterdir()] == ["direct.onnx"]  # the exported float model is gone
