@@ -350,13 +350,15 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        """Calibration data is required (activation ranges, bias correction, Conv rounding)."""
-        return self.quantizes_activations or self.uses("bias_correction") or self.uses("conv_rounding")
+        """Calibration data is required: the activation ranges."""
+        return self.quantizes_activations
 
     @property
     def uses_calibration(self) -> bool:
-        """Calibration data is used when given (GPTQ, AWQ and protection are skipped, with a note, without it)."""
-        return self.needs_calibration or self.uses("gptq") or self.uses("awq") or self.uses("protect")
+        """Calibration data is used when given (GPTQ, AWQ, protection, Conv rounding and bias correction of a
+        weight-only recipe are skipped, with a note, without it: the weights then get nearest rounding)."""
+        return self.needs_calibration or any(self.uses(a) for a in
+                                             ("gptq", "awq", "protect", "conv_rounding", "bias_correction"))
 
 
 def preset(name: str, *, block: int | None = None) -> Recipe:
@@ -371,7 +373,12 @@ def preset(name: str, *, block: int | None = None) -> Recipe:
                                             conv_rounding=ConvRoundingConfig(), bias_correction=BiasCorrectionConfig()),
                       placement=PlacementConfig(quantize_model_inputs=False))
     if name == "w8a16":
-        return Recipe("w8a16", QuantSpec(WeightFormat.INT8))
+        # With calibration data, Conv codes are chosen for the layer output and Conv/Gemm biases absorb the
+        # mean error of rounding (nearest rounding without data; MatMul-only models are not affected).
+        # PP-OCRv4 rec (PPLCNetV3 + SVTR) output SQNR: 14.2 dB with nearest rounding (1x1 Convs had whole
+        # channels rounded to zero), 26.9 dB with both.
+        return Recipe("w8a16", QuantSpec(WeightFormat.INT8),
+                      algorithms=Algorithms(conv_rounding=ConvRoundingConfig(), bias_correction=BiasCorrectionConfig()))
     if name == "w4a16":
         # AWQ + GPTQ when calibration data is given (nearest rounding without). MiniLM block 32 mean
         # cosine: nearest 0.973, AWQ 0.981, GPTQ 0.987, AWQ + GPTQ 0.988 (+70 KB of input scales);

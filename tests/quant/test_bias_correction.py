@@ -53,7 +53,8 @@ def test_bias_correction_cancels_the_mean_shift_at_padded_positions_too(tmp_path
     shift = {}
     for on in (False, True):
         out = tmp_path / f"bc{on}.onnx"
-        rec = preset("w8a16").with_algorithms(bias_correction=BiasCorrectionConfig() if on else None)
+        rec = preset("w8a16").with_algorithms(bias_correction=BiasCorrectionConfig() if on else None,
+                                              conv_rounding=None)  # nearest codes: the shift bias correction removes
         edgeq.quantize(src, out, rec, calib=cal, force=True, progress=False)
         err = _y(out, ev) - ref
         shift[on] = np.abs(err.mean(axis=(0, 2)))  # per channel: the mean error a bias can cancel

@@ -1,7 +1,8 @@
 """Real inputs for the zoo, made offline with fixed seeds; calibration and evaluation disjoint.
 
 - photos: scikit-image ``skimage.data`` and scikit-learn ``load_sample_images()`` (the
-  ``efficientnet_lite0`` sample's photo lists: calibration and evaluation use different photos);
+  ``efficientnet_lite0`` sample's photo lists, or EfficientNet-Lite1/2's in ``models.py``, with
+  matplotlib's ``grace_hopper.jpg``: calibration and evaluation use different photos);
 - text: the 400 sentences of ``samples/minilm/sentences.txt`` (1–200 calibration, 201–400
   evaluation), rendered with PIL in the DejaVu fonts of matplotlib's wheel;
 - faces: scikit-image's LFW subset (100 faces, 100 non-faces; even indices calibration, odd
@@ -112,14 +113,28 @@ def render_page(lines: list[str], rng: np.random.Generator, height: int, width: 
 
 # ---- photos and faces ----------------------------------------------------------------------
 
+def photo(name: str) -> np.ndarray:
+    """An RGB uint8 photo: ``matplotlib:<file>`` from matplotlib's sample data, else as the
+    efficientnet_lite0 sample names them (a ``skimage.data`` function or ``sklearn:<file>``)."""
+    if name.startswith("matplotlib:"):
+        from PIL import Image
+
+        spec = importlib.util.find_spec("matplotlib")  # found, not imported (as for the fonts)
+        if spec is None or not spec.submodule_search_locations:
+            raise DataUnavailable(f"photo {name} ships in matplotlib's wheel: bash tools/setup_zoo.sh")
+        path = Path(next(iter(spec.submodule_search_locations))) / "mpl-data" / "sample_data" / name.split(":", 1)[1]
+        return np.asarray(Image.open(path).convert("RGB"))
+    from samples.efficientnet_lite0 import photo as sample_photo
+
+    return sample_photo(name)
+
+
 def photo_crops(names, size: int, count: int, rng: np.random.Generator, *, first_fraction: float = 1.0,
                 resample: str = "bilinear") -> list[np.ndarray]:
     """``count`` square crops of each photo as RGB uint8 ``size × size`` (the first a centre crop
     of ``first_fraction`` of the short side, the others random in scale 0.35–1 and place, half
     mirrored), resized with PIL's ``resample`` filter."""
     from PIL import Image
-
-    from samples.efficientnet_lite0 import photo
 
     method = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[resample]
     out = []
