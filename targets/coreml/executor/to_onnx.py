@@ -113,7 +113,7 @@ class _Op:
         self._vars = {}
         for param, ref in step.vars:
             if isinstance(ref, str):
-                self._vars[param] = names[ref]
+                self._vars[param] = names.get(ref)  # None: a fused quantize's codes (see _fake_quantize)
             else:  # a list parameter: variables and constants read by name
                 self._vars[param] = [names[r] if r in names else g.const(mixed[r]) for r in ref]
         self.consts = step.consts
@@ -248,6 +248,9 @@ def _gelu(o: _Op):
 
 def _clip(o: _Op):
     x = _float_x(o)
+    if all(p not in o._vars and np.asarray(o.consts.get(p)).size == 1 for p in ("alpha", "beta")):
+        lo, hi = (o.g.const(np.asarray(o.consts[p], np.float32).reshape(())) for p in ("alpha", "beta"))
+        return o.finish(o.node("Clip", [x, lo, hi], np.float32))
     lo = o.node("Max", [x, o.arg("alpha", np.float32)], np.float32)
     return o.finish(o.node("Min", [lo, o.arg("beta", np.float32)], np.float32))
 
@@ -452,10 +455,9 @@ def _conv(o: _Op):
     attrs["dilations"] = o.ints("dilations") or [1] * n
     attrs["group"] = int(o.const("groups", 1))
     inputs = [_float_x(o), o.g.const(w)]
-    y = o.node("Conv", inputs, np.float32, **attrs)
-    if o.has("bias"):  # added after the sum, as the executor does
-        y = o.node("Add", [y, _per_channel(o, y, o.const("bias"))], np.float32)
-    return o.finish(y)
+    if o.has("bias"):  # ORT adds it to the finished sum, as the executor does (and fuses Conv + Add so)
+        inputs.append(o.g.const(np.asarray(o.const("bias"), np.float32).reshape(-1)))
+    return o.finish(o.node("Conv", inputs, np.float32, **attrs))
 
 
 def _pool(o: _Op):
@@ -578,7 +580,8 @@ def _expand_dims(o: _Op):
 
 def _transpose(o: _Op):
     x = o.arg("x")
-    return o.g.node("Transpose", [x], o.g.dtype[x], perm=o.ints("perm"))
+    perm = o.ints("perm")
+    return o.g.node("Transpose", [x], o.g.dtype[x], perm=[p % len(perm) for p in perm])
 
 
 def _concat(o: _Op):
@@ -690,10 +693,14 @@ def translate(executor: Executor, keep=()) -> onnx.ModelProto:
         names[name] = name
         g.dtype[name] = held(dtype)
         inputs.append(helper.make_tensor_value_info(name, _ONNX_TYPE[held(dtype)], None))
+    fused = _fusable_quantizes(executor, keep)
     for step in executor._steps:
+        if step.op.op_type == "quantize" and step.outs[0][0] in fused:
+            continue  # computed with its dequantize
         o = _Op(g, step, names, executor._mixed, ranks)
         try:
-            outs = TRANSLATIONS[o.kind](o)
+            q = fused.get(dict(step.vars).get("input")) if o.kind == "dequantize" else None
+            outs = _fake_quantize(o, _Op(g, q, names, executor._mixed, ranks)) if q else TRANSLATIONS[o.kind](o)
         except Untranslatable as e:
             raise Untranslatable(f"op {step.op.name!r}: {e}") from None
         outs = outs if isinstance(outs, list) else [outs]
@@ -713,6 +720,43 @@ def translate(executor: Executor, keep=()) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
 
 
+def _fusable_quantizes(executor: Executor, keep) -> dict:
+    """Quantize steps whose codes only their dequantize reads, with the same parameters: by output name."""
+    readers: dict[str, list] = {}
+    for step in executor._steps:
+        for _, ref in step.vars:
+            for r in ([ref] if isinstance(ref, str) else ref):
+                readers.setdefault(r, []).append(step)
+    out = {}
+    for step in executor._steps:
+        if step.op.op_type != "quantize":
+            continue
+        name = step.outs[0][0]
+        users = readers.get(name, [])
+        if name in executor.output_names or name in keep or len(users) != 1 or users[0].op.op_type != "dequantize":
+            continue
+        q, dq = step.consts, users[0].consts
+        zp = q.get("zero_point")
+        same = all(np.array_equal(np.asarray(q.get(p), dtype=object if q.get(p) is None else None),
+                                  np.asarray(dq.get(p), dtype=object if dq.get(p) is None else None))
+                   for p in ("scale", "zero_point", "axis"))
+        if same and (zp is None or np.asarray(zp).size == 1) and "scale" in q and "scale" not in dict(step.vars):
+            out[name] = step
+    return out
+
+
+def _fake_quantize(dq: _Op, q: _Op) -> str:
+    """quantize → dequantize in float: clip(rint(x / s), lo - zp, hi - zp) * s, equal bit for bit to
+    (clip(rint(x / s) + zp, lo, hi) - zp) * s (integer-valued floats: the additions are exact)."""
+    x = q.arg("input", np.float32)
+    axis = q.const("axis")
+    info = np.iinfo(np.dtype(str(q.const("output_dtype"))))
+    zp = float(np.asarray(q.const("zero_point", 0)).reshape(-1)[0])
+    t = q.node("Round", [q.node("Div", [x, _param_along(q, "scale", x, axis)], np.float32)], np.float32)
+    t = q.node("Clip", [t, q.g.const(np.float32(info.min - zp)), q.g.const(np.float32(info.max - zp))], np.float32)
+    return dq.finish(dq.node("Mul", [t, _param_along(dq, "scale", t, axis)], np.float32))
+
+
 def _round(g: _Graph, name: str) -> str:
     """float32 rounded to the nearest float16 value, kept float32 (ORT's Cast: round to nearest even)."""
     h = g.node("Cast", [name], np.float32, to=TensorProto.FLOAT16)
@@ -727,14 +771,18 @@ class OrtProgram:
     kind = "onnxruntime"
 
     def __init__(self, executor: Executor):
+        from edgeq.errors import EdgeqError
         from edgeq.runtime import ort_session
 
         model = translate(executor)
         self.input_dtypes = dict(executor.input_dtypes)
         self.output_names = list(executor.output_names)
         self._out_dtypes = {n: executor._dtypes.get(n) for n in self.output_names}
-        self.session = ort_session(model.SerializeToString(), what=" (the Core ML program translated to ONNX)",
-                                   spin=False, config={"optimization.enable_cast_chain_elimination": "0"})
+        try:
+            self.session = ort_session(model.SerializeToString(), spin=False,
+                                       config={"optimization.enable_cast_chain_elimination": "0"})
+        except EdgeqError as e:  # a translation ORT rejects: a gap here, not a broken package
+            raise Untranslatable(f"ONNX Runtime rejects the translation: {e}") from e
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from edgeq.errors import InputError
