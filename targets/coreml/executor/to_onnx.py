@@ -2,29 +2,39 @@
 
 Why: the numpy executor (:class:`..Executor`) is the reference semantics, but it pays numpy's
 per-op dispatch (~60 ms over MiniLM's 464 ops), single-threaded float32 BLAS and fp16 rounding in
-numpy arithmetic: 5x the ``.ort`` package's validation time. Batching feeds does not help (the
-validation feeds differ in shape) and numpy has no fp16 GEMM, so the program is translated once
-per load into an ONNX graph that computes what the executor computes:
+numpy arithmetic: ~5x the ``.ort`` package's validation time. Batching does not help (validation
+feeds differ in shape) and numpy has no fp16 GEMM, so the program is translated once per load
+into an ONNX graph that computes what the executor computes:
 
-- the executor is built first: its load-time work is reused as is, every constant (constexpr
-  weights dequantized exactly, their casts, constant subexpressions) becomes a float32 initializer
-  holding the executor's own values;
-- each remaining op becomes the ONNX ops that compute it in float32, as the executor's numpy
-  implementation does (quantize/dequantize, batch_norm, rsqrt... written out operation for
-  operation, so they agree bit for bit);
-- an op whose output the program declares fp16 is followed by ``Cast(float16) → Cast(float)``:
-  the rounding the executor applies, at the same places (none after ops that only move or select
-  fp16 values, :data:`..VALUE_PRESERVING`). ORT keeps such a cast pair: its cast-chain elimination
-  is off by default (``optimization.enable_cast_chain_elimination``, set to 0 here regardless).
+- the executor is built first and its load-time work reused: every constant (constexpr weights
+  dequantized exactly, their casts, constant subexpressions) becomes a float32 initializer holding
+  the executor's own values;
+- each remaining op becomes ONNX ops computing it in float32 (:mod:`.onnx_ops`), and an op whose
+  output the program declares fp16 is followed by ``Cast(float16) → Cast(float)``: the rounding
+  the executor applies, at the same places (none after ops that only move or select fp16 values,
+  :data:`..VALUE_PRESERVING`). ORT keeps such a pair: its cast-chain elimination is off by
+  default (``optimization.enable_cast_chain_elimination``, set to 0 here regardless);
+- an activation ``quantize`` read only by its ``dequantize`` runs as one float expression,
+  ``clip(rint(x / s), lo - zp, hi - zp) * s``: the same bits (integer-valued floats, exact
+  additions), four kernels instead of eight.
 
-The two engines differ only where ORT's float32 kernels order a sum differently from numpy's
-(matmul, conv, reductions, layer_norm) or use another float32 approximation (erf, exp, tanh): a
-float32 result that lands within float32 rounding error of an fp16 midpoint may round to the
-neighbouring fp16 value. Tests state the agreement per op.
+The engines differ only where ORT's float32 kernels sum in another order than numpy's (matmul,
+conv, reductions), take the layer-norm variance in one pass, or approximate erf/exp/tanh
+differently: a float32 result within float32 rounding error of an fp16 midpoint rounds to the
+neighbouring fp16 value (single ops: bit-identical on the op tests; GELU's tail below -3, where
+``1 + erf`` cancels, differs in 16 % of fp16 inputs by a step). Through a W8A8 network such a step
+can move an activation code, and the two runs drift apart like two fp16 devices (MiniLM: 31 dB
+between them at the output; both 27.7 dB from float); per-segment comparisons (teacher-forced,
+``Executor.run(force=...)``) stay on the numpy executor.
 
-A program with an op this module does not translate, an argument it needs as a constant that the
-program computes, or states (a stateful LLM) raises :class:`Untranslatable` with a one-line
-reason; the runner then uses the numpy executor and says so.
+Cost: MiniLM W8A8 runs at ~2.3x the ``.ort`` (CPU time, one [8, 40] feed) instead of ~5x: float32
+GEMM alone takes ~1.5x the ``.ort``'s int8 GEMM-based whole run, so 2x is out of reach for
+fp16 semantics on this CPU; EfficientNet-Lite0 (f32 Conv vs the ``.ort``'s QLinearConv, and ORT's
+NCHWc reorders around every rounded conv) ~6x instead of ~25x.
+
+A program with an op not translated here, an argument needed as a constant that the program
+computes, or states (a stateful LLM) raises :class:`Untranslatable` with a one-line reason; the
+runner then uses the numpy executor and says so.
 """
 
 from __future__ import annotations
@@ -111,12 +121,17 @@ def _fusable_quantizes(executor: Executor, keep) -> dict:
             continue
         q, dq = step.consts, users[0].consts
         zp = q.get("zero_point")
-        same = all(np.array_equal(np.asarray(q.get(p), dtype=object if q.get(p) is None else None),
-                                  np.asarray(dq.get(p), dtype=object if dq.get(p) is None else None))
-                   for p in ("scale", "zero_point", "axis"))
+        same = all(_same(q.get(p), dq.get(p)) for p in ("scale", "zero_point", "axis"))
         if same and (zp is None or np.asarray(zp).size == 1) and "scale" in q and "scale" not in dict(step.vars):
             out[name] = step
     return out
+
+
+def _same(a, b) -> bool:
+    """Two constant parameters (or their absence) are equal."""
+    if a is None or b is None:
+        return a is None and b is None
+    return np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def _fake_quantize(dq: OpArgs, q: OpArgs) -> str:
