@@ -27,10 +27,11 @@ can move an activation code, and the two runs drift apart like two fp16 devices 
 between them at the output; both 27.7 dB from float); per-segment comparisons (teacher-forced,
 ``Executor.run(force=...)``) stay on the numpy executor.
 
-Cost: MiniLM W8A8 runs at ~2.3x the ``.ort`` (CPU time, one [8, 40] feed) instead of ~5x: float32
-GEMM alone takes ~1.5x the ``.ort``'s int8 GEMM-based whole run, so 2x is out of reach for
-fp16 semantics on this CPU; EfficientNet-Lite0 (f32 Conv vs the ``.ort``'s QLinearConv, and ORT's
-NCHWc reorders around every rounded conv) ~6x instead of ~25x.
+Cost, measured in ``edgeq build``'s validation (same feeds, interleaved): MiniLM W8A8 2.3-2.5x
+the ``.ort``'s time (numpy executor: 4.3-5.0x). Float32 GEMM is 62 % of the translated run and
+alone takes ~1.5x the ``.ort``'s whole run (its int8 ``MatMulIntegerToFloat`` is 3.4x faster
+here), so 2x is out of reach for fp16 semantics on this CPU. EfficientNet-Lite0: 5.0x (numpy:
+29x): float32 Conv against ``QLinearConv``, and ORT's NCHWc reorders around every rounded conv.
 
 A program with an op not translated here, an argument needed as a constant that the program
 computes, or states (a stateful LLM) raises :class:`Untranslatable` with a one-line reason; the
