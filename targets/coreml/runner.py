@@ -8,8 +8,8 @@ not fit); float feeds are float32.
 Engines: the numpy reference executor (:mod:`.executor`) defines what the package computes and
 always loads (teacher-forced runs, kept intermediates and states use it); ``run`` uses its
 translation into one ONNX Runtime graph (:mod:`.executor.to_onnx`; ~2x faster on MiniLM, ~2.6x
-on EfficientNet-Lite0) when the program
-translates, and otherwise the numpy executor, saying why in ``describe()`` (``note``).
+on EfficientNet-Lite0) when the program translates, and otherwise the numpy executor, saying why
+in ``describe()`` (``note``).
 
 A stateful package (a causal LM whose KV cache is Core ML state, ``kv_cache`` set) runs with a
 state from :meth:`MLPackageRunner.make_state`, passed to every :meth:`MLPackageRunner.run` of a
