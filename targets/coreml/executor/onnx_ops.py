@@ -60,7 +60,7 @@ class Graph:
         if arr.dtype not in ONNX_TYPE:
             raise Untranslatable(f"a constant of dtype {arr.dtype}")
         small = arr.size <= 16
-        key = (arr.dtype.str, arr.shape, arr.tobytes()) if small else id(value)
+        key = (arr.dtype.str, arr.shape, arr.tobytes()) if small else (id(value), arr.dtype.str)
         if key in self._consts:
             return self._consts[key]
         name = self.fresh("const")
