@@ -409,7 +409,7 @@ def _linear(o: OpArgs):
     return o.finish(y)
 
 
-def _spatial(o: OpArgs, n: int, kernel) -> dict:
+def _spatial(o: OpArgs, n: int) -> dict:
     """Strides, dilations and padding of a conv / pool as ONNX attributes."""
     pad_type = str(o.const("pad_type", "valid"))
     attrs = {"strides": o.ints("strides") or [1] * n}
@@ -428,7 +428,7 @@ def _spatial(o: OpArgs, n: int, kernel) -> dict:
 def _conv(o: OpArgs):
     w = np.asarray(o.const("weight"), np.float32)
     n = w.ndim - 2
-    attrs = _spatial(o, n, w.shape[2:])
+    attrs = _spatial(o, n)
     attrs["dilations"] = o.ints("dilations") or [1] * n
     attrs["group"] = int(o.const("groups", 1))
     inputs = [_float_x(o), o.g.const(w)]
@@ -441,7 +441,7 @@ def _pool(o: OpArgs):
     if bool(o.const("ceil_mode", False)):
         raise Untranslatable(f"MIL {o.kind} with ceil_mode")
     k = o.ints("kernel_sizes")
-    attrs = {"kernel_shape": k, **_spatial(o, len(k), k)}
+    attrs = {"kernel_shape": k, **_spatial(o, len(k))}
     if o.kind == "avg_pool":
         attrs["count_include_pad"] = 0 if bool(o.const("exclude_padding_from_average", False)) else 1
         if "auto_pad" in attrs and attrs["count_include_pad"]:
