@@ -47,6 +47,8 @@ def format_report(report: ValidationReport, *, worst: int = 5) -> str:
             )
     for c in report.candidates:
         label = c.runner["label"]
+        if c.runner.get("note"):  # e.g. which engine ran the candidate, and why
+            lines.append(f"{label}: {c.runner['note']}")
         if c.task:
             parts = [f"{k} {_num(v, '.4f') if isinstance(v, float) else v}" for k, v in c.task.items()]
             lines.append(f"{label}: {report.task_kind}: " + ", ".join(parts))

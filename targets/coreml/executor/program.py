@@ -34,6 +34,7 @@ class Value:
     mil_dtype: str  # the MIL type name, e.g. FLOAT16
     state: bool = False  # a state (iOS 18): a tensor kept across predictions, read and written by ops
     shape: tuple | None = None  # a state's fixed shape (states have no flexible axes)
+    rank: int | None = None  # a tensor's rank, as the program declares it
 
 
 @dataclass
@@ -117,7 +118,7 @@ class _Reader:
             raise UnsupportedError(f"MIL value {named.name!r} has a {kind}, which the reference executor does not run",
                                    hint="package for Android instead (--targets android)")
         name = self._pb.DataType.Name(named.type.tensorType.dataType)
-        return Value(named.name, _DTYPES.get(name), name)
+        return Value(named.name, _DTYPES.get(name), name, rank=int(named.type.tensorType.rank))
 
     def constant(self, value_spec):
         from coremltools.converters.mil.frontend.milproto.load import _load_value

@@ -1,0 +1,191 @@
+"""The reference executor's program as one ONNX graph, run by ONNX Runtime: its fast path.
+
+Why: the numpy executor (:class:`..Executor`) is the reference semantics, but it pays numpy's
+per-op dispatch (~60 ms over MiniLM's 464 ops), single-threaded float32 BLAS and fp16 rounding in
+numpy arithmetic: ~5x the ``.ort`` package's validation time. Batching does not help (validation
+feeds differ in shape) and numpy has no fp16 GEMM, so the program is translated once per load
+into an ONNX graph that computes what the executor computes:
+
+- the executor is built first and its load-time work reused: every constant (constexpr weights
+  dequantized exactly, their casts, constant subexpressions) becomes a float32 initializer holding
+  the executor's own values;
+- each remaining op becomes ONNX ops computing it in float32 (:mod:`.onnx_ops`), and an op whose
+  output the program declares fp16 is followed by ``Cast(float16) → Cast(float)``: the rounding
+  the executor applies, at the same places (none after ops that only move or select fp16 values,
+  :data:`..VALUE_PRESERVING`). ORT keeps such a pair: its cast-chain elimination is off by
+  default (``optimization.enable_cast_chain_elimination``, set to 0 here regardless);
+- an activation ``quantize`` read only by its ``dequantize`` runs as one float expression,
+  ``clip(rint(x / s), lo - zp, hi - zp) * s``: the same bits (integer-valued floats, exact
+  additions), four kernels instead of eight.
+
+The engines differ only where ORT's float32 kernels sum in another order than numpy's (matmul,
+conv, reductions), take the layer-norm variance in one pass, or approximate erf/exp/tanh
+differently: a float32 result within float32 rounding error of an fp16 midpoint rounds to the
+neighbouring fp16 value (single ops: bit-identical on the op tests; GELU's tail below -3, where
+``1 + erf`` cancels, differs in 16 % of fp16 inputs by a step). Through a W8A8 network such a step
+can move an activation code, and the two runs drift apart like two fp16 devices (MiniLM: 31 dB
+between them at the output; both 27.7 dB from float); per-segment comparisons (teacher-forced,
+``Executor.run(force=...)``) stay on the numpy executor.
+
+Cost, measured in ``edgeq build``'s validation (same feeds, interleaved): MiniLM W8A8 2.3-2.5x
+the ``.ort``'s time (numpy executor: 4.3-5.0x). Float32 GEMM is 62 % of the translated run and
+alone takes ~1.5x the ``.ort``'s whole run (its int8 ``MatMulIntegerToFloat`` is 3.4x faster
+here), so 2x is out of reach for fp16 semantics on this CPU. EfficientNet-Lite0: 5.0x (numpy:
+29x): float32 Conv against ``QLinearConv``, and ORT's NCHWc reorders around every rounded conv.
+
+A program with an op not translated here, an argument needed as a constant that the program
+computes, or states (a stateful LLM) raises :class:`Untranslatable` with a one-line reason; the
+runner then uses the numpy executor and says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from targets.coreml.executor import EXACT, Executor
+from targets.coreml.executor.onnx_ops import (
+    ONNX_TYPE,
+    OPSET,
+    TRANSLATIONS,
+    Graph,
+    OpArgs,
+    Untranslatable,
+    held,
+    param_along,
+)
+
+__all__ = ["OrtProgram", "Untranslatable", "translate"]
+
+
+def translate(executor: Executor, keep=()) -> onnx.ModelProto:
+    """The executor's program (after its load-time constant folding) as an ONNX model with an output
+    ``out:<name>`` per program output and per computed value named in ``keep``; raises
+    :class:`Untranslatable` naming the first op it cannot translate."""
+    if executor.stateful:
+        raise Untranslatable("the program keeps state (iOS 18 states)")
+    if not executor.fast:
+        raise Untranslatable("the executor holds fp16 values as float16 (fast=False)")
+    missing = sorted({s.op.op_type for s in executor._steps if s.op.op_type not in TRANSLATIONS})
+    if missing:
+        raise Untranslatable(f"no translation of MIL {', '.join(missing)}")
+    g = Graph()
+    ranks = {v.name: v.rank for op in executor.ops for v in op.outputs}
+    names: dict[str, str] = {}
+    inputs = []
+    for name, dtype in executor.input_dtypes.items():
+        names[name] = name
+        g.dtype[name] = held(dtype)
+        inputs.append(helper.make_tensor_value_info(name, ONNX_TYPE[held(dtype)], None))
+    fused = _fusable_quantizes(executor, keep)
+    for step in executor._steps:
+        if step.op.op_type == "quantize" and step.outs[0][0] in fused:
+            continue  # computed with its dequantize
+        o = OpArgs(g, step, names, executor._mixed, ranks)
+        try:
+            q = fused.get(dict(step.vars).get("input")) if o.kind == "dequantize" else None
+            outs = _fake_quantize(o, OpArgs(g, q, names, executor._mixed, ranks)) if q else TRANSLATIONS[o.kind](o)
+        except Untranslatable as e:
+            raise Untranslatable(f"op {step.op.name!r}: {e}") from None
+        outs = outs if isinstance(outs, list) else [outs]
+        for out, (name, dtype, rounding), want in zip(outs, step.outs, o.out_dtypes):
+            out = g.cast(out, want)
+            if dtype is not None and np.dtype(dtype) == np.float16 and rounding != EXACT:
+                out = _round(g, out)
+            names[name] = out
+    outputs = []
+    for n in dict.fromkeys([*executor.output_names, *keep]):
+        src = names.get(n)
+        if src is None:  # an output that is a constant
+            src = g.const(executor._consts[n])
+        g.nodes.append(helper.make_node("Identity", [src], [f"out:{n}"], name=f"out:{n}"))
+        outputs.append(helper.make_tensor_value_info(f"out:{n}", ONNX_TYPE[g.dtype[src]], None))
+    graph = helper.make_graph(g.nodes, "mil", inputs, outputs, g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+
+
+def _fusable_quantizes(executor: Executor, keep) -> dict:
+    """Quantize steps whose codes only their dequantize reads, with the same parameters: by output name."""
+    readers: dict[str, list] = {}
+    for step in executor._steps:
+        for _, ref in step.vars:
+            for r in ([ref] if isinstance(ref, str) else ref):
+                readers.setdefault(r, []).append(step)
+    out = {}
+    for step in executor._steps:
+        if step.op.op_type != "quantize":
+            continue
+        name = step.outs[0][0]
+        users = readers.get(name, [])
+        if name in executor.output_names or name in keep or len(users) != 1 or users[0].op.op_type != "dequantize":
+            continue
+        q, dq = step.consts, users[0].consts
+        zp = q.get("zero_point")
+        same = all(_same(q.get(p), dq.get(p)) for p in ("scale", "zero_point", "axis"))
+        if same and (zp is None or np.asarray(zp).size == 1) and "scale" in q and "scale" not in dict(step.vars):
+            out[name] = step
+    return out
+
+
+def _same(a, b) -> bool:
+    """Two constant parameters (or their absence) are equal."""
+    if a is None or b is None:
+        return a is None and b is None
+    return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _fake_quantize(dq: OpArgs, q: OpArgs) -> str:
+    """quantize → dequantize in float: clip(rint(x / s), lo - zp, hi - zp) * s, equal bit for bit to
+    (clip(rint(x / s) + zp, lo, hi) - zp) * s (integer-valued floats: the additions are exact)."""
+    x = q.arg("input", np.float32)
+    axis = q.const("axis")
+    info = np.iinfo(np.dtype(str(q.const("output_dtype"))))
+    zp = float(np.asarray(q.const("zero_point", 0)).reshape(-1)[0])
+    t = q.node("Round", [q.node("Div", [x, param_along(q, "scale", x, axis)], np.float32)], np.float32)
+    t = q.node("Clip", [t, q.g.const(np.float32(info.min - zp)), q.g.const(np.float32(info.max - zp))], np.float32)
+    return dq.finish(dq.node("Mul", [t, param_along(dq, "scale", t, axis)], np.float32))
+
+
+def _round(g: Graph, name: str) -> str:
+    """float32 rounded to the nearest float16 value, kept float32 (ORT's Cast: round to nearest even)."""
+    h = g.node("Cast", [name], np.float32, to=TensorProto.FLOAT16)
+    g.dtype[h] = np.dtype(np.float16)
+    return g.node("Cast", [h], np.float32, to=TensorProto.FLOAT)
+
+
+class OrtProgram:
+    """The translated program in an ONNX Runtime session: ``run`` takes and gives what
+    :meth:`Executor.run` does (feeds by Core ML name; outputs in their declared dtypes)."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, executor: Executor):
+        from edgeq.errors import EdgeqError
+        from edgeq.runtime import ort_session
+
+        model = translate(executor)
+        self.input_dtypes = dict(executor.input_dtypes)
+        self.output_names = list(executor.output_names)
+        self._out_dtypes = {n: executor._dtypes.get(n) for n in self.output_names}
+        try:
+            self.session = ort_session(model.SerializeToString(), spin=False,
+                                       config={"optimization.enable_cast_chain_elimination": "0"})
+        except EdgeqError as e:  # a translation ORT rejects: a gap here, not a broken package
+            raise Untranslatable(f"ONNX Runtime rejects the translation: {e}") from e
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from edgeq.errors import InputError
+
+        ort_feeds = {}
+        for name, dtype in self.input_dtypes.items():
+            if name not in feeds:
+                raise InputError(f"missing input {name!r}", hint=f"the model takes {', '.join(self.input_dtypes)}")
+            with np.errstate(over="ignore", invalid="ignore"):
+                ort_feeds[name] = np.asarray(feeds[name]).astype(dtype, copy=False).astype(held(dtype), copy=False)
+        outs = self.session.run([f"out:{n}" for n in self.output_names], ort_feeds)
+        result = {}
+        for n, v in zip(self.output_names, outs):
+            d = self._out_dtypes.get(n)
+            result[n] = v.astype(d) if d is not None and v.dtype != d else v
+        return result

@@ -1,0 +1,140 @@
+"""The reference executor's program translated to one ONNX Runtime graph (executor.to_onnx) against
+the numpy executor, and the runner's fallback to numpy for what does not translate.
+
+Per-op agreement is checked where every op case is already packaged: test_coreml_ops (fp32,
+≥ 120 dB) and test_coreml_executor (fp16, within one fp16 step on at most 1 % of elements;
+measured: bit-identical on every translated case). Here: the rounding itself, whole small programs
+(attention block, W8A8 CNN with its quantize/dequantize pairs computed in float) and the fallback.
+
+Across several ops the one-step differences propagate (a matmul of inputs that differ by a step
+in 0.1 % of elements differs in 1 %), so a whole fp16 program is held to SQNR ≥ 70 dB against
+the numpy executor (measured on the attention block: 81 dB at its output; fp16 storage of one
+tensor is ~66 dB of noise against exact values).
+"""
+
+import numpy as np
+import onnx
+import pytest
+from coreml_models import cnn_feeds, package_and_load, rng_array, single_op, tiny_cnn
+from test_coreml_executor import ATTENTION, _fp16_edges, _same_bits, assert_within_fp16_ulp
+
+from edgeq import api
+from edgeq.errors import UnsupportedError
+from edgeq.validate.metrics import sqnr_db
+from targets.coreml.executor.to_onnx import OrtProgram, translate
+from targets.coreml.runner import MLPackageRunner
+
+
+def test_ort_keeps_the_cast_pair_and_rounds_like_a_float16_cast():
+    """Cast(float16) → Cast(float) in a session made as OrtProgram makes it: every float16 value, midpoint
+    and neighbour, and random bit patterns, rounded bit for bit as numpy's float16 cast (so ORT did not
+    drop the pair as a no-op cast chain)."""
+    from onnx import TensorProto, helper
+
+    from edgeq.runtime import ort_session
+
+    nodes = [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["h"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "round", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    sess = ort_session(model.SerializeToString(), config={"optimization.enable_cast_chain_elimination": "0"})
+    rng = np.random.default_rng(0)
+    x = np.concatenate([_fp16_edges(), rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)])
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+    assert _same_bits(sess.run(None, {"x": x})[0], want)
+
+
+def _attention_package(tmp_path):
+    rng = np.random.default_rng(3)
+    fmt = lambda *shape: ", ".join(f"{v:.4f}" for v in rng.standard_normal(shape).ravel() * 0.2)
+    text = ATTENTION % (fmt(64, 64), fmt(64, 64), fmt(64, 256), fmt(256, 64), fmt(64))
+    text = text.replace("{\n    n =", "{\n    qs = Constant <value = int64[4] {0, 0, 4, 16}> ()\n"
+                                      "    xs = Constant <value = int64[3] {0, 0, 64}> ()\n    n =")
+    _, _, _, pkg = package_and_load(onnx.parser.parse_model(text), tmp_path, compute="fp16")
+    bias = np.zeros((3, 1, 1, 7), np.float32)
+    bias[1, ..., 5:] = -3.4e38
+    return pkg, {"x": rng_array((3, 7, 64), 4) * 3, "bias": bias}
+
+
+def test_attention_block_translated_at_70_db(tmp_path):
+    pkg, feed = _attention_package(tmp_path)
+    runner = MLPackageRunner(pkg)
+    assert runner.engine == "onnxruntime" and "note" not in runner.describe()
+    want = runner.executor.run(runner.coreml_feeds(feed))
+    got = runner.fast.run(runner.coreml_feeds(feed))
+    for name in want:
+        assert got[name].dtype == want[name].dtype and sqnr_db(want[name], got[name]) >= 70
+    np.testing.assert_array_equal(runner.run(feed)["y"], got[runner.executor.output_names[0]].astype(np.float32))
+
+
+def test_w8a8_cnn_translated_codes_and_outputs(tmp_path):
+    """Activation quantize → dequantize pairs run as one float expression (fused) and, where the codes are
+    also read elsewhere (kept here), as quantize and dequantize: both give the numpy executor's codes and
+    values (measured: bit-identical; allowed: one fp16 step on 1 % of elements)."""
+    qdq = tmp_path / "cnn.w8a8.onnx"
+    api.quantize(tiny_cnn(tmp_path / "cnn.onnx"), qdq, "w8a8", profile="ios18", calib=cnn_feeds())
+    ex, _, _, _ = package_and_load(onnx.load(str(qdq)), tmp_path, compute="fp16")
+    codes = [s.outs[0][0] for s in ex._steps if s.op.op_type == "quantize"]
+    values = [s.outs[0][0] for s in ex._steps if s.op.op_type in ("dequantize", "conv")]
+    assert codes and values
+    from edgeq.runtime import ort_session
+
+    fused = OrtProgram(ex)
+    unfused = ort_session(translate(ex, keep=codes + values).SerializeToString())
+    n_fused = sum(n.op_type == "Round" for n in translate(ex).graph.node)
+    assert n_fused == len(codes)  # every pair fused when nothing else reads the codes
+    for feed in cnn_feeds(2, seed=5):
+        want = ex.run(feed, keep=set(codes + values))
+        got = dict(zip([o.name for o in unfused.get_outputs()], unfused.run(None, feed)))
+        for n in codes:
+            assert np.array_equal(want[n], got[f"out:{n}"]), n
+        for n in values:
+            assert_within_fp16_ulp(want[n], got[f"out:{n}"].astype(np.float16))
+        for n, v in fused.run(feed).items():
+            assert_within_fp16_ulp(want[n], v)
+
+
+def test_untranslatable_program_falls_back_to_numpy_and_says_why(tmp_path):
+    model, feed = single_op("ConvTranspose", {"x": ("input", rng_array((1, 2, 5, 5), 1)),
+                                              "w": ("const", rng_array((2, 3, 3, 3), 2))}, {"strides": [2, 2]})
+    _, _, _, pkg = package_and_load(model, tmp_path, compute="fp16")
+    runner = MLPackageRunner(pkg)
+    assert runner.engine == "numpy" and runner.fast is None
+    assert "conv_transpose" in runner.describe()["note"]
+    np.testing.assert_array_equal(runner.run(feed)["y"], runner.executor.run(feed)["y"].astype(np.float32))
+    with pytest.raises(UnsupportedError, match="conv_transpose"):
+        MLPackageRunner(pkg, engine="onnxruntime")
+    assert MLPackageRunner(pkg, engine="numpy").describe().get("note") is None
+
+
+def test_matmul_with_transposed_computed_operands(tmp_path):
+    """MIL matmul with transpose_x / transpose_y on computed operands (ORT's FusedMatMul), fp32: ≥ 120 dB
+    against the numpy executor (measured: bit-identical or float32 summation order apart)."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    from edgeq._quiet import quiet
+    from targets.coreml.executor import Executor
+
+    x = rng_array((2, 3, 5, 4), 7)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape, dtype=types.fp32)], opset_version=ct.target.iOS18)
+    def prog(x):
+        y = mb.mul(x=x, y=np.float32(0.5))
+        return mb.matmul(x=x, y=y, transpose_y=True), mb.matmul(x=x, y=y, transpose_x=True)
+
+    with quiet():
+        ml = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                        pass_pipeline=ct.PassPipeline.EMPTY, compute_precision=ct.precision.FLOAT32,
+                        skip_model_load=True)
+    path = tmp_path / "mm.mlpackage"
+    ml.save(str(path))
+    ex = Executor.from_package(path)
+    feed = {next(iter(ex.input_dtypes)): x}
+    assert any(n.op_type == "FusedMatMul" for n in translate(ex).graph.node)
+    want, got = ex.run(feed), OrtProgram(ex).run(feed)
+    for name in ex.output_names:
+        assert got[name].shape == want[name].shape and sqnr_db(want[name], got[name]) >= 120
