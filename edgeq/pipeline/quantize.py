@@ -38,7 +38,7 @@ from edgeq.quant.activations import place_activations
 from edgeq.quant.algorithms import PREPASS_BATCHES, Context, Memo, Stage, Stats
 from edgeq.quant.calibrate import CalibrationTable, calibrate
 from edgeq.quant.handlers import handlers_for
-from edgeq.quant.plan import ImportStep, QuantPlan, make_plan
+from edgeq.quant.plan import ImportStep, QuantPlan, WeightDecision, make_plan
 from edgeq.quant.profile import ONNXRUNTIME_CPU, PROFILES, TargetProfile
 from edgeq.quant.recipes import Recipe, WeightFormat, resolve_recipe
 from edgeq.quant.weights import planned_bytes
@@ -168,8 +168,8 @@ def share_layouts(plans: list[QuantPlan], profiles: Sequence[TargetProfile]) -> 
     for i, plan in enumerate(plans):
         for j, d in enumerate(plan.weights):
             by_weight.setdefault(d.weight, []).append((i, j))
-    changed: dict[int, dict[int, object]] = {}
-    for weight, where in by_weight.items():
+    changed: dict[int, dict[int, WeightDecision]] = {}
+    for where in by_weight.values():
         ds = [(i, j, plans[i].weights[j]) for i, j in where]
         if len({d.format for _, _, d in ds}) != 1:
             continue

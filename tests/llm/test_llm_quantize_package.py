@@ -61,7 +61,7 @@ def test_the_ort_generates_what_its_qdq_model_generates(packaged):
 
 def test_onnxruntime_genai_runs_the_package(packaged):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip onnxruntime-genai)")
-    _, qdq, pkg = packaged
+    _, _, pkg = packaged
     ids = [int(i) for i in np.random.default_rng(1).integers(3, 256, 7)]
     model = og.Model(str(pkg.path))
     params = og.GeneratorParams(model)
