@@ -20,11 +20,12 @@ removed and fusion helper functions inlined instead. Nor does it run onnxscript'
 contrib op, where no quantized weight can go (a DequantizeLinear there would run every time);
 ``MultiHeadAttention`` with its bias keeps the three projections as MatMuls, quantized as usual.
 
-Where it runs (ONNX Runtime profiles, ``edgeq.pipeline.quantize``: ``for_profile``, ``fused_after_quantization``): a causal
-language model before planning (the plan quantizes the packed projection the fused graph reads);
-any other model — BERT-like encoders: ``SkipLayerNormalization``, ``MultiHeadAttention``,
-``BiasGelu`` — on the quantized graph, whose attention and normalization carry no Q/DQ of their
-own in weight-only recipes and whose quantized MatMuls it leaves in place.
+Where it runs (ONNX Runtime profiles, ``edgeq.pipeline.quantize.fused_after_quantization``): on the quantized
+graph, after the plan was made and applied on the portable one — a causal language model on every ONNX Runtime
+profile, any other model (BERT-like encoders: ``SkipLayerNormalization``, ``MultiHeadAttention``, ``BiasGelu``)
+on the android profile. Weight-only recipes put no Q/DQ on attention or normalization, and the quantized
+MatMuls stay in place (a causal LM's query/key/value DequantizeLinears are packed into one, their integers side
+by side), so one calibration and one set of integers serve the Core ML package too.
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ And one rule onnxscript has no counterpart for: **packing the query, key and val
 (:class:`PackQKVProjections`) into one MatMul whose output onnxscript's ``fuse_qkv_gqa`` then feeds
 to GroupQueryAttention packed, as onnxruntime-genai's builder writes it (one weight read per layer
 instead of three; 1 kernel instead of 3 at decode). onnxscript's rule only recognizes an already
-packed projection; it never concatenates weights.
+packed projection; it never concatenates weights. It packs float weights and, on a quantized graph,
+weight-only DequantizeLinears (their integers, scales and zero points side by side), so the fusion
+can run after quantization and the packed weight holds the very integers the unfused graph (and the
+Core ML package made from it) holds.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter.ort_fusions import gqa
 from onnxscript.rewriter.ort_fusions.cos_sin_cache import CosSinCacheFusion
+
+from edgeq import meta
+
+PACKED_SOURCE = " + "  # the edgeq.source of a packed projection's DequantizeLinear: its three MatMuls, in column order
 
 
 class CosSinCacheFromMul(CosSinCacheFusion):
@@ -138,12 +145,45 @@ class GroupQueryAttentionCausal(gqa.GroupQueryAttention):
 gqa_rules = pattern.RewriteRuleSet([GroupQueryAttentionCausal.rule()])
 
 
-class PackQKVProjections(pattern.RewriteRuleClassBase):
-    """``GQA(x @ Wq, x @ Wk, x @ Wv, ...)`` with float weights → ``qkv = x @ [Wq|Wk|Wv]`` and three
-    Slices of it (which onnxscript's ``fuse_qkv_gqa`` folds into a packed GroupQueryAttention).
+def _projection_weight(w: ir.Value) -> tuple[list[np.ndarray], dict] | str:
+    """A projection's weight ``[K, N]`` as arrays to concatenate along N (its float value, or a weight-only
+    DequantizeLinear's integers, scale and zero point) and the attributes of that DequantizeLinear; or why not."""
+    if w.const_value is not None:
+        t = w.const_value
+        if t.dtype != ir.DataType.FLOAT or len(t.shape) != 2:
+            return "not a float 2-D constant"
+        return [t.numpy()], {}
+    node = w.producer()
+    if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+        return "neither a constant nor a DequantizeLinear of one"
+    if len(w.uses()) != 1 or any(v is None or v.const_value is None or len(v.uses()) != 1 for v in node.inputs):
+        return "its DequantizeLinear reads values other than its own constants"
+    arrays = [v.const_value.numpy() for v in node.inputs]
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    data, scale = arrays[0], arrays[1]
+    axis = attrs.get("axis", 1) % 2 if data.ndim == 2 else None
+    blocked = attrs.get("block_size") and axis == 0 and scale.ndim == 2
+    per_column = not attrs.get("block_size") and axis == 1 and scale.ndim == 1
+    if data.ndim != 2 or not (blocked or per_column):
+        return "not blocks along K or one scale per output column"
+    return arrays, attrs
 
-    Exact: every output column is the same dot product. Run before quantization, the packed weight
-    quantizes to the same numbers too (blocks run along the input axis, per output column).
+
+def _concat_columns(arrays: list[np.ndarray]) -> np.ndarray:
+    """Arrays of three projections side by side: a [K, N] weight or a [K/block, N] scale along N, a
+    per-column [N] scale along its only axis."""
+    return np.concatenate(arrays, axis=arrays[0].ndim - 1)
+
+
+class PackQKVProjections(pattern.RewriteRuleClassBase):
+    """``GQA(x @ Wq, x @ Wk, x @ Wv, ...)`` → ``qkv = x @ [Wq|Wk|Wv]`` and three Slices of it (which
+    onnxscript's ``fuse_qkv_gqa`` folds into a packed GroupQueryAttention).
+
+    The weights are float constants, or (on a quantized graph) each the DequantizeLinear of its own
+    integers with the same format: then the packed weight is one DequantizeLinear of the three's integers,
+    scales and zero points side by side, which ONNX Runtime fuses into one MatMulNBits. Exact either way:
+    every output column is the same dot product, and blocks run along the input axis, per output column,
+    so the packed integers are the three projections' own, bit for bit.
     """
 
     def pattern(self, op, x, wq, wk, wv, past_key, past_value, seqlens_k, total_seq_length, cos, sin):
@@ -154,21 +194,40 @@ class PackQKVProjections(pattern.RewriteRuleClassBase):
 
     def check(self, context, wq, wk, wv, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        weights = [w.const_value for w in (wq, wk, wv)]
-        if any(w is None or w.dtype != ir.DataType.FLOAT or len(w.shape) != 2 for w in weights):
-            return result.fail("the projections are not float 2-D constants", [wq, wk, wv])
-        if len({w.shape[0] for w in weights}) != 1:
+        parts = [_projection_weight(w) for w in (wq, wk, wv)]
+        why = next((p for p in parts if isinstance(p, str)), None)
+        if why is not None:
+            return result.fail(f"a projection weight is {why}", [wq, wk, wv])
+        arrays = [p[0] for p in parts]
+        if len({repr(p[1]) for p in parts}) != 1 or len({len(a) for a in arrays}) != 1:
+            return result.fail("the projections are stored in different formats", [wq, wk, wv])
+        if any(len({a[i].dtype for a in arrays}) != 1 for i in range(len(arrays[0]))):
+            return result.fail("the projections are stored in different types", [wq, wk, wv])
+        if len({a[0].shape[0] for a in arrays}) != 1:
             return result.fail("the projections have different input sizes", [wq, wk, wv])
+        if any(a[i].shape[:-1] != arrays[0][i].shape[:-1] for a in arrays for i in range(1, len(a))):
+            return result.fail("the projections' scales have different layouts", [wq, wk, wv])
         if any(len(w.uses()) != 1 for w in (wq, wk, wv)):
             return result.fail("a projection weight is read elsewhere too", [wq, wk, wv])
         return result
 
     def rewrite(self, op, x, wq, wk, wv, past_key, past_value, seqlens_k, total_seq_length, cos, sin,
                 attention, **_):
-        arrays = [w.const_value.numpy() for w in (wq, wk, wv)]
-        packed = op.initializer(ir.tensor(np.concatenate(arrays, axis=1), name=f"{wq.name}_qkv_packed"))
-        qkv = op.MatMul(x, packed)
-        bounds = np.cumsum([0] + [a.shape[1] for a in arrays])
+        parts = [_projection_weight(w) for w in (wq, wk, wv)]
+        attrs = parts[0][1]
+        name = (wq.producer().inputs[0].name if attrs else wq.name) + "_qkv_packed"
+        suffixes = ("", "_scale", "_zero_point")
+        packed = [op.initializer(ir.tensor(_concat_columns([p[0][i] for p in parts]), name=name + suffixes[i]))
+                  for i in range(len(parts[0][0]))]
+        if attrs:
+            weight = op.DequantizeLinear(*packed, **attrs)
+            sources = [w.producer().metadata_props.get(meta.SOURCE, w.name) for w in (wq, wk, wv)]
+            meta.mark(weight.producer(), meta.Role.WEIGHT, PACKED_SOURCE.join(sources))
+            weight.dtype, weight.shape = ir.DataType.FLOAT, ir.Shape(packed[0].const_value.shape)
+        else:
+            weight = packed[0]
+        qkv = op.MatMul(x, weight)
+        bounds = np.cumsum([0] + [p[0][0].shape[1] for p in parts])
         axis, step = op.Constant(value_ints=[2]), op.Constant(value_ints=[1])  # as fuse_qkv_gqa expects them
         q, k, v = (op.Slice(qkv, op.Constant(value_ints=[int(a)]), op.Constant(value_ints=[int(b)]), axis, step)
                    for a, b in itertools.pairwise(bounds))

@@ -4,8 +4,10 @@ The stages, each a call into the pipeline or the Python API (nothing here re-imp
 
 1. export — a PyTorch model or sample → float ONNX (an ONNX file is copied);
 2. quantize — one QDQ ONNX per distinct target profile (Android and iOS run different integer
-   ops), all from ONE calibration pass (:func:`~edgeq.pipeline.quantize.quantize_for_profiles`):
-   where the profiles run the same formats, the weights carry the same integers;
+   ops), all planned on the same portable graph from ONE calibration pass
+   (:func:`~edgeq.pipeline.quantize.quantize_for_profiles`): where the profiles run the same formats,
+   the weights carry the same integers (ONNX Runtime's fused kernels — a causal LM's attention — are
+   made from the quantized graph, reading the same integers);
 3. package — each target, from the QDQ ONNX made for its profile;
 4. validate — every QDQ ONNX and every package against the float ONNX on the evaluation data,
    with gates (the recipe's defaults, or the caller's);

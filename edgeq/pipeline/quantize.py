@@ -38,9 +38,9 @@ from edgeq.quant.activations import place_activations
 from edgeq.quant.algorithms import PREPASS_BATCHES, Context, Memo, Stage, Stats
 from edgeq.quant.calibrate import CalibrationTable, calibrate
 from edgeq.quant.handlers import handlers_for
-from edgeq.quant.plan import ImportStep, QuantPlan, make_plan
+from edgeq.quant.plan import ImportStep, QuantPlan, WeightDecision, make_plan
 from edgeq.quant.profile import ONNXRUNTIME_CPU, PROFILES, TargetProfile
-from edgeq.quant.recipes import Recipe, resolve_recipe
+from edgeq.quant.recipes import Recipe, WeightFormat, resolve_recipe
 from edgeq.quant.weights import planned_bytes
 from edgeq.runtime import single_threaded_blas
 from edgeq.validate.feeds import open_feeds
@@ -123,33 +123,71 @@ def quantize_for_profiles(
                          hint="pass --calib (a sample name such as minilm, an .npz file or a folder of them)")
     model = load_model(model_path)
     float_bytes = onnx_io.tensor_bytes(model)
-    bases = [for_profile(model, prof) for prof in profiles]  # the graph each profile plans on
-    plans = [replace(make_plan(base, rec, profile=prof), imported=base.meta.get(IMPORT_STEPS, ()))
-             for base, prof in zip(bases, profiles)]
-    for plan, base in zip(plans, bases):
-        _check_weights_finite(base, plan)
-    ideals = [planned_bytes(plan, base) for plan, base in zip(plans, bases)]
+    # every profile plans on the portable graph: ORT's fusions are applied to its quantized graph afterwards
+    plans = share_layouts([replace(make_plan(model, rec, profile=prof), imported=model.meta.get(IMPORT_STEPS, ()))
+                           for prof in profiles], profiles)
+    for plan in plans:
+        _check_weights_finite(model, plan)
+    ideals = [planned_bytes(plan, model) for plan in plans]
     if any(o is not None for o in outputs):
-        for plan, base in zip(plans, bases):
-            _check_something_quantized(base, plan, rec, model_path)
+        for plan in plans:
+            _check_something_quantized(model, plan, rec, model_path)
     if all(o is None for o in outputs):  # --explain: the plan and the placement, no data
         if rec.quantizes_activations:
-            plans = [replace(plan, floats=plan.floats + place_activations(base, plan, rec, prof).notes)
-                     for plan, prof, base in zip(plans, profiles, bases)]
+            plans = [replace(plan, floats=plan.floats + place_activations(model, plan, rec, prof).notes)
+                     for plan, prof in zip(plans, profiles)]
         return [QuantizeResult(None, plan, float_bytes, 0, ideal, time.perf_counter() - t0)
                 for plan, ideal in zip(plans, ideals)]
     with single_threaded_blas():  # calibration alternates ORT runs with numpy statistics: see its docstring
-        decided = decide(bases, plans, rec, profiles, calib, progress=progress, memo=memo)
+        decided = decide(model, plans, rec, profiles, calib, progress=progress, memo=memo)
     results = []
-    for i, ((plan, table), output, base) in enumerate(zip(decided, outputs, bases)):
-        ideal = planned_bytes(plan, base)  # as decided: an algorithm may keep a weight float (recurrent_check)
-        qdq = base if base is not model or i == len(decided) - 1 else base.clone()  # the last may edit it
+    for i, ((plan, table), output) in enumerate(zip(decided, outputs)):
+        ideal = planned_bytes(plan, model)  # as decided: an algorithm may keep a weight float (recurrent_check)
+        qdq = model if i == len(decided) - 1 else model.clone()  # the last may edit it
         apply_plan(qdq, plan, rec, table)
         qdq, plan = fused_after_quantization(qdq, plan, profiles[i])
         files = onnx_io.save_ir(qdq, output, force=force)
         size = sum(f.stat().st_size for f in files)
         results.append(QuantizeResult(Path(output), plan, float_bytes, size, ideal, time.perf_counter() - t0, table))
     return results
+
+
+def share_layouts(plans: list[QuantPlan], profiles: Sequence[TargetProfile]) -> list[QuantPlan]:
+    """The plans of one build with one layout per weight, so that every package carries the same integers.
+
+    Profiles may lay out the same format differently where one runtime's kernel needs blocks and the
+    other's form reads either: a tied embedding/output table is int8 in blocks along its rows on ONNX
+    Runtime (GatherBlockQuantized and MatMulNBits read one packed table) and int8 per row elsewhere.
+    Where a weight has the same format in every plan and some plans store it in blocks, the plans whose
+    form is a DequantizeLinear (``dq``, ``tied_dq``) on a profile that runs int4 blocks for its ops (so its
+    runtime dequantizes blocks: ONNX Runtime, Core ML iOS 18) take those blocks; otherwise each keeps its own.
+    """
+    if len(plans) < 2:
+        return plans
+    by_weight: dict[str, list[tuple[int, int]]] = {}
+    for i, plan in enumerate(plans):
+        for j, d in enumerate(plan.weights):
+            by_weight.setdefault(d.weight, []).append((i, j))
+    changed: dict[int, dict[int, WeightDecision]] = {}
+    for where in by_weight.values():
+        ds = [(i, j, plans[i].weights[j]) for i, j in where]
+        if len({d.format for _, _, d in ds}) != 1:
+            continue
+        blocked = {(d.axis, d.block) for _, _, d in ds if d.block}
+        if len(blocked) != 1 or all(d.block for _, _, d in ds):
+            continue
+        (axis, block), = blocked
+        donor = next(plans[i].profile for i, _, d in ds if d.block)
+        rows = [(i, j, d) for i, j, d in ds if not d.block]
+        if not all(d.form in ("dq", "tied_dq") and profiles[i].supports(d.op_type, WeightFormat.INT4)
+                   for i, _, d in rows):
+            continue
+        for i, j, d in rows:
+            changed.setdefault(i, {})[j] = replace(
+                d, axis=axis, block=block,
+                reason=f"{d.reason}; blocks of {block} as on {donor} (the same integers in every package)")
+    return [replace(plan, weights=tuple(changed[i].get(j, d) for j, d in enumerate(plan.weights)))
+            if i in changed else plan for i, plan in enumerate(plans)]
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -163,28 +201,20 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 IMPORT_STEPS = "edgeq.import_steps"  # ir.Model.meta key (in memory only): the import's ImportSteps
 
 
-def for_profile(model: ir.Model, profile: TargetProfile) -> ir.Model:
-    """The graph ``profile`` plans on: ``model`` itself, or for a causal language model on a runtime
-    with fused transformer kernels (``profile.ort_fusions``) a copy with them fused — reported as
-    one more import step."""
-    if not profile.ort_fusions or CAUSAL_LM_KEY not in model.metadata_props:
-        return model
-    fused = model.clone()
-    res = FuseForOrtPass()(fused)
-    fused.meta[IMPORT_STEPS] = (*model.meta.get(IMPORT_STEPS, ()), _fusion_step(profile, res, ""))
-    return fused
-
-
 def fused_after_quantization(qdq: ir.Model, plan: QuantPlan, profile: TargetProfile) -> tuple[ir.Model, QuantPlan]:
-    """A quantized model other than a causal LM with its transformer layers fused into ONNX Runtime's kernels
-    (``profile.ort_fusions`` and ``profile.fuse_encoders``: LayerNorm + residual, attention, GELU), and the
-    plan with that step added.
+    """A quantized model with its transformer layers fused into ONNX Runtime's kernels, and the plan with that
+    step added: a causal LM's RMSNorm, rotary embedding and attention (GroupQueryAttention, its query/key/value
+    projections packed into one quantized MatMul) on every ``profile.ort_fusions`` profile; any other model's
+    LayerNorm + residual, attention and GELU where ``profile.fuse_encoders`` too.
 
-    Done after quantization, not before planning: the fused ops read the same quantized MatMuls, and the
-    calibration and the weights' integers stay those of the unfused graph that other targets (Core ML) plan
-    on too, so one build calibrates once for all. The model is returned unchanged where nothing matched.
+    Done after quantization, not before planning: the fused ops read the same quantized MatMuls (the packed
+    projection's integers are its three projections' side by side), and the calibration and the weights'
+    integers stay those of the unfused graph that other targets (Core ML) plan on too, so one build
+    calibrates once for all and ships the same integers in every package. The model is returned unchanged
+    where nothing matched.
     """
-    if not (profile.ort_fusions and profile.fuse_encoders) or CAUSAL_LM_KEY in qdq.metadata_props:
+    causal_lm = CAUSAL_LM_KEY in qdq.metadata_props
+    if not profile.ort_fusions or not (causal_lm or profile.fuse_encoders):
         return qdq, plan
     fused = qdq.clone()
     res = FuseForOrtPass()(fused)

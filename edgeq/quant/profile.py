@@ -52,10 +52,10 @@ class TargetProfile:
     fused_activations: frozenset[str] = frozenset({"Relu", "Clip"})
     # anchors whose output is quantized even when no consumer needs it (the kernel needs Q on both sides)
     quantized_outputs: frozenset[str] = frozenset()
-    # fuse transformer layers into ONNX Runtime's kernels (edgeq.passes.fuse_for_ort): a causal LM's
-    # RMSNorm, rotary embedding and attention before planning (its packed query/key/value weight is
-    # quantized as one); any other model's normalization, attention and GELU on the quantized graph,
-    # so its plan and calibration stay those of the portable graph other targets share
+    # fuse transformer layers into ONNX Runtime's kernels (edgeq.passes.fuse_for_ort) on the quantized
+    # graph, so the plan and calibration stay those of the portable graph other targets share: a causal
+    # LM's RMSNorm, rotary embedding and attention (its query/key/value integers packed into one MatMul);
+    # any other model's normalization, attention and GELU
     ort_fusions: bool = False
     # ... and for models other than causal LMs, only where the profile's file is not also meant for other
     # targets: the host profile's QDQ ONNX is the portable one (the README tour packages one file for

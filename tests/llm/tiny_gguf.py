@@ -23,7 +23,7 @@ HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v"
             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
             "ffn_down": "mlp.down_proj"}
 EMBEDDING_TYPE = "Q8_0"
-# every projection of a type edgeq keeps, q/k/v of one type per layer (packed into one MatMul on ONNX Runtime)
+# every projection of a type edgeq keeps, q/k/v of one type per layer
 KEPT_LAYER_TYPES = (
     {"attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q4_1", "attn_output": "Q4_0",
      "ffn_gate": "Q4_1", "ffn_up": "Q8_0", "ffn_down": "Q4_1"},
