@@ -61,3 +61,19 @@ def ort_errors() -> tuple[type[BaseException], ...]:
 
     return tuple(getattr(s, n) for n in ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NotImplemented",
                                          "NoSuchFile", "RuntimeException") if hasattr(s, n))
+
+
+def count_calibrations(monkeypatch) -> list[int]:
+    """Patch quantize's calibration pass to record each pass's batch count in the list returned."""
+    from edgeq.pipeline import quantize as qmod
+
+    calls = []
+    real = qmod.calibrate
+
+    def counting(model, statistics, feeds, **kw):
+        table = real(model, statistics, feeds, **kw)
+        calls.append(table.batches)
+        return table
+
+    monkeypatch.setattr(qmod, "calibrate", counting)
+    return calls

@@ -5,17 +5,11 @@ import math
 
 import numpy as np
 import pytest
+from tiny_llama import write_texts
 
-from edgeq.export.causal_lm import empty_cache, read_facts, step_feed
+from edgeq.export.causal_lm import read_facts
 from edgeq.pipeline.build import build, format_summary
 from edgeq.validate.llm import LLMThresholds
-
-
-def _write_texts(folder, facts, texts):
-    folder.mkdir()
-    for i, ids in enumerate(texts):
-        np.savez(folder / f"text{i:02d}.npz", **step_feed(np.asarray([ids]), empty_cache(facts)))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +20,8 @@ def built(tiny_onnx, tmp_path_factory):
     facts = read_facts({p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props})
     rng = np.random.default_rng(11)
     root = tmp_path_factory.mktemp("llm_build")
-    calib = _write_texts(root / "calib", facts, [rng.integers(3, 256, 24).tolist() for _ in range(6)])
-    evaluation = _write_texts(root / "eval", facts, [rng.integers(3, 256, 20).tolist() for _ in range(4)])
+    calib = write_texts(root / "calib", facts, [rng.integers(3, 256, 24).tolist() for _ in range(6)])
+    evaluation = write_texts(root / "eval", facts, [rng.integers(3, 256, 20).tolist() for _ in range(4)])
     lines: list[str] = []
     # a random tiny model is not a language model (its next-token distributions are nearly flat, so
     # argmax flips easily): gates it meets (measured: ratio 1.005, top-1 0.934); the defaults are below

@@ -4,21 +4,15 @@ and the `.mlpackage`, each package validated with the LLM metrics (tiny Llama)."
 import numpy as np
 import onnx
 import pytest
+from helpers import count_calibrations
 from onnx import numpy_helper
+from tiny_llama import write_texts
 
 from edgeq import meta
-from edgeq.export.causal_lm import empty_cache, read_facts, step_feed
+from edgeq.export.causal_lm import read_facts
 from edgeq.passes.ort_llm_rules import PACKED_SOURCE
-from edgeq.pipeline import quantize as qmod
 from edgeq.pipeline.build import build
 from edgeq.validate.llm import LLMThresholds
-
-
-def _write_texts(folder, facts, texts):
-    folder.mkdir()
-    for i, ids in enumerate(texts):
-        np.savez(folder / f"text{i:02d}.npz", **step_feed(np.asarray([ids]), empty_cache(facts)))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +21,10 @@ def built(tiny_onnx, tmp_path_factory):
     facts = read_facts({p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props})
     rng = np.random.default_rng(11)
     root = tmp_path_factory.mktemp("llm_two_targets")
-    calib = _write_texts(root / "calib", facts, [rng.integers(3, 256, 24).tolist() for _ in range(6)])
-    evaluation = _write_texts(root / "eval", facts, [rng.integers(3, 256, 20).tolist() for _ in range(3)])
-    calls = []
-    real = qmod.calibrate
-
-    def counting(model, statistics, feeds, **kw):
-        table = real(model, statistics, feeds, **kw)
-        calls.append(table.batches)
-        return table
-
+    calib = write_texts(root / "calib", facts, [rng.integers(3, 256, 24).tolist() for _ in range(6)])
+    evaluation = write_texts(root / "eval", facts, [rng.integers(3, 256, 20).tolist() for _ in range(3)])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(qmod, "calibrate", counting)
+        calls = count_calibrations(mp)
         # the random tiny model is no language model (w4a16 keeps 40 % of its top-1): gates it meets; this test
         # is about the packages agreeing, not about the gates
         res = build(str(path), targets=["android", "ios18"], recipe="w4a16", calib=str(calib), data=str(evaluation),

@@ -40,3 +40,15 @@ def tiny_tokenizer():
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    chat_template=CHAT_TEMPLATE)
+
+
+def write_texts(folder, facts, texts):
+    """One ``.npz`` feed per token list in ``folder`` (an empty cache: each text starts a sequence)."""
+    import numpy as np
+
+    from edgeq.export.causal_lm import empty_cache, step_feed
+
+    folder.mkdir()
+    for i, ids in enumerate(texts):
+        np.savez(folder / f"text{i:02d}.npz", **step_feed(np.asarray([ids]), empty_cache(facts)))
+    return folder

@@ -3,12 +3,12 @@
 
 import typing
 
+import helpers
 import numpy as np
 import onnx
 import pytest
 from w8a8_models import cnn, cnn_feeds, encoder_block, encoder_feeds
 
-from edgeq.pipeline import quantize as qmod
 from edgeq.pipeline.quantize import decide, load_model, quantize_for_profiles
 from edgeq.quant.handlers import HANDLERS, ORDER
 from edgeq.quant.plan import make_plan
@@ -25,16 +25,7 @@ def test_one_handler_per_algorithm_config():
 
 @pytest.fixture
 def count_calibrations(monkeypatch):
-    calls = []
-    real = qmod.calibrate
-
-    def counting(model, statistics, feeds, **kw):
-        table = real(model, statistics, feeds, **kw)
-        calls.append(table.batches)
-        return table
-
-    monkeypatch.setattr(qmod, "calibrate", counting)
-    return calls
+    return helpers.count_calibrations(monkeypatch)
 
 
 @pytest.mark.parametrize("recipe, passes", [("w8a8", 2), ("w4a16", 1), ("w8a16", 0)])
