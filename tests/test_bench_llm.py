@@ -96,6 +96,7 @@ def test_the_tied_int4_method_is_the_w4a16_preset_with_an_int4_table(tmp_path):
     from dataclasses import replace
 
     from bench.llm_methods import W4A16_TIED_INT4
+
     from edgeq.quant.recipes import WeightFormat, load_recipe, preset
 
     path = tmp_path / "r.toml"
