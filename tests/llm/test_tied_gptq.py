@@ -56,7 +56,7 @@ def test_the_tied_int4_table_is_rounded_for_the_output_layer(tmp_path):
     gram = h.T @ h / len(h)
     err_gptq = output_error(table, codes.dequantize(), gram, k_axis=1)
     err_rtn = output_error(table, nearest.dequantize(), gram, k_axis=1)
-    assert err_gptq < 0.7 * err_rtn, (err_gptq, err_rtn)
+    assert err_gptq < 0.5 * err_rtn, (err_gptq, err_rtn)  # measured 0.23x
     # both readers see those integers: the Gather's rows exactly, the MatMul's logits from the same table
     ids = np.array([[0, 5, 95, 5, 17]], np.int64)
     e, hid, logits = ort_session(out, optimize=False).run(["e", "h", "logits"], {"input_ids": ids})
