@@ -375,7 +375,9 @@ def preset(name: str, *, block: int | None = None) -> Recipe:
     if name == "w4a16":
         # AWQ + GPTQ when calibration data is given (nearest rounding without). MiniLM block 32 mean
         # cosine: nearest 0.973, AWQ 0.981, GPTQ 0.987, AWQ + GPTQ 0.988 (+70 KB of input scales);
-        # GPTQ in act order: SmolLM2 perplexity x1.160 -> x1.136, top-1 0.754 -> 0.777 (MiniLM 0.9884)
+        # GPTQ in act order: SmolLM2 perplexity x1.160 -> x1.136, top-1 0.754 -> 0.777 (MiniLM 0.9884);
+        # for causal LMs its asymmetric block grids are chosen by the output error they predict (gptq._output_grid):
+        # SmolLM2 Android .ort x1.136 -> x1.108, KLD 0.156 -> 0.148, top-1 0.776 -> 0.777 (held-out text)
         # Massive activations (a channel 32x the 90th percentile, e.g. SmolLM2 layer 11's down_proj
         # input at ~3100 on a sequence's first token vs ~8 elsewhere) and the super-weight rows they
         # meet are kept float: a few channels, a few KB.
