@@ -132,7 +132,7 @@ def _block_grid(rows: np.ndarray, d: WeightDecision) -> tuple[_Grid, np.ndarray 
 OUTPUT_GRID_RATIOS = (1.0667, 1.0333, *formats.INT4_CLIP_RATIOS)
 
 
-def _output_grid(rows: np.ndarray, d: WeightDecision, h_block: np.ndarray) -> tuple[_Grid, np.ndarray]:
+def _output_grid(rows: np.ndarray, h_block: np.ndarray) -> tuple[_Grid, np.ndarray]:
     """An asymmetric block's grid chosen, per output column, by the layer-output error it predicts,
     ``eᵀ H_bb e`` with ``H_bb`` the block's part of the input Gram, instead of the weights' squared error.
 
@@ -200,7 +200,7 @@ def gptq_quantize(w: np.ndarray, d: WeightDecision, factor: np.ndarray,
             by_output = hessian is not None and not d.symmetric and hessian.shape == (k, k)
             for b in range(nb):
                 rows = slice(b * d.block, (b + 1) * d.block)
-                g, zp = _output_grid(wk[rows], d, np.asarray(hessian, np.float64)[rows, rows]) if by_output \
+                g, zp = _output_grid(wk[rows], np.asarray(hessian, np.float64)[rows, rows]) if by_output \
                     else _block_grid(wk[rows], d)
                 grids.append(g)
                 scales[b] = g.scale

@@ -81,6 +81,6 @@ def test_output_error_grids_predict_less_output_error_than_squared_error_grids()
     x = rng.standard_normal((4096, block)) + 2.0 * rng.standard_normal((4096, 1))  # a shared component
     gram = x.T @ x / len(x)
     dec = SimpleNamespace(block=block, symmetric=False, clip_search=True)
-    grids = {"squared": _block_grid(w, dec)[0], "output": _output_grid(w, dec, gram)[0]}
+    grids = {"squared": _block_grid(w, dec)[0], "output": _output_grid(w, gram)[0]}
     err = {k: output_error(w, g.round(w.astype(np.float64))[1], gram) for k, g in grids.items()}
     assert err["output"] < 0.5 * err["squared"], err  # measured 0.09x
