@@ -384,7 +384,7 @@ def preset(name: str, *, block: int | None = None) -> Recipe:
         # A tied embedding/output table is int8 (block 32 symmetric on ONNX Runtime: SmolLM2's Q8_0
         # table exactly). int4 (`tied_table = "int4"`, its codes chosen by GPTQ for the output layer from
         # the final hidden states' Gram) makes the SmolLM2 Android .ort 91.2 MB instead of 105.3 but takes
-        # perplexity x1.136 -> x1.245, top-1 0.776 -> 0.700, KLD 0.156 -> 0.252 (tools/bench_llm.py, 1545
+        # perplexity x1.108 -> x1.210, top-1 0.777 -> 0.691, KLD 0.148 -> 0.249 (tools/bench_llm.py, 1545
         # held-out tokens; round to nearest int4 was x1.275 / 0.64). The error is the output layer's: with
         # the rest float, an int4 table costs KLD 0.021 as the embedding and 0.121 as the output layer
         # (notes/llmq.md), so int8 stays the default until the table's int4 form gets a zero point.
