@@ -89,3 +89,19 @@ def test_the_worker_opens_an_onnx_model_as_a_runner(tmp_path):
     out = runner.run({"ids": ids})
     np.testing.assert_array_equal(next(iter(out.values())) if isinstance(out, dict) else out[0],
                                   run(tied_model(), ids))
+
+
+def test_the_tied_int4_method_is_the_w4a16_preset_with_an_int4_table(tmp_path):
+    """The bench's W4A16_TIED_INT4 recipe spells out the preset: only the tied table's format differs."""
+    from dataclasses import replace
+
+    from bench.llm_methods import W4A16_TIED_INT4
+
+    from edgeq.quant.recipes import WeightFormat, load_recipe, preset
+
+    path = tmp_path / "r.toml"
+    path.write_text(W4A16_TIED_INT4)
+    mine = load_recipe(path)
+    ref = preset("w4a16", block=32)  # a pinned block: no block choice, as causal LMs keep the recipe's block
+    assert mine.default == replace(ref.default, tied_table=WeightFormat.INT4)
+    assert mine.algorithms == ref.algorithms and mine.rules == ref.rules

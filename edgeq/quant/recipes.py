@@ -382,13 +382,19 @@ def preset(name: str, *, block: int | None = None) -> Recipe:
     if name == "w4a16":
         # AWQ + GPTQ when calibration data is given (nearest rounding without). MiniLM block 32 mean
         # cosine: nearest 0.973, AWQ 0.981, GPTQ 0.987, AWQ + GPTQ 0.988 (+70 KB of input scales);
-        # GPTQ in act order: SmolLM2 perplexity x1.160 -> x1.136, top-1 0.754 -> 0.777 (MiniLM 0.9884)
+        # GPTQ in act order: SmolLM2 perplexity x1.160 -> x1.136, top-1 0.754 -> 0.777 (MiniLM 0.9884);
+        # for causal LMs its asymmetric block grids are chosen by the output error they predict (gptq._output_grid):
+        # SmolLM2 Android .ort x1.136 -> x1.108, KLD 0.156 -> 0.148, top-1 0.776 -> 0.777 (held-out text)
         # Massive activations (a channel 32x the 90th percentile, e.g. SmolLM2 layer 11's down_proj
         # input at ~3100 on a sequence's first token vs ~8 elsewhere) and the super-weight rows they
         # meet are kept float: a few channels, a few KB.
         # A tied embedding/output table is int8 (block 32 symmetric on ONNX Runtime: SmolLM2's Q8_0
-        # table exactly): int4 took SmolLM2 from perplexity x1.16 to x1.275 and top-1 0.75 to 0.64, for
-        # 14 MB less (100 vs 86 MB).
+        # table exactly). int4 (`tied_table = "int4"`, its codes chosen by GPTQ for the output layer from
+        # the final hidden states' Gram) makes the SmolLM2 Android .ort 91.2 MB instead of 105.3 but takes
+        # perplexity x1.108 -> x1.210, top-1 0.777 -> 0.691, KLD 0.148 -> 0.249 (tools/bench_llm.py, 1545
+        # held-out tokens; round to nearest int4 was x1.275 / 0.64). The error is the output layer's: with
+        # the rest float, an int4 table costs KLD 0.021 as the embedding and 0.121 as the output layer
+        # (notes/llmq.md), so int8 stays the default until the table's int4 form gets a zero point.
         return Recipe(f"w4a16-b{block or 32}",
                       QuantSpec(WeightFormat.INT4, block=block or 32, tied_table=WeightFormat.INT8),
                       algorithms=Algorithms(awq=AWQConfig(), gptq=GPTQConfig(act_order=True),

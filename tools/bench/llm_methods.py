@@ -92,6 +92,34 @@ def _edgeq_quantize(recipe: str, *, calib: bool, profile: str | None) -> Callabl
     return run
 
 
+# the w4a16 preset with its tied embedding/output table int4 instead of int8 (the preset's other settings
+# spelled out: AWQ, GPTQ in act order, massive-activation protection, blocks of 32)
+W4A16_TIED_INT4 = """name = "w4a16-tied-int4"
+[default]
+weights = "int4"
+block = 32
+tied_table = "int4"
+[algorithms]
+awq = true
+gptq = {act_order = true}
+protect = {ratio = 32.0, max_channels = 2}
+"""
+
+
+def _edgeq_quantize_toml(text: str, *, profile: str) -> Callable[[dict], dict]:
+    """``edgeq quantize`` with a TOML recipe written into the method's output folder."""
+
+    def run(job: dict) -> dict:
+        recipe = Path(job["out_dir"]) / f"{job['method']}.toml"
+        recipe.parent.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(text)
+        res = _edgeq_quantize(str(recipe), calib=True, profile=profile)(job)
+        res["notes"].append("recipe: " + " ".join(line for line in text.splitlines()[1:] if line and line[0] != "["))
+        return res
+
+    return run
+
+
 def _edgeq_package(source: str) -> Callable[[dict], dict]:
     """``edgeq package --target android`` of the QDQ model method ``source`` made."""
 
@@ -291,6 +319,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _edgeq_quantize("w4a16", calib=True, profile="android")),
     Method("edgeq-w4a16-android-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
            _edgeq_package("edgeq-w4a16-awq-gptq-android"), needs=("edgeq-w4a16-awq-gptq-android",)),
+    Method("edgeq-w4a16-tied4-android", "edgeq",
+           "edgeq w4a16 with tied_table = int4 (GPTQ for the output layer) --profile android --calib smollm2, QDQ ONNX",
+           _edgeq_quantize_toml(W4A16_TIED_INT4, profile="android")),
+    Method("edgeq-w4a16-tied4-android-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
+           _edgeq_package("edgeq-w4a16-tied4-android"), needs=("edgeq-w4a16-tied4-android",)),
     Method("edgeq-gguf-android", "edgeq",
            "edgeq --recipe gguf --profile android: the GGUF's own Q4_1/Q8_0 integers kept, QDQ ONNX",
            _edgeq_quantize("gguf", calib=False, profile="android")),
