@@ -109,9 +109,10 @@ def calibrate(
     stream = stream_feeds(feeds, specs, source=source)
     first = next(stream)  # validates before the (slow) session build; raises on an empty source
     _return_large_blocks_to_os()
+    # statistics of model inputs only (e.g. where sequences start) need no model run
     sess = ort_session(_with_outputs(model, fetch, dtypes or {}).SerializeToString(),
                        what=f" ({source}: the float model with the tensors calibration observes as outputs)",
-                       hint="check that ONNX Runtime runs the float model (edgeq validate)")
+                       hint="check that ONNX Runtime runs the float model (edgeq validate)") if fetch else None
     digest = hashlib.sha256()
     total = len(feeds) if hasattr(feeds, "__len__") else None
     batches = samples = 0
@@ -122,7 +123,7 @@ def calibrate(
                 digest.update(k.encode())
                 digest.update(np.ascontiguousarray(feed[k]).tobytes())
             try:
-                outs = sess.run(fetch, feed)
+                outs = sess.run(fetch, feed) if sess is not None else []
             except Exception as e:
                 raise InputError(f"{source} batch {batches}: ONNX Runtime failed: {first_line(e)}") from e
             got = dict(zip(fetch, outs))

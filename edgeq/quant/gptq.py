@@ -279,7 +279,11 @@ class GPTQHandler(Algorithm):
         return {node: t for node, t in gptq_inputs(ctx.model, plan).items() if ctx.settings(node).gptq is not None}
 
     def requests(self, ctx: Context, plan: QuantPlan) -> list[Request]:
-        return [Request("gram", t, Gram) for t in sorted(set(self._inputs(ctx, plan).values()))]
+        # weights already coded (a GGUF's kept blocks, decided in the prepass) need no Gram: with recipe
+        # gguf and --calib, SmolLM2's full calibration pass was spent on nothing
+        gram_of = self._inputs(ctx, plan)
+        wanted = {gram_of[d.node] for d in plan.weights if d.node in gram_of and d.weight not in plan.codes}
+        return [Request("gram", t, Gram) for t in sorted(wanted)]
 
     def decide(self, ctx: Context, plan: QuantPlan, stats: Stats) -> QuantPlan:
         gram_of = self._inputs(ctx, plan)  # after protection/AWQ: the tensors the MatMuls now read

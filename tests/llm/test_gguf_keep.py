@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from tiny_gguf import HEADS, KEPT_LAYER_TYPES, KV_HEADS, LAYER_TYPES, tiny_gguf, unpermute
 
 from edgeq.errors import InputError
+from edgeq.quant import calibrate as calibrate_mod
 from edgeq.quant.gguf_blocks import GGUF_FILE_KEY, BlockOffsetTensor, GGUFRows, blocks_of, to_quantized
 
 gguf = pytest.importorskip("gguf", reason="pip install 'edgeq[llm]' (the gguf package)")
@@ -309,3 +310,20 @@ def test_quantize_takes_the_gguf_file_itself(kept_only, tmp_path, monkeypatch):
     for name, w in want.items():
         np.testing.assert_array_equal(got[name], w, err_msg=name)
     assert [p.name for p in out.parent.iterdir()] == ["direct.onnx"]  # the exported float model is gone
+
+
+@pytest.mark.slow
+def test_calibration_data_is_not_spent_on_kept_weights(kept_only, monkeypatch):
+    """Every weight kept: GPTQ asks for no statistics; what --calib is still read for (where sequences start) is
+    a model input, read from the feeds without running the model."""
+    from edgeq.pipeline import quantize as qmod
+
+    root, _ = kept_only
+    observed, sessions = [], []
+    real_calibrate, real_session = qmod.calibrate, calibrate_mod.ort_session
+    monkeypatch.setattr(qmod, "calibrate", lambda model, statistics, feeds, **kw: (
+        observed.extend(statistics), real_calibrate(model, statistics, feeds, **kw))[1])
+    monkeypatch.setattr(calibrate_mod, "ort_session", lambda *a, **kw: (sessions.append(1), real_session(*a, **kw))[1])
+    res, _ = _quantize(root, "onnx-reference", calib=[_feed(root)])
+    assert res.plan.result("keep_gguf").summary.startswith("kept ")
+    assert set(observed) <= {"input_ids", "attention_mask", "position_ids"} and sessions == []
