@@ -10,7 +10,10 @@
 - A partial last block (ONNX allows it, Core ML infers whole blocks from the shapes) is stored
   padded with zero codes and sliced back to the weight's shape after dequantization.
 - Scales keep the dtype the ONNX initializer has: float32 scales are stored as float32 and the
-  dequantized weight is cast to the compute dtype after; float16 scales (DequantizeLinear-23 with
+  dequantized weight is cast to the compute dtype after — except in fp16 compute when every scale is
+  exactly a float16 (a GGUF's Q8_0/Q4_0 scales, or w4a16's int8 tied table that reproduces them):
+  those are stored as float16, half the bytes and the same weights (the one rounding of the exact
+  product, below, is the cast's). float16 scales (DequantizeLinear-23 with
   ``output_dtype=FLOAT``) are stored as float16 in fp16 compute — the constexpr op then yields
   ``round_fp16((q - zp) * s)``, which is the fp16 rounding of the exact float32 product the ONNX
   computes (≤ 8-bit codes times an 11-bit scale fit float32 exactly) — and widened exactly to
@@ -150,6 +153,16 @@ def _axis_kw(ctx: Context, x, scale: np.ndarray, axis: int) -> dict:
     return {} if scale.ndim == 0 else {"axis": axis}
 
 
+def _stored_scale(scale: np.ndarray, compute: str) -> np.ndarray:
+    """float32 weight scales that are all exactly float16 values, as float16 in fp16 compute (lossless)."""
+    if compute == "fp16" and scale.dtype == np.float32:
+        with np.errstate(over="ignore"):
+            half = scale.astype(np.float16)
+        if np.array_equal(half.astype(np.float32), scale):
+            return half
+    return scale
+
+
 def _weight(ctx: Context, node, x: np.ndarray, scale: np.ndarray, zp, axis: int, block: int):
     """A constant dequantization as a constexpr op carrying the integers and scales unchanged."""
     import ml_dtypes
@@ -158,6 +171,7 @@ def _weight(ctx: Context, node, x: np.ndarray, scale: np.ndarray, zp, axis: int,
     name = mil_name(node.output[0])
     if scale.dtype == np.float16 and ctx.compute == "fp32":
         scale = scale.astype(np.float32)  # exact: every float16 is a float32
+    scale = _stored_scale(scale, ctx.compute)
     if x.dtype == np.dtype(ml_dtypes.int4):
         kind, data = "int4", x.astype(np.int8)
     elif x.dtype in (np.int8, np.uint8):

@@ -61,8 +61,11 @@ def _bits(a) -> np.ndarray:
 
 
 def _want_scale(scale: np.ndarray, compute: str) -> np.ndarray:
-    """The scale as the package stores it: float16 scales stay float16 in fp16 compute; float32 stays float32."""
-    return scale if scale.dtype == np.float16 and compute == "fp16" else scale.astype(np.float32)
+    """The scale as the package stores it: float16 in fp16 compute when the scales are float16 or all exactly
+    float16 values; float32 otherwise."""
+    half = scale.astype(np.float16)
+    exact = np.array_equal(half.astype(np.float32), scale.astype(np.float32))
+    return half if compute == "fp16" and exact else scale.astype(np.float32)
 
 
 def _assert_package_carries_the_qdq_parameters(qdq_path, pkg, deployment: int, compute: str) -> dict:
@@ -313,3 +316,48 @@ def test_executor_teacher_forcing_replaces_named_values(tmp_path):
         ex.run({"x": x}, force={"nope": forced})
     with pytest.raises(InputError, match="forced value 'm' has shape"):
         ex.run({"x": x}, force={"m": forced[:1]})
+
+
+def test_scales_that_are_float16_values_are_stored_as_float16_with_the_same_weights(tmp_path, monkeypatch):
+    """fp16 compute: float32 weight scales that are all exactly float16 (a GGUF's Q8_0 scales) are stored as
+    float16 (half the bytes); the package computes bit for bit what it computes with them stored float32."""
+    from onnx import TensorProto, helper
+
+    from targets.coreml.lower import quant
+
+    rng = np.random.default_rng(0)
+    half_scales = lambda *shape: (rng.uniform(0.01, 0.05, shape).astype(np.float16).astype(np.float32))  # noqa: E731
+    inits = [
+        numpy_helper.from_array(rng.integers(-127, 128, (64, 48)).astype(np.int8), "w8"),
+        numpy_helper.from_array(half_scales(48), "s8"),
+        numpy_helper.from_array(rng.integers(-8, 8, (64, 40)).astype(ml_dtypes.int4), "w4"),
+        numpy_helper.from_array(half_scales(2, 40), "s4"),  # blocks of 32 along K = 64
+        numpy_helper.from_array(rng.uniform(0.01, 0.05, 40).astype(np.float32), "s_odd"),  # not float16 values
+        numpy_helper.from_array(rng.integers(-127, 128, (64, 40)).astype(np.int8), "w_odd"),
+    ]
+    nodes = [helper.make_node("DequantizeLinear", ["w8", "s8"], ["d8"], axis=1),
+             helper.make_node("DequantizeLinear", ["w4", "s4"], ["d4"], axis=0, block_size=32),
+             helper.make_node("DequantizeLinear", ["w_odd", "s_odd"], ["d_odd"], axis=1),
+             helper.make_node("MatMul", ["x", "d8"], ["y"]), helper.make_node("MatMul", ["x", "d4"], ["z"]),
+             helper.make_node("MatMul", ["x", "d_odd"], ["u"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", k]) for n, k in (("y", 48), ("z", 40),
+                                                                                          ("u", 40))]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], outs, inits),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    onnx.checker.check_model(model, full_check=True)
+    qdq = tmp_path / "q.onnx"
+    onnx.save(model, str(qdq))
+    feed = {"x": rng_array((3, 64), 1)}
+    target = IOS18Target(compute="fp16")
+    res = target.package(qdq, tmp_path / "half")
+    by_name, _ = _ops(res.model_file)
+    assert {n: by_name[mil_name(d)].scale.val.dtype for n, d in (("w8", "d8"), ("w4", "d4"), ("odd", "d_odd"))} == \
+        {"w8": np.float16, "w4": np.float16, "odd": np.float32}
+    monkeypatch.setattr(quant, "_stored_scale", lambda scale, compute: scale)
+    ref = target.package(qdq, tmp_path / "full")
+    assert _ops(ref.model_file)[0][mil_name("d8")].scale.val.dtype == np.float32
+    got = MLPackageRunner(res.model_file, engine="numpy").run(feed)
+    want = MLPackageRunner(ref.model_file, engine="numpy").run(feed)
+    for k in ("y", "z", "u"):
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
