@@ -21,7 +21,7 @@ from edgeq.errors import InputError, UnsupportedError, first_line
 from edgeq.runtime import ort_run_failure, ort_session
 from targets.android import ortformat
 from targets.android.ortformat import type_name
-from targets.android.profile import DISABLED_OPTIMIZERS, SESSION_CONFIG
+from targets.android.profile import DISABLED_OPTIMIZERS, KEEP_FLOAT16_DISABLED, SESSION_CONFIG
 
 
 def session_options(output: Path, *, ort_format: bool = True):
@@ -39,13 +39,23 @@ def session_options(output: Path, *, ort_format: bool = True):
     return so
 
 
+def disabled_optimizers(model: onnx.ModelProto) -> list[str]:
+    """The converter's disabled optimizers, plus the two that would widen the model's float16 constants
+    (initializers read through a Cast, as recipe gguf writes a GGUF's scales) to float32."""
+    half = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    keeps_half = any(n.op_type == "Cast" and n.input and n.input[0] in half for n in model.graph.node)
+    return [*DISABLED_OPTIMIZERS, *(KEEP_FLOAT16_DISABLED if keeps_half else ())]
+
+
 def _optimize(model, output: Path, *, ort_format: bool) -> None:
     import onnxruntime as ort
 
-    source = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+    is_path = isinstance(model, (str, os.PathLike))
+    disabled = disabled_optimizers(onnx.load(str(model), load_external_data=False) if is_path else model)
+    source = str(model) if is_path else model.SerializeToString()
     with quiet():
         ort.InferenceSession(source, session_options(output, ort_format=ort_format),
-                             providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
+                             providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
 def optimize_to_onnx(model: onnx.ModelProto | Path, output: Path) -> onnx.ModelProto:

@@ -24,10 +24,10 @@ from edgeq import onnx_io
 from edgeq.errors import UnsupportedError
 from edgeq.quant.profile import TargetProfile
 from targets.android import ortformat
+from targets.android.convert import check_converted, convert, disabled_optimizers, load_ort, smoke_run, write_config
 from targets.android.llm import is_causal_lm, readme_section, write_llm_files
-from targets.android.convert import check_converted, convert, load_ort, smoke_run, write_config
 from targets.android.preflight import nnapi_partitions, preflight
-from targets.android.profile import ANDROID, DISABLED_OPTIMIZERS, OPTIMIZATION_LEVEL, SESSION_CONFIG
+from targets.android.profile import ANDROID, KEEP_FLOAT16_DISABLED, OPTIMIZATION_LEVEL, SESSION_CONFIG
 from targets.base import Problem, Target
 
 MODEL_ORT = "model.ort"
@@ -82,7 +82,7 @@ class AndroidTarget(Target):
                 "optimization_style": "Fixed",
                 "optimization_level": OPTIMIZATION_LEVEL,
                 "target_platform": "arm",
-                "disabled_optimizers": list(DISABLED_OPTIMIZERS),
+                "disabled_optimizers": disabled_optimizers(model),
                 "session_config": dict(SESSION_CONFIG),
             },
             "tools": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
@@ -92,6 +92,9 @@ class AndroidTarget(Target):
             "first_run": first_run,
             "nnapi_partitions": nnapi_partitions(model),
         }
+        if set(KEEP_FLOAT16_DISABLED) <= set(facts["conversion"]["disabled_optimizers"]):
+            facts["conversion"]["float16_constants"] = ("kept float16 (not widened to float32 at conversion): "
+                                                        "the file stays small; their casts run on every call")
         if is_causal_lm(model):
             facts.update(write_llm_files(model, folder, MODEL_ORT))
         return ort_file, facts

@@ -6,6 +6,8 @@ integers dequantized, as transformers loads a GGUF.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -195,9 +197,9 @@ def test_the_android_ort_carries_the_same_integers(kept_only, tmp_path):
         names = d.reason.split("GGUF ")[1].split(" (")[0].split(" ", 1)[1].split(" + ")
         blocks = [_gguf_rows(root, n) for n in names]
         q = np.concatenate([b.q for b in blocks])  # packed q/k/v: rows one after another
-        if d.form == "matmulnbits":  # the scales: the file's d, widened to float32 by ORT at conversion
-            scales = stored[f"{d.node}/{d.weight}_nbits_scales"].view(np.float32)
-            np.testing.assert_array_equal(scales, np.concatenate([b.d for b in blocks]).astype(np.float32).reshape(-1))
+        if d.form == "matmulnbits":  # the scales: the file's d, kept float16 in the .ort (cast at run time)
+            scales = stored[f"{d.node}/{d.weight}_nbits_scales_half"].view(np.float16)
+            np.testing.assert_array_equal(scales, np.concatenate([b.d for b in blocks]).astype(np.float16).reshape(-1))
         b = stored[f"{d.node}/{d.weight}_" + ("nbits" if d.form == "matmulnbits" else "quantized_T")]
         if q.dtype == np.int8:  # Q8_0: uint8 codes + 128 (its explicit zero point 128)
             rows_bytes = (q.astype(np.int16) + 128).astype(np.uint8)
@@ -208,6 +210,9 @@ def test_the_android_ort_carries_the_same_integers(kept_only, tmp_path):
     table = _gguf_rows(root, "token_embd.weight")
     np.testing.assert_array_equal(stored["lm.lm_head.weight_quantized"].reshape(table.q.shape),
                                   (table.q.astype(np.int16) + 128).astype(np.uint8))
+    assert not any(v.dtype == np.float32 and n.endswith("_scales") for n, v in stored.items())  # none widened
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    assert "ConstantFolding" in manifest["conversion"]["disabled_optimizers"] and manifest["conversion"]["float16_constants"]
     feed = _feed(root)
     got = _logits(out, feed)
     np.testing.assert_array_equal(_logits(tmp_path / "pkg" / "model.ort", feed), got)
