@@ -187,11 +187,11 @@ class OrtProgram:
     """The translated program in ONNX Runtime sessions: ``run`` takes and gives what
     :meth:`Executor.run` does (feeds by Core ML name; outputs and kept values in their declared
     dtypes; forced values as it forces them). A (keep, forced names) pair other than the plain run is
-    translated on first use and its session kept (the last ``CACHED`` pairs): a teacher-forced
-    comparison uses one pair for all its feeds."""
+    translated on first use and its session kept (the last ``CACHED`` such: each holds a copy of the
+    weights); a teacher-forced comparison uses one pair for all its feeds."""
 
     kind = "onnxruntime"
-    CACHED = 2
+    CACHED = 1
 
     def __init__(self, executor: Executor):
         self.executor = executor
