@@ -99,21 +99,25 @@ class MLPackageRunner(Runner):
         return {o["name"]: out[o["coreml_name"]].astype(np.float32 if o["coreml_dtype"] == "float32" else np.int64)
                 for o in self._outputs}
 
-    def run_program(self, feeds: dict[str, np.ndarray], *, keep=None, force=None) -> dict[str, np.ndarray]:
+    def run_program(self, feeds: dict[str, np.ndarray], *, keep=None, force=None,
+                    fp16_as_float32: bool = False) -> dict[str, np.ndarray]:
         """:meth:`.executor.Executor.run` on Core ML feeds (e.g. from :meth:`coreml_feeds`), with its
         ``keep`` and ``force``: translated for the (keep, forced names) pair on first use when the
         program translates (the acceptance's teacher-forced segment runs), else in numpy. Values by
-        Core ML name, in their declared dtypes."""
+        Core ML name, in their declared dtypes (fp16 ones as float32 if ``fp16_as_float32``)."""
         from targets.coreml.executor.to_onnx import Untranslatable
 
         if self.fast is not None:
             key = (frozenset(keep or ()), frozenset(force or ()))
             if key not in self._untranslated:
                 try:
-                    return self.fast.run(feeds, keep=keep, force=force)
+                    return self.fast.run(feeds, keep=keep, force=force, fp16_as_float32=fp16_as_float32)
                 except Untranslatable:  # e.g. a forced value of a type ONNX cannot feed: numpy runs it
                     self._untranslated.add(key)
-        return self.executor.run(feeds, keep=keep, force=force)
+        out = self.executor.run(feeds, keep=keep, force=force)
+        if fp16_as_float32:
+            out = {n: v.astype(np.float32) if v.dtype == np.float16 else v for n, v in out.items()}
+        return out
 
     def coreml_feeds(self, feed) -> dict[str, np.ndarray]:
         """The package's feeds (Core ML names and dtypes) for feeds by ONNX input name, checked."""

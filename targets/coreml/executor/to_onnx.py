@@ -226,8 +226,9 @@ class OrtProgram:
         return session
 
     def run(self, feeds: dict[str, np.ndarray], *, keep: set[str] | None = None,
-            force: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """As :meth:`Executor.run` (without states)."""
+            force: dict[str, np.ndarray] | None = None, fp16_as_float32: bool = False) -> dict[str, np.ndarray]:
+        """As :meth:`Executor.run` (without states); ``fp16_as_float32``: fp16 values as the float32
+        arrays the graph holds them in (the same numbers, without a float16 round trip)."""
         from edgeq.errors import InputError
 
         keep, force = list(dict.fromkeys(keep or ())), dict(force or {})
@@ -258,7 +259,8 @@ class OrtProgram:
         result = {}
         for n, v in zip(names, outs):
             d = dtypes.get(n)
-            result[n] = v.astype(d) if d is not None and v.dtype != d else v
+            keep_held = fp16_as_float32 and d == np.float16
+            result[n] = v.astype(d) if d is not None and v.dtype != d and not keep_held else v
         return result
 
 
