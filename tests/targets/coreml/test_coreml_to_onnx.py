@@ -104,6 +104,11 @@ def test_untranslatable_program_falls_back_to_numpy_and_says_why(tmp_path):
     assert runner.engine == "numpy" and runner.fast is None
     assert "conv_transpose" in runner.describe()["note"]
     np.testing.assert_array_equal(runner.run(feed)["y"], runner.executor.run(feed)["y"].astype(np.float32))
+    computed = sorted(runner.executor.computed)
+    got = runner.run_program(feed, keep=set(computed), fp16_as_float32=True)  # numpy runs kept values too
+    want = runner.executor.run(feed, keep=set(computed))
+    assert all(np.array_equal(got[n], want[n].astype(got[n].dtype)) for n in computed)
+    assert {got[n].dtype for n in computed if want[n].dtype == np.float16} == {np.dtype(np.float32)}
     with pytest.raises(UnsupportedError, match="conv_transpose"):
         MLPackageRunner(pkg, engine="onnxruntime")
     assert MLPackageRunner(pkg, engine="numpy").describe().get("note") is None
@@ -172,7 +177,8 @@ def _assert_forced_run_equal(runner, feed, force, keep, max_share=0.01):
 def test_w8a8_cnn_forced_and_kept_run_translated(tmp_path):
     """Every activation dequantize output forced to float32 values off the fp16 grid (another feed's,
     scaled by 1.001), quantize inputs and codes kept: the translation gives the numpy executor's
-    values (measured: bit-identical; allowed: one fp16 step on 1 % of elements)."""
+    codes, and its values but for one fp16 step on at most 1 % of elements (measured on 3 seeds: codes
+    equal, 0-2 of 27812 elements a step apart, in a conv output: float32 summation order)."""
     _, pkg = _w8a8_cnn(tmp_path)
     runner = MLPackageRunner(pkg)
     ex = runner.executor
@@ -189,8 +195,8 @@ def test_w8a8_cnn_forced_and_kept_run_translated(tmp_path):
 
 def test_attention_block_forced_and_kept_run_translated(tmp_path):
     """fp16 attention block with its layer norm and softmax outputs forced to random values, matmul
-    outputs kept: within one fp16 step of the numpy executor on at most 1 % of elements (measured:
-    bit-identical)."""
+    outputs kept: within one fp16 step of the numpy executor on at most 1 % of elements (measured: 2 of
+    14616 elements, the block's output)."""
     pkg, feed = _attention_package(tmp_path)
     runner = MLPackageRunner(pkg)
     ex = runner.executor
