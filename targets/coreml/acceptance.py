@@ -140,7 +140,8 @@ def compare_segments(qdq, package, feeds: Iterable[Mapping[str, np.ndarray]], *,
     ``qdq``: the QDQ ONNX the package was built from (path or ModelProto); ``package``: the
     ``.mlpackage`` (path or an open ``MLPackageRunner``); ``feeds``: inputs by ONNX name. Each feed
     runs the QDQ ONNX in ONNX Runtime (optimizations off) for its activation dequantize outputs and
-    quantize inputs/outputs, then the package's program with those dequantize outputs forced.
+    quantize inputs/outputs, then the package's program with those dequantize outputs forced (the
+    runner's ONNX Runtime translation when the program translates, else the numpy executor).
     """
     from targets.coreml.lower.context import mil_name
 
@@ -164,13 +165,13 @@ def compare_segments(qdq, package, feeds: Iterable[Mapping[str, np.ndarray]], *,
     segments = {x: Segment(x) for x, _ in points}
     for feed in feeds:
         want = dict(zip(out_names, session.run(None, dict(feed))))
-        got = runner.executor.run(runner.coreml_feeds(feed), keep={mil_name(v) for pair in points for v in pair},
-                                  force={mil_name(n): want[n] for n in force_names})
+        got = runner.run_program(runner.coreml_feeds(feed), keep={mil_name(v) for pair in points for v in pair},
+                                 force={mil_name(n): want[n] for n in force_names}, fp16_as_float32=True)
         for x, y in points:
             s = segments[x]
-            s.stats.update(want[x], got[mil_name(x)].astype(np.float32))
+            s.stats.update(want[x], got[mil_name(x)].astype(np.float32, copy=False))
             s.codes += want[y].size
-            s.codes_apart += int(np.count_nonzero(want[y].astype(np.int64) != got[mil_name(y)].astype(np.int64)))
+            s.codes_apart += int(np.count_nonzero(want[y] != got[mil_name(y)]))  # numpy compares int8/uint8 exactly
     return SegmentReport(list(segments.values()), not_compared, min_sqnr_db)
 
 

@@ -6,10 +6,10 @@ ONNX and to the package. int64 feeds are narrowed to Core ML's int32 (an error w
 not fit); float feeds are float32.
 
 Engines: the numpy reference executor (:mod:`.executor`) defines what the package computes and
-always loads (teacher-forced runs, kept intermediates and states use it); ``run`` uses its
-translation into one ONNX Runtime graph (:mod:`.executor.to_onnx`; ~2x faster on MiniLM, ~2.6x
-on EfficientNet-Lite0) when the program translates, and otherwise the numpy executor, saying why
-in ``describe()`` (``note``).
+always loads (states use it); ``run`` and ``run_program`` (kept intermediates, teacher-forced runs:
+the W8A8 segment acceptance) use its translation into ONNX Runtime graphs
+(:mod:`.executor.to_onnx`; ~2x faster on MiniLM, ~2.6x on EfficientNet-Lite0) when the program
+translates, and otherwise the numpy executor, saying why in ``describe()`` (``note``).
 
 A stateful package (a causal LM whose KV cache is Core ML state, ``kv_cache`` set) runs with a
 state from :meth:`MLPackageRunner.make_state`, passed to every :meth:`MLPackageRunner.run` of a
@@ -52,6 +52,7 @@ class MLPackageRunner(Runner):
         self.executor = Executor(prog)
         self.fast = None  # the translated program, when it runs this package
         self.note = ""  # why the numpy executor runs it, when it could have been translated
+        self._untranslated: set = set()  # (keep, force) names run_program runs in numpy
         if engine != "numpy":
             self._translate(engine)
         meta = dict(spec.description.metadata.userDefined)
@@ -97,6 +98,26 @@ class MLPackageRunner(Runner):
         out = self.fast.run(feeds) if self.fast is not None and state is None else self.executor.run(feeds, state=state)
         return {o["name"]: out[o["coreml_name"]].astype(np.float32 if o["coreml_dtype"] == "float32" else np.int64)
                 for o in self._outputs}
+
+    def run_program(self, feeds: dict[str, np.ndarray], *, keep=None, force=None,
+                    fp16_as_float32: bool = False) -> dict[str, np.ndarray]:
+        """:meth:`.executor.Executor.run` on Core ML feeds (e.g. from :meth:`coreml_feeds`), with its
+        ``keep`` and ``force``: translated for the (keep, forced names) pair on first use when the
+        program translates (the acceptance's teacher-forced segment runs), else in numpy. Values by
+        Core ML name, in their declared dtypes (fp16 ones as float32 if ``fp16_as_float32``)."""
+        from targets.coreml.executor.to_onnx import Untranslatable
+
+        if self.fast is not None:
+            key = (frozenset(keep or ()), frozenset(force or ()))
+            if key not in self._untranslated:
+                try:
+                    return self.fast.run(feeds, keep=keep, force=force, fp16_as_float32=fp16_as_float32)
+                except Untranslatable:  # e.g. a forced value of a type ONNX cannot feed: numpy runs it
+                    self._untranslated.add(key)
+        out = self.executor.run(feeds, keep=keep, force=force)
+        if fp16_as_float32:
+            out = {n: v.astype(np.float32) if v.dtype == np.float16 else v for n, v in out.items()}
+        return out
 
     def coreml_feeds(self, feed) -> dict[str, np.ndarray]:
         """The package's feeds (Core ML names and dtypes) for feeds by ONNX input name, checked."""

@@ -24,8 +24,10 @@ differently: a float32 result within float32 rounding error of an fp16 midpoint 
 neighbouring fp16 value (single ops: bit-identical on the op tests; GELU's tail below -3, where
 ``1 + erf`` cancels, differs in 16 % of fp16 inputs by a step). Through a W8A8 network such a step
 can move an activation code, and the two runs drift apart like two fp16 devices (MiniLM: 31 dB
-between them at the output; both 27.7 dB from float); per-segment comparisons (teacher-forced,
-``Executor.run(force=...)``) stay on the numpy executor.
+between them at the output; both 27.7 dB from float). Teacher-forced runs
+(``Executor.run(force=..., keep=...)``, the W8A8 segment acceptance) do not drift: each forced
+value is a graph input (fp16 values rounded as the executor rounds them) and every kept value a
+graph output, one translation per (keep, forced names) pair.
 
 Cost, measured in ``edgeq build``'s validation (same feeds, interleaved): MiniLM W8A8 2.3-2.5x
 the ``.ort``'s time (numpy executor: 4.3-5.0x). Float32 GEMM is 62 % of the translated run and
@@ -44,6 +46,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from edgeq.errors import InputError
 from targets.coreml.executor import EXACT, Executor
 from targets.coreml.executor.onnx_ops import (
     ONNX_TYPE,
@@ -59,10 +62,12 @@ from targets.coreml.executor.onnx_ops import (
 __all__ = ["OrtProgram", "Untranslatable", "translate"]
 
 
-def translate(executor: Executor, keep=()) -> onnx.ModelProto:
+def translate(executor: Executor, keep=(), force=()) -> onnx.ModelProto:
     """The executor's program (after its load-time constant folding) as an ONNX model with an output
-    ``out:<name>`` per program output and per computed value named in ``keep``; raises
-    :class:`Untranslatable` naming the first op it cannot translate."""
+    ``out:<name>`` per program output and per value named in ``keep``, and an input ``force:<name>``
+    per computed value named in ``force`` (:meth:`Executor.run`'s teacher forcing: the op still runs,
+    its consumers read the input; ``shape:<name>`` outputs the computed shape, for the caller to check
+    the forced value's against). Raises :class:`Untranslatable` naming the first op it cannot translate."""
     if executor.stateful:
         raise Untranslatable("the program keeps state (iOS 18 states)")
     if not executor.fast:
@@ -78,7 +83,20 @@ def translate(executor: Executor, keep=()) -> onnx.ModelProto:
         names[name] = name
         g.dtype[name] = held(dtype)
         inputs.append(helper.make_tensor_value_info(name, ONNX_TYPE[held(dtype)], None))
-    fused = _fusable_quantizes(executor, keep)
+    keep, force = list(dict.fromkeys(keep)), list(dict.fromkeys(force))
+    unknown = sorted(set(force) - executor.computed)
+    if unknown:
+        raise InputError(f"cannot force {', '.join(unknown[:5])}: not computed by the program")
+    forced = {}
+    for name in force:
+        dtype = executor._dtypes.get(name)
+        if dtype is None or held(dtype) not in ONNX_TYPE:
+            raise Untranslatable(f"forcing {name!r}, a value of dtype {dtype}")
+        forced[name] = f"force:{name}"
+        g.dtype[forced[name]] = held(dtype)
+        inputs.append(helper.make_tensor_value_info(forced[name], ONNX_TYPE[held(dtype)], None))
+    shapes = []
+    fused = _fusable_quantizes(executor, [*keep, *force])
     for step in executor._steps:
         if step.op.op_type == "quantize" and step.outs[0][0] in fused:
             continue  # computed with its dequantize
@@ -93,20 +111,31 @@ def translate(executor: Executor, keep=()) -> onnx.ModelProto:
             out = g.cast(out, want)
             if dtype is not None and np.dtype(dtype) == np.float16 and rounding != EXACT:
                 out = _round(g, out)
+            if name in forced:  # computed all the same, as the executor does: its shape is checked
+                shapes.append(helper.make_tensor_value_info(g.node("Shape", [out], np.int64, out=f"shape:{name}"),
+                                                            TensorProto.INT64, None))
+                # an fp16 value is fed as float32 and rounded here, as the executor rounds a forced value
+                out = _round(g, forced[name]) if np.dtype(dtype) == np.float16 else forced[name]
             names[name] = out
     outputs = []
     for n in dict.fromkeys([*executor.output_names, *keep]):
         src = names.get(n)
-        if src is None:  # an output that is a constant
-            src = g.const(executor._consts[n])
+        if src is None:  # a constant: an output, or a kept value the program folded at load time
+            if n in executor._consts:
+                src = g.const(executor._consts[n])
+            elif n in executor._mixed:
+                src = g.const(executor._mixed[n])
+            else:
+                raise InputError(f"the program has no value {n!r}")
         g.nodes.append(helper.make_node("Identity", [src], [f"out:{n}"], name=f"out:{n}"))
         outputs.append(helper.make_tensor_value_info(f"out:{n}", ONNX_TYPE[g.dtype[src]], None))
-    graph = helper.make_graph(g.nodes, "mil", inputs, outputs, g.inits)
+    graph = helper.make_graph(g.nodes, "mil", inputs, outputs + shapes, g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
 
 
-def _fusable_quantizes(executor: Executor, keep) -> dict:
-    """Quantize steps whose codes only their dequantize reads, with the same parameters: by output name."""
+def _fusable_quantizes(executor: Executor, visible) -> dict:
+    """Quantize steps whose codes only their dequantize reads, with the same parameters, and that are
+    not program outputs or in ``visible`` (kept or forced): by output name."""
     readers: dict[str, list] = {}
     for step in executor._steps:
         for _, ref in step.vars:
@@ -118,7 +147,7 @@ def _fusable_quantizes(executor: Executor, keep) -> dict:
             continue
         name = step.outs[0][0]
         users = readers.get(name, [])
-        if name in executor.output_names or name in keep or len(users) != 1 or users[0].op.op_type != "dequantize":
+        if name in executor.output_names or name in visible or len(users) != 1 or users[0].op.op_type != "dequantize":
             continue
         q, dq = step.consts, users[0].consts
         zp = q.get("zero_point")
@@ -155,37 +184,87 @@ def _round(g: Graph, name: str) -> str:
 
 
 class OrtProgram:
-    """The translated program in an ONNX Runtime session: ``run`` takes and gives what
-    :meth:`Executor.run` does (feeds by Core ML name; outputs in their declared dtypes)."""
+    """The translated program in ONNX Runtime sessions: ``run`` takes and gives what
+    :meth:`Executor.run` does (feeds by Core ML name; outputs and kept values in their declared
+    dtypes; forced values as it forces them). A (keep, forced names) pair other than the plain run is
+    translated on first use and its session kept (the last ``CACHED`` such: each holds a copy of the
+    weights); a teacher-forced comparison uses one pair for all its feeds."""
 
     kind = "onnxruntime"
+    CACHED = 1
 
     def __init__(self, executor: Executor):
+        self.executor = executor
+        self.input_dtypes = dict(executor.input_dtypes)
+        self.output_names = list(executor.output_names)
+        self._plain = self._session((), ())
+        self._sessions: dict[tuple, object] = {}  # (keep, force) frozensets -> session, oldest first
+
+    def _session(self, keep, force):
         from edgeq.errors import EdgeqError
         from edgeq.runtime import ort_session
 
-        model = translate(executor)
-        self.input_dtypes = dict(executor.input_dtypes)
-        self.output_names = list(executor.output_names)
-        self._out_dtypes = {n: executor._dtypes.get(n) for n in self.output_names}
+        model = translate(self.executor, keep, force)
         try:
-            self.session = ort_session(model.SerializeToString(), spin=False,
-                                       config={"optimization.enable_cast_chain_elimination": "0"})
+            return ort_session(model.SerializeToString(), spin=False,
+                               config={"optimization.enable_cast_chain_elimination": "0"})
         except EdgeqError as e:  # a translation ORT rejects: a gap here, not a broken package
             raise Untranslatable(f"ONNX Runtime rejects the translation: {e}") from e
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def session_for(self, keep=(), force=()):
+        """The session computing the outputs and ``keep`` with the values named in ``force`` as inputs
+        (translated and kept on first use); raises :class:`Untranslatable` as :func:`translate`."""
+        key = (frozenset(keep), frozenset(force))
+        if key == (frozenset(), frozenset()):
+            return self._plain
+        session = self._sessions.pop(key, None)
+        if session is None:
+            session = self._session(sorted(key[0]), sorted(key[1]))
+        self._sessions[key] = session  # most recently used last
+        while len(self._sessions) > self.CACHED:
+            self._sessions.pop(next(iter(self._sessions)))
+        return session
+
+    def run(self, feeds: dict[str, np.ndarray], *, keep: set[str] | None = None,
+            force: dict[str, np.ndarray] | None = None, fp16_as_float32: bool = False) -> dict[str, np.ndarray]:
+        """As :meth:`Executor.run` (without states); ``fp16_as_float32``: fp16 values as the float32
+        arrays the graph holds them in (the same numbers, without a float16 round trip)."""
         from edgeq.errors import InputError
 
+        keep, force = list(dict.fromkeys(keep or ())), dict(force or {})
+        session = self.session_for(keep, force)
         ort_feeds = {}
         for name, dtype in self.input_dtypes.items():
             if name not in feeds:
                 raise InputError(f"missing input {name!r}", hint=f"the model takes {', '.join(self.input_dtypes)}")
-            with np.errstate(over="ignore", invalid="ignore"):
-                ort_feeds[name] = np.asarray(feeds[name]).astype(dtype, copy=False).astype(held(dtype), copy=False)
-        outs = self.session.run([f"out:{n}" for n in self.output_names], ort_feeds)
+            ort_feeds[name] = _held_value(feeds[name], dtype)
+        dtypes = self.executor._dtypes
+        for name, value in force.items():  # cast to the program's dtype, held as the executor holds it
+            value = np.asarray(value)
+            if dtypes[name] == np.float16 and value.dtype in (np.float16, np.float32):
+                ort_feeds[f"force:{name}"] = value.astype(np.float32, copy=False)  # the graph rounds it: same bits
+            else:
+                ort_feeds[f"force:{name}"] = _held_value(value, dtypes[name])
+        names = list(dict.fromkeys([*self.output_names, *keep]))
+        try:
+            outs = session.run([f"out:{n}" for n in names] + [f"shape:{n}" for n in force], ort_feeds)
+        except Exception:
+            if force:  # e.g. a forced value of the wrong shape failed a later kernel: the executor says which
+                self.executor.run(feeds, keep=set(keep), force=force)
+            raise
+        for (name, value), shape in zip(force.items(), outs[len(names):]):
+            if tuple(shape) != np.shape(value):
+                raise InputError(f"forced value {name!r} has shape {np.shape(value)}, "
+                                 f"the program computes {tuple(int(d) for d in shape)}")
         result = {}
-        for n, v in zip(self.output_names, outs):
-            d = self._out_dtypes.get(n)
-            result[n] = v.astype(d) if d is not None and v.dtype != d else v
+        for n, v in zip(names, outs):
+            d = dtypes.get(n)
+            keep_held = fp16_as_float32 and d == np.float16
+            result[n] = v.astype(d) if d is not None and v.dtype != d and not keep_held else v
         return result
+
+
+def _held_value(value, dtype) -> np.ndarray:
+    """``value`` cast to the program's ``dtype`` and held as the graph holds it (fp16 as float32)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(value).astype(dtype, copy=False).astype(held(dtype), copy=False)

@@ -34,12 +34,20 @@ def test_a_faithful_package_is_accepted(w8a8):
     assert d["passed"] and d["segments"]["segments"] == 3
 
 
-def test_a_package_whose_convolutions_are_off_fails_its_segments(w8a8, monkeypatch):
+@pytest.mark.parametrize("engine", ["numpy", "onnxruntime"])
+def test_a_package_whose_convolutions_are_off_fails_its_segments(w8a8, monkeypatch, engine):
+    from targets.coreml.executor import onnx_ops
+    from targets.coreml.runner import MLPackageRunner
+
     _, qdq, pkg = w8a8
-    conv = executor.OPS["conv"]
+    conv, translated = executor.OPS["conv"], onnx_ops.TRANSLATIONS["conv"]
     monkeypatch.setitem(executor.OPS, "conv", lambda **kw: conv(**kw) * np.float32(1.01))
-    seg = compare_segments(qdq, pkg, cnn_feeds(1, seed=11))
+    monkeypatch.setitem(onnx_ops.TRANSLATIONS, "conv",
+                        lambda o: o.node("Mul", [translated(o), o.g.const(np.float32(1.01))], np.float32))
+    runner = MLPackageRunner(pkg, engine=engine)
+    seg = compare_segments(qdq, runner, cnn_feeds(1, seed=11))
     assert not seg.passed and seg.worst.sqnr_db < 45
+    assert runner.engine == engine and (engine == "numpy" or runner.fast._sessions)
 
 
 def test_the_sqnr_floor_allows_fp16_noise_where_the_qdq_onnx_is_better_than_it():

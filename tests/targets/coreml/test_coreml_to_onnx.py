@@ -104,6 +104,11 @@ def test_untranslatable_program_falls_back_to_numpy_and_says_why(tmp_path):
     assert runner.engine == "numpy" and runner.fast is None
     assert "conv_transpose" in runner.describe()["note"]
     np.testing.assert_array_equal(runner.run(feed)["y"], runner.executor.run(feed)["y"].astype(np.float32))
+    computed = sorted(runner.executor.computed)
+    got = runner.run_program(feed, keep=set(computed), fp16_as_float32=True)  # numpy runs kept values too
+    want = runner.executor.run(feed, keep=set(computed))
+    assert all(np.array_equal(got[n], want[n].astype(got[n].dtype)) for n in computed)
+    assert {got[n].dtype for n in computed if want[n].dtype == np.float16} == {np.dtype(np.float32)}
     with pytest.raises(UnsupportedError, match="conv_transpose"):
         MLPackageRunner(pkg, engine="onnxruntime")
     assert MLPackageRunner(pkg, engine="numpy").describe().get("note") is None
@@ -138,3 +143,102 @@ def test_matmul_with_transposed_computed_operands(tmp_path):
     want, got = ex.run(feed), OrtProgram(ex).run(feed)
     for name in ex.output_names:
         assert got[name].shape == want[name].shape and sqnr_db(want[name], got[name]) >= 120
+
+
+# --- teacher-forced runs: Executor.run(keep=..., force=...) translated (runner.run_program) ---------------
+
+def _w8a8_cnn(tmp_path):
+    from targets.coreml import IOS18Target
+
+    float_path = tiny_cnn(tmp_path / "cnn.onnx")
+    qdq = tmp_path / "cnn.w8a8.onnx"
+    api.quantize(float_path, qdq, "w8a8", profile="ios18", calib=cnn_feeds())
+    return qdq, IOS18Target().package(qdq, tmp_path / "pkg").model_file
+
+
+def _assert_forced_run_equal(runner, feed, force, keep, max_share=0.01):
+    """run_program (translated) against Executor.run, both forced and kept: codes equal, fp16 values
+    within one fp16 step on at most ``max_share`` of elements, forced values returned as forced."""
+    want = runner.executor.run(feed, keep=keep, force=force)
+    got = runner.run_program(feed, keep=keep, force=force)
+    assert runner.fast._sessions and set(got) == set(want)
+    for n in want:
+        assert got[n].dtype == want[n].dtype and got[n].shape == want[n].shape, n
+        if want[n].dtype.kind == "f":
+            assert_within_fp16_ulp(want[n], got[n], max_share)
+        else:
+            np.testing.assert_array_equal(want[n], got[n], err_msg=n)
+    for n, v in force.items():
+        if n in want:  # rounded to the program's dtype (fp16) as the executor rounds forced values
+            assert _same_bits(got[n].astype(np.float32), v.astype(want[n].dtype).astype(np.float32)), n
+    return want, got
+
+
+def test_w8a8_cnn_forced_and_kept_run_translated(tmp_path):
+    """Every activation dequantize output forced to float32 values off the fp16 grid (another feed's,
+    scaled by 1.001), quantize inputs and codes kept: the translation gives the numpy executor's
+    codes, and its values but for one fp16 step on at most 1 % of elements (measured on 3 seeds: codes
+    equal, 0-2 of 27812 elements a step apart, in a conv output: float32 summation order)."""
+    _, pkg = _w8a8_cnn(tmp_path)
+    runner = MLPackageRunner(pkg)
+    ex = runner.executor
+    dq = [s.outs[0][0] for s in ex._steps if s.op.op_type == "dequantize" and s.vars]
+    q = [(dict(s.vars)["input"], s.outs[0][0]) for s in ex._steps if s.op.op_type == "quantize"]
+    assert dq and q
+    teacher, feed = (runner.coreml_feeds(f) for f in cnn_feeds(2, seed=7))
+    other = ex.run(teacher, keep=set(dq))
+    force = {n: other[n].astype(np.float32) * np.float32(1.001) for n in dq}
+    keep = {v for pair in q for v in pair} | set(dq)
+    want, _ = _assert_forced_run_equal(runner, feed, force, keep)
+    assert not np.array_equal(want[ex.output_names[0]], ex.run(feed)[ex.output_names[0]])  # forcing changed it
+
+
+def test_attention_block_forced_and_kept_run_translated(tmp_path):
+    """fp16 attention block with its layer norm and softmax outputs forced to random values, matmul
+    outputs kept: within one fp16 step of the numpy executor on at most 1 % of elements (measured: 2 of
+    14616 elements, the block's output)."""
+    pkg, feed = _attention_package(tmp_path)
+    runner = MLPackageRunner(pkg)
+    ex = runner.executor
+    kinds = {s.outs[0][0]: s.op.op_type for s in ex._steps if s.outs}
+    values = ex.run(runner.coreml_feeds(feed), keep=set(kinds))
+    forced = [n for n, k in kinds.items() if k in ("layer_norm", "softmax")]
+    assert len(forced) == 2
+    rng = np.random.default_rng(9)
+    force = {n: rng.standard_normal(values[n].shape).astype(np.float32) * 0.5 for n in forced}
+    keep = {n for n, k in kinds.items() if k in ("matmul", "linear")} | set(forced)
+    _assert_forced_run_equal(runner, runner.coreml_feeds(feed), force, keep)
+
+
+def test_forced_run_errors_match_the_numpy_executor(tmp_path):
+    from edgeq.errors import InputError
+
+    _, pkg = _w8a8_cnn(tmp_path)
+    runner = MLPackageRunner(pkg)
+    ex = runner.executor
+    feed = runner.coreml_feeds(cnn_feeds(1)[0])
+    name = next(s.outs[0][0] for s in ex._steps if s.op.op_type == "dequantize" and s.vars)
+    shape = ex.run(feed, keep={name})[name].shape
+    cases = [({"force": {next(iter(ex.input_dtypes)): feed[next(iter(ex.input_dtypes))]}}, "not computed"),
+             ({"force": {name: np.zeros((1, *shape), np.float32)}}, "has shape"),
+             ({"keep": {"no_such_value"}}, "no value")]
+    for kwargs, match in cases:
+        for run in (ex.run, runner.run_program):
+            with pytest.raises(InputError, match=match):
+                run(feed, **kwargs)
+    assert runner.engine == "onnxruntime"
+
+
+def test_compare_segments_same_with_both_engines(tmp_path):
+    """The W8A8 segment acceptance on the translation (one translation for all feeds) gives the numpy
+    executor's segment SQNRs and code flips (measured: identical; allowed: 0.1 dB)."""
+    from targets.coreml.acceptance import compare_segments
+
+    qdq, pkg = _w8a8_cnn(tmp_path)
+    fast = MLPackageRunner(pkg, engine="onnxruntime")
+    reports = [compare_segments(qdq, r, cnn_feeds(3, seed=11)) for r in (MLPackageRunner(pkg, engine="numpy"), fast)]
+    assert len(fast.fast._sessions) == 1 and not fast._untranslated
+    (a, b) = ([(s.name, s.sqnr_db, s.code_flips) for s in r.segments] for r in reports)
+    assert len(a) == len(b) == 3 and reports[0].not_compared == reports[1].not_compared
+    for (na, sa, fa), (nb, sb, fb) in zip(a, b):
+        assert na == nb and abs(sa - sb) <= 0.1 and abs(fa - fb) <= 0.002
