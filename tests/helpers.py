@@ -77,3 +77,22 @@ def count_calibrations(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(qmod, "calibrate", counting)
     return calls
+
+
+def tied_lm(path, table: np.ndarray, mix: np.ndarray, *, outputs=("e",)):
+    """A language model's skeleton with a tied table: Gather(table) -> MatMul(mix) -> MatMul(table^T), saved to
+    ``path``; the logits and the named intermediates (``e`` embedded, ``h`` mixed) are outputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    v, d = table.shape
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
+         helper.make_node("MatMul", ["e", "mix"], ["h"], name="mix"),
+         helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="lm_head_t"),
+         helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="lm_head")], "lm",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", v]),
+         *(helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "sequence", d]) for n in outputs)],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(mix, "mix")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    return path

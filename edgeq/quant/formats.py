@@ -238,11 +238,7 @@ def quantize_int4_blockwise_asymmetric(w: np.ndarray, axis: int, block_size: int
         z = np.clip(np.rint(-(lo0 * r) / s.astype(np.float64)), 0, 15)
         q = np.clip(np.rint(b32 / s[..., None]) + z[..., None].astype(np.float32), 0, 15)
         err = np.square(b32 - (q - z[..., None].astype(np.float32)) * s[..., None]).sum(axis=-1, dtype=np.float64)
-        if best is None:
-            best = [s, z, err]
-        else:
-            better = err < best[2]
-            best = [np.where(better, s, best[0]), np.where(better, z, best[1]), np.where(better, err, best[2])]
+        best = keep_better(best, s, z, err)
     scale, z = best[0].astype(np.float32), best[1]
     q = np.clip(np.rint(blocks / scale.astype(np.float64)[..., None]) + z[..., None], 0, 15)
     data = (restore(q) - 8).astype(np.int8)
@@ -404,6 +400,15 @@ def _check_range(x_min: float, x_max: float, fn: str) -> tuple[float, float]:
     if lo > hi:
         raise InputError(f"{fn}: x_min {lo} is greater than x_max {hi}")
     return lo, hi
+
+
+def keep_better(best: list | None, scale: np.ndarray, zero: np.ndarray, cost: np.ndarray) -> list:
+    """A grid search's step: per block, the (scale, zero point, cost) of ``best`` or of this candidate,
+    whichever costs less (the candidate where there is no ``best`` yet)."""
+    if best is None:
+        return [scale, zero, cost]
+    better = cost < best[2]
+    return [np.where(better, scale, best[0]), np.where(better, zero, best[1]), np.where(better, cost, best[2])]
 
 
 def _safe_scale(raw: np.ndarray, dtype=np.float32) -> np.ndarray:

@@ -151,12 +151,7 @@ def _output_grid(rows: np.ndarray, h_block: np.ndarray) -> tuple[_Grid, np.ndarr
         z = np.clip(np.rint(-(lo0 * min(r, 1.0)) / s), 0, 15)
         q = np.clip(np.rint(w / s) + z, 0, 15)
         e = w - (q - z) * s
-        cost = np.sum((h_block @ e) * e, axis=0)
-        if best is None:
-            best = [s, z, cost]
-        else:
-            better = cost < best[2]
-            best = [np.where(better, s, best[0]), np.where(better, z, best[1]), np.where(better, cost, best[2])]
+        best = formats.keep_better(best, s, z, np.sum((h_block @ e) * e, axis=0))
     scale, z = best[0].astype(np.float32), best[1]
     return _Grid(scale, z, 0, 15), (z - 8).astype(np.int8)
 

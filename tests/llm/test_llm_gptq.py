@@ -5,8 +5,7 @@ reads the same integers), and asymmetric block grids chosen by the layer-output 
 from types import SimpleNamespace
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+from helpers import tied_lm
 
 from edgeq.pipeline.quantize import quantize_model
 from edgeq.quant.gptq import _block_grid, _output_grid, output_error
@@ -23,18 +22,7 @@ def _tied_lm(path):
     table = rng.standard_normal((V, D)).astype(np.float32)
     mix = np.eye(D, dtype=np.float32) + (rng.standard_normal((D, D)) / 4).astype(np.float32)
     mix[:, :4] *= 6.0  # loud channels: the output layer's error is not the table's plain squared error
-    g = helper.make_graph(
-        [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
-         helper.make_node("MatMul", ["e", "mix"], ["h"], name="mix"),
-         helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="lm_head_t"),
-         helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="lm_head")], "lm",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", V]),
-         helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", "sequence", D]),
-         helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", "sequence", D])],
-        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(mix, "mix")])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(path))
-    return path, table, mix
+    return tied_lm(path, table, mix, outputs=("e", "h")), table, mix
 
 
 def test_the_tied_int4_table_is_rounded_for_the_output_layer(tmp_path):

@@ -5,7 +5,8 @@ ONNX Runtime, one DequantizeLinear feeding both readers elsewhere; exact against
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from helpers import tied_lm
+from onnx import numpy_helper
 
 from edgeq.pipeline.quantize import quantize_model
 from edgeq.quant.profile import ONNX_REFERENCE, ONNXRUNTIME_CPU
@@ -18,17 +19,7 @@ def _tied_lm(path):
     rng = np.random.default_rng(3)
     table = rng.standard_normal((V, D)).astype(np.float32)
     mix = (rng.standard_normal((D, D)) / 8).astype(np.float32)
-    g = helper.make_graph(
-        [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
-         helper.make_node("MatMul", ["e", "mix"], ["h"], name="mix"),
-         helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="lm_head_t"),
-         helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="lm_head")], "lm",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", V]),
-         helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", "sequence", D])],
-        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(mix, "mix")])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(path))
-    return path, table, mix
+    return tied_lm(path, table, mix), table, mix
 
 
 @pytest.mark.parametrize("recipe", ["w4a16", "w8a16"])
