@@ -47,11 +47,14 @@ def disabled_optimizers(model: onnx.ModelProto) -> list[str]:
     return [*DISABLED_OPTIMIZERS, *(KEEP_FLOAT16_DISABLED if keeps_half else ())]
 
 
-def _optimize(model, output: Path, *, ort_format: bool) -> None:
+def _optimize(model, output: Path, *, ort_format: bool, graph: onnx.ModelProto | None = None) -> None:
+    """``graph``: ``model``'s graph when the caller already holds it (else read here, without weights)."""
     import onnxruntime as ort
 
     is_path = isinstance(model, (str, os.PathLike))
-    disabled = disabled_optimizers(onnx.load(str(model), load_external_data=False) if is_path else model)
+    if graph is None:
+        graph = onnx.load(str(model), load_external_data=False) if is_path else model
+    disabled = disabled_optimizers(graph)
     source = str(model) if is_path else model.SerializeToString()
     with quiet():
         ort.InferenceSession(source, session_options(output, ort_format=ort_format),
@@ -64,10 +67,10 @@ def optimize_to_onnx(model: onnx.ModelProto | Path, output: Path) -> onnx.ModelP
     return onnx.load(str(output))
 
 
-def convert(onnx_file: Path, ort_file: Path) -> None:
-    """ONNX → ORT format with ORT's converter settings, then canonical bytes."""
+def convert(onnx_file: Path, ort_file: Path, graph: onnx.ModelProto | None = None) -> None:
+    """ONNX → ORT format with ORT's converter settings, then canonical bytes (``graph``: the file's, if held)."""
     try:
-        _optimize(onnx_file, ort_file, ort_format=True)
+        _optimize(onnx_file, ort_file, ort_format=True, graph=graph)
     except Exception as e:
         raise UnsupportedError(f"ONNX Runtime cannot convert {onnx_file.name} to the ORT format: {first_line(e)}",
                                hint="run `edgeq validate` on the QDQ model to see whether ORT loads it") from e

@@ -54,7 +54,7 @@ class AndroidTarget(Target):
 
         onnx_file = onnx_io.copy_onnx(Path(model_path), folder / MODEL_ONNX)
         ort_file = folder / MODEL_ORT
-        convert(onnx_file, ort_file)
+        convert(onnx_file, ort_file, model)  # the graph it already read: not parsed again
         data = ort_file.read_bytes()
         check_converted(data, model)
         session = load_ort(ort_file)
