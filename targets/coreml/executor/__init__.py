@@ -5,7 +5,9 @@ file, see :mod:`.program`) and runs every operation in order. Precision follows 
 each op computes in float32 from its (possibly fp16) inputs and its result is rounded to the
 dtype the program declares for that output — fp16 storage with fp32 arithmetic inside an op,
 which is how Core ML's GPU and Neural Engine kernels behave. Constexpr weights are expanded
-exactly (int8/int4 codes times float32 scales), once, when the program is loaded.
+exactly (int8/int4 codes times float32 scales), once, when the program is loaded — except int8
+weights that only W8A8 matmuls and table lookups read: those matmuls run on the codes, as Core ML's
+int8-int8 path does, and lookups gather rows of codes (:mod:`.integer`).
 
 Two ways to hold an fp16 program's tensors, with the same op implementations:
 
@@ -36,7 +38,7 @@ import numpy as np
 
 from edgeq._quiet import quiet
 from edgeq.errors import InputError, UnsupportedError
-from targets.coreml.executor import ops_math, ops_nn, ops_rnn, ops_state, ops_tensor, parallel
+from targets.coreml.executor import integer, ops_math, ops_nn, ops_rnn, ops_state, ops_tensor, parallel
 from targets.coreml.executor.fp16 import round_fp16
 from targets.coreml.executor.program import Const, Program, load_spec, read_program, weights_dir
 
@@ -54,6 +56,12 @@ VALUE_PRESERVING = frozenset({
     "select", "clip", "reduce_max", "reduce_min", "max_pool", "upsample_nearest_neighbor", "fill", "reverse",
     "pixel_shuffle", "pixel_unshuffle", "stack", "read_state", "slice_update",
 })
+
+# a deferred weight's value in a step's constants, until it is expanded (Executor._constant)
+DEFERRED = object()
+# the (op, parameter) pairs that read a deferred weight without expanding it: a cast of it (deferred
+# too), a matmul's y (expanded unless the matmul runs in integers) and a gather's table (rows of codes)
+_LAZY_PARAMS = {("cast", "x"), ("matmul", "y"), ("gather", "x")}
 
 __all__ = ["OPS", "Executor", "ExecutorState", "load_program", "read_program", "weights_dir"]
 
@@ -138,19 +146,22 @@ class Executor:
         self._consts: dict[str, np.ndarray] = {}
         self._mixed: dict[str, np.ndarray] = {}  # constants read by name: in a list mixing them with variables
         self._steps: list[_Step] = []
+        self._codes: dict[str, integer.WeightCodes] = {}  # int8 constexpr weights (and their casts), by name
+        self._deferred: dict[str, list] = {}  # those not expanded yet: the steps that make the float value
         with parallel.single_threaded_blas():
             for op in self.ops:  # ops that read only constants (constexpr weights and their casts) run once
                 if op.op_type == "const":
                     self._consts[op.outputs[0].name] = self._hold(op.val, op.outputs[0].dtype)
                     continue
                 step = self._compile(op)
-                if not step.vars:
-                    self._run_step(step, self._consts)
-                else:
+                if step.vars:
                     self._steps.append(step)
+                elif not self._defer(op, step):
+                    self._run_step(self._expanded(step), self._consts)
+        self._integer_ops()
         if fast:
             for step in self._steps:
-                if step.op.op_type == "matmul":
+                if step.op.op_type == "matmul" and not isinstance(step.fn, integer.IntegerMatmul):
                     _prepare_matmul(step)
                 kind = step.op.op_type
                 if kind == "dequantize" and _normal_products(step, self._dtypes):
@@ -184,12 +195,15 @@ class Executor:
 
     # --- building ----------------------------------------------------------------------------
 
-    def _const_of(self, ref):
-        """The value of a constant argument, or None when ``ref`` names a computed value."""
+    def _const_of(self, ref, lazy: bool = False):
+        """The value of a constant argument, or None when ``ref`` names a computed value; ``lazy``: a
+        deferred weight stays deferred (its value is :data:`DEFERRED` until :meth:`_constant`)."""
         if isinstance(ref, Const):
             return (self._hold(ref.val, None),)
-        if ref in self._consts:
-            return (self._consts[ref],)
+        if ref in self._deferred and lazy:
+            return (DEFERRED,)
+        if ref in self._consts or ref in self._deferred:
+            return (self._constant(ref),)
         return None
 
     def _compile(self, op) -> _Step:
@@ -199,7 +213,8 @@ class Executor:
             group = list(ref) if isinstance(ref, list) else None
             members = group if group is not None else [ref]
             float_in |= {self._dtypes.get(m) if isinstance(m, str) else _dtype_of(m.val) for m in members}
-            known = [self._const_of(m) for m in members]
+            lazy = (op.op_type, param) in _LAZY_PARAMS
+            known = [self._const_of(m, lazy) for m in members]
             if all(k is not None for k in known):
                 vals = [k[0] for k in known]
                 consts[param] = vals if group is not None else vals[0]
@@ -222,6 +237,86 @@ class Executor:
             exact = op.op_type in VALUE_PRESERVING and float_in <= {var.dtype}
             outs.append((var.name, var.dtype, EXACT if exact else FULL))
         return _Step(op, OPS[op.op_type], consts, names, outs)
+
+    def _defer(self, op, step: _Step) -> bool:
+        """An int8 constexpr weight (or a cast of one) is not expanded to float now: its codes and scales
+        are kept, and the float value is made when something other than an integer matmul reads it
+        (:meth:`_constant`). Expanding and rounding every W8A8 weight was a third of a package's load."""
+        src = op.inputs.get("x") if op.op_type == "cast" else None
+        if op.op_type in integer.CONSTEXPR:
+            codes, chain = integer.weight_codes(op.op_type, step.consts), [step]
+        elif isinstance(src, str) and src in self._deferred:
+            codes, chain = self._codes[src], [*self._deferred[src], step]
+        else:
+            return False
+        if codes is None:
+            return False
+        self._codes[op.outputs[0].name] = codes
+        self._deferred[op.outputs[0].name] = chain
+        return True
+
+    def _expanded(self, step: _Step) -> _Step:
+        """``step`` with the deferred weights it reads expanded."""
+        for param, v in step.consts.items():
+            if v is DEFERRED:
+                step.consts[param] = self._constant(step.op.inputs[param])
+        return step
+
+    def _constant(self, name: str):
+        """A folded constant's value, expanding a deferred weight first; None when ``name`` is none."""
+        chain = self._deferred.pop(name, None)
+        if chain is not None:
+            with parallel.single_threaded_blas():
+                for step in chain:
+                    if step.outs[0][0] not in self._consts:
+                        self._run_step(self._expanded(step), self._consts)
+        return self._consts.get(name)
+
+    def _integer_ops(self) -> None:
+        """W8A8 matmuls (an activation dequantize times an int8 constexpr weight) computed in integers
+        (:mod:`.integer`): their step runs :class:`.integer.IntegerMatmul`; gathers of table rows run
+        :class:`.integer.IntegerGather`; every other reader of a deferred weight gets it expanded."""
+        producer = {name: s for s in self._steps for name, _, _ in s.outs}
+        for step in self._steps:
+            if step.op.op_type != "matmul" or bool(step.consts.get("transpose_x", False)):
+                continue
+            x, y = dict(step.vars).get("x"), step.op.inputs.get("y")
+            weight = self._codes.get(y) if isinstance(y, str) and "y" in step.consts else None
+            dq = producer.get(x) if isinstance(x, str) else None
+            if weight is None or dq is None or dq.op.op_type != "dequantize":
+                continue
+            codes = dict(dq.vars).get("input")
+            scale, zp = dq.consts.get("scale"), dq.consts.get("zero_point", 0)
+            if (self._dtypes.get(codes) not in (np.int8, np.uint8) or scale is None or np.size(scale) != 1
+                    or "zero_point" in dict(dq.vars) or np.size(zp) != 1):
+                continue
+            fn = integer.integer_matmul(weight, bool(step.consts.get("transpose_y", False)),
+                                        np.asarray(scale).reshape(()), int(np.asarray(zp).reshape(())),
+                                        np.dtype(self._dtypes[codes]))
+            if fn is not None:
+                step.fn = fn
+        for step in self._steps:
+            if step.op.op_type == "gather" and step.consts.get("x") is DEFERRED:
+                self._integer_gather(step)
+        for step in self._steps:  # the others read their weight in float
+            if not isinstance(step.fn, (integer.IntegerMatmul, integer.IntegerGather)):
+                self._expanded(step)
+
+    def _integer_gather(self, step: _Step) -> None:
+        """A gather of rows from a deferred 2-d int8 table runs as :class:`.integer.IntegerGather` when
+        that gives the same numbers: rows (axis 0), and an fp16 rounding in the table's making only if
+        the table is fp16 (the gathered products are rounded where the table's values were)."""
+        name = step.op.inputs["x"]
+        codes, chain = self._codes[name], self._deferred[name]
+        if int(step.consts.get("batch_dims", 0)) or int(step.consts.get("axis", 0)) % 2 != 0:
+            return
+        made = [self._dtypes.get(s.outs[0][0]) for s in chain]
+        if np.float16 in made and self._dtypes.get(name) != np.float16:
+            return
+        scale = codes.scale.reshape((-1, 1) if codes.axis == 0 else (1, -1))
+        step.fn = integer.IntegerGather(codes.codes, scale)
+        out, dtype, _ = step.outs[0]
+        step.outs[0] = (out, dtype, FULL)  # products of codes and scales: rounded like the table's values
 
     # --- values ------------------------------------------------------------------------------
 
@@ -351,9 +446,9 @@ class Executor:
             env = self._run(feeds, force, state)
         result = {}
         for n in [*self.output_names, *(keep or ())]:
-            if n not in env and n not in self._consts:
+            val = env[n] if n in env else self._constant(n)
+            if val is None:
                 raise InputError(f"the program has no value {n!r}")
-            val = env[n] if n in env else self._consts[n]
             # fast-path fp16 values are held as float32: give them back in the declared dtype
             result[n] = val.astype(np.float16) if self.fast and self._dtypes.get(n) == np.float16 else val
         return result

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from targets.coreml.executor.integer import IntegerGather, IntegerMatmul
+
 OPSET = 21
 _INT_MAX = np.iinfo(np.int64).max
 _INT_MIN = np.iinfo(np.int64).min
@@ -54,9 +56,9 @@ class Graph:
     def const(self, value, dtype=None) -> str:
         arr = np.asarray(value)
         if dtype is not None:
-            arr = arr.astype(dtype)
+            arr = arr.astype(dtype, copy=False)
         elif arr.dtype.kind == "f":
-            arr = arr.astype(np.float32)
+            arr = arr.astype(np.float32, copy=False)
         if arr.dtype not in ONNX_TYPE:
             raise Untranslatable(f"a constant of dtype {arr.dtype}")
         small = arr.size <= 16
@@ -392,6 +394,8 @@ def _dequantize(o: OpArgs):  # (q - zp) * s, as ops_math._dequantize
 
 
 def _matmul(o: OpArgs):
+    if isinstance(o.step.fn, IntegerMatmul):
+        return _integer_matmul(o, o.step.fn)
     x, y = o.arg("x", np.float32), o.arg("y", np.float32)
     tx, ty = bool(o.const("transpose_x", False)), bool(o.const("transpose_y", False))
     if not (tx or ty):
@@ -399,6 +403,19 @@ def _matmul(o: OpArgs):
     # ORT's FusedMatMul: a matmul with either operand's last two axes swapped, at any rank
     return o.finish(o.g.node("FusedMatMul", [x, y], np.float32, domain="com.microsoft", alpha=1.0,
                              transA=int(tx), transB=int(ty)))
+
+
+def _integer_matmul(o: OpArgs, im: IntegerMatmul):
+    """As :class:`.integer.IntegerMatmul`: the codes read back, ``MatMulInteger`` (exact int32 sums),
+    then the float32 scales."""
+    c = o.node("Round", [o.node("Div", [o.arg("x", np.float32), o.g.const(im.x_scale)], np.float32)], np.float32)
+    c = o.node("Clip", [c, o.g.const(im.lo), o.g.const(im.hi)], np.float32)
+    if im.zero_point:
+        c = o.node("Add", [c, o.g.const(np.float32(im.zero_point))], np.float32)
+    a = o.g.cast(c, im.codes_dtype)
+    acc = o.node("MatMulInteger", [a, o.g.const(im.weight), o.g.const(np.asarray(im.zero_point, im.codes_dtype))],
+                 np.int32)
+    return o.finish(o.node("Mul", [o.g.cast(acc, np.float32), o.g.const(im.scale)], np.float32))
 
 
 def _linear(o: OpArgs):
@@ -522,6 +539,12 @@ def _slice_by_size(o: OpArgs):  # x[b : b + size] per leading axis, size -1: to 
 
 
 def _gather(o: OpArgs):
+    if isinstance(o.step.fn, IntegerGather):  # rows of codes, then their scales
+        im, idx = o.step.fn, o.arg("indices", np.int64)
+        rows = o.g.cast(o.g.node("Gather", [o.g.const(im.codes), idx], np.int8, axis=0), np.float32)
+        scale = o.g.node("Gather", [o.g.const(im.scale), idx], np.float32, axis=0) if im.scale.shape[0] > 1 \
+            else o.g.const(im.scale[0])
+        return o.finish(o.node("Mul", [rows, scale], np.float32))
     if int(o.const("batch_dims", 0)):
         raise Untranslatable("MIL gather with batch_dims")
     x = o.arg("x")

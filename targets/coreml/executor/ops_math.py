@@ -237,11 +237,21 @@ def _repeat_blocks(p, shape):
     return p
 
 
+def _blocks_along(p, shape):
+    """A per-block parameter laid out over ``shape``: broadcast where it has one block per axis or one
+    per index (per channel: no copy), repeated otherwise."""
+    p = np.asarray(p)
+    if all(m in (1, n) for n, m in zip(shape, p.shape)):
+        return p
+    return _repeat_blocks(p, shape)
+
+
 def _constexpr_blockwise_shift_scale(data, scale, offset=None):
     d = np.asarray(data).astype(np.float32)
-    if offset is not None:
-        d = d - _repeat_blocks(np.asarray(offset).astype(np.float32), d.shape)
-    return (d * _repeat_blocks(np.asarray(scale).astype(np.float32), d.shape)).astype(np.asarray(scale).dtype)
+    if offset is not None and np.any(offset):
+        d -= _blocks_along(np.asarray(offset).astype(np.float32), d.shape)
+    d *= _blocks_along(np.asarray(scale).astype(np.float32), d.shape)
+    return d.astype(np.asarray(scale).dtype, copy=False)
 
 
 def _silu(x):

@@ -29,11 +29,14 @@ between them at the output; both 27.7 dB from float). Teacher-forced runs
 value is a graph input (fp16 values rounded as the executor rounds them) and every kept value a
 graph output, one translation per (keep, forced names) pair.
 
-Cost, measured in ``edgeq build``'s validation (same feeds, interleaved): MiniLM W8A8 2.3-2.5x
-the ``.ort``'s time (numpy executor: 4.3-5.0x). Float32 GEMM is 62 % of the translated run and
-alone takes ~1.5x the ``.ort``'s whole run (its int8 ``MatMulIntegerToFloat`` is 3.4x faster
-here), so 2x is out of reach for fp16 semantics on this CPU. EfficientNet-Lite0: 5.0x (numpy:
-29x): float32 Conv against ``QLinearConv``, and ORT's NCHWc reorders around every rounded conv.
+W8A8 matmuls run in integers (:mod:`.integer`: ``MatMulInteger`` on the codes, then the scales)
+and rows of int8 tables are gathered as codes, in both engines alike.
+
+Cost, measured in ``edgeq build``'s validation (MiniLM W8A8, 25 batches, interleaved, CPU time):
+load + run 1.6x the ``.ort``'s (run alone 1.3x; the ``.ort`` needs no load-time work). Before the
+integer matmuls (float32 GEMM of fp16 operands) it was 2.0-2.5x, the numpy executor 4.3-5.0x.
+EfficientNet-Lite0: 5.0x (numpy: 29x): float32 Conv against ``QLinearConv``, and ORT's NCHWc
+reorders around every rounded conv.
 
 A program with an op not translated here, an argument needed as a constant that the program
 computes, or states (a stateful LLM) raises :class:`Untranslatable` with a one-line reason; the
@@ -121,8 +124,8 @@ def translate(executor: Executor, keep=(), force=()) -> onnx.ModelProto:
     for n in dict.fromkeys([*executor.output_names, *keep]):
         src = names.get(n)
         if src is None:  # a constant: an output, or a kept value the program folded at load time
-            if n in executor._consts:
-                src = g.const(executor._consts[n])
+            if executor._constant(n) is not None:
+                src = g.const(executor._constant(n))
             elif n in executor._mixed:
                 src = g.const(executor._mixed[n])
             else:
