@@ -2,10 +2,14 @@ import os
 
 import numpy as np
 import pytest
-
 from helpers import make_onnx, mlp_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# Session fixtures that take long to build: under pytest-xdist (tools/test.sh runs two workers) the tests that
+# use one share a worker, so the fixture is built once, not once per worker.
+_SHARED_FIXTURES = {"smollm2_onnx": "smollm2", "tiny_onnx": "tiny_llm"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -13,6 +17,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("e2e") is not None:
             item.add_marker(pytest.mark.slow)
+        group = next((g for f, g in _SHARED_FIXTURES.items() if f in getattr(item, "fixturenames", ())), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
