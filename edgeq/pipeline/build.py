@@ -478,7 +478,7 @@ def format_summary(result: BuildResult) -> str:
         if "perplexity_ratio" in t:
             extra = f" perplexity x{t['perplexity_ratio']:.3f}, KLD {t['kld_mean']:.4f}"
         if "top1_agreement" in t:
-            extra += f" top-1 {t['top1_agreement']:.3f}"
+            extra += f" top-1{' per position' if t.get('per_position') else ''} {t['top1_agreement']:.3f}"
         if "greedy_agreement" in t:
             extra += f", greedy {t['greedy_agreement']:.2f}"
         cov = r.get("coverage")
