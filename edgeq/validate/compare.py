@@ -1,8 +1,9 @@
 """Run a reference and candidates on the same feeds and compare them.
 
 The reference runs once per feed; every candidate is compared with it per output (SQNR,
-cosine, max abs error), on the task's own metric (classifier top-k, embedding neighbours), and,
-when both are ONNX, per intermediate tensor matched by name.
+cosine, max abs error), on the task's own metric (classifier top-k — per position for
+``[batch, positions, classes]`` scores —, embedding neighbours), and, when both are ONNX, per
+intermediate tensor matched by name.
 
 A recurrent state output (``state_pairs``, see :mod:`edgeq.validate.state`) is judged by what it
 carries: every model runs each feed a second time from the state it returned, and the other

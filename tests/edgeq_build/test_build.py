@@ -320,6 +320,7 @@ def test_class_scores_per_position_get_a_position_gate(tmp_path):
     assert check["threshold"] == 0.98 and check["value"] >= 0.98 and res.passed
     assert res.summary[0]["task"]["samples"] == 16 * 6
     assert " top-1 per position " in build_mod.format_summary(res)
+    assert "top1 agreement per position" in res.report.read_text()
     # the caller's top-1 gate replaces the position default
     given = _build(tmp_path / "given", model=model, targets=("android",), recipe="w8a16", data=data,
                    thresholds=Thresholds(min_top1_agreement=0.5))
