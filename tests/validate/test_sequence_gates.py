@@ -117,3 +117,22 @@ def test_a_given_top1_gate_judges_positions_too(seq_models):
                          thresholds=Thresholds(min_top1_agreement=0.5), progress=False)
     (c,) = rep.candidates
     assert [k["check"] for k in c.checks] == ["top1_agreement (per position)"] and c.passed
+
+
+def test_cosine_still_sees_a_quiet_sample_the_sqnr_floor_averages_away():
+    """The derived cosine floor is not redundant: SQNR weighs samples by energy, cosine judges each one
+    (measured: 46.0 dB over all elements, mean cosine 0.964, the quiet sample 0.712)."""
+    from edgeq.validate.compare import CandidateResult, _checks
+    from edgeq.validate.metrics import TensorStats
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((8, 64))
+    ref[7] *= 0.01  # one quiet sample ...
+    cand = ref + 0.003 * rng.standard_normal(ref.shape) * np.linalg.norm(ref, axis=1, keepdims=True) / 8
+    cand[7] = ref[7] + rng.standard_normal(64) * 0.01  # ... whose error is as large as itself (0 dB)
+    st = TensorStats()
+    st.update(ref.astype(np.float32), cand.astype(np.float32))
+    res = CandidateResult({}, {"y": st.summary()}, {}, [])
+    checks = {c["check"]: c for c in _checks(res, default_thresholds("w8a16", "generic"))}
+    assert checks["y: sqnr_db"]["value"] > 30 and checks["y: sqnr_db"]["passed"]
+    assert checks["y: cosine_mean"]["value"] < 0.99 and not checks["y: cosine_mean"]["passed"]
