@@ -6,8 +6,9 @@ LogSoftmax or Sigmoid at the end of the graph, possibly behind a Flatten/Reshape
 sequence of class scores — one output of shape ``[batch, positions, classes]`` from Softmax or
 LogSoftmax (a CTC text recognizer's per-frame characters, a token classifier's tags) — is a
 classifier too, judged per position (:class:`~edgeq.validate.metrics.ClassifierStats` reads the last
-axis); a rank-3 MatMul output is not taken for one (it may be hidden states). An embedding model ends in a normalisation (Div / LpNormalization / ReduceMean pooling) and is not
-taken for a classifier. A causal LM is the explicit-cache decoder step of
+axis); a rank-3 MatMul output is not taken for one (it may be hidden states). An embedding model
+ends in a normalisation (Div / LpNormalization / ReduceMean pooling) and is not taken for a
+classifier. A causal LM is the explicit-cache decoder step of
 :mod:`edgeq.export.causal_lm`. When detection is unsure the task stays ``generic`` and the report says
 how to ask for classification explicitly.
 """
