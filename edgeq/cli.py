@@ -447,11 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--input", action="append", metavar="SPEC", help="input specs for a PyTorch factory")
     b.add_argument("--limit", type=int, help="validate on the first N evaluation feeds only")
     b.add_argument("--calib-limit", type=int, help="calibrate on the first N calibration feeds only")
-    b.add_argument("--min-sqnr", type=float, metavar="DB", help="fail if any output's SQNR is below this")
+    b.add_argument("--min-sqnr", type=float, metavar="DB",
+                   help="fail if any output's SQNR is below this (default: the recipe's: 15 for w8a8, 25 for w8a16, "
+                        "else 10)")
     b.add_argument("--min-cosine", type=float, metavar="C",
-                   help="fail if any output's mean cosine is below this (default: the recipe's, e.g. 0.99 for w8a8)")
+                   help="fail if any output's mean cosine is below this (default: the cosine of an error at the "
+                        "recipe's SQNR floor: 0.9845 for w8a8, 0.9984 for w8a16)")
     b.add_argument("--min-top1-agreement", type=float, metavar="F",
-                   help="fail if top-1 agreement is below this (default 0.9 for a classifier, 0.8 for a w4a16 LLM)")
+                   help="fail if top-1 agreement is below this (default 0.9 for a classifier, 0.98 per position for "
+                        "[batch, positions, classes] class scores, 0.8 for a w4a16 LLM)")
     b.add_argument("--max-perplexity-ratio", type=float, metavar="R",
                    help="causal LMs: fail if perplexity / the float model's is above this (default 1.10 for w4a16, "
                         "1.01 for w8a16)")
@@ -461,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="causal LMs: fail if fewer of the float model's greedy tokens are reproduced")
     b.add_argument("--task", default="auto", choices=["auto", "generic", "classification", "embedding", "causal_lm"],
                    help="which task metrics and gates to add (default: the sample's, or detected from the model's "
-                        "output: a [batch, classes] score output is a classifier)")
+                        "output: a [batch, classes] score output is a classifier, a [batch, positions, classes] "
+                        "Softmax output one per position)")
     b.add_argument("--no-latency", action="store_true", help="skip the host latency measurement")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--force", action="store_true", help="replace an existing output folder")

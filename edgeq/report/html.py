@@ -97,6 +97,8 @@ def _summary(data: dict, th: str) -> str:
     for r in data["summary"]:
         shown = {k: v for k, v in _scalars(r["task"]).items() if k in SUMMARY_LLM_METRICS} \
             if "perplexity_ratio" in r["task"] else _scalars(r["task"])
+        if r["task"].get("per_position"):  # class scores per position: every position is one decision
+            shown = {("top1_agreement_per_position" if k == "top1_agreement" else k): v for k, v in shown.items()}
         task = ", ".join(f"{k.replace('_', ' ')} {_num(v)}" for k, v in shown.items() if k != "samples")
         rows.append([f"<code>{escape(r['model'])}</code>", escape(r["target"]), _mb(r["bytes"]), _mb(r["ideal_bytes"]),
                      _num(r["sqnr_db"], ".1f"), _num(r["cosine_mean"], ".4f"), escape(task),
@@ -163,7 +165,7 @@ def _fidelity(data: dict) -> str:
 
 def _scalars(task: dict) -> dict:
     """The task metrics that are numbers (a causal LM's ``greedy`` runs are shown on their own)."""
-    return {k: v for k, v in task.items() if isinstance(v, (int, float, str)) or v is None}
+    return {k: v for k, v in task.items() if (isinstance(v, (int, float, str)) and not isinstance(v, bool)) or v is None}
 
 
 def _task_keys(v: dict) -> list[str]:

@@ -1,8 +1,9 @@
 """Run a reference and candidates on the same feeds and compare them.
 
 The reference runs once per feed; every candidate is compared with it per output (SQNR,
-cosine, max abs error), on the task's own metric (classifier top-k, embedding neighbours), and,
-when both are ONNX, per intermediate tensor matched by name.
+cosine, max abs error), on the task's own metric (classifier top-k — per position for
+``[batch, positions, classes]`` scores —, embedding neighbours), and, when both are ONNX, per
+intermediate tensor matched by name.
 
 A recurrent state output (``state_pairs``, see :mod:`edgeq.validate.state`) is judged by what it
 carries: every model runs each feed a second time from the state it returned, and the other
@@ -26,11 +27,15 @@ from edgeq.validate.runners import IntermediateRunner, Runner, TorchRunner
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Pass/fail gates. ``min_cosine`` applies to each output's mean per-sample cosine."""
+    """Pass/fail gates. ``min_cosine`` applies to each output's mean per-sample cosine.
+
+    ``min_top1_per_position`` is the top-1 gate of class scores per position (``[batch, positions,
+    classes]``); None: ``min_top1_agreement`` applies to them too."""
 
     min_sqnr_db: float | None = None
     min_cosine: float | None = None
     min_top1_agreement: float | None = None
+    min_top1_per_position: float | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -246,7 +251,11 @@ def _checks(res: CandidateResult, th: Thresholds) -> list[dict]:
                 cannot(f"{out}: cosine_mean", th.min_cosine,
                        "cosine cannot see errors in one value per sample" + (
                            "; the SQNR floor applies" if covered else ": give --min-sqnr"), covered)
-    if th.min_top1_agreement is not None:
+    if res.task.get("per_position") and "top1_agreement" in res.task:
+        limit = th.min_top1_per_position if th.min_top1_per_position is not None else th.min_top1_agreement
+        if limit is not None:
+            add("top1_agreement (per position)", res.task["top1_agreement"], limit)
+    elif th.min_top1_agreement is not None:
         if "top1_agreement" not in res.task:
             cannot("top1_agreement", th.min_top1_agreement, "not measured: the task is not classification "
                    "(pass --task classification if the first output holds class scores)", False)

@@ -124,12 +124,17 @@ def topk(scores: np.ndarray, k: int) -> np.ndarray:
 
 @dataclass
 class ClassifierStats:
-    """Top-1 agreement and top-5 overlap of a classifier's scores."""
+    """Top-1 agreement and top-5 overlap of a classifier's scores.
+
+    A ``[batch, positions, classes]`` output (a CTC recognizer's frames, a token classifier's tags) is
+    judged per position: every position is one decision, and the summary says ``per_position``."""
 
     top1_same: list[bool] = field(default_factory=list)
     top5_overlap: list[float] = field(default_factory=list)
+    per_position: bool = False
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        self.per_position |= np.ndim(ref) >= 3
         r5, c5 = topk(ref, 5), topk(cand, 5)
         self.top1_same.extend((r5[:, 0] == c5[:, 0]).tolist())
         k = r5.shape[1]
@@ -141,6 +146,7 @@ class ClassifierStats:
             "top1_agreement": float(np.mean(self.top1_same)) if self.top1_same else float("nan"),
             "top5_overlap": float(np.mean(self.top5_overlap)) if self.top5_overlap else float("nan"),
             "samples": len(self.top1_same),
+            **({"per_position": True} if self.per_position else {}),
         }
 
 

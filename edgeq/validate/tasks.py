@@ -2,9 +2,13 @@
 
 A classifier is recognised from its graph: one output of shape ``[batch, classes]`` (classes ≥ 2,
 a fixed size) computed by a layer that produces scores — Gemm, MatMul (+ Add), Softmax,
-LogSoftmax or Sigmoid at the end of the graph, possibly behind a Flatten/Reshape/Squeeze. An
-embedding model ends in a normalisation (Div / LpNormalization / ReduceMean pooling) and is not
-taken for a classifier. A causal LM is the explicit-cache decoder step of
+LogSoftmax or Sigmoid at the end of the graph, possibly behind a Flatten/Reshape/Squeeze. A
+sequence of class scores — one output of shape ``[batch, positions, classes]`` from Softmax or
+LogSoftmax (a CTC text recognizer's per-frame characters, a token classifier's tags) — is a
+classifier too, judged per position (:class:`~edgeq.validate.metrics.ClassifierStats` reads the last
+axis); a rank-3 MatMul output is not taken for one (it may be hidden states). An embedding model
+ends in a normalisation (Div / LpNormalization / ReduceMean pooling) and is not taken for a
+classifier. A causal LM is the explicit-cache decoder step of
 :mod:`edgeq.export.causal_lm`. When detection is unsure the task stays ``generic`` and the report says
 how to ask for classification explicitly.
 """
@@ -18,6 +22,7 @@ from edgeq.sources import TASKS
 
 _SCORE_OPS = {"Gemm", "MatMul", "Softmax", "LogSoftmax", "Sigmoid"}
 _PASS_THROUGH = {"Flatten", "Reshape", "Squeeze", "Identity"}
+_PROBABILITY_OPS = {"Softmax", "LogSoftmax"}  # the only producers taken for per-position class scores
 
 
 def detect_task(model: onnx.ModelProto) -> tuple[str, str]:
@@ -31,12 +36,14 @@ def detect_task(model: onnx.ModelProto) -> tuple[str, str]:
         return "generic", f"{len(outputs)} outputs (a classifier has one score output)"
     out = outputs[0]
     dims = out.type.tensor_type.shape.dim
+    producer = {o: n for n in model.graph.node for o in n.output}
+    if len(dims) == 3:
+        return _per_position(out, dims, producer, _opset(model))
     if len(dims) != 2:
         return "generic", f"output {out.name!r} has rank {len(dims)}, not [batch, classes]"
     classes = dims[1].dim_value if dims[1].HasField("dim_value") else 0
     if classes < 2:
         return "generic", f"output {out.name!r} has {classes or 'a dynamic number of'} values per sample"
-    producer = {o: n for n in model.graph.node for o in n.output}
     node, seen = producer.get(out.name), 0
     while node is not None and node.op_type in _PASS_THROUGH and seen < 4:
         node, seen = producer.get(node.input[0]), seen + 1
@@ -46,6 +53,24 @@ def detect_task(model: onnx.ModelProto) -> tuple[str, str]:
         op = node.op_type if node is not None else "a graph input"
         return "generic", f"output {out.name!r} [batch, {classes}] comes from {op}, not a score layer"
     return "classification", f"output {out.name!r} [batch, {classes}] from {node.op_type}"
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _per_position(out, dims, producer, opset: int) -> tuple[str, str]:
+    """A ``[batch, positions, classes]`` output: class scores per position when a Softmax/LogSoftmax makes it
+    over the last axis (before opset 13 the default axis 1 normalises positions and classes together)."""
+    classes = dims[2].dim_value if dims[2].HasField("dim_value") else 0
+    node = producer.get(out.name)
+    op = node.op_type if node is not None else "a graph input"
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1) if node else None
+    if classes < 2 or op not in _PROBABILITY_OPS or axis not in (-1, 2):
+        return "generic", (f"output {out.name!r} has rank 3 from {op}: not [batch, classes], nor class "
+                           "probabilities per position (Softmax/LogSoftmax over a last axis of fixed size)")
+    return "classification", (f"output {out.name!r} [batch, positions, {classes}] from {op}: "
+                              "class scores per position (top-1 judged per position)")
 
 
 def resolve_task(task: str, *, sample=None, model: onnx.ModelProto | None = None,

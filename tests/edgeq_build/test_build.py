@@ -1,8 +1,8 @@
 """`edgeq build` on tiny models: the flow, the summary, atomicity under Ctrl-C, reproducibility.
 
 tiny_cnn (classifier, 8 calibration and 8 evaluation batches) for Android and iOS 18 in W8A8:
-about 5 s per build. Thresholds are the recipe defaults (w8a8: mean cosine >= 0.99 and top-1
-agreement >= 0.9 for a classifier); tiny_cnn measures cosine 1.0000, SQNR ~52 dB.
+about 5 s per build. Thresholds are the recipe defaults (w8a8: SQNR >= 15 dB, mean cosine >= 0.9845
+(the cosine of a 15 dB error) and top-1 agreement >= 0.9 for a classifier); tiny_cnn measures cosine 1.0000, SQNR ~52 dB.
 """
 
 import json
@@ -37,7 +37,7 @@ def test_build_writes_packages_qdq_models_and_reports(built):
     assert (out / "ios18" / "tiny_cnn.mlpackage").is_dir() and (out / "ios18" / "manifest.json").is_file()
     data = json.loads((out / "build.json").read_text())
     assert data["passed"] is True and built.passed
-    assert data["thresholds"] == {"min_sqnr_db": 15.0, "min_cosine": 0.99, "min_top1_agreement": 0.9}
+    assert data["thresholds"] == {"min_sqnr_db": 15.0, "min_cosine": 0.9845, "min_top1_agreement": 0.9}
     assert all(q["coverage"] == {"quantized": 5, "quantizable": 5} for q in data["qdq"])
     assert {s["status"] for s in data["stages"]} == {"ok"} and len(data["stages"]) == 7
     rows = {r["model"]: r for r in data["summary"]}
@@ -160,9 +160,11 @@ def test_cli_build_prints_summary_and_gates_exit_1(tmp_path, capfd):
 
 def test_thresholds_merge_with_recipe_defaults():
     th = build_mod._merge(build_mod.default_thresholds("w8a8", "classification"), Thresholds(min_sqnr_db=20))
-    assert th == Thresholds(min_sqnr_db=20, min_cosine=0.99, min_top1_agreement=0.9)
-    assert build_mod.default_thresholds("w4a16-b32", "embedding") == Thresholds(min_sqnr_db=10.0, min_cosine=0.98)
-    assert build_mod.default_thresholds("w8a16", "generic") == Thresholds(min_sqnr_db=25.0, min_cosine=0.999)
+    assert th == Thresholds(min_sqnr_db=20, min_cosine=0.9845, min_top1_agreement=0.9)
+    assert build_mod.default_thresholds("w4a16-b32", "embedding") == Thresholds(min_sqnr_db=10.0, min_cosine=0.9534)
+    assert build_mod.default_thresholds("w8a16", "generic") == Thresholds(min_sqnr_db=25.0, min_cosine=0.9984)
+    assert build_mod.default_thresholds("w8a16", "classification", per_position=True) == Thresholds(
+        min_sqnr_db=25.0, min_cosine=0.9984, min_top1_agreement=0.9, min_top1_per_position=0.98)
 
 
 def test_doctor_lists_versions_targets_and_coreml(capsys):
@@ -287,3 +289,39 @@ def test_a_gate_that_cannot_be_evaluated_says_why(tmp_path):
     ok = _build(tmp_path / "ok", model=model, targets=("android",), recipe="w8a16", data=data,
                 thresholds=Thresholds(min_top1_agreement=0.95))
     assert ok.passed and ok.summary[0]["task"]["top1_agreement"] >= 0.95
+
+
+CTC = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[batch, 6, 4] x) => (float[batch, 6, 5] y) <float[4, 5] w = {{{vals}}}>
+{{
+    s = MatMul(x, w)
+    y = Softmax<axis = -1>(s)
+}}
+"""
+
+
+def test_class_scores_per_position_get_a_position_gate(tmp_path):
+    """A CTC-like [batch, positions, classes] Softmax output: detected, top-1 judged per position (0.98)."""
+    import numpy as np
+    import onnx
+
+    rng = np.random.default_rng(0)
+    model = tmp_path / "ctc.onnx"
+    onnx.save(onnx.parser.parse_model(CTC.format(vals=", ".join(f"{v:.4f}" for v in rng.standard_normal(20)))),
+              str(model))
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.standard_normal((16, 6, 4)).astype(np.float32))
+    res = _build(tmp_path / "dist", model=model, targets=("android",), recipe="w8a16", data=data)
+    assert res.data["model"]["task"] == "classification" and "per position" in res.data["model"]["task_reason"]
+    assert res.data["thresholds"]["min_top1_per_position"] == 0.98
+    check = next(c for c in res.data["validation"]["candidates"][0]["checks"]
+                 if c["check"] == "top1_agreement (per position)")
+    assert check["threshold"] == 0.98 and check["value"] >= 0.98 and res.passed
+    assert res.summary[0]["task"]["samples"] == 16 * 6
+    assert " top-1 per position " in build_mod.format_summary(res)
+    assert "top1 agreement per position" in res.report.read_text()
+    # the caller's top-1 gate replaces the position default
+    given = _build(tmp_path / "given", model=model, targets=("android",), recipe="w8a16", data=data,
+                   thresholds=Thresholds(min_top1_agreement=0.5))
+    assert given.data["thresholds"]["min_top1_per_position"] == 0.5
