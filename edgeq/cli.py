@@ -451,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail if any output's SQNR is below this (default: the recipe's: 15 for w8a8, 25 for w8a16, "
                         "else 10)")
     b.add_argument("--min-cosine", type=float, metavar="C",
-                   help="fail if any output's mean cosine is below this (default: the cosine of an error at the "
-                        "recipe's SQNR floor: 0.9845 for w8a8, 0.9984 for w8a16)")
+                   help="fail if any output's mean cosine is below this (default: the recipe's: 0.99 for w8a8, "
+                        "0.9984 for w8a16 (its 25 dB floor per sample), 0.95 for mxfp4, else 0.98)")
     b.add_argument("--min-top1-agreement", type=float, metavar="F",
                    help="fail if top-1 agreement is below this (default 0.9 for a classifier, 0.98 per position for "
                         "[batch, positions, classes] class scores, 0.8 for a w4a16 LLM)")

@@ -3,7 +3,7 @@
 The full no-argument build (200 calibration and 200 evaluation sentences) takes ~2.5 min here,
 mostly validating the Core ML package with the numpy reference executor; this test calibrates on
 5 batches and validates on 3 (~1 min) and checks what the full build produces. Gates: w8a8 default
-(15 dB, mean cosine >= 0.9845); the test asks mean cosine >= 0.99 (measured 0.998 on the full data).
+(15 dB, mean cosine >= 0.99); the test asks mean cosine >= 0.99 (measured 0.998 on the full data).
 """
 
 import json

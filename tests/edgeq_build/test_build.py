@@ -1,7 +1,7 @@
 """`edgeq build` on tiny models: the flow, the summary, atomicity under Ctrl-C, reproducibility.
 
 tiny_cnn (classifier, 8 calibration and 8 evaluation batches) for Android and iOS 18 in W8A8:
-about 5 s per build. Thresholds are the recipe defaults (w8a8: SQNR >= 15 dB, mean cosine >= 0.9845
+about 5 s per build. Thresholds are the recipe defaults (w8a8: SQNR >= 15 dB, mean cosine >= 0.99
 (the cosine of a 15 dB error) and top-1 agreement >= 0.9 for a classifier); tiny_cnn measures cosine 1.0000, SQNR ~52 dB.
 """
 
@@ -37,7 +37,7 @@ def test_build_writes_packages_qdq_models_and_reports(built):
     assert (out / "ios18" / "tiny_cnn.mlpackage").is_dir() and (out / "ios18" / "manifest.json").is_file()
     data = json.loads((out / "build.json").read_text())
     assert data["passed"] is True and built.passed
-    assert data["thresholds"] == {"min_sqnr_db": 15.0, "min_cosine": 0.9845, "min_top1_agreement": 0.9}
+    assert data["thresholds"] == {"min_sqnr_db": 15.0, "min_cosine": 0.99, "min_top1_agreement": 0.9}
     assert all(q["coverage"] == {"quantized": 5, "quantizable": 5} for q in data["qdq"])
     assert {s["status"] for s in data["stages"]} == {"ok"} and len(data["stages"]) == 7
     rows = {r["model"]: r for r in data["summary"]}
@@ -160,8 +160,8 @@ def test_cli_build_prints_summary_and_gates_exit_1(tmp_path, capfd):
 
 def test_thresholds_merge_with_recipe_defaults():
     th = build_mod._merge(build_mod.default_thresholds("w8a8", "classification"), Thresholds(min_sqnr_db=20))
-    assert th == Thresholds(min_sqnr_db=20, min_cosine=0.9845, min_top1_agreement=0.9)
-    assert build_mod.default_thresholds("w4a16-b32", "embedding") == Thresholds(min_sqnr_db=10.0, min_cosine=0.9534)
+    assert th == Thresholds(min_sqnr_db=20, min_cosine=0.99, min_top1_agreement=0.9)
+    assert build_mod.default_thresholds("w4a16-b32", "embedding") == Thresholds(min_sqnr_db=10.0, min_cosine=0.98)
     assert build_mod.default_thresholds("w8a16", "generic") == Thresholds(min_sqnr_db=25.0, min_cosine=0.9984)
     assert build_mod.default_thresholds("w8a16", "classification", per_position=True) == Thresholds(
         min_sqnr_db=25.0, min_cosine=0.9984, min_top1_agreement=0.9, min_top1_per_position=0.98)
