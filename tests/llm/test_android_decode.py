@@ -1,6 +1,7 @@
-"""The Android plan on the tiny Llama with AWQ: the scalings' Muls end in the fused norms' weights and the up
-projections' scales (only the attention output's stays: GroupQueryAttention cannot take it), and the graph computes
-what the same quantization without the fold computes (the exported model makes these tests slow)."""
+"""What the Android plan does for decode speed, on the tiny Llama with AWQ: the scalings' Muls end in the fused
+norms' weights and the up projections' scales (only the attention output's stays: GroupQueryAttention cannot take
+it), the graph computes what the same quantization without the fold computes, and onnxruntime-genai is told to share
+past/present buffers only where every layer is GroupQueryAttention (the exported model makes these tests slow)."""
 
 import collections
 
@@ -14,6 +15,7 @@ from edgeq.passes import fold_scalings
 from edgeq.pipeline.quantize import quantize_model
 from edgeq.runtime import ort_session
 from edgeq.validate.metrics import sqnr_db
+from targets.android.llm import shares_cache_buffers
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +67,9 @@ def test_the_folded_graph_computes_what_the_unfolded_one_does(both):
         want, got = (dict(zip(names, s.run(names, feed))) for s in (ref, new))
         worst = min((sqnr_db(want[n], got[n]), n) for n in names)
         assert worst[0] >= MIN_SQNR_DB, f"{label}: {worst[1]} at {worst[0]:.1f} dB"
+
+
+def test_genai_shares_cache_buffers_only_when_gqa_writes_every_present(both, tiny_onnx):
+    unfolded, folded, _ = both
+    assert shares_cache_buffers(onnx.load(str(folded.path)))
+    assert not shares_cache_buffers(onnx.load(str(tiny_onnx[0])))  # the export: attention as small ops + Concat
