@@ -47,7 +47,7 @@ def _scaling_muls(path) -> collections.Counter:
 
 
 def test_only_the_attention_outputs_scaling_stays(both):
-    unfolded, folded, facts = both
+    unfolded, folded, _ = both
     assert unfolded.plan.scalings  # AWQ scaled some inputs, and the same ones both times
     assert [(s.tensor, s.consumers, s.scale.tobytes()) for s in folded.plan.scalings] == \
         [(s.tensor, s.consumers, s.scale.tobytes()) for s in unfolded.plan.scalings]
@@ -70,6 +70,6 @@ def test_the_folded_graph_computes_what_the_unfolded_one_does(both):
 
 
 def test_genai_shares_cache_buffers_only_when_gqa_writes_every_present(both, tiny_onnx):
-    unfolded, folded, _ = both
+    _, folded, _ = both
     assert shares_cache_buffers(onnx.load(str(folded.path)))
     assert not shares_cache_buffers(onnx.load(str(tiny_onnx[0])))  # the export: attention as small ops + Concat
