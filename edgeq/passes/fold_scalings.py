@@ -75,7 +75,7 @@ def _channel_factor(mul: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
         arr = c.const_value.numpy()
         if arr.ndim == 0 or any(d != 1 for d in arr.shape[:-1]):
             return None
-        if x.shape is not None and len(x.shape) < arr.ndim:  # c would widen x's rank
+        if arr.ndim > 1 and (x.shape is None or len(x.shape) < arr.ndim):  # c may widen x's rank
             return None
         return x, arr.reshape(-1)
     return None
@@ -143,7 +143,8 @@ def _into_projection(x: ir.Value, c: np.ndarray) -> bool:
         if mm.op_type != "MatMul" or _domain(mm) != "" or mm.inputs[1] is None:
             continue
         out = mm.outputs[0]
-        if out.shape is not None and len(out.shape) and isinstance(out.shape[-1], int) and out.shape[-1] != c.shape[0]:
+        if out.shape is not None and len(out.shape) and isinstance(out.shape[-1], int) and \
+                out.shape[-1] != c.shape[0]:
             continue
         targets = _projection_columns(mm.inputs[1], c.shape[0])
         if targets is None:
@@ -164,7 +165,7 @@ def _into_mul(x: ir.Value, c: np.ndarray, graph: ir.Graph) -> bool:
     c0 = inner.inputs[k]
     if found[1].size not in (1, c.size):
         return False
-    merged = found[1] * c  # [N]: both factors run along the last axis
+    merged = found[1] * c  # [N]: both factors run along the last axis, neither widens the rank (_channel_factor)
     inner.replace_input_with(k, _new_constant(graph, f"{c0.name}_times_{inner.name}_next", merged))
     if not c0.uses() and c0.name in graph.initializers:
         graph.initializers.pop(c0.name)
