@@ -98,12 +98,16 @@ def readme_section(manifest: dict) -> str:
     """The README part for a causal LM: a generation loop with onnxruntime-genai (and plain ONNX Runtime)."""
     lm = manifest["causal_lm"]
     layers = lm["num_layers"]
+    shared = (" Every layer's attention is `GroupQueryAttention`, so the config lets onnxruntime-genai give each "
+              "layer one buffer of `max_length` positions as both its past and its present "
+              "(`past_present_share_buffer`): new keys and values are written in place, the past is not copied."
+              if lm.get("past_present_share_buffer") else "")
     return f"""
 ## Generate text (onnxruntime-genai)
 
 This model is a causal language model: one graph for prompt processing and each generated
 token, its key/value cache as {2 * layers} explicit inputs and outputs (`past_key_values.{{i}}.key|value`
-→ `present.{{i}}.key|value`). `{GENAI_CONFIG}` and the tokenizer files
+→ `present.{{i}}.key|value`).{shared} `{GENAI_CONFIG}` and the tokenizer files
 ({", ".join(f"`{f}`" for f in lm["tokenizer_files"]) or "none stored"}) let
 [onnxruntime-genai](https://github.com/microsoft/onnxruntime-genai) run it. Copy the whole folder to
 the device (e.g. `context.filesDir/model/`), add `com.microsoft.onnxruntime:onnxruntime-genai-android`,
