@@ -15,7 +15,9 @@ What it leaves alone, and why: onnxscript's own ``optimize_for_ort`` also runs i
 optimizer (constant folding without a guard for shared weights) and the ``FusedMatMul`` rules,
 which turn the output layer's ``Transpose → MatMul`` into a ``FusedMatMul`` — then the embedding
 table tied to it could no longer be stored once. Those two steps are skipped; unused nodes are
-removed and fusion helper functions inlined instead. Nor does it run onnxscript's packed
+removed and fusion helper functions inlined instead. Last, :mod:`edgeq.passes.fold_scalings` moves
+the input scalings' (AWQ) per-channel Muls into the fused norms' weights and the projections' scales
+(one kernel call less each, per token). Nor does it run onnxscript's packed
 ``Attention`` rule (BERT-style): it concatenates the query/key/value weights into an input of the
 contrib op, where no quantized weight can go (a DequantizeLinear there would run every time);
 ``MultiHeadAttention`` with its bias keeps the three projections as MatMuls, quantized as usual.
@@ -101,6 +103,7 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         )
 
         from edgeq.passes import ort_llm_rules as llm
+        from edgeq.passes.fold_scalings import FoldScalingsPass
 
         before = collections.Counter((n.domain, n.op_type) for n in model.graph)
         common_passes.ShapeInferencePass()(model)
@@ -133,6 +136,9 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         common_passes.RemoveUnusedFunctionsPass()(model)
         # the fusions' small constants (axes, shapes) as initializers, like the import stage leaves them
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        # the scalings' and protection masks' Muls into the fused norms' weights and the projections' scales
+        folded = FoldScalingsPass()(model).folded
+        fused.update({f"fold_scaling_into_{k}": v for k, v in folded.items()})
         after = collections.Counter((n.domain, n.op_type) for n in model.graph)
         made = {op: k for (domain, op), k in after.items() if k > before.get((domain, op), 0) and
                 op not in ("Reshape", "Transpose", "Concat", "Shape", "Gather", "Unsqueeze", "Slice")}

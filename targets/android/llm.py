@@ -5,8 +5,13 @@ The exported graph already uses the naming onnxruntime-genai reads (``input_ids`
 ``present.{i}.key|value``); the package adds its ``genai_config.json`` (the model's shape, its
 special tokens, the cache names, greedy search up to the model's context) and the tokenizer files
 the export stored in the model's metadata (``tokenizer.json``, ``tokenizer_config.json``, ...).
-The cache is explicit input/output (``past_present_share_buffer = false``): each step reads the
-past and writes the grown cache.
+The cache is explicit input/output. Where every layer's attention is ORT's ``GroupQueryAttention``
+writing its ``present.*`` (the Android plan's fusion), the config sets ``past_present_share_buffer``:
+onnxruntime-genai then gives each layer one buffer of ``max_length`` positions as both its past and
+its present, and the operator appends the new keys/values in place instead of copying the whole past
+into a grown output at every token (as onnxruntime-genai's own builder configures its models; SmolLM2
+w4a16, 1 thread: 3–5 % less decode CPU time, the same greedy tokens). Any other graph (unfused attention
+concatenates past and new keys into a new tensor) keeps the plain explicit cache.
 """
 
 from __future__ import annotations
@@ -24,6 +29,22 @@ DEFAULT_MAX_LENGTH = 2048  # a phone's context when the model declares none
 
 def is_causal_lm(model: onnx.ModelProto) -> bool:
     return read_facts({p.key: p.value for p in model.metadata_props}) is not None
+
+
+def shares_cache_buffers(model: onnx.ModelProto) -> bool:
+    """Every ``present.*`` output is written by a GroupQueryAttention that reads the matching past input
+    (the operator supports one buffer for both: onnxruntime-genai's ``past_present_share_buffer``)."""
+    from edgeq.export.causal_lm import past_names, present_names
+
+    facts = read_facts({p.key: p.value for p in model.metadata_props})
+    writers = {o: n for n in model.graph.node for o in n.output
+               if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"}
+    for i, (past, present) in enumerate(zip(past_names(facts.num_layers), present_names(facts.num_layers))):
+        node, k = writers.get(present), 1 + i % 2  # key: output 1, read at input 3; value: output 2, input 4
+        if node is None or len(node.output) <= k or node.output[k] != present or len(node.input) <= k + 2 \
+                or node.input[k + 2] != past:
+            return False
+    return True
 
 
 def genai_config(model: onnx.ModelProto, model_file: str) -> dict:
@@ -54,7 +75,7 @@ def genai_config(model: onnx.ModelProto, model_file: str) -> dict:
             },
         },
         "search": {"do_sample": False, "num_beams": 1, "top_k": 1, "max_length": max_length, "min_length": 0,
-                   "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0},
+                   "past_present_share_buffer": shares_cache_buffers(model), "repetition_penalty": 1.0, "temperature": 1.0},
     }
 
 
@@ -65,9 +86,11 @@ def write_llm_files(model: onnx.ModelProto, folder: Path, model_file: str) -> di
     for name, text in sorted(tokenizer.items()):
         (folder / name).write_text(text, encoding="utf-8")
     facts = read_facts({p.key: p.value for p in model.metadata_props})
+    search = genai_config(model, model_file)["search"]
     return {"causal_lm": {"genai_config": GENAI_CONFIG, "tokenizer_files": sorted(tokenizer),
                           "num_layers": facts.num_layers, "vocab_size": facts.vocab_size,
-                          "max_length": genai_config(model, model_file)["search"]["max_length"],
+                          "max_length": search["max_length"],
+                          "past_present_share_buffer": search["past_present_share_buffer"],
                           "chat_template": "chat_template.jinja" in tokenizer or facts.has_chat_template}}
 
 
@@ -75,12 +98,16 @@ def readme_section(manifest: dict) -> str:
     """The README part for a causal LM: a generation loop with onnxruntime-genai (and plain ONNX Runtime)."""
     lm = manifest["causal_lm"]
     layers = lm["num_layers"]
+    shared = (" Every layer's attention is `GroupQueryAttention`, so the config lets onnxruntime-genai give each "
+              "layer one buffer of `max_length` positions as both its past and its present "
+              "(`past_present_share_buffer`): new keys and values are written in place, the past is not copied."
+              if lm.get("past_present_share_buffer") else "")
     return f"""
 ## Generate text (onnxruntime-genai)
 
 This model is a causal language model: one graph for prompt processing and each generated
 token, its key/value cache as {2 * layers} explicit inputs and outputs (`past_key_values.{{i}}.key|value`
-→ `present.{{i}}.key|value`). `{GENAI_CONFIG}` and the tokenizer files
+→ `present.{{i}}.key|value`).{shared} `{GENAI_CONFIG}` and the tokenizer files
 ({", ".join(f"`{f}`" for f in lm["tokenizer_files"]) or "none stored"}) let
 [onnxruntime-genai](https://github.com/microsoft/onnxruntime-genai) run it. Copy the whole folder to
 the device (e.g. `context.filesDir/model/`), add `com.microsoft.onnxruntime:onnxruntime-genai-android`,

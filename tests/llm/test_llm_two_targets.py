@@ -76,6 +76,8 @@ def test_the_packages_carry_the_same_integers_bit_for_bit(built):
     ort = {ort_graph.Initializers(i).Name().decode(): ort_graph.Initializers(i).RawDataAsNumpy()
            for i in range(ort_graph.InitializersLength())}
     android_inits = _initializers(files["android"])
+    folded = _factors_folded_into_columns(ios_qdq, ios_inits)
+    assert folded  # AWQ scaled a down projection's input here: its factor is in the up projection's scales
     checked = packed = 0
     for n in android_qdq.graph.node:
         props = meta.proto_props(n)
@@ -84,7 +86,8 @@ def test_the_packages_carry_the_same_integers_bit_for_bit(built):
         sources = props[meta.SOURCE].split(PACKED_SOURCE)
         packed += len(sources) == 3
         codes = np.concatenate([ios[s][0] for s in sources], axis=1).astype(np.int8)  # [K, N]
-        scale = np.concatenate([ios[s][1] for s in sources], axis=1)  # [K/32, N]
+        # [K/32, N]; on ORT, an up projection's columns also hold the down projection's AWQ factor (fold_scalings)
+        scale = np.concatenate([ios[s][1] * folded.get(s, np.float32(1)) for s in sources], axis=1)
         for s in sources:  # what Core ML stores is the ios18 QDQ ONNX's integers
             op = mil[mil_name(ios[s][2])]
             assert op.op_type == "constexpr_blockwise_shift_scale", s
@@ -105,6 +108,19 @@ def test_the_packages_carry_the_same_integers_bit_for_bit(built):
     np.testing.assert_array_equal(ort["lm.lm_head.weight_quantized"].reshape(table[0].shape),
                                   (table[0].astype(np.int16) + 128).astype(np.uint8))
     np.testing.assert_array_equal(ort["lm.lm_head.weight_scale"].view(np.float32).reshape(table[1].shape), table[1])
+
+
+def _factors_folded_into_columns(qdq: onnx.ModelProto, inits: dict) -> dict:
+    """MatMul -> the factor edgeq.passes.fold_scalings moves into its columns on ORT: the scaling Mul's after
+    ``g * MatMul(...)`` (a gated MLP's up projection)."""
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    out = {}
+    for n in qdq.graph.node:
+        if n.op_type == "Mul" and meta.role_of(meta.proto_props(n)) == meta.Role.SCALING:
+            gate = producer.get(n.input[0])
+            ups = [producer.get(i) for i in gate.input] if gate is not None and gate.op_type == "Mul" else []
+            out.update({u.name: inits[n.input[1]] for u in ups if u is not None and u.op_type == "MatMul"})
+    return out
 
 
 @pytest.mark.slow
