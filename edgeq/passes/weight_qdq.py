@@ -336,8 +336,8 @@ class WeightQDQPass(ir.passes.InPlacePass):
         ``uint8 [V, D/bs, bs·bits/8]`` (codes + 2^(bits-1): symmetric codes need no zero point, it is the
         kernels' default), read by ``MatMulNBits(x, B, scales[, zero_points])`` for the logits and by
         ``GatherBlockQuantized(B, ids, Reshape(scales, [V, D/bs, 1])[, zero_points])`` with
-        ``quantize_axis=2`` — then reshaped to ``[..., D]`` — for the embedding (the only copy in the file
-        is of the scales, which ORT folds from the Reshape). An int4 table with zero points (asymmetric)
+        ``quantize_axis=2`` — then reshaped to ``[..., D]`` — for the embedding (the scales stored once too:
+        their 3-D view is made at run time). An int4 table with zero points (asymmetric)
         stores them twice, in each kernel's layout (ONNX Runtime 1.32 checks both at load): MatMulNBits'
         ``uint8 [V, ceil(D/bs / 2)]`` two per byte (low nibble first), GatherBlockQuantized's
         ``uint8 [V, D/bs, 1]`` one per byte (its quantize axis holds one block) — 0.66 bytes per block.
@@ -380,14 +380,22 @@ class WeightQDQPass(ir.passes.InPlacePass):
             graph.register_initializer(shape3)
             graph.register_initializer(dim)
             ids = node.inputs[1]
-            s3 = ir.node("Reshape", [scales, shape3], name=f"{d.weight}_scales_3d")
+            # The scales' 3-D view is made at run time (ORT's Reshape aliases its input: no copy). A Reshape
+            # of the constant scales alone is folded by the .ort conversion into a second copy of them (3.5
+            # MB on SmolLM2 at block 32); joined to an empty slice of the ids' shape, its shape is not a
+            # constant. ONNX Runtime has no switch to keep one node out of constant folding.
+            none = ir.node("Shape", [ids], attributes={"start": 0, "end": 0}, name=f"{d.node}/no_dims")
+            view = ir.node("Concat", [none.outputs[0], shape3], attributes={"axis": 0}, name=f"{d.weight}_scales_view")
+            s3 = ir.node("Reshape", [scales, view.outputs[0]], name=f"{d.weight}_scales_3d")
+            # its shape, stated: GatherBlockQuantized's shape inference compares the scales with the zero points
+            s3.outputs[0].dtype, s3.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([v, nb, 1])
             gbq = ir.node("GatherBlockQuantized", [b, ids, s3.outputs[0], *gbq_zp], domain="com.microsoft",
                           attributes={"gather_axis": 0, "quantize_axis": 2, "block_size": d.block, "bits": bits},
                           name=f"{d.node}/gather_block_quantized")
             ids_shape = ir.node("Shape", [ids], name=f"{d.node}/ids_shape")
             out_shape = ir.node("Concat", [ids_shape.outputs[0], dim], attributes={"axis": 0}, name=f"{d.node}/row_shape")
             rows = ir.node("Reshape", [gbq.outputs[0], out_shape.outputs[0]], name=f"{d.node}/rows")
-            new = [s3, gbq, ids_shape, out_shape, rows]
+            new = [none, view, s3, gbq, ids_shape, out_shape, rows]
             for n in new:
                 meta.mark(n, meta.Role.GATHER_QUANTIZED, d.node)
             graph.insert_before(node, new)
