@@ -102,3 +102,28 @@ def test_the_tiny_llamas_tied_int4_table_keeps_its_zero_points_in_the_ort(tiny_o
     past = dict(zip([n.replace("present", "past_key_values") for n in names[1:]], want[1:]))
     step = step_feed(np.array([[7]]), past)
     np.testing.assert_array_equal(ort_sess.run(names, step)[0], qdq_sess.run(None, step)[0])
+
+
+def test_the_ios18_package_reads_the_tied_int4_table_with_its_zero_points(tmp_path):
+    """Core ML (iOS 18): the tied table is one DequantizeLinear with zero points (``tied_dq``), lowered to one
+    constexpr the embedding and the output layer read; fp32 compute gives the dequantized table's rows."""
+    from edgeq.validate.metrics import sqnr_db
+    from targets.coreml import IOS18Target
+    from targets.coreml.runner import MLPackageRunner
+
+    rng = np.random.default_rng(7)
+    table = (rng.standard_normal((V, D)) + rng.uniform(-1.5, 1.5, (V, 1))).astype(np.float32)
+    mix = (np.eye(D) + rng.standard_normal((D, D)) / 5).astype(np.float32)
+    src = tied_lm(tmp_path / "lm.onnx", table, mix, outputs=("e", "h"))
+    qdq = tmp_path / "q.onnx"
+    res = api.quantize(src, qdq, _recipe(tmp_path / "r.toml"), profile="ios18", progress=False)
+    tied = [d for d in res.plan.weights if d.weight == "table"]
+    assert {d.form for d in tied} == {"tied_dq"} and not any(d.symmetric for d in tied)
+    dq = [n for n in onnx.load(str(qdq)).graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "table_quantized"]
+    assert len(dq) == 1 and len(dq[0].input) == 3  # one table, with its zero points
+    pkg = IOS18Target(compute="fp32").package(qdq, tmp_path / "pkg")
+    ids = np.array([[0, 5, V - 1, 5, 17, 42]], np.int64)
+    got = MLPackageRunner(pkg.model_file).run({"input_ids": ids})
+    want = dict(zip(["logits", "e"], ort_session(qdq, optimize=False).run(["logits", "e"], {"input_ids": ids})))
+    np.testing.assert_array_equal(got["e"], res.plan.codes["table"].dequantize()[ids])
+    assert sqnr_db(want["logits"], got["logits"]) >= 90

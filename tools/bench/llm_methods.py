@@ -105,6 +105,15 @@ gptq = {act_order = true}
 protect = {ratio = 32.0, max_channels = 2}
 """
 
+# the same with the table in blocks of 16 (a rule for the embedding Gather, which decides the tied table's form)
+W4A16_TIED_INT4_B16 = W4A16_TIED_INT4.replace('name = "w4a16-tied-int4"', 'name = "w4a16-tied-int4-b16"') + """\
+[[rules]]
+op = ["Gather"]
+name = "^node_embedding$"
+weights = "int4"
+block = 16
+"""
+
 
 def _edgeq_quantize_toml(text: str, *, profile: str) -> Callable[[dict], dict]:
     """``edgeq quantize`` with a TOML recipe written into the method's output folder."""
@@ -324,6 +333,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _edgeq_quantize_toml(W4A16_TIED_INT4, profile="android")),
     Method("edgeq-w4a16-tied4-android-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
            _edgeq_package("edgeq-w4a16-tied4-android"), needs=("edgeq-w4a16-tied4-android",)),
+    Method("edgeq-w4a16-tied4b16-android", "edgeq",
+           "edgeq w4a16 with tied_table = int4 in blocks of 16 --profile android --calib smollm2, QDQ ONNX",
+           _edgeq_quantize_toml(W4A16_TIED_INT4_B16, profile="android")),
+    Method("edgeq-w4a16-tied4b16-android-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
+           _edgeq_package("edgeq-w4a16-tied4b16-android"), needs=("edgeq-w4a16-tied4b16-android",)),
     Method("edgeq-gguf-android", "edgeq",
            "edgeq --recipe gguf --profile android: the GGUF's own Q4_1/Q8_0 integers kept, QDQ ONNX",
            _edgeq_quantize("gguf", calib=False, profile="android")),
