@@ -119,7 +119,8 @@ def test_the_ios18_package_reads_the_tied_int4_table_with_its_zero_points(tmp_pa
     res = api.quantize(src, qdq, _recipe(tmp_path / "r.toml"), profile="ios18", progress=False)
     tied = [d for d in res.plan.weights if d.weight == "table"]
     assert {d.form for d in tied} == {"tied_dq"} and not any(d.symmetric for d in tied)
-    dq = [n for n in onnx.load(str(qdq)).graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "table_quantized"]
+    dq = [n for n in onnx.load(str(qdq)).graph.node
+          if n.op_type == "DequantizeLinear" and n.input[0] == "table_quantized"]
     assert len(dq) == 1 and len(dq[0].input) == 3  # one table, with its zero points
     pkg = IOS18Target(compute="fp32").package(qdq, tmp_path / "pkg")
     ids = np.array([[0, 5, V - 1, 5, 17, 42]], np.int64)
