@@ -114,6 +114,16 @@ weights = "int4"
 block = 16
 """
 
+# the int4 table (blocks of 32, zero points) with the projections of layers 0, 28 and 29 in int8 (the ends of
+# the stack lose the most to int4: notes/llmq.md), in what the table saves below 95 MB
+W4A16_TIED_INT4_INT8_ENDS = W4A16_TIED_INT4.replace('name = "w4a16-tied-int4"', 'name = "w4a16-tied-int4-int8-ends"') \
+    + """\
+[[rules]]
+op = ["MatMul"]
+name = "^node_linear_([0-6]|19[6-9]|20[0-9])$"
+weights = "int8"
+"""
+
 
 def _edgeq_quantize_toml(text: str, *, profile: str) -> Callable[[dict], dict]:
     """``edgeq quantize`` with a TOML recipe written into the method's output folder."""
@@ -338,6 +348,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _edgeq_quantize_toml(W4A16_TIED_INT4_B16, profile="android")),
     Method("edgeq-w4a16-tied4b16-android-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
            _edgeq_package("edgeq-w4a16-tied4b16-android"), needs=("edgeq-w4a16-tied4b16-android",)),
+    Method("edgeq-w4a16-tied4-int8ends-android", "edgeq",
+           "edgeq w4a16 with tied_table = int4, layers 0, 28, 29 int8 --profile android --calib smollm2, QDQ ONNX",
+           _edgeq_quantize_toml(W4A16_TIED_INT4_INT8_ENDS, profile="android")),
+    Method("edgeq-w4a16-tied4-int8ends-android-ort", "edgeq",
+           "the row above packaged: edgeq package --target android (.ort)",
+           _edgeq_package("edgeq-w4a16-tied4-int8ends-android"), needs=("edgeq-w4a16-tied4-int8ends-android",)),
     Method("edgeq-gguf-android", "edgeq",
            "edgeq --recipe gguf --profile android: the GGUF's own Q4_1/Q8_0 integers kept, QDQ ONNX",
            _edgeq_quantize("gguf", calib=False, profile="android")),
