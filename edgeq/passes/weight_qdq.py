@@ -340,7 +340,7 @@ class WeightQDQPass(ir.passes.InPlacePass):
         their 3-D view is made at run time). An int4 table with zero points (asymmetric)
         stores them twice, in each kernel's layout (ONNX Runtime 1.32 checks both at load): MatMulNBits'
         ``uint8 [V, ceil(D/bs / 2)]`` two per byte (low nibble first), GatherBlockQuantized's
-        ``uint8 [V, D/bs, 1]`` one per byte (its quantize axis holds one block) — 0.66 bytes per block.
+        ``uint8 [V, D/bs, 1]`` one per byte (its quantize axis holds one block) — 1.5 bytes per block.
         """
         table = graph.initializers.get(d.weight)
         if d.form == "tied_dq":
