@@ -127,3 +127,17 @@ def test_the_tied_int4_variants_add_one_rule_each(tmp_path):
     assert ends.spec.weights == WeightFormat.INT8
     int8 = [i for i in range(211) if ends.matches("MatMul", f"node_linear_{i}")]  # SmolLM2: 7 per layer, in order
     assert len(int8) == 21 and {i // 7 for i in int8} == {0, 28, 29}
+
+
+def test_the_gguf_tied_int4_method_is_recipe_gguf_with_an_int4_table(tmp_path):
+    from dataclasses import replace
+
+    from bench.llm_methods import GGUF_TIED_INT4
+
+    from edgeq.quant.recipes import WeightFormat, load_recipe, preset
+
+    path = tmp_path / "r.toml"
+    path.write_text(GGUF_TIED_INT4)
+    mine, ref = load_recipe(path), preset("gguf")
+    assert mine.default == replace(ref.default, tied_table=WeightFormat.INT4)
+    assert mine.algorithms == ref.algorithms and mine.rules == ref.rules
