@@ -105,3 +105,39 @@ def test_the_tied_int4_method_is_the_w4a16_preset_with_an_int4_table(tmp_path):
     ref = preset("w4a16", block=32)  # a pinned block: no block choice, as causal LMs keep the recipe's block
     assert mine.default == replace(ref.default, tied_table=WeightFormat.INT4)
     assert mine.algorithms == ref.algorithms and mine.rules == ref.rules
+
+
+def test_the_tied_int4_variants_add_one_rule_each(tmp_path):
+    """b16: the embedding Gather (which decides the tied table) in blocks of 16; int8 ends: layers 0, 28, 29's
+    seven projections int8. Otherwise the tied-int4 recipe."""
+    from bench.llm_methods import W4A16_TIED_INT4, W4A16_TIED_INT4_B16, W4A16_TIED_INT4_INT8_ENDS
+
+    from edgeq.quant.recipes import WeightFormat, load_recipe
+
+    recipes = {}
+    for key, text in (("base", W4A16_TIED_INT4), ("b16", W4A16_TIED_INT4_B16), ("ends", W4A16_TIED_INT4_INT8_ENDS)):
+        path = tmp_path / f"{key}.toml"
+        path.write_text(text)
+        recipes[key] = load_recipe(path)
+    for key in ("b16", "ends"):
+        assert recipes[key].default == recipes["base"].default and recipes[key].algorithms == recipes["base"].algorithms
+        assert len(recipes[key].rules) == 1
+    b16, ends = recipes["b16"].rules[0], recipes["ends"].rules[0]
+    assert b16.op_types == ("Gather",) and b16.matches("Gather", "node_embedding") and b16.spec.block == 16
+    assert ends.spec.weights == WeightFormat.INT8
+    int8 = [i for i in range(211) if ends.matches("MatMul", f"node_linear_{i}")]  # SmolLM2: 7 per layer, in order
+    assert len(int8) == 21 and {i // 7 for i in int8} == {0, 28, 29}
+
+
+def test_the_gguf_tied_int4_method_is_recipe_gguf_with_an_int4_table(tmp_path):
+    from dataclasses import replace
+
+    from bench.llm_methods import GGUF_TIED_INT4
+
+    from edgeq.quant.recipes import WeightFormat, load_recipe, preset
+
+    path = tmp_path / "r.toml"
+    path.write_text(GGUF_TIED_INT4)
+    mine, ref = load_recipe(path), preset("gguf")
+    assert mine.default == replace(ref.default, tied_table=WeightFormat.INT4)
+    assert mine.algorithms == ref.algorithms and mine.rules == ref.rules

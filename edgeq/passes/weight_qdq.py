@@ -333,10 +333,14 @@ class WeightQDQPass(ir.passes.InPlacePass):
 
         ``tied_dq``: one DequantizeLinear replaces the table for every reader. ``tied_gbq`` (the Gather)
         and ``tied_matmulnbits`` (each MatMul): the integers stored once as MatMulNBits' packed B
-        ``uint8 [V, D/bs, bs·bits/8]`` (codes + 2^(bits-1): no zero point needed, the kernels' default),
-        read by ``MatMulNBits(x, B, scales)`` for the logits and by ``GatherBlockQuantized(B, ids,
-        Reshape(scales, [V, D/bs, 1]))`` with ``quantize_axis=2`` — then reshaped to ``[..., D]`` — for
-        the embedding (the only copy in the file is of the scales, which ORT folds from the Reshape).
+        ``uint8 [V, D/bs, bs·bits/8]`` (codes + 2^(bits-1): symmetric codes need no zero point, it is the
+        kernels' default), read by ``MatMulNBits(x, B, scales[, zero_points])`` for the logits and by
+        ``GatherBlockQuantized(B, ids, Reshape(scales, [V, D/bs, 1])[, zero_points])`` with
+        ``quantize_axis=2`` — then reshaped to ``[..., D]`` — for the embedding (the scales stored once too:
+        their 3-D view is made at run time). An int4 table with zero points (asymmetric)
+        stores them twice, in each kernel's layout (ONNX Runtime 1.32 checks both at load): MatMulNBits'
+        ``uint8 [V, ceil(D/bs / 2)]`` two per byte (low nibble first), GatherBlockQuantized's
+        ``uint8 [V, D/bs, 1]`` one per byte (its quantize axis holds one block) — 1.5 bytes per block.
         """
         table = graph.initializers.get(d.weight)
         if d.form == "tied_dq":
@@ -346,9 +350,10 @@ class WeightQDQPass(ir.passes.InPlacePass):
             data, scale = self._initializers(graph, d.weight, _storage(q), q.scale if half else q.scale.astype(np.float32))
             attrs = {"axis": d.axis, **({"block_size": d.block} if d.block else {})}
             inputs = [data, scale]
-            if q.dtype == "int8" and not d.block:
+            if q.zero_point is not None or (q.dtype == "int8" and not d.block):
+                zp_array = q.zero_point if q.zero_point is not None else np.zeros(q.scale.shape, np.int8)
                 zp = ir.Value(name=f"{d.weight}_zero_point",
-                              const_value=ir.tensor(np.zeros(q.scale.shape, np.int8), name=f"{d.weight}_zero_point"))
+                              const_value=ir.tensor(_as_storage(zp_array, q.dtype), name=f"{d.weight}_zero_point"))
                 graph.register_initializer(zp)
                 inputs.append(zp)
             dq = _weight_dequantize(d.weight, inputs, attrs, d.node, q.data.shape)
@@ -364,8 +369,9 @@ class WeightQDQPass(ir.passes.InPlacePass):
             packed = (formats.pack_4bit(codes).reshape(v, nb, d.block // 2) if bits == 4
                       else codes.reshape(v, nb, d.block))
             b, scales = self._initializers(graph, d.weight, packed, q.scale.astype(np.float32))
-            tied[d.weight] = (b, scales)
-        b, scales = tied[d.weight]
+            tied[d.weight] = (b, scales, self._tied_zero_points(graph, d.weight, q, bits))
+        b, scales, zero_points = tied[d.weight]
+        gbq_zp, mnb_zp = zero_points or ([], [])
         if d.form == "tied_gbq":
             shape3 = ir.Value(name=f"{d.weight}_scales_shape", const_value=ir.tensor(np.array([v, nb, 1], np.int64),
                                                                                      name=f"{d.weight}_scales_shape"))
@@ -374,21 +380,29 @@ class WeightQDQPass(ir.passes.InPlacePass):
             graph.register_initializer(shape3)
             graph.register_initializer(dim)
             ids = node.inputs[1]
-            s3 = ir.node("Reshape", [scales, shape3], name=f"{d.weight}_scales_3d")
-            gbq = ir.node("GatherBlockQuantized", [b, ids, s3.outputs[0]], domain="com.microsoft",
+            # The scales' 3-D view is made at run time (ORT's Reshape aliases its input: no copy). A Reshape
+            # of the constant scales alone is folded by the .ort conversion into a second copy of them (3.5
+            # MB on SmolLM2 at block 32); joined to an empty slice of the ids' shape, its shape is not a
+            # constant. ONNX Runtime has no switch to keep one node out of constant folding.
+            none = ir.node("Shape", [ids], attributes={"start": 0, "end": 0}, name=f"{d.node}/no_dims")
+            view = ir.node("Concat", [none.outputs[0], shape3], attributes={"axis": 0}, name=f"{d.weight}_scales_view")
+            s3 = ir.node("Reshape", [scales, view.outputs[0]], name=f"{d.weight}_scales_3d")
+            # its shape, stated: GatherBlockQuantized's shape inference compares the scales with the zero points
+            s3.outputs[0].dtype, s3.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([v, nb, 1])
+            gbq = ir.node("GatherBlockQuantized", [b, ids, s3.outputs[0], *gbq_zp], domain="com.microsoft",
                           attributes={"gather_axis": 0, "quantize_axis": 2, "block_size": d.block, "bits": bits},
                           name=f"{d.node}/gather_block_quantized")
             ids_shape = ir.node("Shape", [ids], name=f"{d.node}/ids_shape")
             out_shape = ir.node("Concat", [ids_shape.outputs[0], dim], attributes={"axis": 0}, name=f"{d.node}/row_shape")
             rows = ir.node("Reshape", [gbq.outputs[0], out_shape.outputs[0]], name=f"{d.node}/rows")
-            new = [s3, gbq, ids_shape, out_shape, rows]
+            new = [none, view, s3, gbq, ids_shape, out_shape, rows]
             for n in new:
                 meta.mark(n, meta.Role.GATHER_QUANTIZED, d.node)
             graph.insert_before(node, new)
             self._replace_output(graph, node, rows.outputs[0])
         else:  # tied_matmulnbits: the output MatMul, reading the table through a Transpose
             transpose = node.inputs[1].producer()
-            mm = ir.node("MatMulNBits", [node.inputs[0], b, scales], domain="com.microsoft",
+            mm = ir.node("MatMulNBits", [node.inputs[0], b, scales, *mnb_zp], domain="com.microsoft",
                          attributes={"K": k, "N": v, "bits": bits, "block_size": d.block,
                                      "accuracy_level": d.accuracy_level},
                          name=f"{d.node}/matmul_nbits")
@@ -401,12 +415,31 @@ class WeightQDQPass(ir.passes.InPlacePass):
             drop_if_unused(graph, table)
         return True
 
+    @staticmethod
+    def _tied_zero_points(graph, name: str, q, bits: int) -> tuple[list[ir.Value], list[ir.Value]] | None:
+        """A tied table's zero points (None: symmetric) as ([GatherBlockQuantized's], [MatMulNBits']), as
+        unsigned codes (``zp + 2^(bits-1)``, the codes' own shift). See :meth:`_tied` for the layouts."""
+        if q.zero_point is None:
+            return None
+        if bits != 4:
+            raise ValueError(f"tied table {name}: zero points are written for int4 only")
+        v, nb = q.zero_point.shape
+        zp = (q.zero_point.astype(np.int16) + 8).astype(np.uint8)
+        padded = np.concatenate([zp, np.zeros((v, nb % 2), np.uint8)], axis=1)  # odd block count: a zero nibble
+        out = []
+        for suffix, array in (("gather_zero_points", zp.reshape(v, nb, 1)),
+                              ("nbits_zero_points", formats.pack_4bit(padded).reshape(v, -1))):
+            value = ir.Value(name=f"{name}_{suffix}", const_value=ir.tensor(array, name=f"{name}_{suffix}"))
+            graph.register_initializer(value)
+            out.append([value])
+        return out[0], out[1]
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         by_name = nodes_by_name(graph)
         self._block_sums: dict[tuple, ir.Value] = {}  # (input, blocks, block size) -> BlockSum(input), shared
         needs_ms = needs_23 = False
-        tied: dict[str, tuple[ir.Value, ir.Value]] = {}  # table -> (its stored integers, scales), written once
+        tied: dict[str, tuple] = {}  # table -> (its stored integers, scales, zero points or None), written once
         for d in self.plan.weights:
             node = by_name[d.node]
             value = node.inputs[d.input_index]

@@ -134,6 +134,8 @@ def _keep(ds: list[WeightDecision], w: np.ndarray, rows: GGUFRows, profile, accu
     if qtype not in KEPT_TYPES:
         return f"{' + '.join(names)}: {_type_reason(qtype)}"
     fmt = WeightFormat.INT8 if qtype == "Q8_0" else WeightFormat.INT4
+    if tied and fmt == WeightFormat.INT8 and d0.format == WeightFormat.INT4:
+        return f"{' + '.join(names)} ({qtype}): the recipe's tied_table asks int4 (the table costs half the bytes)"
     why = _form_problem(ds, fmt, qtype, tied, profile)
     if why:
         return f"{' + '.join(names)} ({qtype}): {why}"

@@ -403,8 +403,10 @@ def _decide(node: ir.Node, name: str, index: int, value: ir.Value, spec, rule, c
 
 def _decide_tied(node: ir.Node, name: str, table: TiedTable, spec, rule, profile: TargetProfile
                  ) -> list[WeightDecision] | NodeNote:
-    """One format for a tied table, blocked along D, symmetric (both kernels read the same bytes): a decision
-    for the Gather and one per output MatMul, sharing the table's integers."""
+    """One format for a tied table, blocked along D: a decision for the Gather and one per output MatMul,
+    sharing the table's integers (both kernels read the same bytes). int4 gets a zero point per block when
+    the spec is asymmetric (every tied form reads one: DequantizeLinear, GatherBlockQuantized, MatMulNBits);
+    int8 stays symmetric (a GGUF's Q8_0 table exactly)."""
     shape = tuple(int(d) for d in node.inputs[0].const_value.shape)
     chosen_by = f"rule {rule}" if rule else "default"
     fmt, reason = spec.weights, chosen_by
@@ -421,7 +423,8 @@ def _decide_tied(node: ir.Node, name: str, table: TiedTable, spec, rule, profile
     gather_form, matmul_form = profile.tied_forms.get(fmt, ("tied_dq", "tied_dq"))
     block = spec.block if fmt == WeightFormat.INT4 or gather_form == "tied_gbq" else None
     common = dict(input_index=0, weight=table.weight, shape=shape, format=fmt, axis=1 if block else 0, block=block,
-                  clip_search=spec.clip_search and fmt == WeightFormat.INT4, symmetric=True, rule=rule)
+                  clip_search=spec.clip_search and fmt == WeightFormat.INT4,
+                  symmetric=not (fmt == WeightFormat.INT4 and spec.asymmetric), rule=rule)
     note = f"{reason}; tied with {', '.join(table.matmuls)} (one table, stored once)"
     out = [WeightDecision(node=name, op_type="Gather", form=gather_form, reason=note, **common)]
     for mm in table.matmuls:

@@ -14,7 +14,7 @@ TOML form::
     [default]
     weights = "int4"        # float | int8 | int4 | mxfp4
     block = 32              # int4/mxfp4 block size along the reduction axis
-    asymmetric = true       # int4 MatMul/Gemm/Conv: zero point per block (embedding tables stay symmetric)
+    asymmetric = true       # int4 MatMul/Gemm/Conv and tied tables: zero point per block (other tables: none)
     activations = "float"   # float | uint8 | int8
     clip_search = true      # int4: per-block MSE-optimal clipping
     tied_table = "int8"     # a table tied between embedding and output layer (LLM head); default: weights
@@ -97,7 +97,7 @@ class QuantSpec:
     block: int = 32
     activations: ActFormat = ActFormat.FLOAT
     clip_search: bool = True  # int4: per-block MSE-optimal clipping instead of plain max
-    asymmetric: bool = True  # int4 for MatMul/Gemm/Conv: a zero point per block (embedding tables stay symmetric)
+    asymmetric: bool = True  # int4 MatMul/Gemm/Conv and tied LM tables: a zero point per block (other tables: none)
     # a table read by both the embedding Gather and the output MatMul (a language model's tied head),
     # when no rule matches the Gather: its format (None: ``weights``). The output layer is the most
     # sensitive layer of a small LLM (llama.cpp keeps it at Q6_K/Q8_0).
@@ -390,11 +390,11 @@ def preset(name: str, *, block: int | None = None) -> Recipe:
         # meet are kept float: a few channels, a few KB.
         # A tied embedding/output table is int8 (block 32 symmetric on ONNX Runtime: SmolLM2's Q8_0
         # table exactly). int4 (`tied_table = "int4"`, its codes chosen by GPTQ for the output layer from
-        # the final hidden states' Gram) makes the SmolLM2 Android .ort 91.2 MB instead of 105.3 but takes
-        # perplexity x1.108 -> x1.210, top-1 0.777 -> 0.691, KLD 0.148 -> 0.249 (tools/bench_llm.py, 1545
-        # held-out tokens; round to nearest int4 was x1.275 / 0.64). The error is the output layer's: with
-        # the rest float, an int4 table costs KLD 0.021 as the embedding and 0.121 as the output layer
-        # (notes/llmq.md), so int8 stays the default until the table's int4 form gets a zero point.
+        # the final hidden states' Gram, a zero point per block) makes the SmolLM2 Android .ort ~89 MB
+        # instead of ~102 but takes perplexity x1.108 -> x1.146, top-1 0.777 -> 0.720, KLD 0.148 -> 0.203
+        # (tools/bench_llm.py, 1545 held-out tokens; symmetric int4 was x1.210 / 0.691, round to nearest
+        # x1.275 / 0.64). The int8 table is exact on the GGUF, so no int4 table can beat it: int8 stays the
+        # default (notes/llmq2.md has the frontier).
         return Recipe(f"w4a16-b{block or 32}",
                       QuantSpec(WeightFormat.INT4, block=block or 32, tied_table=WeightFormat.INT8),
                       algorithms=Algorithms(awq=AWQConfig(), gptq=GPTQConfig(act_order=True),
@@ -406,7 +406,9 @@ def preset(name: str, *, block: int | None = None) -> Recipe:
         # A GGUF's Q4_0/Q4_1/Q8_0 weights keep the file's integers (the float reference is those
         # integers dequantized: SmolLM2 keeps all 211); the rest (K-quants, float tensors) get w4a16's
         # format: int4 asymmetric block 32 with clip search, GPTQ with --calib. AWQ and protection
-        # would rewrite the kept weights, so they are off.
+        # would rewrite the kept weights, so they are off. With `tied_table = "int4"` (a TOML recipe) the Q8_0
+        # table is re-quantized int4 with zero points, GPTQ'd for the output layer with --calib: SmolLM2 Android
+        # .ort 87.7 MB, perplexity x1.033, top-1 0.838 (notes/llmq2.md), but decode ~2x the w4a16 .ort's.
         if block not in (None, 32):
             raise InputError("recipe gguf uses blocks of 32 (the GGUF block)", hint="drop --block")
         return Recipe("gguf", QuantSpec(WeightFormat.INT4, block=32, tied_table=WeightFormat.INT8),

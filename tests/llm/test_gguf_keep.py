@@ -332,3 +332,22 @@ def test_calibration_data_is_not_spent_on_kept_weights(kept_only, monkeypatch):
     res, _ = _quantize(root, "onnx-reference", calib=[_feed(root)])
     assert res.plan.result("keep_gguf").summary.startswith("kept ")
     assert set(observed) <= {"input_ids", "attention_mask", "position_ids"} and sessions == []
+
+
+@pytest.mark.slow
+def test_a_recipe_asking_an_int4_tied_table_requantizes_the_q8_0_table(kept_only, tmp_path):
+    """keep_gguf with ``tied_table = "int4"``: the projections keep the file's integers, the Q8_0 table is
+    re-quantized int4 with zero points (the asked format, half the bytes)."""
+    from edgeq.pipeline.quantize import quantize_model
+
+    root, _ = kept_only
+    recipe = tmp_path / "gguf_tied4.toml"
+    recipe.write_text('name = "gguf-tied4"\n[default]\nweights = "int4"\ntied_table = "int4"\n'
+                      "[algorithms]\nkeep_gguf = {}\n")
+    res = quantize_model(root / "tiny.onnx", tmp_path / "q.onnx", recipe, profile="android", progress=False)
+    lines = "\n".join(res.plan.result("keep_gguf").details)
+    assert "token_embd.weight (Q8_0): the recipe's tied_table asks int4" in lines
+    assert "kept GGUF Q8_0 token_embd.weight" not in lines and "kept GGUF Q4_1" in lines
+    tied = [d for d in res.plan.weights if d.form.startswith("tied_")]
+    assert {d.format.value for d in tied} == {"int4"} and not any(d.symmetric for d in tied)
+    assert res.plan.codes[tied[0].weight].zero_point is not None

@@ -38,7 +38,8 @@ def test_the_tied_int4_table_is_rounded_for_the_output_layer(tmp_path):
     gptq = next(a for a in res.plan.algorithms if a.name == "gptq")
     assert "lm_head" in gptq.nodes
     codes = res.plan.codes["table"]
-    assert codes.block_size == 32 and codes.zero_point is None and codes.axis == 1  # the tied form's layout
+    assert codes.block_size == 32 and codes.axis == 1  # the tied form's layout: blocks along D
+    assert codes.zero_point is not None and codes.zero_point.shape == (V, D // 32)  # a zero point per block
     tied = [d for d in res.plan.weights if d.weight == "table"]
     nearest = quantize_weight(table, tied[0])
     assert not np.array_equal(codes.data, nearest.data)

@@ -12,6 +12,7 @@ onnxruntime-genai model folder), ``gguf`` (llama.cpp).
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -105,6 +106,37 @@ gptq = {act_order = true}
 protect = {ratio = 32.0, max_channels = 2}
 """
 
+# the same with the table in blocks of 16 (a rule for the embedding Gather, which decides the tied table's form)
+W4A16_TIED_INT4_B16 = W4A16_TIED_INT4.replace('name = "w4a16-tied-int4"', 'name = "w4a16-tied-int4-b16"') + """\
+[[rules]]
+op = ["Gather"]
+name = "^node_embedding$"
+weights = "int4"
+block = 16
+"""
+
+# the int4 table (blocks of 32, zero points) with the projections of layers 0, 28 and 29 in int8 (the ends of
+# the stack lose the most to int4: notes/llmq.md), in what the table saves below 95 MB
+W4A16_TIED_INT4_INT8_ENDS = W4A16_TIED_INT4.replace('name = "w4a16-tied-int4"', 'name = "w4a16-tied-int4-int8-ends"') \
+    + """\
+[[rules]]
+op = ["MatMul"]
+name = "^node_linear_([0-6]|19[6-9]|20[0-9])$"
+weights = "int8"
+"""
+
+# recipe gguf (the file's Q4_1 projections kept) with the tied table int4 instead of its Q8_0 (GPTQ for the
+# output layer, a zero point per block: needs calibration for the final hidden states' Gram)
+GGUF_TIED_INT4 = """name = "gguf-tied-int4"
+[default]
+weights = "int4"
+block = 32
+tied_table = "int4"
+[algorithms]
+keep_gguf = {}
+gptq = {act_order = true}
+"""
+
 
 def _edgeq_quantize_toml(text: str, *, profile: str) -> Callable[[dict], dict]:
     """``edgeq quantize`` with a TOML recipe written into the method's output folder."""
@@ -143,6 +175,16 @@ def _package(job: dict, qdq: str) -> dict:
             "command": f"python -m edgeq package {Path(qdq).name} --target android -o android",
             "package_bytes": package, "package_files": sorted(p.name for p in out.iterdir()),
             "notes": ["quantize time = the packaging step only (the QDQ model is the row above)"]}
+
+
+def _edgeq_quantize_gguf_toml(text: str, *, profile: str) -> Callable[[dict], dict]:
+    """:func:`_edgeq_quantize_toml` with ``keep_gguf`` naming the bench's GGUF (the float export may not)."""
+
+    def run(job: dict) -> dict:
+        named = text.replace("keep_gguf = {}", f"keep_gguf = {{file = {json.dumps(job['gguf_path'])}}}")
+        return _edgeq_quantize_toml(named, profile=profile)(job)
+
+    return run
 
 
 # ---- ONNX Runtime's MatMulNBitsQuantizer -------------------------------------------------------
@@ -324,6 +366,22 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _edgeq_quantize_toml(W4A16_TIED_INT4, profile="android")),
     Method("edgeq-w4a16-tied4-android-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
            _edgeq_package("edgeq-w4a16-tied4-android"), needs=("edgeq-w4a16-tied4-android",)),
+    Method("edgeq-w4a16-tied4b16-android", "edgeq",
+           "edgeq w4a16 with tied_table = int4 in blocks of 16 --profile android --calib smollm2, QDQ ONNX",
+           _edgeq_quantize_toml(W4A16_TIED_INT4_B16, profile="android")),
+    Method("edgeq-w4a16-tied4b16-android-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
+           _edgeq_package("edgeq-w4a16-tied4b16-android"), needs=("edgeq-w4a16-tied4b16-android",)),
+    Method("edgeq-w4a16-tied4-int8ends-android", "edgeq",
+           "edgeq w4a16 with tied_table = int4, layers 0, 28, 29 int8 --profile android --calib smollm2, QDQ ONNX",
+           _edgeq_quantize_toml(W4A16_TIED_INT4_INT8_ENDS, profile="android")),
+    Method("edgeq-w4a16-tied4-int8ends-android-ort", "edgeq",
+           "the row above packaged: edgeq package --target android (.ort)",
+           _edgeq_package("edgeq-w4a16-tied4-int8ends-android"), needs=("edgeq-w4a16-tied4-int8ends-android",)),
+    Method("edgeq-gguf-tied4-android", "edgeq",
+           "edgeq recipe gguf with tied_table = int4 --profile android --calib smollm2, QDQ ONNX",
+           _edgeq_quantize_gguf_toml(GGUF_TIED_INT4, profile="android")),
+    Method("edgeq-gguf-tied4-android-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
+           _edgeq_package("edgeq-gguf-tied4-android"), needs=("edgeq-gguf-tied4-android",)),
     Method("edgeq-gguf-android", "edgeq",
            "edgeq --recipe gguf --profile android: the GGUF's own Q4_1/Q8_0 integers kept, QDQ ONNX",
            _edgeq_quantize("gguf", calib=False, profile="android")),
