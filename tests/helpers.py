@@ -96,3 +96,13 @@ def tied_lm(path, table: np.ndarray, mix: np.ndarray, *, outputs=("e",)):
         [numpy_helper.from_array(table, "table"), numpy_helper.from_array(mix, "mix")])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(path))
     return path
+
+
+def cli(capsys, *argv) -> str:
+    """Run the edgeq CLI in-process; its stdout (the exit code must be 0)."""
+    from edgeq.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out

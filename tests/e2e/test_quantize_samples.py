@@ -6,8 +6,7 @@ import json
 
 import onnx
 import pytest
-from conftest import cli
-from helpers import optimized_ops
+from helpers import cli, optimized_ops
 
 pytestmark = pytest.mark.e2e
 

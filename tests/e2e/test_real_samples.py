@@ -7,7 +7,7 @@ import json
 
 import onnx
 import pytest
-from conftest import cli
+from helpers import cli
 
 pytestmark = pytest.mark.e2e
 

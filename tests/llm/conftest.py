@@ -1,6 +1,5 @@
-import numpy as np
 import pytest
-from tiny_llama import tiny_llama, tiny_tokenizer
+from tiny_llama import tiny_llama, tiny_tokenizer, torch_causal_lm
 
 
 @pytest.fixture(scope="session")
@@ -26,23 +25,6 @@ def tiny_onnx(tmp_path_factory, tiny_model):
 def torch_lm(tiny_model):
     """The tiny Llama's torch step module behind the runner interface (fast: no export)."""
     return torch_causal_lm(tiny_model)
-
-
-def torch_causal_lm(model):
-    from edgeq.export.causal_lm import LOGITS, generation_facts, input_specs, present_names, step_module
-    from edgeq.generate import CausalLM
-    from edgeq.validate.runners import TorchRunner
-
-    facts = generation_facts(model)
-    runner = TorchRunner(step_module(model), input_specs=input_specs(facts),
-                         output_names=[LOGITS, *present_names(facts.num_layers)], label="tiny llama (torch)")
-    return CausalLM(runner, facts)
-
-
-def texts(n: int = 6, seed: int = 3) -> list[list[int]]:
-    """Fixed random token sequences of a few lengths."""
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, 256, int(rng.integers(5, 24))).tolist() for _ in range(n)]
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import texts
+from tiny_llama import texts
 
 from edgeq import api
 from edgeq.errors import InputError

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import texts, torch_causal_lm
-from tiny_llama import tiny_llama
+from tiny_llama import texts, tiny_llama, torch_causal_lm
 
 from edgeq.errors import InputError
 from edgeq.export.causal_lm import empty_cache, generation_facts, step_feed

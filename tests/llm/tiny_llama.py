@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 VOCAB = 256
@@ -44,11 +45,26 @@ def tiny_tokenizer():
 
 def write_texts(folder, facts, texts):
     """One ``.npz`` feed per token list in ``folder`` (an empty cache: each text starts a sequence)."""
-    import numpy as np
-
     from edgeq.export.causal_lm import empty_cache, step_feed
 
     folder.mkdir()
     for i, ids in enumerate(texts):
         np.savez(folder / f"text{i:02d}.npz", **step_feed(np.asarray([ids]), empty_cache(facts)))
     return folder
+
+
+def torch_causal_lm(model):
+    from edgeq.export.causal_lm import LOGITS, generation_facts, input_specs, present_names, step_module
+    from edgeq.generate import CausalLM
+    from edgeq.validate.runners import TorchRunner
+
+    facts = generation_facts(model)
+    runner = TorchRunner(step_module(model), input_specs=input_specs(facts),
+                         output_names=[LOGITS, *present_names(facts.num_layers)], label="tiny llama (torch)")
+    return CausalLM(runner, facts)
+
+
+def texts(n: int = 6, seed: int = 3) -> list[list[int]]:
+    """Fixed random token sequences of a few lengths."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 256, int(rng.integers(5, 24))).tolist() for _ in range(n)]
