@@ -138,9 +138,15 @@ class WeightQDQPass(ir.passes.InPlacePass):
         """A MatMul's int4 weight as ``com.microsoft.MatMulNBits`` at the decision's accuracy level (recipe gguf).
 
         B is ``codes + 8`` packed two per byte, ``[N, K/32, 16]`` (MatMulNBits' default zero point 8
-        reads them back exactly); the scales are stored as float16 when they are (GGUF's ``d``) and
-        widened by a Cast that ONNX Runtime folds at load. A :class:`BlockOffsetTensor` adds its offset
-        term (:meth:`_offset_term`).
+        reads them back exactly). The decision's ``scale_dtype`` stores the scales (and a
+        :class:`BlockOffsetTensor`'s offset ``m + 8d``, its term added by :meth:`_offset_term`): ``float16``,
+        the file's bytes widened by Casts (and the offset computed from them) in the graph — an .ort keeps
+        them so and runs them on every call; ``float32``, constants the kernels read directly, the same
+        float32 values (the offset is :attr:`BlockOffsetTensor.offset`, the graph's float32 arithmetic).
+
+        Why not MatMulNBits' own float zero points (``zp = −m/d``, one node, no offset term): ONNX Runtime
+        1.32's CPU kernel dequantizes B on every call with them: 576 × 1536, 1 thread, 1.45 ms vs 0.027 ms
+        with the default zero point at accuracy level 4 (0.070 ms at 0).
         """
         k, n = (int(x) for x in q.data.shape)
         nb = k // d.block
@@ -148,7 +154,10 @@ class WeightQDQPass(ir.passes.InPlacePass):
         b = ir.Value(name=f"{prefix}_nbits", const_value=ir.tensor(formats.pack_4bit(codes).reshape(n, nb, d.block // 2),
                                                                    name=f"{prefix}_nbits"))
         graph.register_initializer(b)
-        scales = self._half_exact(graph, f"{prefix}_nbits_scales", q.scale.T.reshape(-1).astype(np.float32), d.node)
+        flat = q.scale.T.reshape(-1).astype(np.float32)
+        wide = d.scale_dtype == "float32"
+        scales = (self._constant(graph, f"{prefix}_nbits_scales", flat) if wide
+                  else self._half_exact(graph, f"{prefix}_nbits_scales", flat, d.node))
         mm = ir.node("MatMulNBits", [node.inputs[0], b, scales], domain="com.microsoft",
                      attributes={"K": k, "N": n, "bits": 4, "block_size": d.block, "accuracy_level": d.accuracy_level},
                      name=f"{d.node}/matmul_nbits")
@@ -156,7 +165,16 @@ class WeightQDQPass(ir.passes.InPlacePass):
         graph.insert_before(node, mm)
         self._replace_output(graph, node, mm.outputs[0])
         if isinstance(q, BlockOffsetTensor):
-            self._offset_term(graph, mm, d, q, self._offset(graph, d, q, prefix, scales, flat=True))
+            offset = (self._constant(graph, f"{prefix}_offset", q.offset) if wide
+                      else self._offset(graph, d, q, prefix, scales, flat=True))
+            self._offset_term(graph, mm, d, q, offset)
+
+    @staticmethod
+    def _constant(graph, name: str, array: np.ndarray) -> ir.Value:
+        """A float32 initializer ``name`` holding ``array``."""
+        v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array, np.float32), name=name))
+        graph.register_initializer(v)
+        return v
 
     def _offset(self, graph, d, q: BlockOffsetTensor, prefix, scale: ir.Value, flat: bool) -> ir.Value:
         """``m + 8d`` [K/32, N] in float32, computed in the graph (ONNX Runtime folds it at load) from the float16

@@ -15,7 +15,9 @@ weight's codes to the file's and its decision to their format:
 
 On ONNX Runtime profiles the int4 weights are written as MatMulNBits at the recipe's accuracy level
 (default 0: fp32 compute, the file's values exactly; 4: int8 activations as llama.cpp computes, faster)
-and Q8_0 weights run with int8 activations (ORT's 8-bit MatMulNBits in fp32 has no fast kernel: 60×
+(their scales, and Q4_1's offsets, stored as the file's float16 read through Casts, or as float32 with
+``float32_constants``: an .ort is not optimized again at load, so those Casts run on every call) and Q8_0
+weights run with int8 activations (ORT's 8-bit MatMulNBits in fp32 has no fast kernel: 60×
 slower, measured on 576 × 49152).
 
 Everything else keeps the recipe's decision and is rounded by the recipe's algorithms (GPTQ, then
@@ -81,7 +83,7 @@ class KeepGGUF(Algorithm):
         for weight, idx in by_weight.items():
             ds = [decisions[i] for i in idx]
             w = inits[weight].const_value.numpy()
-            outcome = _keep(ds, w, rows, ctx.profile, cfg.accuracy_level)
+            outcome = _keep(ds, w, rows, ctx.profile, cfg.accuracy_level, cfg.float32_constants)
             if isinstance(outcome, str):
                 requantized.append(weight)
                 details.append(f"{weight}: re-quantized by the recipe: {outcome}")
@@ -108,8 +110,12 @@ def _runs_matmulnbits(profile) -> bool:
     return any("tied_matmulnbits" in forms for forms in profile.tied_forms.values())
 
 
-def _keep(ds: list[WeightDecision], w: np.ndarray, rows: GGUFRows, profile, accuracy_level: int):
-    """(new decisions, codes, GGUF type, source tensor names) for one weight read by decisions ``ds``, or why not."""
+def _keep(ds: list[WeightDecision], w: np.ndarray, rows: GGUFRows, profile, accuracy_level: int,
+          float32_constants: bool = False):
+    """(new decisions, codes, GGUF type, source tensor names) for one weight read by decisions ``ds``, or why not.
+
+    A MatMulNBits weight's ``scale_dtype`` says how its constants are stored: ``float16`` (the file's bytes, widened
+    by Casts at run time) or, with ``float32_constants``, ``float32`` (no Cast at run time)."""
     d0 = ds[0]
     if w.ndim != 2:
         return f"a rank-{w.ndim} weight ({d0.op_type}): GGUF rows match 2-D weights"
@@ -157,9 +163,14 @@ def _keep(ds: list[WeightDecision], w: np.ndarray, rows: GGUFRows, profile, accu
             # written as MatMulNBits at the recipe's accuracy level (ONNX Runtime's DequantizeLinear → MatMul
             # fusion would take the session's, 4 by default: int8 activations, +0.5 % perplexity on SmolLM2)
             form = "matmulnbits"
+        nbits = form == "matmulnbits"
+        scale_dtype = ("float32" if float32_constants else "float16") if nbits else d.scale_dtype
+        how = (f"; its scales{' and offsets' if qtype == 'Q4_1' else ''} stored as "
+               + ("float32 (no Cast at run time)" if float32_constants else "the file's float16, cast at run time")
+               if nbits else "")
         new.append(replace(d, format=fmt, axis=axis, block=BLOCK, symmetric=True, clip_search=False, form=form,
-                           accuracy_level=accuracy_level if form == "matmulnbits" else d.accuracy_level,
-                           reason=f"{reason}; {d.reason}" if tied else reason))
+                           accuracy_level=accuracy_level if nbits else d.accuracy_level, scale_dtype=scale_dtype,
+                           reason=f"{reason}; {d.reason}" if tied else reason + how))
     return new, q, qtype, names
 
 

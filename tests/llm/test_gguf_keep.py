@@ -351,3 +351,48 @@ def test_a_recipe_asking_an_int4_tied_table_requantizes_the_q8_0_table(kept_only
     tied = [d for d in res.plan.weights if d.form.startswith("tied_")]
     assert {d.format.value for d in tied} == {"int4"} and not any(d.symmetric for d in tied)
     assert res.plan.codes[tied[0].weight].zero_point is not None
+
+
+@pytest.mark.slow
+def test_float32_constants_run_no_casts_and_keep_the_logits(kept_only, tmp_path):
+    """keep_gguf float32_constants: the .ort's MatMulNBits read the file's d (and Q4_1's m + 8d) as float32 constants,
+    with no Cast or offset arithmetic left to run per call; its logits equal the float16 form's bit for bit."""
+    from edgeq.pipeline.package import package_model
+    from edgeq.pipeline.quantize import quantize_model
+    from targets.android import ortformat
+
+    root, _ = kept_only
+    recipe = tmp_path / "gguf_f32.toml"
+    recipe.write_text('name = "gguf-f32"\n[default]\nweights = "int4"\nblock = 32\ntied_table = "int8"\n'
+                      "[algorithms]\nkeep_gguf = {float32_constants = true}\n")
+    wide = root / "q.android.f32.onnx"
+    res = quantize_model(root / "tiny.onnx", wide, recipe, profile="android", force=True, progress=False)
+    _, half = _quantize(root, "android")
+    graphs = {}
+    for name, out in (("wide", wide), ("half", half)):
+        package_model(out, "android", tmp_path / name, force=True)
+        g = ortformat._root((tmp_path / name / "model.ort").read_bytes()).Model().Graph()
+        graphs[name] = ({g.Initializers(i).Name().decode(): g.Initializers(i).RawDataAsNumpy()
+                         for i in range(g.InitializersLength())},
+                        [g.Nodes(i).OpType().decode() for i in range(g.NodesLength())])
+    stored, ops = graphs["wide"]
+    nbits = [d for d in res.plan.weights if d.form == "matmulnbits"]
+    assert nbits and any("Q4_1" in d.reason for d in nbits)
+    for d in nbits:
+        assert d.scale_dtype == "float32" and "stored as float32" in d.reason
+        names = d.reason.split("GGUF ")[1].split(" (")[0].split(";")[0].split(" ", 1)[1].split(" + ")
+        blocks = [_gguf_rows(root, n) for n in names]
+        prefix = f"{d.node}/{d.weight}"
+        np.testing.assert_array_equal(stored[f"{prefix}_nbits_scales"].view(np.float32),
+                                      np.concatenate([b.d for b in blocks]).astype(np.float32).reshape(-1))
+        if blocks[0].m is not None:  # Q4_1: the offset m + 8d [K/32, N], the float32 sum the graph form computes
+            m = np.concatenate([b.m for b in blocks]).T.astype(np.float32)
+            d32 = np.concatenate([b.d for b in blocks]).T.astype(np.float32)
+            np.testing.assert_array_equal(stored[f"{prefix}_offset"].view(np.float32).reshape(m.shape),
+                                          m + np.float32(8.0) * d32)
+    assert ops.count("Cast") < graphs["half"][1].count("Cast") and "Transpose" not in ops
+    manifest = json.loads((tmp_path / "wide" / "manifest.json").read_text())
+    assert "float16_constants" not in manifest["conversion"]
+    feed = _feed(root)
+    np.testing.assert_array_equal(_logits(tmp_path / "wide" / "model.ort", feed),
+                                  _logits(tmp_path / "half" / "model.ort", feed))

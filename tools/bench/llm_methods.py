@@ -137,6 +137,13 @@ keep_gguf = {}
 gptq = {act_order = true}
 """
 
+# the same with the kept projections' scales and Q4_1 offsets stored float32 (no Casts at run time), at the
+# recipe's accuracy level 0 (the file's values in fp32) and at 4 (int8 activations, the w4a16 preset's level)
+GGUF_TIED_INT4_F32 = GGUF_TIED_INT4.replace('name = "gguf-tied-int4"', 'name = "gguf-tied-int4-f32"') \
+    .replace("keep_gguf = {}", "keep_gguf = {float32_constants = true}")
+GGUF_TIED_INT4_F32_L4 = GGUF_TIED_INT4.replace('name = "gguf-tied-int4"', 'name = "gguf-tied-int4-f32-l4"') \
+    .replace("keep_gguf = {}", "keep_gguf = {float32_constants = true, accuracy_level = 4}")
+
 
 def _edgeq_quantize_toml(text: str, *, profile: str) -> Callable[[dict], dict]:
     """``edgeq quantize`` with a TOML recipe written into the method's output folder."""
@@ -181,7 +188,8 @@ def _edgeq_quantize_gguf_toml(text: str, *, profile: str) -> Callable[[dict], di
     """:func:`_edgeq_quantize_toml` with ``keep_gguf`` naming the bench's GGUF (the float export may not)."""
 
     def run(job: dict) -> dict:
-        named = text.replace("keep_gguf = {}", f"keep_gguf = {{file = {json.dumps(job['gguf_path'])}}}")
+        file = f"file = {json.dumps(job['gguf_path'])}"
+        named = text.replace("keep_gguf = {}", f"keep_gguf = {{{file}}}").replace("keep_gguf = {f", f"keep_gguf = {{{file}, f")
         return _edgeq_quantize_toml(named, profile=profile)(job)
 
     return run
@@ -382,6 +390,17 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _edgeq_quantize_gguf_toml(GGUF_TIED_INT4, profile="android")),
     Method("edgeq-gguf-tied4-android-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
            _edgeq_package("edgeq-gguf-tied4-android"), needs=("edgeq-gguf-tied4-android",)),
+    Method("edgeq-gguf-tied4-f32-android", "edgeq",
+           "the gguf + int4 table recipe with keep_gguf float32_constants (no Casts at run time), QDQ ONNX",
+           _edgeq_quantize_gguf_toml(GGUF_TIED_INT4_F32, profile="android")),
+    Method("edgeq-gguf-tied4-f32-android-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
+           _edgeq_package("edgeq-gguf-tied4-f32-android"), needs=("edgeq-gguf-tied4-f32-android",)),
+    Method("edgeq-gguf-tied4-f32l4-android", "edgeq",
+           "the row above at keep_gguf accuracy_level 4 (int8 activations, as the w4a16 preset), QDQ ONNX",
+           _edgeq_quantize_gguf_toml(GGUF_TIED_INT4_F32_L4, profile="android")),
+    Method("edgeq-gguf-tied4-f32l4-android-ort", "edgeq",
+           "the row above packaged: edgeq package --target android (.ort)",
+           _edgeq_package("edgeq-gguf-tied4-f32l4-android"), needs=("edgeq-gguf-tied4-f32l4-android",)),
     Method("edgeq-gguf-android", "edgeq",
            "edgeq --recipe gguf --profile android: the GGUF's own Q4_1/Q8_0 integers kept, QDQ ONNX",
            _edgeq_quantize("gguf", calib=False, profile="android")),
