@@ -42,6 +42,8 @@ class Graph:
         self._n = 0
         self._consts: dict = {}
         self._held: list = []  # large constants keyed by id(): kept alive so that no id is reused
+        # dequantized values of fused quantize pairs -> their centered codes (float32 integers)
+        self.codes: dict[str, str] = {}
 
     def fresh(self, hint: str) -> str:
         self._n += 1
@@ -408,8 +410,11 @@ def _matmul(o: OpArgs):
 def _integer_matmul(o: OpArgs, im: IntegerMatmul):
     """As :class:`.integer.IntegerMatmul`: the codes read back, ``MatMulInteger`` (exact int32 sums),
     then the float32 scales."""
-    c = o.node("Round", [o.node("Div", [o.arg("x", np.float32), o.g.const(im.x_scale)], np.float32)], np.float32)
-    c = o.node("Clip", [c, o.g.const(im.lo), o.g.const(im.hi)], np.float32)
+    x = o.arg("x", np.float32)
+    c = o.g.codes.get(x)  # a fused pair's codes: what rint(x / scale), clipped, gives back (same scale, range)
+    if c is None:
+        c = o.node("Round", [o.node("Div", [x, o.g.const(im.x_scale)], np.float32)], np.float32)
+        c = o.node("Clip", [c, o.g.const(im.lo), o.g.const(im.hi)], np.float32)
     if im.zero_point:
         c = o.node("Add", [c, o.g.const(np.float32(im.zero_point))], np.float32)
     a = o.g.cast(c, im.codes_dtype)

@@ -29,12 +29,14 @@ between them at the output; both 27.7 dB from float). Teacher-forced runs
 value is a graph input (fp16 values rounded as the executor rounds them) and every kept value a
 graph output, one translation per (keep, forced names) pair.
 
-W8A8 matmuls run in integers (:mod:`.integer`: ``MatMulInteger`` on the codes, then the scales)
-and rows of int8 tables are gathered as codes, in both engines alike.
+W8A8 matmuls run in integers (:mod:`.integer`: ``MatMulInteger`` on the codes of a fused quantize
+pair, then the scales) and rows of int8 tables are gathered as codes, in both engines alike; nodes
+whose outputs nothing reads are dropped (ORT would run them).
 
-Cost, measured in ``edgeq build``'s validation (MiniLM W8A8, 25 batches, interleaved, CPU time):
-load + run 1.6x the ``.ort``'s (run alone 1.3x; the ``.ort`` needs no load-time work). Before the
-integer matmuls (float32 GEMM of fp16 operands) it was 2.0-2.5x, the numpy executor 4.3-5.0x.
+Cost, measured on ``edgeq build``'s MiniLM W8A8 output (open the runner, run the 25 evaluation
+batches; interleaved with the ``.ort``, wall time, quiet machine): load + run 1.8x the ``.ort``'s
+(run alone 1.5x; the ``.ort`` needs no load-time work). Before the integer matmuls (float32 GEMM of
+fp16 operands, every weight expanded at load): 3.8-3.9x (run alone 2.5x); the numpy executor ~5x.
 EfficientNet-Lite0: 5.0x (numpy: 29x): float32 Conv against ``QLinearConv``, and ORT's NCHWc
 reorders around every rounded conv.
 
@@ -114,6 +116,8 @@ def translate(executor: Executor, keep=(), force=()) -> onnx.ModelProto:
             out = g.cast(out, want)
             if dtype is not None and np.dtype(dtype) == np.float16 and rounding != EXACT:
                 out = _round(g, out)
+            if q:  # an integer matmul reading this value takes the codes as they are (what it reads back)
+                g.codes[out] = g.codes.pop("")
             if name in forced:  # computed all the same, as the executor does: its shape is checked
                 shapes.append(helper.make_tensor_value_info(g.node("Shape", [out], np.int64, out=f"shape:{name}"),
                                                             TensorProto.INT64, None))
@@ -132,8 +136,20 @@ def translate(executor: Executor, keep=(), force=()) -> onnx.ModelProto:
                 raise InputError(f"the program has no value {n!r}")
         g.nodes.append(helper.make_node("Identity", [src], [f"out:{n}"], name=f"out:{n}"))
         outputs.append(helper.make_tensor_value_info(f"out:{n}", ONNX_TYPE[g.dtype[src]], None))
-    graph = helper.make_graph(g.nodes, "mil", inputs, outputs + shapes, g.inits)
+    graph = helper.make_graph(_live(g.nodes, [o.name for o in outputs + shapes]), "mil", inputs, outputs + shapes,
+                              g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+
+
+def _live(nodes: list, outputs: list[str]) -> list:
+    """The nodes some graph output depends on, in order. ORT runs a node whose outputs nobody reads (a
+    dequantized value that only integer matmuls read: they take its codes)."""
+    wanted, keep = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in wanted for o in node.output):
+            keep.append(node)
+            wanted.update(i for i in node.input if i)
+    return keep[::-1]
 
 
 def _fusable_quantizes(executor: Executor, visible) -> dict:
@@ -176,6 +192,7 @@ def _fake_quantize(dq: OpArgs, q: OpArgs) -> str:
     zp = float(np.asarray(q.const("zero_point", 0)).reshape(-1)[0])
     t = q.node("Round", [q.node("Div", [x, param_along(q, "scale", x, axis)], np.float32)], np.float32)
     t = q.node("Clip", [t, q.g.const(np.float32(info.min - zp)), q.g.const(np.float32(info.max - zp))], np.float32)
+    q.g.codes[""] = t  # the centered codes, keyed by the dequantized value's name once it has one
     return dq.finish(dq.node("Mul", [t, param_along(dq, "scale", t, axis)], np.float32))
 
 
