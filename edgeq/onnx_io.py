@@ -55,6 +55,11 @@ def load_ir(path: str | os.PathLike) -> ir.Model:
     return ir.from_proto(read_onnx(path))
 
 
+def default_opset(model: onnx.ModelProto, missing: int = 0) -> int:
+    """The model's default-domain opset version (``missing`` when it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), missing)
+
+
 def io_specs(model: onnx.ModelProto | ir.Model, *, outputs: bool = False) -> list[TensorSpec]:
     """The graph inputs (or outputs) of a model as :class:`TensorSpec`, unknown dims named.
 

@@ -33,6 +33,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from edgeq.graph import constant, drop_if_unused
+
 _RMS_NORMS = {  # (domain, op) -> index of the weight γ
     ("", "SimplifiedLayerNormalization"): 1,
     ("com.microsoft", "SimplifiedLayerNormalization"): 1,
@@ -101,14 +103,8 @@ def _into_norm(x: ir.Value, c: np.ndarray, graph: ir.Graph) -> bool:
     if len(weight.uses()) == 1:
         _set(weight, gamma * c)
     else:  # a weight shared by several norms (equal weights stored once): this norm gets its own
-        node.replace_input_with(index, _new_constant(graph, f"{weight.name}_{node.name}", gamma * c))
+        node.replace_input_with(index, constant(graph, f"{weight.name}_{node.name}", np.ascontiguousarray(gamma * c, np.float32)))
     return True
-
-
-def _new_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def _projection_columns(w: ir.Value, n: int) -> list[tuple[ir.Value, int]] | None:
@@ -167,9 +163,8 @@ def _into_mul(x: ir.Value, c: np.ndarray, graph: ir.Graph) -> bool:
     if found[1].size not in (1, c.size):
         return False
     merged = found[1] * c  # [N]: both factors run along the last axis, neither widens the rank (_channel_factor)
-    inner.replace_input_with(k, _new_constant(graph, f"{c0.name}_times_{inner.name}_next", merged))
-    if not c0.uses() and c0.name in graph.initializers:
-        graph.initializers.pop(c0.name)
+    inner.replace_input_with(k, constant(graph, f"{c0.name}_times_{inner.name}_next", np.ascontiguousarray(merged, np.float32)))
+    drop_if_unused(graph, c0)
     return True
 
 
@@ -193,8 +188,7 @@ class FoldScalingsPass(ir.passes.InPlacePass):
                     factor = next(v for v in mul.inputs if v is not x)
                     mul.outputs[0].replace_all_uses_with(x)
                     graph.remove(mul, safe=True)
-                    if not factor.uses() and factor.name in graph.initializers:
-                        graph.initializers.pop(factor.name)
+                    drop_if_unused(graph, factor)
                     folded[where] = folded.get(where, 0) + 1
                     break
         return FoldScalingsResult(model, modified=bool(folded), folded=folded)

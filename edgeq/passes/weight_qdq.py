@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeq import meta
-from edgeq.graph import drop_if_unused, nodes_by_name
+from edgeq.graph import constant, drop_if_unused, nodes_by_name
 from edgeq.quant import formats
 from edgeq.quant.gguf_blocks import BlockOffsetTensor
 from edgeq.quant.plan import QuantPlan
@@ -81,6 +81,12 @@ class WeightQDQPass(ir.passes.InPlacePass):
         return values[0], values[1]
 
     @staticmethod
+    def _zero_point(graph: ir.Graph, prefix: str, q) -> ir.Value:
+        """``q``'s zero points as an initializer in its storage type (zeros when it has none)."""
+        zp = q.zero_point if q.zero_point is not None else np.zeros(q.scale.shape, np.int8)
+        return constant(graph, f"{prefix}_zero_point", _as_storage(zp, q.dtype))
+
+    @staticmethod
     def _replace_output(graph: ir.Graph, node: ir.Node, new_out: ir.Value) -> None:
         """Readers of ``node``'s output read ``new_out`` instead (which takes its name); ``node`` goes."""
         out = node.outputs[0]
@@ -107,11 +113,7 @@ class WeightQDQPass(ir.passes.InPlacePass):
         inputs = [data, scale]
         if q.zero_point is not None or q.dtype == "int8":
             # int8: an explicit zero point (0) — ORT fuses Gemm into QGemm only with one
-            zp = q.zero_point if q.zero_point is not None else np.zeros(q.scale.shape, np.int8)
-            zp_value = ir.Value(name=f"{prefix}_zero_point",
-                                const_value=ir.tensor(_as_storage(zp, q.dtype), name=f"{prefix}_zero_point"))
-            graph.register_initializer(zp_value)
-            inputs.append(zp_value)
+            inputs.append(self._zero_point(graph, prefix, q))
         dq = _weight_dequantize(prefix, inputs, attrs, d.node, q.data.shape)
         graph.insert_before(node, dq)
         node.replace_input_with(d.input_index, dq.outputs[0])
@@ -123,9 +125,7 @@ class WeightQDQPass(ir.passes.InPlacePass):
         """A float32 constant stored as float16 (when every value is one: GGUF scales) and widened by a Cast."""
         half = array.astype(np.float16)
         if not np.array_equal(half.astype(np.float32), array):
-            v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array, np.float32), name=name))
-            graph.register_initializer(v)
-            return v
+            return constant(graph, name, np.ascontiguousarray(array, np.float32))
         v = ir.Value(name=f"{name}_half", const_value=ir.tensor(np.ascontiguousarray(half), name=f"{name}_half"))
         graph.register_initializer(v)
         cast = ir.node("Cast", [v], attributes={"to": ir.DataType.FLOAT.value}, name=f"{name}_widen")
@@ -156,7 +156,7 @@ class WeightQDQPass(ir.passes.InPlacePass):
         graph.register_initializer(b)
         flat = q.scale.T.reshape(-1).astype(np.float32)
         wide = d.scale_dtype == "float32"
-        scales = (self._constant(graph, f"{prefix}_nbits_scales", flat) if wide
+        scales = (constant(graph, f"{prefix}_nbits_scales", np.ascontiguousarray(flat, np.float32)) if wide
                   else self._half_exact(graph, f"{prefix}_nbits_scales", flat, d.node))
         mm = ir.node("MatMulNBits", [node.inputs[0], b, scales], domain="com.microsoft",
                      attributes={"K": k, "N": n, "bits": 4, "block_size": d.block, "accuracy_level": d.accuracy_level},
@@ -165,16 +165,10 @@ class WeightQDQPass(ir.passes.InPlacePass):
         graph.insert_before(node, mm)
         self._replace_output(graph, node, mm.outputs[0])
         if isinstance(q, BlockOffsetTensor):
-            offset = (self._constant(graph, f"{prefix}_offset", q.offset) if wide
+            offset = (constant(graph, f"{prefix}_offset", np.ascontiguousarray(q.offset, np.float32)) if wide
                       else self._offset(graph, d, q, prefix, scales, flat=True))
             self._offset_term(graph, mm, d, q, offset)
 
-    @staticmethod
-    def _constant(graph, name: str, array: np.ndarray) -> ir.Value:
-        """A float32 initializer ``name`` holding ``array``."""
-        v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array, np.float32), name=name))
-        graph.register_initializer(v)
-        return v
 
     def _offset(self, graph, d, q: BlockOffsetTensor, prefix, scale: ir.Value, flat: bool) -> ir.Value:
         """``m + 8d`` [K/32, N] in float32, computed in the graph (ONNX Runtime folds it at load) from the float16
@@ -369,11 +363,7 @@ class WeightQDQPass(ir.passes.InPlacePass):
             attrs = {"axis": d.axis, **({"block_size": d.block} if d.block else {})}
             inputs = [data, scale]
             if q.zero_point is not None or (q.dtype == "int8" and not d.block):
-                zp_array = q.zero_point if q.zero_point is not None else np.zeros(q.scale.shape, np.int8)
-                zp = ir.Value(name=f"{d.weight}_zero_point",
-                              const_value=ir.tensor(_as_storage(zp_array, q.dtype), name=f"{d.weight}_zero_point"))
-                graph.register_initializer(zp)
-                inputs.append(zp)
+                inputs.append(self._zero_point(graph, d.weight, q))
             dq = _weight_dequantize(d.weight, inputs, attrs, d.node, q.data.shape)
             graph.insert_before(next(iter(graph)), dq)
             table.replace_all_uses_with(dq.outputs[0])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import onnx
 
 from edgeq.errors import InputError
+from edgeq.onnx_io import default_opset
 from edgeq.sources import TASKS
 
 _SCORE_OPS = {"Gemm", "MatMul", "Softmax", "LogSoftmax", "Sigmoid"}
@@ -38,7 +39,7 @@ def detect_task(model: onnx.ModelProto) -> tuple[str, str]:
     dims = out.type.tensor_type.shape.dim
     producer = {o: n for n in model.graph.node for o in n.output}
     if len(dims) == 3:
-        return _per_position(out, dims, producer, _opset(model))
+        return _per_position(out, dims, producer, default_opset(model))
     if len(dims) != 2:
         return "generic", f"output {out.name!r} has rank {len(dims)}, not [batch, classes]"
     classes = dims[1].dim_value if dims[1].HasField("dim_value") else 0
@@ -53,10 +54,6 @@ def detect_task(model: onnx.ModelProto) -> tuple[str, str]:
         op = node.op_type if node is not None else "a graph input"
         return "generic", f"output {out.name!r} [batch, {classes}] comes from {op}, not a score layer"
     return "classification", f"output {out.name!r} [batch, {classes}] from {node.op_type}"
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _per_position(out, dims, producer, opset: int) -> tuple[str, str]:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from edgeq.errors import InputError
+from edgeq.onnx_io import default_opset
 from targets.base import Problem, Target
 from targets.coreml import profile as profiles
 from targets.coreml.lower import LoweringError, unsupported_nodes
@@ -86,7 +87,7 @@ class CoreMLTarget(Target):
         self.kv_cache(model)  # a bad max_context fails here, before anything is written
         problems = [Problem(n.name, n.op_type, reason, hint)
                     for n, reason, hint in unsupported_nodes(model, deployment=self.deployment, shapes=self.shapes)]
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        opset = default_opset(model)
         if opset > self.profile.max_opset:
             problems.append(Problem("", "model", f"ONNX opset {opset} is newer than the lowering knows "
                                                  f"(≤ {self.profile.max_opset})",

@@ -307,9 +307,10 @@ class Executor:
         that gives the same numbers: rows (axis 0), and an fp16 rounding in the table's making only if
         the table is fp16 (the gathered products are rounded where the table's values were)."""
         name = step.op.inputs["x"]
-        codes, chain = self._codes[name], self._deferred[name]
-        if int(step.consts.get("batch_dims", 0)) or int(step.consts.get("axis", 0)) % 2 != 0:
+        chain = self._deferred.get(name)  # None: another reader had the table expanded (a float gather then)
+        if chain is None or int(step.consts.get("batch_dims", 0)) or int(step.consts.get("axis", 0)) % 2 != 0:
             return
+        codes = self._codes[name]
         made = [self._dtypes.get(s.outs[0][0]) for s in chain]
         if np.float16 in made and self._dtypes.get(name) != np.float16:
             return

@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgeq.onnx_io import default_opset
+
 # importing the families fills the registry
 from targets.coreml.lower import context, control, elementwise, linear, norm, quant, recurrent, shape, stateful  # noqa: F401
 from targets.coreml.lower.context import (
@@ -143,7 +145,7 @@ def lower_model(
             raise LoweringError(None, "a KV cache as Core ML state needs iOS 18", hint="package for ios18")
         shapes = {**stateful.axis_ranges(model, kv_cache), **shapes}
     target = {17: ct.target.iOS17, 18: ct.target.iOS18}[deployment]
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    opset = default_opset(model, 21)
     ctx = Context(mb=mb, types=types, compute=compute, opset=opset, deployment=deployment)
     inits = _known_inputs(model)
 
