@@ -95,8 +95,10 @@ def sensitivity(model, recipe, calib=None, data=None, limit: int | None = None, 
         calib = data
 
     with tempfile.TemporaryDirectory(prefix="edgeq-analyze-") as tmp:
+        # the plan's own graph: the profile's ORT fusions pack projections into one MatMul and fold scalings
+        # into norms, so layers would no longer be found (or bypassed) one by one; the integers are the same
         res = quantize_model(model, os.path.join(tmp, "model.qdq.onnx"), rec, block=block, profile=profile,
-                             calib=calib, force=True, progress=progress)
+                             calib=calib, force=True, progress=progress, fuse=False)
         qdq = onnx_io.read_onnx(res.path)
     plan = res.plan
 

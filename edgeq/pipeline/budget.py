@@ -32,11 +32,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from edgeq import onnx_io
 from edgeq.errors import InputError
-from edgeq.pipeline.quantize import quantize_model
+from edgeq.pipeline.quantize import fused_after_quantization, quantize_model, resolve_profile
 from edgeq.pipeline.variants import Evaluator, InMemoryModel, Variants, prepare_float
 from edgeq.quant.algorithms import Memo
 from edgeq.quant.recipes import (
@@ -201,10 +201,12 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
 
     memo = Memo()  # the final quantization reuses the base one's statistics and per-layer results
     with tempfile.TemporaryDirectory(prefix="edgeq-budget-") as tmp:
+        # variants are built on the graph the plan names, layer by layer: the profile's ORT fusions (packed
+        # projections, scalings folded into norms) come only on the file written
         base_res = quantize_model(model, os.path.join(tmp, "base.onnx"), rec, block=block, profile=profile,
-                                  calib=calib, force=True, progress=progress, memo=memo)
-        base_file = Path(base_res.path).read_bytes()  # the answer when nothing needs raising
-    qdq = onnx.load_from_string(base_file)
+                                  calib=calib, force=True, progress=progress, memo=memo, fuse=False)
+        base_ir = onnx_io.load_ir(base_res.path)
+    qdq = ir.to_proto(base_ir)
     plan = base_res.plan
     variants = Variants(float_proto, qdq, plan)
     layers = list(variants.layers)
@@ -274,7 +276,7 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
     alone_of = {(L, lv): a for L, lv, a in ranking}
     extra = [x for x in ranking if x[0] not in state]
     with tempfile.TemporaryDirectory(prefix="edgeq-budget-") as tmp:
-        final_file, res, final = base_file, base_res, base_score  # nothing raised: the base model, as is
+        final_file, res, final = None, base_res, base_score  # nothing raised: the base model, fused below
         while state:
             path = os.path.join(tmp, "final.onnx")
             res = quantize_model(model, path, with_rules(state), block=block, profile=profile, calib=calib,
@@ -287,6 +289,9 @@ def search(model, recipe, budget: str | Budget, output=None, *, calib=None, data
             state = {**state, L: lv}
         if output is not None:  # written whole, then renamed into place: never half-written
             onnx_io.check_output_path(output, force=force)
+            if final_file is None:
+                final_file = ir.to_proto(fused_after_quantization(base_ir, base_res.plan,
+                                                                  resolve_profile(profile))[0]).SerializeToString()
             staged = Path(str(output) + ".partial")
             staged.write_bytes(final_file)
             os.replace(staged, output)

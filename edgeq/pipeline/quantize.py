@@ -85,15 +85,18 @@ def quantize_model(
     force: bool = False,
     progress: bool = True,
     memo: Memo | None = None,
+    fuse: bool = True,
 ) -> QuantizeResult:
     """Quantize the ONNX file at ``model_path`` with ``recipe``; write the QDQ model to ``output``.
 
     ``calib`` (a sample name, ``.npz`` file or folder, or an iterable of feeds) is the calibration
     data, required by recipes that quantize activations and used by the data-aware algorithms.
-    With ``output=None`` only the plan is made (``--explain``), without calibration.
+    With ``output=None`` only the plan is made (``--explain``), without calibration. ``fuse=False``
+    skips the profile's ONNX Runtime fusions (see :func:`fused_after_quantization`): the graph is then
+    the one the plan names, layer by layer, with the same integers.
     """
     return quantize_for_profiles(model_path, [(profile, output)], recipe, block=block, calib=calib, force=force,
-                                 progress=progress, memo=memo)[0]
+                                 progress=progress, memo=memo, fuse=fuse)[0]
 
 
 def quantize_for_profiles(
@@ -106,10 +109,12 @@ def quantize_for_profiles(
     force: bool = False,
     progress: bool = True,
     memo: Memo | None = None,
+    fuse: bool = True,
 ) -> list[QuantizeResult]:
     """One QDQ model per ``(profile, output)`` from one calibration (see :func:`decide`).
 
-    Where the profiles run the same formats, their weights carry the same integers.
+    Where the profiles run the same formats, their weights carry the same integers. ``fuse``: as in
+    :func:`quantize_model`.
     """
     t0 = time.perf_counter()
     rec = resolve_recipe(recipe, block=block)
@@ -145,7 +150,8 @@ def quantize_for_profiles(
         ideal = planned_bytes(plan, model)  # as decided: an algorithm may keep a weight float (recurrent_check)
         qdq = model if i == len(decided) - 1 else model.clone()  # the last may edit it
         apply_plan(qdq, plan, rec, table)
-        qdq, plan = fused_after_quantization(qdq, plan, profiles[i])
+        if fuse:
+            qdq, plan = fused_after_quantization(qdq, plan, profiles[i])
         files = onnx_io.save_ir(qdq, output, force=force)
         size = sum(f.stat().st_size for f in files)
         results.append(QuantizeResult(Path(output), plan, float_bytes, size, ideal, time.perf_counter() - t0, table))

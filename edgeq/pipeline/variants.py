@@ -177,6 +177,19 @@ def _reads(node: onnx.NodeProto) -> set[str]:
     return {x for n in _with_subgraph_nodes(node) for x in n.input if x}
 
 
+def _constant_inputs(float_proto: onnx.ModelProto) -> dict:
+    """Tensor name -> a function making its float value, for initializers and for the transposed initializers
+    a tied output layer reads (``MatMul(x, Transpose(table))``, as the causal LM export writes it)."""
+    inits = {t.name: t for t in float_proto.graph.initializer}
+    out = {name: (lambda t=t: numpy_helper.to_array(t)) for name, t in inits.items()}
+    for n in float_proto.graph.node:
+        if n.op_type == "Transpose" and n.input and n.input[0] in inits:
+            perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+            out[n.output[0]] = lambda t=inits[n.input[0]], perm=perm: np.ascontiguousarray(
+                np.transpose(numpy_helper.to_array(t), perm))
+    return out
+
+
 def _attr(node: onnx.NodeProto, name: str) -> int:
     return next((a.i for a in node.attribute if a.name == name), 0)
 
@@ -199,23 +212,25 @@ class Variants:
         graph = qdq.graph
         self.nodes = list(graph.node)
         float_nodes = {n.name: n for n in float_proto.graph.node}
-        float_inits = {t.name: t for t in float_proto.graph.initializer}
         producer = {o: n for n in self.nodes for o in n.output}
         qdq_inits = {t.name: t for t in graph.initializer}
         # an activation Q/DQ pair: DequantizeLinear reading a QuantizeLinear's output -> the float tensor
         self.act_dq: dict[str, str] = {}
         for n in self.nodes:
-            if n.op_type == "DequantizeLinear" and n.input[0] in producer and producer[n.input[0]].op_type == "QuantizeLinear":
+            if n.op_type == "DequantizeLinear" and n.input[0] in producer \
+                    and producer[n.input[0]].op_type == "QuantizeLinear":
                 self.act_dq[n.output[0]] = producer[n.input[0]].input[0]
         index = {n.name: i for i, n in enumerate(self.nodes)}
-        # a Gather the weight pass replaced (one node, or a few: rows, scales, cast, scale): found by its
-        # metadata; the float Gather takes the place of the group's node that makes the Gather's output
+        # a layer the weight pass replaced (a Gather by one node or a few: rows, scales, cast, scale; a tied
+        # output layer by one MatMulNBits): found by its metadata; the float node takes the place of the
+        # group's node that makes the layer's output
         for i, n in enumerate(self.nodes):
             props = meta.proto_props(n)
             source = props.get(meta.SOURCE)
-            if meta.role_of(props) == meta.Role.GATHER_QUANTIZED and source in float_nodes \
+            if meta.role_of(props) in (meta.Role.GATHER_QUANTIZED, meta.Role.WEIGHT) and source in float_nodes \
                     and float_nodes[source].output[0] in n.output:
                 index[source] = i
+        constant = _constant_inputs(float_proto)
         self.layers: list[str] = []
         self.float_node: dict[int, onnx.NodeProto] = {}  # index in the QDQ graph -> the float replacement
         self.layer_of: dict[int, str] = {}
@@ -232,8 +247,8 @@ class Variants:
             node.CopyFrom(f)
             scale = self._smoothing_scale(q, producer, qdq_inits) if q.name == layer else None
             for k, name in enumerate(f.input):
-                if name in float_inits:
-                    arr = numpy_helper.to_array(float_inits[name])
+                if name in constant:
+                    arr = constant[name]()
                     if k == 1 and scale is not None and arr.ndim == 2 and arr.shape[0] == scale.shape[0]:
                         arr = (arr * scale[:, None]).astype(arr.dtype)  # SmoothQuant: diag(s) W, exact in float
                     new = f"{PREFIX}/{layer}/{name}"
