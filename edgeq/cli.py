@@ -1,7 +1,8 @@
 """The ``edgeq`` command.
 
 Exit codes: 0 success, 1 a validation threshold failed, 2 bad input or a model edgeq cannot
-handle (one line on stderr naming the problem), 3 an internal error, 130 interrupted.
+handle (one line on stderr naming the problem), 3 an internal error, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM: cleaned up like Ctrl-C).
 Nothing is written when a command fails.
 
 Start-up imports only the standard library: each command imports what it needs when it runs,
@@ -13,13 +14,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from edgeq import __version__
 from edgeq.errors import EdgeqError, InputError, ValidationFailed
 
 INTERRUPTED = "edgeq: interrupted; nothing was written"
+TERMINATED = "edgeq: terminated; nothing was written"
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI timeout, ``kill``, a container stopping) raised like Ctrl-C, so the same clean-up runs:
+    staged outputs and temporary folders are removed instead of left half-written."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
 
 
 def _sizes(items: Sequence[str]) -> dict[str, int]:
@@ -482,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     debug = False
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:  # from the first line: Ctrl-C while arguments are read or a command's imports load is clean too
         args = build_parser().parse_args(argv)
         debug = args.debug
@@ -503,6 +519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         sys.stderr.close()
         return 0
+    except _Terminated:
+        print(TERMINATED, file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130

@@ -18,7 +18,7 @@ import pytest
 from bad_files import snapshot
 
 import edgeq
-from edgeq.cli import INTERRUPTED
+from edgeq.cli import INTERRUPTED, TERMINATED
 
 pytestmark = pytest.mark.bad_inputs
 
@@ -31,9 +31,11 @@ DRIVER = textwrap.dedent(
     import os, runpy, signal, sys
 
     moment, sys.argv = sys.argv[1], ["edgeq", *sys.argv[2:]]
+    moment, _, sent = moment.partition("+")  # "calibration+SIGTERM": that signal instead of SIGINT
+    sent = getattr(signal, sent or "SIGINT")
 
     def interrupt():
-        os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt at the next bytecode
+        os.kill(os.getpid(), sent)  # Python runs the signal's handler at the next bytecode
 
     if moment.startswith("import:"):  # while the command imports this module
         module = moment.partition(":")[2]
@@ -92,6 +94,18 @@ INTERRUPTS = {
                                     "-o", "out.onnx"]),
     "packaging": ("packaging", ["package", "qdq.onnx", "--target", "android", "-o", "pkg"]),
 }
+
+
+def test_sigterm_cleans_up_like_ctrl_c(workdir):
+    """A CI timeout or ``kill`` sends SIGTERM: exit 143, one line, nothing half-written (the default action
+    would end the process where it stands, leaving its staged outputs behind)."""
+    before = snapshot(workdir)
+    argv = INTERRUPTS["packaging"][1]  # model.ort already written into the package's temporary folder
+    proc = run_edgeq(workdir, *argv, driver=["-c", DRIVER, "packaging+SIGTERM"])
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()][-1] == TERMINATED
+    assert snapshot(workdir) == before, "files were written or changed"
 
 
 @pytest.mark.parametrize("moment", INTERRUPTS)
