@@ -31,6 +31,7 @@ TOML form::
     block_choice = {min_sqnr_db = 22.0}  # int4 MatMul/Gemm: the target's faster block where a layer stays accurate (false: off)
     conv_rounding = {scope = "all"}  # int8 Conv codes chosen for the layer output: all | small
     bias_correction = true  # Conv/Gemm: cancel the output mean shift of weight rounding
+    bias_correction = {sequential = true}  # ... then of all quantization error, layer by layer on the quantized graph
     integer_bias = {raise_scales = true}  # W8A8: raise a near-dead channel's weight scale so its int32 bias fits
     keep_gguf = {file = "model.gguf"}  # keep the GGUF's Q4_0/Q4_1/Q8_0 integers ({} = the exported-from file)
     [[rules]]
@@ -181,6 +182,11 @@ class ConvRoundingConfig:
 @dataclass(frozen=True)
 class BiasCorrectionConfig:
     """Conv/Gemm biases absorb the mean output error of weight rounding (edgeq.quant.bias)."""
+
+    # then, on the quantized graph, layer by layer in order: each bias absorbs the mean output shift of the
+    # whole quantization error (activations and inherited shifts included) on the calibration feeds
+    # (edgeq.quant.seq_bias)
+    sequential: bool = False
 
 
 @dataclass(frozen=True)
