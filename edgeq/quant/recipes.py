@@ -377,11 +377,15 @@ def preset(name: str, *, block: int | None = None) -> Recipe:
     if name == "w8a8":
         # MSE-optimal ranges, outlier protection then smoothing, bias correction: the best measured on
         # MiniLM (mean cosine 0.9980 → 0.9992 with protection) and EfficientNet-Lite0; data-aware Conv
-        # rounding: EfficientNet-Lite0 logit SQNR 19.7 -> 26.2 dB (no Conv in MiniLM)
+        # rounding: EfficientNet-Lite0 logit SQNR 19.7 -> 26.2 dB (no Conv in MiniLM).
+        # Sequential bias correction (the whole quantization error's mean, layer by layer on the quantized
+        # graph): EfficientNet-Lite1 held-out (220 crops) android 20.7 -> 22.1 dB, top-1 95.5 -> 96.8 %;
+        # ios18 20.9 -> 22.4 dB, 95.9 -> 97.3 %; +57 s on 200 calibration crops (2 cores)
         return Recipe("w8a8", QuantSpec(WeightFormat.INT8, activations=ActFormat.UINT8),
                       calibration=CalibrationConfig(CalibrationMethod.MSE),
                       algorithms=Algorithms(protect=ProtectConfig(), smoothing=SmoothingConfig(),
-                                            conv_rounding=ConvRoundingConfig(), bias_correction=BiasCorrectionConfig()),
+                                            conv_rounding=ConvRoundingConfig(),
+                                            bias_correction=BiasCorrectionConfig(sequential=True)),
                       placement=PlacementConfig(quantize_model_inputs=False))
     if name == "w8a16":
         # With calibration data, Conv codes are chosen for the layer output and Conv/Gemm biases absorb the

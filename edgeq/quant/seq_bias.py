@@ -55,7 +55,7 @@ class _Site:
     scale: np.ndarray | None = None  # int32 bias: its scale s_in · s_w per channel (float32)
     data: np.ndarray | None = None  # int32 bias: its codes
     shift_before: float = 0.0  # mean |E[float] - E[quantized]| over channels when it was measured
-    clipped: int = 0  # channels left at their previous int32 code (the correction would pass BIAS_LIMIT)
+    clipped: int = 0  # channels left at their previous int32 code (the correction would pass the int32 limit)
 
     def feed(self) -> np.ndarray:
         return self.data if self.data is not None else self.bias.astype(np.float32)
@@ -67,7 +67,8 @@ class _Site:
         else:
             scale = self.scale.astype(np.float64)
             codes = np.rint((self.bias + delta) / scale)
-            fits = np.abs(codes) < BIAS_LIMIT
+            # a near-dead channel's weight scale was raised so its bias sits right at the limit (integer_bias)
+            fits = np.abs(codes) <= np.maximum(BIAS_LIMIT, np.abs(self.data))
             self.clipped = int(np.sum(~fits))
             self.data = np.where(fits, codes, self.data).astype(np.int32)
             new = self.data.astype(np.float64) * scale
@@ -108,7 +109,6 @@ class SequentialBiasCorrection(Algorithm):
         return out
 
     def decide(self, ctx: Context, plan: QuantPlan, stats: Stats) -> QuantPlan:
-        t0 = time.perf_counter()
         sites = sequential_sites(ctx, plan)
         targets = {n: stats.get("mean", t) for n, t in sites.items()}
         sites = {n: t for n, t in sites.items() if targets[n] is not None}
@@ -117,17 +117,19 @@ class SequentialBiasCorrection(Algorithm):
                                       "channel mean at its output")
         if ctx.calib is None:
             return self.skipped(plan, "not run — the calibration feeds are not available to this step")
-        proto, order = _quantized_graph(ctx.model, plan, sites, targets)
-        key = ("sequential_bias", fingerprint(proto.SerializeToString(deterministic=True)))
+        # One plan per build: every target carries the same integers. Targets whose plans start from the same
+        # weight codes and biases share the correction measured on the first one's quantized graph (Core ML
+        # targets quantize fewer activations than ONNX Runtime's: EfficientNet-Lite1 64 of android's 80).
+        key = ("sequential_bias", _start_fingerprint(ctx, plan, sites))
         hits = ctx.memo.hits
-        try:  # a second target whose quantized graph is the same reuses the first one's biases
-            found = ctx.memo.get(key, lambda: _correct(proto, order, ctx))
+        try:
+            found = ctx.memo.get(key, lambda: (*_correct(*_quantized_graph(ctx.model, plan, sites, targets), ctx),
+                                               plan.profile))
         except (EdgeqError, ValueError, RuntimeError) as e:  # ORT fails on a segment (e.g. an If's outer reads)
             from edgeq.errors import first_line
 
             return self.skipped(plan, f"not run — the quantized graph could not be run in segments: {first_line(e)}")
-        order, runs, feeds = found
-        reused = ctx.memo.hits > hits
+        order, segments, feeds, seconds, measured_on = found
         biases = dict(plan.biases)
         integer = {b.node: b for b in plan.integer_biases}
         for s in order:
@@ -136,15 +138,34 @@ class SequentialBiasCorrection(Algorithm):
                 integer[s.node] = IntegerBias(s.node, s.data.copy(), integer[s.node].scale)
         before = float(np.mean([s.shift_before for s in order]))
         clipped = sum(s.clipped for s in order)
-        seconds = time.perf_counter() - t0
-        summary = (f"{len(order)} Conv/Gemm biases corrected in order on the quantized graph ({feeds} calibration "
-                   f"feeds, {runs} segment runs, {seconds:.1f} s{', reused' if reused else ''}); mean |output shift| "
-                   f"{before:.3g} before correction" + (f"; {clipped} channels kept (int32 limit)" if clipped else ""))
+        where = f"as measured on {measured_on}'s quantized graph (the same integers in every package)" \
+            if ctx.memo.hits > hits else "on the quantized graph"
+        summary = (f"{len(order)} Conv/Gemm biases corrected in order {where}; {feeds} calibration feeds, "
+                   f"{segments} segments, {seconds:.1f} s; mean |output shift| {before:.3g} before correction"
+                   + (f"; {clipped} channels kept (int32 limit)" if clipped else ""))
         details = tuple(f"{s.node}: |shift| {s.shift_before:.3g}" for s in
                         sorted(order, key=lambda s: -s.shift_before)[:5])
         plan = replace(plan, biases=MappingProxyType(biases),
                        integer_biases=tuple(integer.get(b.node, b) for b in plan.integer_biases))
         return add_result(plan, AlgorithmResult(self.name, summary, nodes=tuple(s.node for s in order), details=details))
+
+
+def _start_fingerprint(ctx: Context, plan: QuantPlan, sites: dict[str, str]) -> str:
+    """What the correction starts from: the recipe, every weight's codes and each site's bias (int32 codes and
+    scale, or float). The profile is left out on purpose (targets of one build share the correction); the recipe
+    is in (a budget search's quantizations differ by their rules, e.g. where activations stay float)."""
+    nodes = ctx.nodes()
+    integer = {b.node: b for b in plan.integer_biases}
+    parts = [repr(ctx.recipe)]
+    for d in plan.weights:
+        q = plan.codes.get(d.weight)
+        if q is not None:
+            parts += [d.weight, q.data, np.asarray(q.scale)]
+    for n in sorted(sites):
+        ib = integer.get(n)
+        start = (ib.data, ib.scale) if ib is not None else (plan.biases.get(n, nodes[n].inputs[2].const_value.numpy()),)
+        parts += [n, *[np.asarray(a) for a in start]]
+    return fingerprint(*parts)
 
 
 def _quantized_graph(model: ir.Model, plan: QuantPlan, sites: dict[str, str], targets: dict[str, np.ndarray]
@@ -244,7 +265,9 @@ def _channel_sum(x: np.ndarray) -> np.ndarray:
 
 
 def _correct(proto: onnx.ModelProto, sites: list[_Site], ctx: Context):
-    """Correct every site in order; returns (sites, segment runs, calibration feeds)."""
+    """Correct every site in order; returns (sites, segments, calibration feeds, seconds). Each site is one run of
+    its segment's nodes up to it, over every feed."""
+    t0 = time.perf_counter()
     from edgeq.validate.feeds import open_feeds
 
     feeds, _ = open_feeds(ctx.calib, split="calibration")
@@ -267,7 +290,7 @@ def _correct(proto: onnx.ModelProto, sites: list[_Site], ctx: Context):
     cut_names, cut_at = inputs0, -1
     cut = [{t: f[t] for t in inputs0} for f in feeds]
     del feeds
-    runs = 0
+    segments = 1
     segment: list[_Site] = []
     for i, site in enumerate(ctx.bar(sites, "sequential bias correction", "layer")):
         segment.append(site)
@@ -287,7 +310,6 @@ def _correct(proto: onnx.ModelProto, sites: list[_Site], ctx: Context):
             count += y.size // y.shape[1]
             if take_cut:
                 kept.append(dict(zip(outputs, got)))
-        runs += 1
         del sess
         shift = site.target - total / max(count, 1)
         site.shift_before = float(np.mean(np.abs(shift)))
@@ -304,4 +326,5 @@ def _correct(proto: onnx.ModelProto, sites: list[_Site], ctx: Context):
                     if t not in live[site.node]:
                         del k[t]
             cut, cut_names, cut_at, segment = kept, live[site.node], end, []
-    return sites, runs, len(cut)
+            segments += 1
+    return sites, segments, len(cut), time.perf_counter() - t0

@@ -161,9 +161,9 @@ def test_the_setting_round_trips_through_a_toml_recipe_into_the_plan(tmp_path):
     assert "sequential_bias_correction" in [a["name"] for a in res.plan.as_dict()["algorithms"]]
 
 
-def test_off_by_default_and_without_it_no_handler_runs():
-    for name in ("w8a8", "w8a16"):
-        rec = preset(name)
+def test_on_in_w8a8_off_in_w8a16_and_when_off_no_handler_runs():
+    assert preset("w8a8").algorithms.bias_correction == BiasCorrectionConfig(sequential=True)
+    for rec in (preset("w8a16"), _recipe(False)):
         assert rec.algorithms.bias_correction == BiasCorrectionConfig(sequential=False)
         assert not any(type(h) is seq_bias.SequentialBiasCorrection for h in handlers_for(rec))
 
@@ -174,3 +174,16 @@ def test_a_wrong_type_is_an_error_naming_the_key(tmp_path, bad):
     path.write_text(f"[algorithms]\nbias_correction = {{{bad}}}\n")
     with pytest.raises(edgeq.errors.InputError, match="sequential"):
         load_recipe(path)
+
+
+def test_one_build_carries_the_same_bias_integers_for_android_and_ios18(tmp_path):
+    from edgeq.pipeline.quantize import quantize_for_profiles
+
+    src = _model(tmp_path / "m.onnx")
+    outs = {t: tmp_path / f"q.{t}.onnx" for t in ("android", "ios18")}
+    res = quantize_for_profiles(src, list(outs.items()), _recipe(True), calib=_feeds(4, 9), progress=False)
+    assert "as measured on android" in res[1].plan.result("sequential_bias_correction").summary
+    codes = {t: {n: c for n, (c, _, _, _) in _int_biases(str(p))[0].items()} for t, p in outs.items()}
+    assert codes["android"].keys() == codes["ios18"].keys() and codes["android"]
+    for n in codes["android"]:
+        np.testing.assert_array_equal(codes["android"][n], codes["ios18"][n], err_msg=n)
