@@ -259,6 +259,15 @@ def _session(extractor: onnx.utils.Extractor, inputs: list[str], outputs: list[s
     return ort_session(part.SerializeToString(), options=so, what="a segment of the quantized graph", spin=False)
 
 
+def _run(sess, outputs: list[str], feed: dict, upto: str) -> list[np.ndarray]:
+    try:
+        return sess.run(outputs, feed)
+    except Exception as e:  # ORT's errors are plain Exceptions
+        from edgeq.runtime import ort_run_failure
+
+        raise RuntimeError(f"the graph up to {upto} fails in ONNX Runtime: {ort_run_failure(e)}") from e
+
+
 def _channel_sum(x: np.ndarray) -> np.ndarray:
     """Per axis-1 channel sums over the batch and every position (the float means' ChannelMean axis)."""
     return np.add.reduce(x.reshape(x.shape[0], x.shape[1], -1), axis=(0, 2), dtype=np.float64)
@@ -284,7 +293,8 @@ def _correct(proto: onnx.ModelProto, sites: list[_Site], ctx: Context):
     sizes = {t: np.asarray(feeds[0][t]).nbytes for t in inputs0}
     if probe:
         sess = _session(extractor, inputs0 + sorted(bias_inputs), probe)
-        got = sess.run(probe, {**{t: feeds[0][t] for t in inputs0}, **{s.bias_input: s.feed() for s in sites}})
+        got = _run(sess, probe, {**{t: feeds[0][t] for t in inputs0}, **{s.bias_input: s.feed() for s in sites}},
+                   sites[-1].node)
         sizes.update({t: a.nbytes for t, a in zip(probe, got)})
         del sess, got
     cut_names, cut_at = inputs0, -1
@@ -304,7 +314,7 @@ def _correct(proto: onnx.ModelProto, sites: list[_Site], ctx: Context):
         biases = {s.bias_input: s.feed() for s in segment}
         total, count, kept = 0.0, 0, []
         for f in cut:
-            got = sess.run(outputs, {**f, **biases})
+            got = _run(sess, outputs, {**f, **biases}, site.node)
             y = got[0]
             total = total + _channel_sum(y)
             count += y.size // y.shape[1]
