@@ -180,7 +180,7 @@ def _quantized_graph(model: ir.Model, plan: QuantPlan, sites: dict[str, str], ta
     nodes = nodes_by_name(graph)
     integer = {b.node: b for b in plan.integer_biases}
     found = []
-    for name in sites:
+    for name, output in sites.items():
         node = nodes[name]
         b = node.inputs[2]
         dq = b.producer()
@@ -191,14 +191,14 @@ def _quantized_graph(model: ir.Model, plan: QuantPlan, sites: dict[str, str], ta
             old = dq.inputs[0]
             dq.replace_input_with(0, inp)
             drop_if_unused(graph, old)
-            site = _Site(name, sites[name], input_name, targets[name], ib.data.astype(np.float64) * ib.scale,
+            site = _Site(name, output, input_name, targets[name], ib.data.astype(np.float64) * ib.scale,
                          ib.scale, ib.data.copy())
         else:
             value = b.const_value.numpy().astype(np.float64)
             inp = ir.Value(name=input_name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(list(value.shape)))
             node.replace_input_with(2, inp)
             drop_if_unused(graph, b)
-            site = _Site(name, sites[name], input_name, targets[name], value)
+            site = _Site(name, output, input_name, targets[name], value)
         graph.inputs.append(inp)
         found.append(site)
     graph.sort()

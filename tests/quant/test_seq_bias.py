@@ -113,7 +113,7 @@ def test_biases_stay_int32_at_input_times_weight_scale_and_nothing_else_changes(
         edgeq.quantize(src, paths[on], _recipe(on), calib=cal, force=True, progress=False)
     biases, inits, dq = _int_biases(paths[True])
     assert set(biases) == {"expand", "project", "head"}  # the stem reads the float image: a float bias
-    for name, (codes, scale, _, node) in biases.items():
+    for codes, scale, _, node in biases.values():
         w_scale = inits[dq[node.input[1]].input[1]]  # DequantizeLinear(int8 weight, s_w per channel)
         x_dq = dq[node.input[0]]  # the activation's DequantizeLinear: s_in
         np.testing.assert_allclose(scale, inits[x_dq.input[1]] * w_scale, rtol=1e-6)
@@ -128,8 +128,8 @@ def test_biases_stay_int32_at_input_times_weight_scale_and_nothing_else_changes(
     ia = {i.name: nh.to_array(i) for i in a.graph.initializer if i.name not in bias_names}
     ib = {i.name: nh.to_array(i) for i in b.graph.initializer if i.name not in bias_names}
     assert ia.keys() == ib.keys()
-    for k in ia:
-        np.testing.assert_array_equal(ia[k], ib[k], err_msg=k)
+    for k, v in ia.items():
+        np.testing.assert_array_equal(v, ib[k], err_msg=k)
 
 
 def test_cutting_the_graph_into_segments_does_not_change_the_biases(tmp_path, monkeypatch):
