@@ -268,7 +268,8 @@ def decide(models: ir.Model | Sequence[ir.Model], plans: Sequence[QuantPlan], re
     """
     memo = memo or Memo()
     models = [models] * len(plans) if isinstance(models, ir.Model) else list(models)
-    lanes = [_Lane(plan, Context(m.clone(), recipe, prof, has_data=calib is not None, memo=memo, progress=progress),
+    lanes = [_Lane(plan, Context(m.clone(), recipe, prof, has_data=calib is not None, memo=memo, progress=progress,
+                           calib=calib),
                    tuple(m.meta.get(IMPORT_STEPS, ())))
              for m, plan, prof in zip(models, plans, profiles)]
     handlers = handlers_for(recipe)

@@ -125,6 +125,7 @@ class Context:
     has_data: bool  # calibration data was given
     memo: Memo = field(default_factory=Memo)
     progress: bool = False  # show a progress bar over long per-layer work
+    calib: object = None  # the calibration data, for a handler that runs the quantized graph on it (seq_bias)
 
     def nodes(self) -> dict[str, ir.Node]:
         return {n.name: n for n in self.model.graph}

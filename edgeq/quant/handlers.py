@@ -6,7 +6,8 @@ read the masked tensor), smoothing next, the int4 block size per layer before AW
 round at the block chosen), AWQ next (its scales see the protected tensor),
 activation ranges on the graph as rewritten, then the weight codes (Conv rounding, GPTQ, nearest
 for the rest), the recurrent layers checked with their codes, and last the biases, which read the
-final codes.
+final codes: bias correction, the int32 biases, then the sequential correction, which runs the
+quantized graph as it will be written (int32 biases included).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from edgeq.quant.protect import ProtectHandler
 from edgeq.quant.recipes import Recipe
 from edgeq.quant.recurrent import RecurrentCheck
 from edgeq.quant.rounding import ConvRoundingHandler
+from edgeq.quant.seq_bias import SequentialBiasCorrection
 from edgeq.quant.sequence_starts import SequenceStarts
 from edgeq.quant.smooth import SmoothingHandler
 from edgeq.quant.weights import quantize_weight
@@ -56,7 +58,7 @@ class NearestRounding(Algorithm):
 ORDER: tuple[type[Algorithm], ...] = (
     KeepGGUF, SequenceStarts, ProtectHandler, SmoothingHandler, BlockChoice, AWQHandler, ActivationRanges,
     ConvRoundingHandler, GPTQHandler,
-    NearestRounding, RecurrentCheck, BiasCorrectionHandler, IntegerBiasHandler,
+    NearestRounding, RecurrentCheck, BiasCorrectionHandler, IntegerBiasHandler, SequentialBiasCorrection,
 )
 
 # one handler per config type of Recipe.algorithms (tests/quant/test_algorithms.py checks there is one each)
