@@ -149,7 +149,8 @@ class SequentialBiasCorrection(Algorithm):
                         sorted(order, key=lambda s: -s.shift_before)[:5])
         plan = replace(plan, biases=MappingProxyType(biases),
                        integer_biases=tuple(integer.get(b.node, b) for b in plan.integer_biases))
-        return add_result(plan, AlgorithmResult(self.name, summary, nodes=tuple(s.node for s in order), details=details))
+        return add_result(plan, AlgorithmResult(self.name, summary, nodes=tuple(s.node for s in order),
+                                                details=details))
 
 
 def _start_fingerprint(ctx: Context, plan: QuantPlan, sites: dict[str, str]) -> str:
