@@ -58,3 +58,9 @@ def apply_plan(model: ir.Model, plan: QuantPlan, recipe: Recipe, calibration: Ca
     pipeline = ir.passes.Sequential(*rewrite_passes(plan), WeightQDQPass(plan), ActivationQDQPass(plan),
                                     RecordPlanPass(plan, recipe, calibration))
     return pipeline(model).model
+
+
+def with_qdq(model: ir.Model, plan: QuantPlan) -> ir.Model:
+    """A copy of ``model`` (a handler's working graph: the plan's rewrites already in it) with the plan's weight and
+    activation Q/DQ written: the quantized graph a handler can run (``Context.write_qdq``)."""
+    return ir.passes.Sequential(WeightQDQPass(plan), ActivationQDQPass(plan))(model.clone()).model

@@ -32,7 +32,7 @@ import onnx_ir as ir
 from edgeq import onnx_io
 from edgeq.errors import InputError, UnsupportedError
 from edgeq.passes.fuse_for_ort import FuseForOrtPass
-from edgeq.pipeline.apply import apply_plan, rewrite_passes
+from edgeq.pipeline.apply import apply_plan, rewrite_passes, with_qdq
 from edgeq.pipeline.import_onnx import import_onnx
 from edgeq.quant.activations import place_activations
 from edgeq.quant.algorithms import PREPASS_BATCHES, Context, Memo, Stage, Stats
@@ -235,6 +235,16 @@ def _fusion_step(profile: TargetProfile, res, where: str) -> ImportStep:
                       f"onnxscript ORT fusions: {made}" if res.modified else "no transformer pattern matched")
 
 
+def _calibration_feeds(calib):
+    """The calibration feeds as a list, read when a handler asks (seq_bias runs the quantized graph on them)."""
+
+    def read() -> list[dict]:
+        feeds, _ = open_feeds(calib, split="calibration")
+        return [dict(f) for f in feeds]
+
+    return read
+
+
 CAUSAL_LM_KEY = "edgeq.causal_lm"  # model metadata the causal LM export writes (edgeq.export.causal_lm)
 
 
@@ -268,8 +278,9 @@ def decide(models: ir.Model | Sequence[ir.Model], plans: Sequence[QuantPlan], re
     """
     memo = memo or Memo()
     models = [models] * len(plans) if isinstance(models, ir.Model) else list(models)
+    feeds = _calibration_feeds(calib) if calib is not None else None
     lanes = [_Lane(plan, Context(m.clone(), recipe, prof, has_data=calib is not None, memo=memo, progress=progress,
-                           calib=calib),
+                                 calib_feeds=feeds, write_qdq=with_qdq),
                    tuple(m.meta.get(IMPORT_STEPS, ())))
              for m, plan, prof in zip(models, plans, profiles)]
     handlers = handlers_for(recipe)

@@ -125,7 +125,11 @@ class Context:
     has_data: bool  # calibration data was given
     memo: Memo = field(default_factory=Memo)
     progress: bool = False  # show a progress bar over long per-layer work
-    calib: object = None  # the calibration data, for a handler that runs the quantized graph on it (seq_bias)
+    # for a handler that runs the quantized graph on the calibration data (seq_bias), given by the pipeline,
+    # which owns the passes that write Q/DQ and the feed readers (layers above this package): the calibration
+    # feeds as a list, and the model with a plan's Q/DQ written (a copy)
+    calib_feeds: Callable[[], list[dict]] | None = None
+    write_qdq: Callable[[ir.Model, QuantPlan], ir.Model] | None = None
 
     def nodes(self) -> dict[str, ir.Node]:
         return {n.name: n for n in self.model.graph}
@@ -174,7 +178,8 @@ def add_result(plan: QuantPlan, result: AlgorithmResult) -> QuantPlan:
 
 
 def enabled_for_all(ctx: Context, consumers, algorithm: str):
-    """The config of ``algorithm`` for a tensor read by ``consumers``: on only if on for every one (the first one's settings)."""
+    """The config of ``algorithm`` for a tensor read by ``consumers``: on only if on for every one (the first
+    one's settings)."""
     nodes = ctx.nodes()
     configs = [getattr(ctx.recipe.algorithms_for(nodes[c].op_type, c), algorithm) for c in consumers]
     return configs[0] if configs and all(c is not None for c in configs) else None

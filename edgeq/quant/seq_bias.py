@@ -31,8 +31,6 @@ import onnx_ir as ir
 
 from edgeq.errors import EdgeqError
 from edgeq.graph import drop_if_unused, nodes_by_name
-from edgeq.passes.activation_qdq import ActivationQDQPass
-from edgeq.passes.weight_qdq import WeightQDQPass
 from edgeq.quant.algorithms import Algorithm, Context, Request, Stats, add_result, fingerprint
 from edgeq.quant.bias import BIAS_LIMIT, correction_sites
 from edgeq.quant.plan import AlgorithmResult, IntegerBias, QuantPlan
@@ -117,7 +115,7 @@ class SequentialBiasCorrection(Algorithm):
         if not sites:
             return self.skipped(plan, "nothing to do: no Conv/Gemm with a constant bias, quantized weights and a "
                                       "channel mean at its output")
-        if ctx.calib is None:
+        if ctx.calib_feeds is None or ctx.write_qdq is None:
             return self.skipped(plan, "not run — the calibration feeds are not available to this step")
         # One plan per build: every target carries the same integers. Targets whose plans start from the same
         # weight codes and biases share the correction measured on the first one's quantized graph (Core ML
@@ -125,7 +123,7 @@ class SequentialBiasCorrection(Algorithm):
         key = ("sequential_bias", _start_fingerprint(ctx, plan, sites))
         hits = ctx.memo.hits
         try:
-            found = ctx.memo.get(key, lambda: (*_correct(*_quantized_graph(ctx.model, plan, sites, targets), ctx),
+            found = ctx.memo.get(key, lambda: (*_correct(*_quantized_graph(ctx, plan, sites, targets), ctx),
                                                plan.profile))
         except (EdgeqError, ValueError, RuntimeError) as e:  # ORT fails on a segment (e.g. an If's outer reads)
             from edgeq.errors import first_line
@@ -171,12 +169,11 @@ def _start_fingerprint(ctx: Context, plan: QuantPlan, sites: dict[str, str]) -> 
     return fingerprint(*parts)
 
 
-def _quantized_graph(model: ir.Model, plan: QuantPlan, sites: dict[str, str], targets: dict[str, np.ndarray]
+def _quantized_graph(ctx: Context, plan: QuantPlan, sites: dict[str, str], targets: dict[str, np.ndarray]
                      ) -> tuple[onnx.ModelProto, list[_Site]]:
-    """The quantized graph as the plan writes it (``model`` already has the plan's rewrites) with every
+    """The quantized graph as the plan writes it (``ctx.model`` already has the plan's rewrites) with every
     corrected bias a graph input, and the sites in topological order."""
-    qdq = model.clone()
-    ir.passes.Sequential(WeightQDQPass(plan), ActivationQDQPass(plan))(qdq)
+    qdq = ctx.write_qdq(ctx.model, plan)
     graph = qdq.graph
     nodes = nodes_by_name(graph)
     integer = {b.node: b for b in plan.integer_biases}
@@ -280,10 +277,7 @@ def _correct(proto: onnx.ModelProto, sites: list[_Site], ctx: Context):
     """Correct every site in order; returns (sites, segments, calibration feeds, seconds). Each site is one run of
     its segment's nodes up to it, over every feed."""
     t0 = time.perf_counter()
-    from edgeq.validate.feeds import open_feeds
-
-    feeds, _ = open_feeds(ctx.calib, split="calibration")
-    feeds = [dict(f) for f in feeds]
+    feeds = ctx.calib_feeds()
     if not feeds:
         raise ValueError("no calibration feeds left to read (an iterator of feeds is read once: pass a list)")
     graph = _Graph(proto, sites)
