@@ -280,7 +280,7 @@ def export_torch(
             f"the model fails on example inputs built from the spec ({spec_text}), shapes {shapes}"
             f"{f' (dynamic axes at {at})' if at else ''}: {summarize_exception(e)}",
             hint=("give the dynamic axes sizes the model accepts (edgeq export --dim NAME=SIZE; edgeq build takes "
-                  "them from the first calibration feed), or " if drawn else "")
+                  "them from the first --calib or --data feed), or " if drawn else "")
             + "check the input names, shapes and dtypes against what forward() expects",
         ) from e
     args = tuple(torch.from_numpy(example[s.name]) for s in specs)

@@ -92,7 +92,7 @@ def _export(cfg: BuildConfig, inp: _Inputs, float_path: Path) -> dict:
     if isinstance(inp.obj, Path):
         onnx_io.copy_onnx(inp.obj, float_path)
         return {"kind": "onnx", "path": str(inp.obj)}
-    sizes = _axis_sizes(inp.calib, cfg.inputs) if inp.sample is None else None
+    sizes = _axis_sizes(inp.calib if inp.calib is not None else inp.data, cfg.inputs) if inp.sample is None else None
     res = export_model(inp.sample if inp.sample is not None else cfg.model, float_path, inputs=cfg.inputs,
                        sizes=sizes, verbose=cfg.verbose)
     worst = min((c.sqnr_db for c in res.checks), default=float("nan"))
@@ -103,7 +103,7 @@ def _export(cfg: BuildConfig, inp: _Inputs, float_path: Path) -> dict:
 
 
 def _axis_sizes(calib, inputs) -> dict[str, int] | None:
-    """The dynamic axes' sizes in the first calibration feed, for the export's example inputs: a
+    """The dynamic axes' sizes in the first calibration (else evaluation) feed, for the export's example inputs: a
     fully convolutional model (MTCNN's P-Net, [batch,3,height,width]) fails at the default size 2."""
     from edgeq.specs import TensorSpec
     from edgeq.validate.feeds import open_feeds
