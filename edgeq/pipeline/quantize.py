@@ -133,6 +133,7 @@ def quantize_for_profiles(
                            for prof in profiles], profiles)
     for plan in plans:
         _check_weights_finite(model, plan)
+    _check_float32_weights(model, plans[0], model_path)
     ideals = [planned_bytes(plan, model) for plan in plans]
     if any(o is not None for o in outputs):
         for plan in plans:
@@ -395,6 +396,24 @@ def _graph_inputs_behind(value: ir.Value, inputs: set[int]) -> set[str]:
         elif v.producer() is not None:
             todo.extend(v.producer().inputs)
     return names
+
+
+def _check_float32_weights(model: ir.Model, plan: QuantPlan, path) -> None:
+    """A model that computes in float16 / bfloat16 is refused before calibration: the quantized graph's
+    scales, biases and activations are float32 (its Conv would read float16 and float32 at once: a
+    file ONNX Runtime cannot load), and ONNX Runtime's CPU kernels have no float16 Conv."""
+    narrow = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+    found = []
+    for d in plan.weights:
+        v = model.graph.initializers.get(d.weight)
+        if v is not None and v.dtype in narrow:
+            found.append(f"{d.node} ({d.op_type}, {v.dtype.name.lower()})")
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise UnsupportedError(f"{Path(str(path)).name} computes in 16-bit floats: weights of {', '.join(found[:3])}{more}; "
+                               "edgeq quantizes float32 models",
+                               hint="export the model in float32 (e.g. model.float() before torch.onnx.export) and "
+                                    "feed float32 data; nothing was written")
 
 
 def _check_weights_finite(model: ir.Model, plan: QuantPlan) -> None:

@@ -159,3 +159,16 @@ def test_android_keeps_recurrent_weights_int8_and_says_why():
     plan = make_plan(ir.from_proto(_lstm_and_convtranspose(np.random.default_rng(3))), preset("w4a16"), profile=ANDROID)
     assert {d.format.value for d in plan.weights} == {"int8"}
     assert all("cannot ship on Android" in d.reason for d in plan.weights)
+
+
+def test_a_float16_model_is_refused_before_calibration(tmp_path):
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float16), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4, 6, 6])], [w])
+    src = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), src)
+    with pytest.raises(UnsupportedError, match=r"computes in 16-bit floats: weights of conv \(Conv, float16\)"):
+        quantize_model(src, tmp_path / "q.onnx", "w8a16", progress=False)
+    assert not (tmp_path / "q.onnx").exists()

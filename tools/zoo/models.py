@@ -353,7 +353,7 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in [
     ZooModel("silero_vad_op15", "Silero VAD v5 16 kHz streaming, opset 15 (If on the sample rate)", "w8a8",
              _silero_op15_data, M.vad_stream(True),
              shipped=("silero_vad", "data/silero_vad_16k_op15.onnx", "silero-vad")),
-    ZooModel("silero_vad_half", "Silero VAD 16 kHz streaming, float16 weights (no sr input)", "w8a8",
+    ZooModel("silero_vad_half", "Silero VAD 16 kHz streaming, the half variant (float32 weights despite the name; no sr input)", "w8a8",
              _silero_op15_data, M.vad_stream(True, sr=False),
              shipped=("silero_vad", "data/silero_vad_half.onnx", "silero-vad")),
     ZooModel("silero_vad_seq", "Silero VAD 16 kHz sequence model (LSTM over all frames)", "w8a8",
