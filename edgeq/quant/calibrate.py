@@ -87,9 +87,10 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str], dtypes: Mapping[
     known.update(dtypes)
     if any(n not in known for n in missing):
         try:
-            known = {**dict(_elem_types(onnx.shape_inference.infer_shapes(m).graph)), **known}
+            inferred = dict(_elem_types(onnx.shape_inference.infer_shapes(m).graph))
         except Exception:  # noqa: BLE001 - shape inference is a best effort here (e.g. models over 2 GB)
-            pass
+            inferred = {}
+        known = {**inferred, **known}
     for n in missing:
         m.graph.output.append(onnx.helper.make_tensor_value_info(n, known.get(n, onnx.TensorProto.FLOAT), None))
     return m
