@@ -273,9 +273,15 @@ def export_torch(
     except ExportError:
         raise
     except Exception as e:
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in example.items())
+        drawn = sorted({d for s in specs for d in s.dynamic_axes.values()}) if example_inputs is None else []
+        at = ", ".join(f"{d}={int((sizes or {}).get(d, DEFAULT_DYNAMIC_SIZE))}" for d in drawn)
         raise InputError(
-            f"the model fails on example inputs built from the spec ({spec_text}): {summarize_exception(e)}",
-            hint="check the input names, shapes and dtypes against what forward() expects",
+            f"the model fails on example inputs built from the spec ({spec_text}), shapes {shapes}"
+            f"{f' (dynamic axes at {at})' if at else ''}: {summarize_exception(e)}",
+            hint=("give the dynamic axes sizes the model accepts (edgeq export --dim NAME=SIZE; edgeq build takes "
+                  "them from the first --calib or --data feed), or " if drawn else "")
+            + "check the input names, shapes and dtypes against what forward() expects",
         ) from e
     args = tuple(torch.from_numpy(example[s.name]) for s in specs)
 

@@ -92,13 +92,34 @@ def _export(cfg: BuildConfig, inp: _Inputs, float_path: Path) -> dict:
     if isinstance(inp.obj, Path):
         onnx_io.copy_onnx(inp.obj, float_path)
         return {"kind": "onnx", "path": str(inp.obj)}
+    sizes = _axis_sizes(inp.calib if inp.calib is not None else inp.data, cfg.inputs) if inp.sample is None else None
     res = export_model(inp.sample if inp.sample is not None else cfg.model, float_path, inputs=cfg.inputs,
-                     verbose=cfg.verbose)
+                       sizes=sizes, verbose=cfg.verbose)
     worst = min((c.sqnr_db for c in res.checks), default=float("nan"))
     return {"kind": "sample" if inp.sample is not None else "pytorch", "name": inp.name, "exporter": res.exporter,
             "opset": res.opset, "checks": [c.__dict__ for c in res.checks],
             "summary": f"{res.exporter} exporter, opset {res.opset}, {_sizes(float_path) / 1e6:.1f} MB, "
                        f"min SQNR vs torch {worst:.1f} dB"}
+
+
+def _axis_sizes(calib, inputs) -> dict[str, int] | None:
+    """The dynamic axes' sizes in the first calibration (else evaluation) feed, for the export's example inputs: a
+    fully convolutional model (MTCNN's P-Net, [batch,3,height,width]) fails at the default size 2."""
+    from edgeq.specs import TensorSpec
+    from edgeq.validate.feeds import open_feeds
+
+    if calib is None or not inputs:
+        return None
+    specs = [TensorSpec.parse(s) if isinstance(s, str) else s for s in inputs]
+    feed = next(iter(open_feeds(calib, split="calibration")[0]), None)
+    if feed is None:
+        return None
+    sizes = {}
+    for spec in specs:
+        shape = getattr(feed.get(spec.name), "shape", None)
+        if shape is not None and len(shape) == len(spec.shape):
+            sizes.update({d: int(shape[i]) for i, d in spec.dynamic_axes.items() if d not in sizes})
+    return sizes or None
 
 
 def _quantize(cfg: BuildConfig, inp: _Inputs, tmp: Path, float_path: Path, profiles: list[str]) -> dict[str, QDQArtifact]:

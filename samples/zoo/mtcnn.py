@@ -1,7 +1,9 @@
-"""facenet-pytorch's MTCNN refinement (R-Net, 24×24) and output (O-Net, 48×48) networks: small
-CNNs with per-channel PReLU, also after their fully connected layer.
+"""facenet-pytorch's MTCNN proposal (P-Net, fully convolutional: any image size, a 12×12 window per
+output cell, stride 2), refinement (R-Net, 24×24) and output (O-Net, 48×48) networks: small CNNs
+with per-channel PReLU, also after their fully connected layer.
 
-Input ``image``: RGB crops ``[batch, 3, 24|48, 24|48]`` scaled ``(x - 127.5) / 128``. Outputs
+Input ``image``: RGB crops ``[batch, 3, 24|48, 24|48]`` (P-Net: images ``[batch, 3, H, W]``)
+scaled ``(x - 127.5) / 128``. Outputs
 ``box`` (bounding-box regression, 4), for O-Net ``landmarks`` (10), and ``prob``: softmax
 ``[batch, 2]`` (index 1: face). Written here because the package's ``__init__`` imports
 torchvision.
@@ -13,6 +15,22 @@ import torch
 from torch import nn
 
 from samples.zoo.weights import load_state, package_file
+
+
+class PNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
+        self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
+        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
+        self.conv4_1 = nn.Conv2d(32, 2, 1)
+        self.conv4_2 = nn.Conv2d(32, 4, 1)
+
+    def forward(self, image):
+        x = self.pool1(self.prelu1(self.conv1(image)))
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+        return self.conv4_2(x), torch.softmax(self.conv4_1(x), dim=1)
 
 
 class RNet(nn.Module):
@@ -64,6 +82,11 @@ class ONet(nn.Module):
 def _load(model: nn.Module, file: str) -> nn.Module:
     model.load_state_dict(load_state(package_file("facenet_pytorch", f"data/{file}", "facenet-pytorch")), strict=True)
     return model.eval()
+
+
+def build_pnet() -> PNet:
+    """MTCNN P-Net with facenet-pytorch's weights."""
+    return _load(PNet(), "pnet.pt")
 
 
 def build_rnet() -> RNet:

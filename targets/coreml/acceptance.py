@@ -9,7 +9,11 @@ judged where it can be judged exactly, segment by segment, and the user's result
 1. **Segments**: each stretch of the program between two quantization points is fed the QDQ ONNX's
    own values at its entry (every activation ``dequantize`` output forced to the exact ORT run's,
    teacher forcing) and must reproduce the value the QDQ ONNX quantizes at its exit at ≥ 50 dB
-   (measured 57.8–59.9 dB in fp16, ≥ 124 dB in fp32). The share of codes one step apart is reported.
+   (measured 57.8–59.9 dB in fp16, ≥ 124 dB in fp32), or, where fp16 itself cannot reach that, at
+   no more than ``FP16_FLOOR_MARGIN_DB`` below the segment's fp16 floor: the QDQ ONNX's own segment
+   run with its entry values and dequantized weights rounded to fp16 (a 1×1 convolution of a
+   squeeze-excite block whose terms cancel: PP-OCRv4 det, floor 48.1 dB, package 48.1 dB). The
+   share of codes one step apart is reported.
 2. **Fidelity**: the package's outputs against the float model lose at most 1 dB SQNR and 0.002 mean
    cosine relative to the QDQ ONNX's own fidelity (a recurrent state output: the other outputs of the
    next call from the state each model returned, as :mod:`edgeq.validate.compare` judges it) — or, for SQNR, no more than the fp16 noise above:
@@ -37,6 +41,10 @@ from edgeq.errors import InputError
 from edgeq.validate.metrics import TensorStats
 
 MIN_SEGMENT_SQNR_DB = 50.0
+# how far below its fp16 floor (entry values and weights rounded to fp16, exact arithmetic) a segment
+# may be: what fp16 arithmetic inside the segment adds (the tiny CNN's segments: 57.8-59.9 dB against
+# floors of 60-64 dB); a convolution 1 % off (40 dB) still fails a segment whose floor is 48 dB
+FP16_FLOOR_MARGIN_DB = 6.0
 MAX_SQNR_DROP_DB = 1.0
 MAX_COSINE_DROP = 0.002
 # what fp16 adds end to end, below the output (measured 30.0-30.6 dB on MiniLM / EfficientNet-Lite0,
@@ -58,12 +66,21 @@ class Segment:
 
     name: str  # the ONNX value the QuantizeLinear reads
     stats: TensorStats = field(default_factory=lambda: TensorStats(keep_cosines=False))
+    fp16_floor: TensorStats = field(default_factory=lambda: TensorStats(keep_cosines=False))
     codes: int = 0
     codes_apart: int = 0
 
     @property
     def sqnr_db(self) -> float:
         return self.stats.sqnr_db
+
+    @property
+    def floor_db(self) -> float:
+        """The segment's SQNR with only its entry values and weights rounded to fp16."""
+        return self.fp16_floor.sqnr_db
+
+    def min_sqnr_db(self, gate_db: float) -> float:
+        return min(gate_db, self.floor_db - FP16_FLOOR_MARGIN_DB)
 
     @property
     def code_flips(self) -> float:
@@ -78,7 +95,8 @@ class SegmentReport:
 
     @property
     def worst(self) -> Segment | None:
-        return min(self.segments, key=lambda s: s.sqnr_db, default=None)
+        """The segment closest to (or furthest below) its own threshold."""
+        return min(self.segments, key=lambda s: s.sqnr_db - s.min_sqnr_db(self.min_sqnr_db), default=None)
 
     @property
     def mean_code_flips(self) -> float:
@@ -86,12 +104,14 @@ class SegmentReport:
 
     @property
     def passed(self) -> bool:
-        return bool(self.segments) and self.worst.sqnr_db >= self.min_sqnr_db
+        return bool(self.segments) and all(s.sqnr_db >= s.min_sqnr_db(self.min_sqnr_db) for s in self.segments)
 
     def as_dict(self) -> dict:
         w = self.worst
         return {"segments": len(self.segments), "min_sqnr_db": self.min_sqnr_db,
                 "worst_sqnr_db": w.sqnr_db if w else None, "worst_segment": w.name if w else None,
+                "worst_floor_db": w.floor_db if w else None,
+                "worst_threshold_db": w.min_sqnr_db(self.min_sqnr_db) if w else None,
                 "mean_code_flips": self.mean_code_flips,
                 "max_code_flips": max((s.code_flips for s in self.segments), default=0.0),
                 "not_compared": self.not_compared, "passed": self.passed}
@@ -119,6 +139,36 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
                              hint="run onnx shape inference on the model (the value has no type)")
         m.graph.output.append(typed[n])
     return m
+
+
+def _fp16_floor_model(model: onnx.ModelProto, forced: set[str]) -> onnx.ModelProto:
+    """``model`` with the ``forced`` dequantize outputs made graph inputs (fed the exact run's values
+    rounded to fp16) and every other dequantize output rounded to fp16 (Cast there and back): the
+    QDQ math on the values an fp16 program starts from, with exact arithmetic after them."""
+    from onnx import TensorProto, helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    dtypes = {i.name: i.data_type for i in m.graph.initializer}
+    nodes = []
+    for n in m.graph.node:
+        if n.op_type != "DequantizeLinear":
+            nodes.append(n)
+            continue
+        out, dtype = n.output[0], dtypes.get(n.input[1], TensorProto.FLOAT)
+        if out in forced:
+            m.graph.input.append(helper.make_tensor_value_info(out, dtype, None))
+            continue
+        n.output[0] = out + "__exact"
+        nodes += [n, helper.make_node("Cast", [out + "__exact"], [out + "__fp16"], to=TensorProto.FLOAT16),
+                  helper.make_node("Cast", [out + "__fp16"], [out], to=dtype)]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+def _fp16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(x.dtype) if x.dtype in (np.float32, np.float64) else x
 
 
 def _load(model) -> onnx.ModelProto:
@@ -160,16 +210,22 @@ def compare_segments(qdq, package, feeds: Iterable[Mapping[str, np.ndarray]], *,
     points = [(x, y) for x, y in q if mil_name(x) in computed and mil_name(y) in computed]
     not_compared = sorted({x for x, _ in q} - {x for x, _ in points})
     wanted = sorted(set(force_names) | {v for pair in points for v in pair})
-    session = _exact_session(_with_outputs(model, wanted))
+    with_outputs = _with_outputs(model, wanted)
+    session = _exact_session(with_outputs)
+    floor = _exact_session(_fp16_floor_model(with_outputs, set(force_names)))
     out_names = [o.name for o in session.get_outputs()]
     segments = {x: Segment(x) for x, _ in points}
     for feed in feeds:
         want = dict(zip(out_names, session.run(None, dict(feed))))
+        rounded = {i.name: _fp16(np.asarray(feed[i.name])) for i in floor.get_inputs() if i.name in feed}
+        rounded.update({n: _fp16(want[n]) for n in force_names})
+        at_floor = dict(zip([o.name for o in floor.get_outputs()], floor.run(None, rounded)))
         got = runner.run_program(runner.coreml_feeds(feed), keep={mil_name(v) for pair in points for v in pair},
                                  force={mil_name(n): want[n] for n in force_names}, fp16_as_float32=True)
         for x, y in points:
             s = segments[x]
             s.stats.update(want[x], got[mil_name(x)].astype(np.float32, copy=False))
+            s.fp16_floor.update(want[x], _fp16(at_floor[x]).astype(np.float32, copy=False))
             s.codes += want[y].size
             s.codes_apart += int(np.count_nonzero(want[y] != got[mil_name(y)]))  # numpy compares int8/uint8 exactly
     return SegmentReport(list(segments.values()), not_compared, min_sqnr_db)
@@ -187,8 +243,11 @@ class Acceptance:
 
     @property
     def checks(self) -> list[dict]:
-        out = [{"check": "segments", "value": self.segments.worst.sqnr_db if self.segments.worst else None,
-                "threshold": self.segments.min_sqnr_db, "passed": self.segments.passed}]
+        w = self.segments.worst
+        out = [{"check": "segments", "value": w.sqnr_db if w else None,
+                "threshold": w.min_sqnr_db(self.segments.min_sqnr_db) if w else self.segments.min_sqnr_db,
+                "passed": self.segments.passed, "segment": w.name if w else None,
+                "fp16_floor_db": w.floor_db if w else None}]
         for name, f in self.fidelity.items():
             p, q = f["package"], f["qdq"]
             floor = min_package_sqnr(q["sqnr_db"], self.max_sqnr_drop_db, self.fp16_noise_db)

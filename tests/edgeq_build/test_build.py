@@ -325,3 +325,15 @@ def test_class_scores_per_position_get_a_position_gate(tmp_path):
     given = _build(tmp_path / "given", model=model, targets=("android",), recipe="w8a16", data=data,
                    thresholds=Thresholds(min_top1_agreement=0.5))
     assert given.data["thresholds"]["min_top1_per_position"] == 0.5
+
+
+def test_a_factory_is_exported_at_the_sizes_of_the_first_calibration_feed():
+    # MTCNN's P-Net (image:float32[batch,3,height,width]) failed its export at the default size 2
+    import numpy as np
+
+    from edgeq.pipeline.build_stages import _axis_sizes
+
+    spec = ["image:float32[batch,3,height,width]"]
+    feeds = [{"image": np.zeros((4, 3, 40, 56), np.float32)}, {"image": np.zeros((1, 3, 9, 9), np.float32)}]
+    assert _axis_sizes(feeds, spec) == {"batch": 4, "height": 40, "width": 56}
+    assert _axis_sizes(None, spec) is None and _axis_sizes(feeds, ["x:float32[batch,8]"]) is None

@@ -85,6 +85,24 @@ def test_untraceable_model_is_a_clear_error(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+class FullyConvolutional(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 5)
+
+    def forward(self, image):
+        return self.conv(image)
+
+
+def test_dynamic_axes_too_small_for_the_model_are_named_with_how_to_size_them(tmp_path):
+    spec = ["image:float32[batch,3,height,width]"]
+    with pytest.raises(InputError, match=r"shapes image \[2, 3, 2, 2\] \(dynamic axes at batch=2, height=2, width=2\)") as e:
+        edgeq.export(FullyConvolutional(), tmp_path / "m.onnx", inputs=spec)
+    assert "--dim NAME=SIZE" in str(e.value)
+    res = edgeq.export(FullyConvolutional(), tmp_path / "m.onnx", inputs=spec, sizes={"height": 12, "width": 16})
+    assert res.exporter == "dynamo"
+
+
 def test_wrong_input_spec_is_named(tmp_path):
     with pytest.raises(InputError, match=r"fails on example inputs built from the spec \(x:float32\[batch,5\]\)"):
         edgeq.export(Linear(), tmp_path / "m.onnx", inputs=["x:float32[batch,5]"])

