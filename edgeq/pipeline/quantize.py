@@ -421,8 +421,8 @@ def _check_float32_weights(model: ir.Model, plan: QuantPlan, path) -> None:
             found.append(f"{d.node} ({d.op_type}, {v.dtype.name.lower()})")
     if found:
         more = f" and {len(found) - 3} more" if len(found) > 3 else ""
-        raise UnsupportedError(f"{Path(str(path)).name} computes in 16-bit floats: weights of {', '.join(found[:3])}{more}; "
-                               "edgeq quantizes float32 models",
+        raise UnsupportedError(f"{Path(str(path)).name} computes in 16-bit floats: weights of "
+                               f"{', '.join(found[:3])}{more}; edgeq quantizes float32 models",
                                hint="export the model in float32 (e.g. model.float() before torch.onnx.export) and "
                                     "feed float32 data; nothing was written")
 
