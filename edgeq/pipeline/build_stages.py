@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgeq import __version__, onnx_io, sources
@@ -108,8 +109,8 @@ def _axis_sizes(calib, inputs) -> dict[str, int] | None:
     from edgeq.specs import TensorSpec
     from edgeq.validate.feeds import open_feeds
 
-    if calib is None or not inputs:
-        return None
+    if calib is None or not inputs or isinstance(calib, Iterator):
+        return None  # a one-shot iterator of feeds: its first feed belongs to the calibration
     specs = [TensorSpec.parse(s) if isinstance(s, str) else s for s in inputs]
     feed = next(iter(open_feeds(calib, split="calibration")[0]), None)
     if feed is None:

@@ -337,3 +337,5 @@ def test_a_factory_is_exported_at_the_sizes_of_the_first_calibration_feed():
     feeds = [{"image": np.zeros((4, 3, 40, 56), np.float32)}, {"image": np.zeros((1, 3, 9, 9), np.float32)}]
     assert _axis_sizes(feeds, spec) == {"batch": 4, "height": 40, "width": 56}
     assert _axis_sizes(None, spec) is None and _axis_sizes(feeds, ["x:float32[batch,8]"]) is None
+    once = iter(feeds)  # a one-shot iterator (API callers): not read here, its feeds belong to the calibration
+    assert _axis_sizes(once, spec) is None and len(list(once)) == 2
