@@ -189,7 +189,8 @@ def _edgeq_quantize_gguf_toml(text: str, *, profile: str) -> Callable[[dict], di
 
     def run(job: dict) -> dict:
         file = f"file = {json.dumps(job['gguf_path'])}"
-        named = text.replace("keep_gguf = {}", f"keep_gguf = {{{file}}}").replace("keep_gguf = {f", f"keep_gguf = {{{file}, f")
+        named = text.replace("keep_gguf = {}", f"keep_gguf = {{{file}}}") \
+            .replace("keep_gguf = {f", f"keep_gguf = {{{file}, f")
         return _edgeq_quantize_toml(named, profile=profile)(job)
 
     return run
@@ -362,20 +363,18 @@ def _genai(job: dict) -> dict:
                        "block 32, accuracy level 4, GatherBlockQuantized embedding reading the int4 lm_head)")]}
 
 
-def _with_ort(name: str, description: str, quantize) -> list[Method]:
-    """An edgeq QDQ method and its row packaged as the Android ``.ort`` (``<name>-ort``)."""
+def _with_ort(name: str, description: str, quantize, ort_name: str | None = None) -> list[Method]:
+    """An edgeq QDQ method and its row packaged as the Android ``.ort`` (``ort_name``, default ``<name>-ort``)."""
     return [Method(name, "edgeq", description, quantize),
-            Method(f"{name}-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
+            Method(ort_name or f"{name}-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
                    _edgeq_package(name), needs=(name,))]
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("float", "reference", "float ONNX (fp32, explicit cache), the reference", _float),
-    Method("edgeq-w4a16-awq-gptq-android", "edgeq",
-           "edgeq w4a16 --profile android --calib smollm2 (AWQ + GPTQ), QDQ ONNX",
-           _edgeq_quantize("w4a16", calib=True, profile="android")),
-    Method("edgeq-w4a16-android-ort", "edgeq", "the row above packaged: edgeq package --target android (.ort)",
-           _edgeq_package("edgeq-w4a16-awq-gptq-android"), needs=("edgeq-w4a16-awq-gptq-android",)),
+    *_with_ort("edgeq-w4a16-awq-gptq-android",
+               "edgeq w4a16 --profile android --calib smollm2 (AWQ + GPTQ), QDQ ONNX",
+               _edgeq_quantize("w4a16", calib=True, profile="android"), ort_name="edgeq-w4a16-android-ort"),
     *_with_ort("edgeq-w4a16-tied4-android",
                "edgeq w4a16 with tied_table = int4 (GPTQ for the output layer) --profile android --calib smollm2, "
                "QDQ ONNX",
