@@ -38,7 +38,7 @@ from edgeq.quant.activations import place_activations
 from edgeq.quant.algorithms import PREPASS_BATCHES, Context, Memo, Stage, Stats
 from edgeq.quant.calibrate import CalibrationTable, calibrate
 from edgeq.quant.handlers import handlers_for
-from edgeq.quant.plan import ImportStep, QuantPlan, WeightDecision, make_plan
+from edgeq.quant.plan import ImportStep, QuantPlan, WeightDecision, make_plan, weight_sites
 from edgeq.quant.profile import ONNXRUNTIME_CPU, PROFILES, TargetProfile
 from edgeq.quant.recipes import Recipe, WeightFormat, resolve_recipe
 from edgeq.quant.weights import planned_bytes
@@ -370,7 +370,6 @@ def _check_something_quantized(model: ir.Model, plan: QuantPlan, recipe: Recipe,
                            hint="check that the weights are in the file; nothing was written")
 
 
-_WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU")
 _SUBGRAPH_HINT = ("export the branch your app runs as a model of its own (e.g. the PyTorch model for that input, "
                   "with torch.onnx.export) and quantize that; nothing was written")
 
@@ -384,7 +383,7 @@ def _weights_in_subgraphs(model: ir.Model) -> str:
     inputs = {id(v) for v in model.graph.inputs}
     out = []
     for node in model.graph:
-        ops = Counter(n.op_type for n in subgraph_nodes(node) if n.op_type in _WEIGHT_OPS)
+        ops = Counter(n.op_type for n in subgraph_nodes(node) if weight_sites(n))  # as the plan finds them
         if not ops:
             continue
         listed = ", ".join(f"{op} ×{k}" if k > 1 else op for op, k in sorted(ops.items()))

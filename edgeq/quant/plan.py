@@ -311,7 +311,7 @@ def tied_tables(model: ir.Model) -> dict[str, TiedTable]:
     return out
 
 
-def _weight_sites(node: ir.Node) -> list[tuple[int, ir.Value]]:
+def weight_sites(node: ir.Node) -> list[tuple[int, ir.Value]]:
     """The (input index, value) of each constant weight a node can quantize (GRU/LSTM/RNN: W and R)."""
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
@@ -465,7 +465,7 @@ def make_plan(model: ir.Model, recipe: Recipe, *, profile: TargetProfile = ONNXR
                 weights.extend(decided)
                 seen_weights[tied[name].weight] = name
             continue
-        sites = _weight_sites(node)
+        sites = weight_sites(node)
         if not sites:
             floats.append(NodeNote(name, node.op_type, "no constant weight"))
             continue
